@@ -1,0 +1,60 @@
+"""The ``model-service`` command (also ``python -m app``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, Settings, configure_logging
+from .storage import StorageUnavailable
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        print(f"model-service: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.port is not None:
+        settings = _replace(settings, port=args.port)
+    if args.host is not None:
+        settings = _replace(settings, host=args.host)
+    configure_logging(settings.log_level)
+    from .server import serve
+
+    try:
+        serve(settings)
+    except StorageUnavailable as e:
+        logging.getLogger("app").error("cannot start: %s", e)
+        print(f"model-service: cannot start: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"model-service: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _replace(settings: Settings, **changes) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model-service", description="TensorFleet Model Service")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the HTTP service (configured by environment variables)")
+    serve.add_argument("--host", help="listen address (overrides HOST)")
+    serve.add_argument("--port", type=int, help="listen port (overrides PORT)")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

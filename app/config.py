@@ -1,0 +1,206 @@
+"""Settings read from environment variables and validated once, at start-up.
+
+Every variable is listed in the README's configuration table; a bad value
+raises ConfigError with one line that names the variable, so the process can
+exit with that line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+__all__ = ["ConfigError", "Settings", "parse_size", "format_size"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Parse '500MB', '1.5GiB' or '1048576' into a byte count.
+
+    KB/MB/GB are decimal (10**6 for MB) as in SI; KiB/MiB/GiB are binary.
+    """
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = m.groups()
+    factor = _SIZE_UNITS.get(unit.upper())
+    if factor is None:
+        raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
+    value = float(number) * factor if "." in number else int(number) * factor
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Human-readable size with decimal units, as people read download sizes."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8084
+    mongodb_url: str | None = None
+    mongodb_db: str = "tensorfleet"
+    gridfs_bucket: str = "models"
+    data_dir: str = "./data"
+    max_file_size: int = 500 * 10**6
+    log_level: str = "INFO"
+    enable_auth: bool = False
+    max_page_size: int = 100
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    # How long start-up waits for MongoDB before giving up, and how long a
+    # health check waits before calling the database unreachable.
+    mongodb_timeout_ms: int = 5000
+
+    @property
+    def storage_kind(self) -> str:
+        return "mongodb" if self.mongodb_url else "embedded"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        return cls(
+            host=_str(env, "HOST", cls.host),
+            port=_int(env, "PORT", cls.port, 0, 65535),
+            mongodb_url=_mongodb_url(env),
+            mongodb_db=_name(env, "MONGODB_DB", cls.mongodb_db),
+            gridfs_bucket=_name(env, "GRIDFS_BUCKET", cls.gridfs_bucket),
+            data_dir=_str(env, "DATA_DIR", cls.data_dir),
+            max_file_size=_size(env, "MAX_FILE_SIZE", cls.max_file_size),
+            log_level=_log_level(env),
+            enable_auth=_bool(env, "ENABLE_AUTH", cls.enable_auth),
+            max_page_size=_int(env, "MAX_PAGE_SIZE", cls.max_page_size, 1, 10_000),
+            cors_origins=_origins(env),
+            mongodb_timeout_ms=_int(env, "MONGODB_TIMEOUT_MS", cls.mongodb_timeout_ms, 100, 600_000),
+        )
+
+    def describe(self) -> str:
+        """One line for the start-up log; never includes credentials."""
+        where = _redact(self.mongodb_url) if self.mongodb_url else os.path.abspath(self.data_dir)
+        return f"storage={self.storage_kind} ({where}) listen={self.host}:{self.port}"
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return None if value is None else value.strip()
+
+
+def _str(env, name, default):
+    value = _raw(env, name)
+    if value is None:
+        return default
+    if not value:
+        raise ConfigError(f"{name} must not be empty")
+    return value
+
+
+def _int(env, name, default, lo, hi):
+    value = _raw(env, name)
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def _bool(env, name, default):
+    value = _raw(env, name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _size(env, name, default):
+    value = _raw(env, name)
+    if value is None or value == "":
+        return default
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    if n <= 0:
+        raise ConfigError(f"{name} must be greater than zero, got {value!r}")
+    return n
+
+
+def _name(env, name, default):
+    value = _str(env, name, default)
+    # MongoDB database and collection names: keep to a portable, safe subset.
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", value):
+        raise ConfigError(f"{name} must be 1-63 characters of A-Z, a-z, 0-9, '_' or '-', got {value!r}")
+    return value
+
+
+def _log_level(env):
+    value = (_raw(env, "LOG_LEVEL") or "INFO").upper()
+    if value not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    return value
+
+
+def _mongodb_url(env):
+    value = _raw(env, "MONGODB_URL")
+    if not value:
+        return None
+    if not value.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(f"MONGODB_URL must start with mongodb:// or mongodb+srv://, got {_redact(value)!r}")
+    return value
+
+
+def _origins(env):
+    value = _raw(env, "CORS_ORIGINS") or ""
+    origins = tuple(o.strip() for o in value.split(",") if o.strip())
+    for o in origins:
+        if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o):
+            raise ConfigError(f"CORS_ORIGINS entries must be '*' or scheme://host[:port], got {o!r}")
+    return origins
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

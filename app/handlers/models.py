@@ -1,0 +1,127 @@
+"""The registry API under /api/v1/models: register, list, read, update, delete, versions."""
+
+from __future__ import annotations
+
+import math
+
+from aiohttp import web
+
+from .. import clock, registry, validation, versions, views
+from ..http import ApiError, json_response, read_json_object
+from ..keys import SETTINGS, STORAGE
+
+PREFIX = "/api/v1/models"
+
+
+def _not_found(model_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no model with id {model_id}")
+
+
+async def _model_or_404(request: web.Request) -> dict:
+    model_id = validation.model_id(request.match_info["id"])
+    doc = await request.app[STORAGE].get_model(model_id)
+    if doc is None:
+        raise _not_found(model_id)
+    return doc
+
+
+def _created(doc: dict) -> web.Response:
+    return json_response(
+        {
+            "success": True,
+            "message": "Model registered successfully",
+            "model_id": doc["id"],
+            "version": doc["version"],
+            "download_url": views.download_url(doc["id"]),
+        },
+        status=201,
+        headers={"Location": f"{PREFIX}/{doc['id']}"},
+    )
+
+
+async def register(request: web.Request) -> web.Response:
+    fields = validation.registration(await read_json_object(request))
+    doc = await registry.create(request.app[STORAGE], fields)
+    return _created(doc)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    query, page, limit = validation.listing(request.query, request.app[SETTINGS].max_page_size)
+    docs, total = await request.app[STORAGE].find_models(query)
+    return json_response({
+        "models": [views.summary(d) for d in docs],
+        "pagination": {"page": page, "limit": limit, "total": total, "pages": math.ceil(total / limit)},
+    })
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return json_response(views.full(await _model_or_404(request)))
+
+
+async def update_model(request: web.Request) -> web.Response:
+    model_id = validation.model_id(request.match_info["id"])
+    fields = validation.update(await read_json_object(request))
+    storage = request.app[STORAGE]
+    if fields:
+        doc = await storage.update_model(model_id, {**fields, "updated_at": clock.now()})
+    else:
+        doc = await storage.get_model(model_id)
+    if doc is None:
+        raise _not_found(model_id)
+    return json_response({"success": True, "message": "Model updated successfully", "model": views.full(doc)})
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    model_id = validation.model_id(request.match_info["id"])
+    storage = request.app[STORAGE]
+    doc = await storage.delete_model(model_id)
+    if doc is None:
+        raise _not_found(model_id)
+    fm = doc.get("file_metadata")
+    if fm:
+        # Kept while another model still refers to the same content.
+        await storage.release_file(fm["file_id"])
+    return json_response({"success": True, "message": "Model deleted successfully", "deleted_id": model_id})
+
+
+async def create_version(request: web.Request) -> web.Response:
+    source = await _model_or_404(request)
+    updates = validation.new_version(await read_json_object(request))
+    fields = registry.new_version_fields(source, updates)
+    doc = await registry.create(request.app[STORAGE], fields, parent_id=source["id"])
+    return _created(doc)
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    source = await _model_or_404(request)
+    docs = await request.app[STORAGE].models_named(source["name"])
+    docs.sort(key=lambda d: versions.key(d["version"]), reverse=True)
+    return json_response({"name": source["name"], "versions": [views.summary(d) for d in docs]})
+
+
+async def by_name(request: web.Request) -> web.Response:
+    name = validation.model_name(request.match_info["name"])
+    wanted = validation.version_param(request.query.get("version"))
+    storage = request.app[STORAGE]
+    if wanted is None:
+        doc = await registry.latest_of(storage, name)
+    else:
+        doc = next((d for d in await storage.models_named(name) if d["version"] == wanted), None)
+    if doc is None:
+        what = f"{name} {wanted}" if wanted else name
+        raise ApiError(404, "not_found", f"no model named {what}")
+    return json_response(views.full(doc))
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    # Fixed paths before {id}, which would otherwise swallow them.
+    r.add_post(PREFIX, register)
+    r.add_get(PREFIX, list_models)
+    r.add_get(f"{PREFIX}/search", list_models)
+    r.add_get(PREFIX + "/by-name/{name}", by_name)
+    r.add_get(PREFIX + "/{id}", get_model)
+    r.add_put(PREFIX + "/{id}", update_model)
+    r.add_delete(PREFIX + "/{id}", delete_model)
+    r.add_post(PREFIX + "/{id}/versions", create_version)
+    r.add_get(PREFIX + "/{id}/versions", list_versions)

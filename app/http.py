@@ -1,0 +1,97 @@
+"""JSON in and out, and the one error shape every failure takes.
+
+Every JSON body goes through orjson. Every error, including aiohttp's own 404
+and 405 and anything unexpected, leaves as
+``{"error": {"code": ..., "message": ...}}`` with the matching status.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .storage.base import StorageUnavailable
+
+log = logging.getLogger("app.http")
+
+MAX_JSON_BYTES = 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, refusing bodies over MAX_JSON_BYTES."""
+    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
+        raise ApiError(413, "payload_too_large", f"JSON body is larger than {MAX_JSON_BYTES} bytes")
+    # Read at most one byte past the limit, so a chunked body cannot grow unbounded.
+    body = await request.content.read(MAX_JSON_BYTES + 1)
+    if len(body) > MAX_JSON_BYTES:
+        raise ApiError(413, "payload_too_large", f"JSON body is larger than {MAX_JSON_BYTES} bytes")
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, "invalid_json", f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    return data
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    431: "headers_too_large",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.code, e.message, e.headers)
+    except StorageUnavailable as e:
+        log.warning("storage unavailable during %s %s: %s", request.method, request.path, e)
+        return error_response(503, "storage_unavailable", "the model store is unreachable; retry shortly",
+                              {"Retry-After": "5"})
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "http_error")
+        message = e.reason
+        if e.status == 404:
+            message = f"no route for {request.path}"
+        elif e.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+        return error_response(e.status, code, message, headers or None)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error")

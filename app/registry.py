@@ -1,0 +1,75 @@
+"""Registry operations that span several storage calls: numbering versions.
+
+Version numbers are computed from the name's latest version, so two clients
+registering the same name at once can pick the same number; the unique
+(name, version) index turns the loser into DuplicateModel and it simply
+numbers again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+
+from . import clock, versions
+from .http import ApiError
+from .storage.base import DuplicateModel, Storage
+
+_NUMBERING_ATTEMPTS = 8
+
+
+async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
+    docs = await storage.models_named(name)
+    return max(docs, key=lambda d: versions.key(d["version"]), default=None)
+
+
+async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None = None) -> dict[str, Any]:
+    """Insert a model built from validated fields, numbering its version.
+
+    With ``parent_id`` it is a new version of that model; otherwise its parent
+    is the name's latest version, if there is one.
+    """
+    fields = dict(fields)
+    explicit = fields.pop("version", None)
+    breaking = fields.pop("breaking_changes", False)
+    for _ in range(_NUMBERING_ATTEMPTS):
+        latest = await latest_of(storage, fields["name"])
+        if explicit:
+            version = explicit
+        elif latest is None:
+            version = versions.FIRST
+        else:
+            version = versions.bump(latest["version"], breaking)
+        stamp = clock.now()
+        doc = {
+            "id": str(ObjectId()),
+            "hyperparameters": {},
+            "metrics": {},
+            "dataset_info": {},
+            "tags": [],
+            "status": "active",
+            **fields,
+            "version": version,
+            "parent_model_id": parent_id or (latest["id"] if latest else None),
+            "created_at": stamp,
+            "updated_at": stamp,
+            "download_count": 0,
+        }
+        try:
+            await storage.insert_model(doc)
+            return doc
+        except DuplicateModel:
+            if explicit:
+                raise ApiError(409, "version_exists",
+                               f"{fields['name']} {version} already exists") from None
+    raise ApiError(409, "version_conflict",
+                   f"could not number a new version of {fields['name']}: too many concurrent registrations")
+
+
+def new_version_fields(source: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """The source model's metadata with the request's fields replacing its own."""
+    inherited = ("name", "algorithm", "hyperparameters", "metrics", "dataset_info", "tags", "status",
+                 "description", "created_by", "format")
+    base = {k: source[k] for k in inherited if source.get(k) is not None}
+    return {**base, **updates}

@@ -1,0 +1,86 @@
+"""The application factory and the function that serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp_cors
+from aiohttp import web
+
+from .config import Settings
+from .handlers import setup_routes
+from .http import error_middleware
+from .keys import SETTINGS, STORAGE
+from .storage import Storage, make_storage
+
+log = logging.getLogger("app")
+
+
+def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
+    """Build the application; the storage is opened on start-up and closed on cleanup."""
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[STORAGE] = storage if storage is not None else make_storage(settings)
+    app.cleanup_ctx.append(_storage_lifecycle)
+    setup_routes(app)
+    _setup_cors(app, settings.cors_origins)
+    return app
+
+
+async def _storage_lifecycle(app: web.Application):
+    storage = app[STORAGE]
+    await storage.open()
+    log.info("storage ready: %s", app[SETTINGS].describe())
+    yield
+    await storage.close()
+
+
+def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
+    if not origins:
+        return
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=False,
+        expose_headers="*",
+        allow_headers="*",
+        allow_methods="*",
+        max_age=3600,
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM on uvloop; raises StorageUnavailable if the store is unreachable."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        uvloop = None
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None)
+    with runner:
+        runner.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    app = create_app(settings)
+    app_runner = web.AppRunner(app, access_log=logging.getLogger("app.access"))
+    await app_runner.setup()
+    try:
+        site = web.TCPSite(app_runner, settings.host, settings.port)
+        await site.start()
+        log.info("model-service listening on http://%s:%d", settings.host, settings.port)
+        await _wait_for_signal()
+    finally:
+        await app_runner.cleanup()
+
+
+async def _wait_for_signal() -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")

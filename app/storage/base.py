@@ -1,0 +1,192 @@
+"""The storage interface: registry metadata plus content-addressed model files.
+
+Shaped after the Docker registry's storage driver: a file is written through a
+writer that stays invisible until ``commit`` and leaves nothing behind after
+``cancel``; it is read through a reader that starts at any byte offset. Both
+backends (MongoDB + GridFS, embedded SQLite + a directory) implement this and
+must behave identically; the HTTP layer never knows which one it has.
+
+Model documents cross this interface as plain dicts with ``id`` as a 24-hex
+string and timestamps as timezone-aware UTC datetimes (millisecond precision,
+which is what BSON stores).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, AsyncIterator
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DuplicateModel",
+    "FileMissing",
+    "FileWriter",
+    "ModelQuery",
+    "Storage",
+    "StorageError",
+    "StorageUnavailable",
+    "StoredFile",
+]
+
+# GridFS's standard chunk size; the embedded backend reports the same figure
+# so that file metadata looks alike on both.
+DEFAULT_CHUNK_SIZE = 255 * 1024
+
+
+class StorageError(Exception):
+    """Base class for storage failures the HTTP layer maps to responses."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached right now (answer 503)."""
+
+
+class DuplicateModel(StorageError):
+    """A model with the same (name, version) already exists."""
+
+
+class FileMissing(StorageError):
+    """A model refers to a stored file that is not there (or is incomplete)."""
+
+
+@dataclass(frozen=True)
+class ModelQuery:
+    """Filters, order and page of a model listing; values are literals only."""
+
+    algorithm: str | None = None
+    status: str | None = None
+    tags: tuple[str, ...] = ()
+    text: str | None = None
+    min_accuracy: float | None = None
+    created_by: str | None = None
+    # "created_at", "name", "download_count" or "metrics.<name>"
+    sort_field: str = "created_at"
+    sort_desc: bool = True
+    skip: int = 0
+    limit: int = 10
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Committed content, shared by every model whose file has this sha256."""
+
+    file_id: str
+    size: int
+    sha256: str
+    chunk_size: int
+    uploaded_at: datetime
+
+
+class FileWriter(abc.ABC):
+    """Receives a file's bytes; nothing is visible to readers until commit()."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._done = False
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise RuntimeError("write after commit or cancel")
+        if not data:
+            return
+        self._hash.update(data)
+        self.size += len(data)
+        await self._write(data)
+
+    async def commit(self) -> StoredFile:
+        """Make the content readable; identical content is stored only once."""
+        if self._done:
+            raise RuntimeError("commit after commit or cancel")
+        self._done = True
+        return await self._commit()
+
+    async def cancel(self) -> None:
+        """Discard everything written so far. Safe to call more than once."""
+        if self._done:
+            return
+        self._done = True
+        await self._cancel()
+
+    async def __aenter__(self) -> "FileWriter":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        # Any way out other than a commit (an error, a cancelled task) discards.
+        await self.cancel()
+
+    @abc.abstractmethod
+    async def _write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def _commit(self) -> StoredFile: ...
+
+    @abc.abstractmethod
+    async def _cancel(self) -> None: ...
+
+
+class Storage(abc.ABC):
+    kind: str
+
+    # -- lifecycle -------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and prepare (indexes, tables); raise StorageUnavailable fast."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return if the store answers, else raise StorageUnavailable."""
+
+    # -- metadata --------------------------------------------------------
+    @abc.abstractmethod
+    async def insert_model(self, doc: dict[str, Any]) -> None:
+        """Store a new model document; DuplicateModel if (name, version) exists."""
+
+    @abc.abstractmethod
+    async def get_model(self, model_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def update_model(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Set top-level fields; return the updated document, None if absent."""
+
+    @abc.abstractmethod
+    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+        """Remove a model document; return what was removed, None if absent."""
+
+    @abc.abstractmethod
+    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+        """One page of models matching the query, and the total that match."""
+
+    @abc.abstractmethod
+    async def models_named(self, name: str) -> list[dict[str, Any]]:
+        """Every version of a name, in no particular order."""
+
+    @abc.abstractmethod
+    async def count_models(self) -> int: ...
+
+    # -- files -----------------------------------------------------------
+    @abc.abstractmethod
+    def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:
+        """A writer for new content; use it as ``async with`` so errors cancel."""
+
+    @abc.abstractmethod
+    def read_file(self, file_id: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the bytes of [offset, offset+length) in order; FileMissing if absent."""
+
+    @abc.abstractmethod
+    async def file_info(self, file_id: str) -> StoredFile | None: ...
+
+    @abc.abstractmethod
+    async def release_file(self, file_id: str) -> bool:
+        """Delete stored content unless a model still refers to it; True if deleted."""

@@ -1,0 +1,412 @@
+"""Embedded backend: SQLite for metadata, a content-addressed directory for files.
+
+Runs with no server so that a fresh machine can start the service. SQLite is
+used from one dedicated thread (one connection, no locking games) so the event
+loop never blocks on it. File bytes go to ``tmp/`` first and are renamed into
+``blobs/<aa>/<sha256>`` only on commit, after an fsync: a reader sees the whole
+file or nothing, and a crash leaves at most a temp file that ``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import orjson
+from bson import ObjectId
+
+from ..clock import iso, now, parse_iso
+
+from .base import (
+    DEFAULT_CHUNK_SIZE,
+    DuplicateModel,
+    FileMissing,
+    FileWriter,
+    ModelQuery,
+    Storage,
+    StorageUnavailable,
+    StoredFile,
+)
+
+_READ_SIZE = 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_by TEXT,
+    created_at TEXT NOT NULL,
+    download_count INTEGER NOT NULL DEFAULT 0,
+    file_id TEXT,
+    doc BLOB NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE INDEX IF NOT EXISTS models_algorithm_status_created ON models (algorithm, status, created_at DESC);
+CREATE INDEX IF NOT EXISTS models_created ON models (created_at DESC);
+CREATE INDEX IF NOT EXISTS models_downloads ON models (download_count DESC);
+CREATE INDEX IF NOT EXISTS models_file ON models (file_id);
+CREATE TABLE IF NOT EXISTS files (
+    file_id TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    length INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    uploaded_at TEXT NOT NULL
+);
+"""
+
+# Columns kept outside the JSON document because queries filter or sort on them.
+_COLUMNS = ("id", "name", "version", "algorithm", "status", "created_by", "created_at", "download_count")
+_SORT_COLUMNS = {"created_at": "created_at", "name": "name", "download_count": "download_count"}
+_DATETIME_FIELDS = ("created_at", "updated_at")
+
+
+def _encode_doc(doc: dict[str, Any]) -> bytes:
+    stored = {k: v for k, v in doc.items() if k not in ("id", "download_count")}
+    for key in _DATETIME_FIELDS:
+        if key in stored:
+            stored[key] = iso(stored[key])
+    if "file_metadata" in stored:
+        fm = dict(stored["file_metadata"])
+        fm["uploaded_at"] = iso(fm["uploaded_at"])
+        stored["file_metadata"] = fm
+    return orjson.dumps(stored)
+
+
+def _decode_row(row: sqlite3.Row) -> dict[str, Any]:
+    doc = orjson.loads(row["doc"])
+    doc["id"] = row["id"]
+    doc["download_count"] = row["download_count"]
+    for key in _DATETIME_FIELDS:
+        if key in doc:
+            doc[key] = parse_iso(doc[key])
+    if "file_metadata" in doc:
+        doc["file_metadata"]["uploaded_at"] = parse_iso(doc["file_metadata"]["uploaded_at"])
+    return doc
+
+
+def _icontains(haystack: str | None, needle: str) -> bool:
+    # casefold() matches MongoDB's case-insensitive regex beyond ASCII.
+    return haystack is not None and needle.casefold() in haystack.casefold()
+
+
+def _json_member(key: str) -> str:
+    # Quoted member name, so metric names are data, never JSON-path syntax.
+    return '"' + key.replace('"', '""') + '"'
+
+
+class EmbeddedStorage(Storage):
+    kind = "embedded"
+
+    def __init__(self, data_dir: str) -> None:
+        self.root = Path(data_dir)
+        self.blob_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.db_path = self.root / "registry.sqlite3"
+        self._db: sqlite3.Connection | None = None
+        # One thread owns the connection: SQLite calls never block the loop
+        # and never need their own locking.
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- plumbing ------------------------------------------------------------
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._executor is None:
+            raise StorageUnavailable("embedded storage is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as e:
+            raise StorageUnavailable(f"SQLite: {e}") from e
+
+    def _connect(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blob_dir.mkdir(exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.create_function("icontains", 2, _icontains, deterministic=True)
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        try:
+            await self._run(self._connect)
+        except (OSError, sqlite3.Error) as e:
+            await self.close()
+            raise StorageUnavailable(f"cannot open embedded storage in {self.root}: {e}") from e
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+
+    # -- metadata ------------------------------------------------------------
+    def _insert(self, doc: dict[str, Any]) -> None:
+        fm = doc.get("file_metadata")
+        try:
+            self._db.execute(
+                "INSERT INTO models (id, name, version, algorithm, status, created_by, created_at,"
+                " download_count, file_id, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    doc["id"], doc["name"], doc["version"], doc["algorithm"], doc["status"],
+                    doc.get("created_by"), iso(doc["created_at"]), doc.get("download_count", 0),
+                    fm["file_id"] if fm else None, _encode_doc(doc),
+                ),
+            )
+        except sqlite3.IntegrityError as e:
+            raise DuplicateModel(f"{doc['name']} {doc['version']} already exists") from e
+
+    async def insert_model(self, doc: dict[str, Any]) -> None:
+        await self._run(self._insert, doc)
+
+    def _get(self, model_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+        return _decode_row(row) if row else None
+
+    async def get_model(self, model_id: str) -> dict[str, Any] | None:
+        return await self._run(self._get, model_id)
+
+    def _update(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            doc = self._get(model_id)
+            if doc is None:
+                db.execute("ROLLBACK")
+                return None
+            for key, value in fields.items():
+                if value is None:
+                    doc.pop(key, None)
+                else:
+                    doc[key] = value
+            fm = doc.get("file_metadata")
+            db.execute(
+                "UPDATE models SET algorithm = ?, status = ?, created_by = ?, file_id = ?, doc = ? WHERE id = ?",
+                (doc["algorithm"], doc["status"], doc.get("created_by"), fm["file_id"] if fm else None,
+                 _encode_doc(doc), model_id),
+            )
+            db.execute("COMMIT")
+            return doc
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def update_model(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        return await self._run(self._update, model_id, fields)
+
+    def _delete(self, model_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("DELETE FROM models WHERE id = ? RETURNING *", (model_id,)).fetchone()
+        return _decode_row(row) if row else None
+
+    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+        return await self._run(self._delete, model_id)
+
+    @staticmethod
+    def _where(q: ModelQuery) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if q.algorithm is not None:
+            clauses.append("algorithm = ?")
+            params.append(q.algorithm)
+        if q.status is not None:
+            clauses.append("status = ?")
+            params.append(q.status)
+        if q.created_by is not None:
+            clauses.append("created_by = ?")
+            params.append(q.created_by)
+        if q.tags:
+            marks = ", ".join("?" * len(q.tags))
+            clauses.append(f"EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE value IN ({marks}))")
+            params.extend(q.tags)
+        if q.text is not None:
+            clauses.append(
+                "(icontains(name, ?) OR icontains(algorithm, ?)"
+                " OR icontains(json_extract(doc, '$.description'), ?)"
+                " OR EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE icontains(value, ?)))"
+            )
+            params.extend([q.text] * 4)
+        if q.min_accuracy is not None:
+            # test_accuracy when the model reports it, plain accuracy otherwise.
+            clauses.append(
+                "(CASE WHEN json_type(doc, '$.metrics.test_accuracy') IS NOT NULL"
+                " THEN json_extract(doc, '$.metrics.test_accuracy') >= ?"
+                " ELSE json_extract(doc, '$.metrics.accuracy') >= ? END)"
+            )
+            params.extend([q.min_accuracy, q.min_accuracy])
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def _find(self, q: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+        where, params = self._where(q)
+        total = self._db.execute(f"SELECT count(*) FROM models{where}", params).fetchone()[0]
+        direction = "DESC" if q.sort_desc else "ASC"
+        if q.sort_field.startswith("metrics."):
+            metric = q.sort_field[len("metrics."):]
+            # Sort numbers only, as MongoDB orders numbers before nothing; a
+            # model without the metric sorts as the smallest value, like BSON null.
+            order = f"json_extract(doc, ?) {direction}"
+            order_params: list[Any] = ["$.metrics." + _json_member(metric)]
+        else:
+            order = f"{_SORT_COLUMNS[q.sort_field]} {direction}"
+            order_params = []
+        rows = self._db.execute(
+            f"SELECT * FROM models{where} ORDER BY {order}, id {direction} LIMIT ? OFFSET ?",
+            [*params, *order_params, q.limit, q.skip],
+        ).fetchall()
+        return [_decode_row(r) for r in rows], total
+
+    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+        return await self._run(self._find, query)
+
+    def _named(self, name: str) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchall()
+        return [_decode_row(r) for r in rows]
+
+    async def models_named(self, name: str) -> list[dict[str, Any]]:
+        return await self._run(self._named, name)
+
+    async def count_models(self) -> int:
+        return await self._run(lambda: self._db.execute("SELECT count(*) FROM models").fetchone()[0])
+
+    # -- files ---------------------------------------------------------------
+    def blob_path(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256
+
+    def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:
+        return _EmbeddedWriter(self, chunk_size)
+
+    def _file_row(self, file_id: str) -> StoredFile | None:
+        row = self._db.execute("SELECT * FROM files WHERE file_id = ?", (file_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredFile(row["file_id"], row["length"], row["sha256"], row["chunk_size"], parse_iso(row["uploaded_at"]))
+
+    async def file_info(self, file_id: str) -> StoredFile | None:
+        return await self._run(self._file_row, file_id)
+
+    def _register_blob(self, tmp_path: Path, sha256: str, size: int, chunk_size: int) -> StoredFile:
+        # Runs on the SQLite thread, so two commits of the same content cannot
+        # interleave between "is it there?" and "put it there".
+        row = self._db.execute("SELECT file_id FROM files WHERE sha256 = ?", (sha256,)).fetchone()
+        target = self.blob_path(sha256)
+        if row is not None and target.exists():
+            tmp_path.unlink(missing_ok=True)
+            return self._file_row(row["file_id"])
+        target.parent.mkdir(exist_ok=True)
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+        if row is not None:
+            return self._file_row(row["file_id"])
+        stored = StoredFile(str(ObjectId()), size, sha256, chunk_size, now())
+        self._db.execute(
+            "INSERT INTO files (file_id, sha256, length, chunk_size, uploaded_at) VALUES (?, ?, ?, ?, ?)",
+            (stored.file_id, sha256, size, chunk_size, iso(stored.uploaded_at)),
+        )
+        return stored
+
+    def _release(self, file_id: str) -> str | None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM models WHERE file_id = ? LIMIT 1", (file_id,)).fetchone():
+                db.execute("ROLLBACK")
+                return None
+            row = db.execute("DELETE FROM files WHERE file_id = ? RETURNING sha256", (file_id,)).fetchone()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if row is None:
+            return None
+        # Unlinked on this thread too, so a concurrent commit of the same
+        # content (also on this thread) never finds a row without its blob.
+        self.blob_path(row["sha256"]).unlink(missing_ok=True)
+        return row["sha256"]
+
+    async def release_file(self, file_id: str) -> bool:
+        return await self._run(self._release, file_id) is not None
+
+    async def read_file(self, file_id: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        info = await self.file_info(file_id)
+        if info is None:
+            raise FileMissing(f"file {file_id} is not stored")
+        end = info.size if length is None else min(info.size, offset + length)
+        try:
+            f = await asyncio.to_thread(open, self.blob_path(info.sha256), "rb", buffering=0)
+        except FileNotFoundError as e:
+            raise FileMissing(f"content of file {file_id} is missing") from e
+        try:
+            pos = offset
+            if pos:
+                f.seek(pos)
+            while pos < end:
+                data = await asyncio.to_thread(f.read, min(_READ_SIZE, end - pos))
+                if not data:
+                    raise FileMissing(f"content of file {file_id} is shorter than recorded")
+                pos += len(data)
+                yield data
+        finally:
+            f.close()
+
+
+class _EmbeddedWriter(FileWriter):
+    def __init__(self, store: EmbeddedStorage, chunk_size: int) -> None:
+        super().__init__(chunk_size)
+        self._store = store
+        self._path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
+        self._file = None
+
+    async def _write(self, data: bytes) -> None:
+        if self._file is None:
+            self._file = await asyncio.to_thread(open, self._path, "xb")
+        await asyncio.to_thread(self._file.write, data)
+
+    def _finish_file(self) -> None:
+        if self._file is None:
+            self._file = open(self._path, "xb")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    async def _commit(self) -> StoredFile:
+        try:
+            await asyncio.to_thread(self._finish_file)
+            return await self._store._run(
+                self._store._register_blob, self._path, self.sha256, self.size, self.chunk_size
+            )
+        except BaseException:
+            await self._cancel()
+            raise
+
+    async def _cancel(self) -> None:
+        def discard() -> None:
+            if self._file is not None:
+                self._file.close()
+            self._path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(discard)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,347 @@
+"""MongoDB backend: model documents in ``models``, files in GridFS.
+
+Uses PyMongo's native async API. Files are written as standard GridFS
+(``<bucket>.files`` / ``<bucket>.chunks``, ``length``, ``chunkSize``,
+``uploadDate``) so any driver's GridFSBucket can read them, but through our own
+writer and reader: the writer inserts chunks in bounded batches (PyMongo's
+upload stream costs one round trip per chunk) and publishes the files document
+last, which is what makes the file visible; the reader starts its cursor at the
+first chunk a byte range needs instead of reading from the start to seek.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timezone
+from typing import Any, AsyncIterator
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.errors import (
+    AutoReconnect,
+    ConnectionFailure,
+    DuplicateKeyError,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
+
+from ..clock import now
+from .base import (
+    DEFAULT_CHUNK_SIZE,
+    DuplicateModel,
+    FileMissing,
+    FileWriter,
+    ModelQuery,
+    Storage,
+    StorageUnavailable,
+    StoredFile,
+)
+
+# Chunks per insert_many: large enough to amortise round trips, small enough
+# that a writer holds only a few MB.
+_WRITE_BATCH_BYTES = 4 * 1024 * 1024
+# Chunk documents per cursor batch when reading: bounds memory per download.
+_READ_BATCH_BYTES = 1024 * 1024
+
+_UNAVAILABLE = (ServerSelectionTimeoutError, ConnectionFailure, AutoReconnect, NetworkTimeout)
+
+
+def _oid(value: str) -> ObjectId | None:
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError):
+        return None
+
+
+def _to_mongo(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k != "id"}
+    out["_id"] = ObjectId(doc["id"])
+    if doc.get("parent_model_id"):
+        out["parent_model_id"] = ObjectId(doc["parent_model_id"])
+    if "file_metadata" in doc:
+        out["file_metadata"] = {**doc["file_metadata"], "file_id": ObjectId(doc["file_metadata"]["file_id"])}
+    return out
+
+
+def _from_mongo(raw: dict[str, Any]) -> dict[str, Any]:
+    doc = dict(raw)
+    doc["id"] = str(doc.pop("_id"))
+    if isinstance(doc.get("parent_model_id"), ObjectId):
+        doc["parent_model_id"] = str(doc["parent_model_id"])
+    fm = doc.get("file_metadata")
+    if fm and isinstance(fm.get("file_id"), ObjectId):
+        doc["file_metadata"] = {**fm, "file_id": str(fm["file_id"])}
+    return doc
+
+
+def _guard(fn):
+    """Translate driver errors that mean 'database unreachable' into StorageUnavailable."""
+
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except _UNAVAILABLE as e:
+            raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class MongoStorage(Storage):
+    kind = "mongodb"
+
+    def __init__(self, url: str, db_name: str, bucket: str, timeout_ms: int = 5000) -> None:
+        self._url = url
+        self._timeout_ms = timeout_ms
+        self.client: AsyncMongoClient = AsyncMongoClient(
+            url,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            tz_aware=True,
+            tzinfo=timezone.utc,
+            appname="tensorfleet-model-service",
+        )
+        self.db = self.client[db_name]
+        self.models = self.db["models"]
+        self.files = self.db[f"{bucket}.files"]
+        self.chunks = self.db[f"{bucket}.chunks"]
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            await self.client.admin.command("ping")
+            await self._create_indexes()
+        except _UNAVAILABLE as e:
+            raise StorageUnavailable(
+                f"cannot reach MongoDB within {self._timeout_ms} ms: {e.__class__.__name__}: {e}"
+            ) from e
+
+    async def _create_indexes(self) -> None:
+        await self.models.create_index([("name", ASCENDING), ("version", ASCENDING)], unique=True)
+        await self.models.create_index([("algorithm", ASCENDING), ("status", ASCENDING), ("created_at", DESCENDING)])
+        await self.models.create_index("tags")
+        await self.models.create_index([("created_at", DESCENDING)])
+        await self.models.create_index([("download_count", DESCENDING)])
+        await self.models.create_index("file_metadata.file_id")
+        # The indexes the GridFS specification asks for, plus content lookup.
+        await self.chunks.create_index([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)
+        await self.files.create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
+        await self.files.create_index("metadata.sha256")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def ping(self) -> None:
+        try:
+            await self.client.admin.command("ping")
+        except _UNAVAILABLE as e:
+            raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+
+    # -- metadata --------------------------------------------------------
+    @_guard
+    async def insert_model(self, doc: dict[str, Any]) -> None:
+        try:
+            await self.models.insert_one(_to_mongo(doc))
+        except DuplicateKeyError as e:
+            raise DuplicateModel(f"{doc['name']} {doc['version']} already exists") from e
+
+    @_guard
+    async def get_model(self, model_id: str) -> dict[str, Any] | None:
+        oid = _oid(model_id)
+        raw = await self.models.find_one({"_id": oid}) if oid else None
+        return _from_mongo(raw) if raw else None
+
+    @_guard
+    async def update_model(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        oid = _oid(model_id)
+        if oid is None:
+            return None
+        to_set = _to_mongo({"id": model_id, **{k: v for k, v in fields.items() if v is not None}})
+        to_set.pop("_id")
+        to_unset = {k: "" for k, v in fields.items() if v is None}
+        update: dict[str, Any] = {}
+        if to_set:
+            update["$set"] = to_set
+        if to_unset:
+            update["$unset"] = to_unset
+        if not update:
+            return await self.get_model(model_id)
+        raw = await self.models.find_one_and_update({"_id": oid}, update, return_document=True)
+        return _from_mongo(raw) if raw else None
+
+    @_guard
+    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+        oid = _oid(model_id)
+        raw = await self.models.find_one_and_delete({"_id": oid}) if oid else None
+        return _from_mongo(raw) if raw else None
+
+    @staticmethod
+    def _filter(q: ModelQuery) -> dict[str, Any]:
+        f: dict[str, Any] = {}
+        if q.algorithm is not None:
+            f["algorithm"] = q.algorithm
+        if q.status is not None:
+            f["status"] = q.status
+        if q.created_by is not None:
+            f["created_by"] = q.created_by
+        if q.tags:
+            f["tags"] = {"$in": list(q.tags)}
+        and_: list[dict[str, Any]] = []
+        if q.text is not None:
+            rx = {"$regex": re.escape(q.text), "$options": "i"}
+            and_.append({"$or": [{"name": rx}, {"description": rx}, {"algorithm": rx}, {"tags": rx}]})
+        if q.min_accuracy is not None:
+            and_.append({"$or": [
+                {"metrics.test_accuracy": {"$gte": q.min_accuracy}},
+                {"metrics.test_accuracy": {"$exists": False}, "metrics.accuracy": {"$gte": q.min_accuracy}},
+            ]})
+        if and_:
+            f["$and"] = and_
+        return f
+
+    @_guard
+    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+        f = self._filter(query)
+        direction = DESCENDING if query.sort_desc else ASCENDING
+        cursor = self.models.find(f, sort=[(query.sort_field, direction), ("_id", direction)],
+                                  skip=query.skip, limit=query.limit)
+        docs = [_from_mongo(d) async for d in cursor]
+        total = await self.models.count_documents(f)
+        return docs, total
+
+    @_guard
+    async def models_named(self, name: str) -> list[dict[str, Any]]:
+        return [_from_mongo(d) async for d in self.models.find({"name": name})]
+
+    @_guard
+    async def count_models(self) -> int:
+        return await self.models.count_documents({})
+
+    # -- files -----------------------------------------------------------
+    def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:
+        return _GridFSWriter(self, chunk_size)
+
+    @_guard
+    async def file_info(self, file_id: str) -> StoredFile | None:
+        oid = _oid(file_id)
+        raw = await self.files.find_one({"_id": oid}) if oid else None
+        return _stored_file(raw) if raw else None
+
+    @_guard
+    async def release_file(self, file_id: str) -> bool:
+        oid = _oid(file_id)
+        if oid is None or await self.models.find_one({"file_metadata.file_id": oid}, {"_id": 1}):
+            return False
+        # Files document first: from then on no reader can start on the chunks.
+        result = await self.files.delete_one({"_id": oid})
+        await self.chunks.delete_many({"files_id": oid})
+        return result.deleted_count == 1
+
+    async def read_file(self, file_id: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        info = await self.file_info(file_id)
+        if info is None:
+            raise FileMissing(f"file {file_id} is not stored")
+        end = info.size if length is None else min(info.size, offset + length)
+        if offset >= end:
+            return
+        cs = info.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        cursor = self.chunks.find(
+            {"files_id": ObjectId(file_id), "n": {"$gte": first, "$lte": last}},
+            sort=[("n", ASCENDING)],
+            batch_size=max(1, _READ_BATCH_BYTES // cs),
+        )
+        expected = first
+        try:
+            async for chunk in cursor:
+                if chunk["n"] != expected:
+                    raise FileMissing(f"file {file_id}: chunk {expected} is missing")
+                data = chunk["data"]
+                lo = offset - expected * cs if expected == first else 0
+                hi = end - expected * cs if expected == last else len(data)
+                expected += 1
+                yield bytes(data[lo:hi]) if (lo or hi != len(data)) else bytes(data)
+            if expected != last + 1:
+                raise FileMissing(f"file {file_id}: chunk {expected} is missing")
+        except _UNAVAILABLE as e:
+            raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+        finally:
+            await cursor.close()
+
+
+def _stored_file(raw: dict[str, Any]) -> StoredFile:
+    meta = raw.get("metadata") or {}
+    return StoredFile(str(raw["_id"]), raw["length"], meta.get("sha256", ""), raw["chunkSize"], raw["uploadDate"])
+
+
+class _GridFSWriter(FileWriter):
+    def __init__(self, store: MongoStorage, chunk_size: int) -> None:
+        super().__init__(chunk_size)
+        self._store = store
+        self._files_id = ObjectId()
+        self._buffer = bytearray()
+        self._pending: list[dict[str, Any]] = []
+        self._n = 0
+        self._batch = max(1, _WRITE_BATCH_BYTES // chunk_size)
+
+    def _cut_chunks(self, final: bool) -> None:
+        cs = self.chunk_size
+        while len(self._buffer) >= cs or (final and self._buffer):
+            piece = bytes(self._buffer[:cs])
+            del self._buffer[:cs]
+            self._pending.append({"files_id": self._files_id, "n": self._n, "data": piece})
+            self._n += 1
+
+    async def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            await self._store.chunks.insert_many(batch, ordered=True)
+
+    async def _write(self, data: bytes) -> None:
+        self._buffer += data
+        self._cut_chunks(final=False)
+        if len(self._pending) >= self._batch:
+            try:
+                await self._flush()
+            except _UNAVAILABLE as e:
+                raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+
+    async def _commit(self) -> StoredFile:
+        store = self._store
+        try:
+            self._cut_chunks(final=True)
+            await self._flush()
+            existing = await store.files.find_one({"metadata.sha256": self.sha256})
+            if existing is not None:
+                # Same content is already stored: keep that copy, drop ours.
+                await store.chunks.delete_many({"files_id": self._files_id})
+                return _stored_file(existing)
+            files_doc = {
+                "_id": self._files_id,
+                "length": self.size,
+                "chunkSize": self.chunk_size,
+                "uploadDate": now(),
+                "filename": self.sha256,
+                "metadata": {"sha256": self.sha256},
+            }
+            await store.files.insert_one(files_doc)
+            return _stored_file(files_doc)
+        except BaseException as e:
+            await self._cancel()
+            if isinstance(e, _UNAVAILABLE):
+                raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+            raise
+
+    async def _cancel(self) -> None:
+        self._buffer.clear()
+        self._pending.clear()
+        try:
+            await self._store.chunks.delete_many({"files_id": self._files_id})
+        except PyMongoError:
+            # The database is gone; the chunks have no files document, so no
+            # reader can see them, and `model-service gc` removes them later.
+            pass
