@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .config import ConfigError, Settings, configure_logging
@@ -26,7 +25,6 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(settings)
     except StorageUnavailable as e:
-        logging.getLogger("app").error("cannot start: %s", e)
         print(f"model-service: cannot start: {e}", file=sys.stderr)
         return 1
     except OSError as e:

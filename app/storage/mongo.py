@@ -23,7 +23,6 @@ from pymongo.errors import (
     ConnectionFailure,
     DuplicateKeyError,
     NetworkTimeout,
-    OperationFailure,
     PyMongoError,
     ServerSelectionTimeoutError,
 )
@@ -116,9 +115,10 @@ class MongoStorage(Storage):
             await self.client.admin.command("ping")
             await self._create_indexes()
         except _UNAVAILABLE as e:
-            raise StorageUnavailable(
-                f"cannot reach MongoDB within {self._timeout_ms} ms: {e.__class__.__name__}: {e}"
-            ) from e
+            # The driver's message ends in a long topology dump; the first part
+            # names the host and the reason, which is what an operator needs.
+            reason = str(e).split(" (configured timeouts")[0].split(", Timeout:")[0]
+            raise StorageUnavailable(f"cannot reach MongoDB within {self._timeout_ms} ms: {reason}") from e
 
     async def _create_indexes(self) -> None:
         await self.models.create_index([("name", ASCENDING), ("version", ASCENDING)], unique=True)
@@ -130,7 +130,9 @@ class MongoStorage(Storage):
         # The indexes the GridFS specification asks for, plus content lookup.
         await self.chunks.create_index([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)
         await self.files.create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
-        await self.files.create_index("metadata.sha256")
+        # Unique, so two concurrent commits of the same content keep one copy;
+        # sparse, so files other tools wrote without our metadata do not collide.
+        await self.files.create_index("metadata.sha256", unique=True, sparse=True)
 
     async def close(self) -> None:
         await self.client.close()
@@ -316,20 +318,26 @@ class _GridFSWriter(FileWriter):
             self._cut_chunks(final=True)
             await self._flush()
             existing = await store.files.find_one({"metadata.sha256": self.sha256})
-            if existing is not None:
-                # Same content is already stored: keep that copy, drop ours.
-                await store.chunks.delete_many({"files_id": self._files_id})
-                return _stored_file(existing)
-            files_doc = {
-                "_id": self._files_id,
-                "length": self.size,
-                "chunkSize": self.chunk_size,
-                "uploadDate": now(),
-                "filename": self.sha256,
-                "metadata": {"sha256": self.sha256},
-            }
-            await store.files.insert_one(files_doc)
-            return _stored_file(files_doc)
+            if existing is None:
+                files_doc = {
+                    "_id": self._files_id,
+                    "length": self.size,
+                    "chunkSize": self.chunk_size,
+                    "uploadDate": now(),
+                    "filename": self.sha256,
+                    "metadata": {"sha256": self.sha256},
+                }
+                try:
+                    await store.files.insert_one(files_doc)
+                    return _stored_file(files_doc)
+                except DuplicateKeyError:
+                    # Someone committed the same content a moment ago.
+                    existing = await store.files.find_one({"metadata.sha256": self.sha256})
+                    if existing is None:
+                        raise
+            # Same content is already stored: keep that copy, drop ours.
+            await store.chunks.delete_many({"files_id": self._files_id})
+            return _stored_file(existing)
         except BaseException as e:
             await self._cancel()
             if isinstance(e, _UNAVAILABLE):

@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DATA_DIR=/data \
+    PORT=8084
+
+WORKDIR /srv/model-service
+
+COPY pyproject.toml setup.cfg README.md ./
+COPY app ./app
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin modelsvc \
+    && mkdir -p /data \
+    && chown modelsvc /data
+
+USER modelsvc
+VOLUME ["/data"]
+EXPOSE 8084
+
+# The slim image has no curl; Python's own urllib asks /health.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8084'), timeout=4)"]
+
+ENTRYPOINT ["model-service"]
+CMD ["serve"]

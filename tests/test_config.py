@@ -1,0 +1,98 @@
+"""Configuration: defaults, parsing, and one clear line for a bad value."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.config import ConfigError, Settings, format_size, parse_size
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("500MB", 500_000_000),
+        ("1GB", 1_000_000_000),
+        ("750MB", 750_000_000),
+        ("1.5GiB", 1_610_612_736),
+        ("1048576", 1_048_576),
+        ("64 KiB", 65_536),
+        ("2tb", 2_000_000_000_000),
+        ("10B", 10),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MB", "12XB", "-5MB", "1.2.3GB", "ten"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(45_700_000) == "45.7 MB"
+    assert format_size(999) == "999 B"
+    assert format_size(1_500_000_000) == "1.5 GB"
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert (s.host, s.port, s.mongodb_url, s.mongodb_db, s.gridfs_bucket) == ("0.0.0.0", 8084, None, "tensorfleet", "models")
+    assert (s.data_dir, s.max_file_size, s.log_level) == ("./data", 500_000_000, "INFO")
+    assert (s.enable_auth, s.max_page_size, s.cors_origins) == (False, 100, ())
+    assert s.storage_kind == "embedded"
+
+
+def test_values_from_env():
+    s = Settings.from_env({
+        "PORT": "9000", "MONGODB_URL": "mongodb://db:27017", "MAX_FILE_SIZE": "1.5GiB",
+        "LOG_LEVEL": "debug", "ENABLE_AUTH": "true", "MAX_PAGE_SIZE": "50",
+        "CORS_ORIGINS": "https://a.example, http://localhost:3000",
+    })
+    assert s.port == 9000 and s.storage_kind == "mongodb"
+    assert s.max_file_size == 1_610_612_736 and s.log_level == "DEBUG" and s.enable_auth
+    assert s.max_page_size == 50
+    assert s.cors_origins == ("https://a.example", "http://localhost:3000")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("MAX_FILE_SIZE", "lots"),
+        ("MAX_FILE_SIZE", "0"),
+        ("LOG_LEVEL", "LOUD"),
+        ("ENABLE_AUTH", "maybe"),
+        ("MAX_PAGE_SIZE", "0"),
+        ("MONGODB_URL", "http://db"),
+        ("MONGODB_DB", "bad name"),
+        ("GRIDFS_BUCKET", "a/b"),
+        ("CORS_ORIGINS", "not a url"),
+        ("DATA_DIR", "  "),
+    ],
+)
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError) as e:
+        Settings.from_env({name: value})
+    assert name in str(e.value)
+
+
+def test_mongodb_url_credentials_never_echoed():
+    with pytest.raises(ConfigError) as e:
+        Settings.from_env({"MONGODB_URL": "http://user:secret@db"})
+    assert "secret" not in str(e.value)
+    s = Settings.from_env({"MONGODB_URL": "mongodb://user:secret@db:27017"})
+    assert "secret" not in s.describe()
+
+
+def test_serve_exits_with_one_line_naming_the_variable(tmp_path):
+    env = {**os.environ, "PORT": "not-a-port", "DATA_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "app", "serve"], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "PORT" in lines[0] and "not-a-port" in lines[0]

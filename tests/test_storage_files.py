@@ -1,0 +1,136 @@
+"""The file half of the storage interface, on both backends, below HTTP.
+
+A writer is invisible until commit and leaves nothing after cancel; a reader
+starts at any offset; identical content is stored once and released only when
+no model refers to it.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from app.storage import DEFAULT_CHUNK_SIZE, FileMissing
+from bson import ObjectId
+
+
+async def leftovers(storage) -> dict:
+    """What a backend holds for files: rows/documents and bytes on disk."""
+    if storage.kind == "mongodb":
+        return {
+            "files": await storage.files.count_documents({}),
+            "chunks": await storage.chunks.count_documents({}),
+        }
+    tmp = sorted(p.name for p in Path(storage.tmp_dir).iterdir())
+    blobs = sorted(p.name for p in Path(storage.blob_dir).rglob("*") if p.is_file())
+    return {"tmp": tmp, "blobs": blobs}
+
+
+async def store(storage, data: bytes, piece: int = 100_000):
+    async with storage.file_writer() as w:
+        for i in range(0, len(data), piece):
+            await w.write(data[i:i + piece])
+        return await w.commit()
+
+
+async def read_all(storage, file_id, offset=0, length=None) -> bytes:
+    return b"".join([p async for p in storage.read_file(file_id, offset, length)])
+
+
+CS = DEFAULT_CHUNK_SIZE
+
+
+@pytest.mark.parametrize("size", [0, 1, CS - 1, CS, CS + 1, 3 * CS + 17])
+async def test_round_trip(storage, size):
+    data = os.urandom(size)
+    stored = await store(storage, data)
+    assert stored.size == size
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.chunk_size == CS
+    assert len(stored.file_id) == 24
+    assert await read_all(storage, stored.file_id) == data
+    info = await storage.file_info(stored.file_id)
+    assert info == stored
+
+
+async def test_reader_starts_at_any_offset(storage):
+    data = os.urandom(4 * CS + 1000)
+    stored = await store(storage, data)
+    for offset, length in [(0, 1), (CS - 1, 2), (CS, CS), (CS + 1, None), (2 * CS - 5, CS + 10),
+                           (len(data) - 1, None), (len(data) - 1, 50), (17, 3 * CS), (len(data), None)]:
+        expected = data[offset:] if length is None else data[offset:offset + length]
+        assert await read_all(storage, stored.file_id, offset, length) == expected, (offset, length)
+
+
+async def test_uncommitted_writes_are_invisible_and_cancel_leaves_nothing(storage):
+    before = await leftovers(storage)
+    writer = storage.file_writer()
+    await writer.write(os.urandom(3 * CS))  # enough for chunks to reach the database
+    # Nothing readable exists yet: no file id has been handed out and no files document exists.
+    if storage.kind == "mongodb":
+        assert await storage.files.count_documents({}) == before["files"]
+    await writer.cancel()
+    await writer.cancel()  # idempotent
+    assert await leftovers(storage) == before
+
+
+async def test_error_inside_writer_block_cancels(storage):
+    before = await leftovers(storage)
+    with pytest.raises(RuntimeError, match="client went away"):
+        async with storage.file_writer() as w:
+            await w.write(os.urandom(2 * CS + 5))
+            raise RuntimeError("client went away")
+    assert await leftovers(storage) == before
+
+
+async def test_identical_content_is_stored_once(storage):
+    data = os.urandom(CS + 3)
+    a = await store(storage, data)
+    b = await store(storage, data, piece=7777)
+    assert a.file_id == b.file_id
+    if storage.kind == "mongodb":
+        assert await storage.files.count_documents({}) == 1
+        assert await storage.chunks.count_documents({}) == 2
+    else:
+        assert len((await leftovers(storage))["blobs"]) == 1
+        assert (await leftovers(storage))["tmp"] == []
+
+
+async def test_release_keeps_referenced_content(storage):
+    data = os.urandom(1000)
+    stored = await store(storage, data)
+    now = stored.uploaded_at
+    doc = {
+        "id": str(ObjectId()), "name": "m", "version": "v1.0", "algorithm": "a", "status": "active",
+        "hyperparameters": {}, "metrics": {}, "dataset_info": {}, "tags": [], "created_at": now, "updated_at": now,
+        "download_count": 0,
+        "file_metadata": {"file_id": stored.file_id, "filename": "m.bin", "size_bytes": 1000,
+                          "checksum": "sha256:" + stored.sha256, "uploaded_at": now},
+    }
+    await storage.insert_model(doc)
+    assert await storage.release_file(stored.file_id) is False
+    assert await read_all(storage, stored.file_id) == data
+    await storage.delete_model(doc["id"])
+    assert await storage.release_file(stored.file_id) is True
+    assert await storage.file_info(stored.file_id) is None
+    with pytest.raises(FileMissing):
+        await read_all(storage, stored.file_id)
+    leftover = await leftovers(storage)
+    assert leftover.get("chunks", 0) == 0 and leftover.get("blobs", []) == []
+
+
+async def test_missing_file_raises(storage):
+    with pytest.raises(FileMissing):
+        await read_all(storage, str(ObjectId()))
+
+
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_written_file_readable_by_pymongo_gridfs(storage):
+    from gridfs import AsyncGridFSBucket
+
+    data = os.urandom(2 * CS + 99)
+    stored = await store(storage, data)
+    bucket = AsyncGridFSBucket(storage.db, bucket_name="models")
+    stream = await bucket.open_download_stream(ObjectId(stored.file_id))
+    assert await stream.read() == data
