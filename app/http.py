@@ -46,10 +46,26 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, refusing bodies over MAX_JSON_BYTES."""
     if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
         raise ApiError(413, "payload_too_large", f"JSON body is larger than {MAX_JSON_BYTES} bytes")
-    # Read at most one byte past the limit, so a chunked body cannot grow unbounded.
-    body = await request.content.read(MAX_JSON_BYTES + 1)
-    if len(body) > MAX_JSON_BYTES:
-        raise ApiError(413, "payload_too_large", f"JSON body is larger than {MAX_JSON_BYTES} bytes")
+    return parse_json_object(await read_limited(request.content.read, "JSON body"))
+
+
+async def read_limited(read, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
+    """Everything ``read(n)`` yields until EOF; 413 once it passes ``limit``.
+
+    Reads at most one byte past the limit, so a chunked body that never ends
+    costs no more than that.
+    """
+    buf = bytearray()
+    while True:
+        piece = await read(limit + 1 - len(buf))
+        if not piece:
+            return bytes(buf)
+        buf += piece
+        if len(buf) > limit:
+            raise ApiError(413, "payload_too_large", f"{what} is larger than {limit} bytes")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
     try:

@@ -12,7 +12,7 @@ def download_url(model_id: str) -> str:
     return f"/api/v1/models/{model_id}/download"
 
 
-def _file_metadata(fm: dict[str, Any]) -> dict[str, Any]:
+def file_metadata(fm: dict[str, Any]) -> dict[str, Any]:
     return {**fm, "uploaded_at": iso(fm["uploaded_at"])}
 
 
@@ -38,7 +38,7 @@ def full(doc: dict[str, Any]) -> dict[str, Any]:
     }
     fm = doc.get("file_metadata")
     if fm:
-        out["file_metadata"] = _file_metadata(fm)
+        out["file_metadata"] = file_metadata(fm)
         out["model_size"] = format_size(fm["size_bytes"])
     return out
 

@@ -2,9 +2,10 @@
 
 from aiohttp import web
 
-from . import health, models
+from . import files, health, models
 
 
 def setup_routes(app: web.Application) -> None:
     health.setup(app)
+    files.setup(app)
     models.setup(app)

@@ -17,7 +17,7 @@ def _not_found(model_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no model with id {model_id}")
 
 
-async def _model_or_404(request: web.Request) -> dict:
+async def model_or_404(request: web.Request) -> dict:
     model_id = validation.model_id(request.match_info["id"])
     doc = await request.app[STORAGE].get_model(model_id)
     if doc is None:
@@ -25,7 +25,7 @@ async def _model_or_404(request: web.Request) -> dict:
     return doc
 
 
-def _created(doc: dict) -> web.Response:
+def created(doc: dict) -> web.Response:
     return json_response(
         {
             "success": True,
@@ -40,9 +40,13 @@ def _created(doc: dict) -> web.Response:
 
 
 async def register(request: web.Request) -> web.Response:
+    if request.content_type.startswith("multipart/"):
+        from .files import register_with_file
+
+        return await register_with_file(request)
     fields = validation.registration(await read_json_object(request))
     doc = await registry.create(request.app[STORAGE], fields)
-    return _created(doc)
+    return created(doc)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -55,7 +59,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return json_response(views.full(await _model_or_404(request)))
+    return json_response(views.full(await model_or_404(request)))
 
 
 async def update_model(request: web.Request) -> web.Response:
@@ -85,21 +89,22 @@ async def delete_model(request: web.Request) -> web.Response:
 
 
 async def create_version(request: web.Request) -> web.Response:
-    source = await _model_or_404(request)
+    source = await model_or_404(request)
     updates = validation.new_version(await read_json_object(request))
     fields = registry.new_version_fields(source, updates)
     doc = await registry.create(request.app[STORAGE], fields, parent_id=source["id"])
-    return _created(doc)
+    return created(doc)
 
 
 async def list_versions(request: web.Request) -> web.Response:
-    source = await _model_or_404(request)
+    source = await model_or_404(request)
     docs = await request.app[STORAGE].models_named(source["name"])
     docs.sort(key=lambda d: versions.key(d["version"]), reverse=True)
     return json_response({"name": source["name"], "versions": [views.summary(d) for d in docs]})
 
 
-async def by_name(request: web.Request) -> web.Response:
+async def named_model_or_404(request: web.Request) -> dict:
+    """The latest version of {name}, or the one ``?version=`` asks for."""
     name = validation.model_name(request.match_info["name"])
     wanted = validation.version_param(request.query.get("version"))
     storage = request.app[STORAGE]
@@ -110,7 +115,11 @@ async def by_name(request: web.Request) -> web.Response:
     if doc is None:
         what = f"{name} {wanted}" if wanted else name
         raise ApiError(404, "not_found", f"no model named {what}")
-    return json_response(views.full(doc))
+    return doc
+
+
+async def by_name(request: web.Request) -> web.Response:
+    return json_response(views.full(await named_model_or_404(request)))
 
 
 def setup(app: web.Application) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, AsyncIterator
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DOWNLOAD_HISTORY",
     "DuplicateModel",
     "FileMissing",
     "FileWriter",
@@ -34,6 +35,9 @@ __all__ = [
 # GridFS's standard chunk size; the embedded backend reports the same figure
 # so that file metadata looks alike on both.
 DEFAULT_CHUNK_SIZE = 255 * 1024
+
+# How long hourly download tallies are kept (analytics look back a day).
+DOWNLOAD_HISTORY = timedelta(days=30)
 
 
 class StorageError(Exception):
@@ -157,8 +161,19 @@ class Storage(abc.ABC):
     async def get_model(self, model_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def update_model(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """Set top-level fields; return the updated document, None if absent."""
+    async def update_model(
+        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
+    ) -> dict[str, Any] | None:
+        """Set top-level fields (None removes one) in one atomic step.
+
+        Returns the updated document, or with ``return_previous`` the document
+        as it was just before (so a caller swapping a file learns which file it
+        replaced, even when uploads race); None if there is no such model.
+        """
+
+    @abc.abstractmethod
+    async def record_download(self, model_id: str, at: datetime) -> None:
+        """Count one download: the model's download_count, and an hourly tally."""
 
     @abc.abstractmethod
     async def delete_model(self, model_id: str) -> dict[str, Any] | None:
@@ -181,8 +196,13 @@ class Storage(abc.ABC):
         """A writer for new content; use it as ``async with`` so errors cancel."""
 
     @abc.abstractmethod
-    def read_file(self, file_id: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        """Yield the bytes of [offset, offset+length) in order; FileMissing if absent."""
+    def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the bytes of [offset, offset+length) in order.
+
+        Takes the StoredFile the caller already holds (from the model's
+        file_metadata or file_info) so a read costs no extra lookup. Raises
+        FileMissing when the content is gone or shorter than recorded.
+        """
 
     @abc.abstractmethod
     async def file_info(self, file_id: str) -> StoredFile | None: ...

@@ -21,9 +21,11 @@ import orjson
 from bson import ObjectId
 
 from ..clock import iso, now, parse_iso
+from datetime import datetime
 
 from .base import (
     DEFAULT_CHUNK_SIZE,
+    DOWNLOAD_HISTORY,
     DuplicateModel,
     FileMissing,
     FileWriter,
@@ -53,6 +55,10 @@ CREATE INDEX IF NOT EXISTS models_algorithm_status_created ON models (algorithm,
 CREATE INDEX IF NOT EXISTS models_created ON models (created_at DESC);
 CREATE INDEX IF NOT EXISTS models_downloads ON models (download_count DESC);
 CREATE INDEX IF NOT EXISTS models_file ON models (file_id);
+CREATE TABLE IF NOT EXISTS download_hours (
+    hour TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS files (
     file_id TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL UNIQUE,
@@ -184,7 +190,7 @@ class EmbeddedStorage(Storage):
     async def get_model(self, model_id: str) -> dict[str, Any] | None:
         return await self._run(self._get, model_id)
 
-    def _update(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    def _update(self, model_id: str, fields: dict[str, Any], return_previous: bool) -> dict[str, Any] | None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -192,6 +198,7 @@ class EmbeddedStorage(Storage):
             if doc is None:
                 db.execute("ROLLBACK")
                 return None
+            previous = dict(doc)
             for key, value in fields.items():
                 if value is None:
                     doc.pop(key, None)
@@ -204,13 +211,34 @@ class EmbeddedStorage(Storage):
                  _encode_doc(doc), model_id),
             )
             db.execute("COMMIT")
-            return doc
+            return previous if return_previous else doc
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def update_model(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        return await self._run(self._update, model_id, fields)
+    async def update_model(
+        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
+    ) -> dict[str, Any] | None:
+        return await self._run(self._update, model_id, fields, return_previous)
+
+    def _record_download(self, model_id: str, at: datetime) -> None:
+        db = self._db
+        hour = iso(at.replace(minute=0, second=0, microsecond=0))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE models SET download_count = download_count + 1 WHERE id = ?", (model_id,))
+            bumped = db.execute("UPDATE download_hours SET count = count + 1 WHERE hour = ?", (hour,)).rowcount
+            if not bumped:
+                db.execute("INSERT INTO download_hours (hour, count) VALUES (?, 1)", (hour,))
+                # A new hour: prune the old ones, so the tally stays bounded.
+                db.execute("DELETE FROM download_hours WHERE hour < ?", (iso(at - DOWNLOAD_HISTORY),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def record_download(self, model_id: str, at: datetime) -> None:
+        await self._run(self._record_download, model_id, at)
 
     def _delete(self, model_id: str) -> dict[str, Any] | None:
         row = self._db.execute("DELETE FROM models WHERE id = ? RETURNING *", (model_id,)).fetchone()
@@ -343,15 +371,12 @@ class EmbeddedStorage(Storage):
     async def release_file(self, file_id: str) -> bool:
         return await self._run(self._release, file_id) is not None
 
-    async def read_file(self, file_id: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        info = await self.file_info(file_id)
-        if info is None:
-            raise FileMissing(f"file {file_id} is not stored")
-        end = info.size if length is None else min(info.size, offset + length)
+    async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        end = file.size if length is None else min(file.size, offset + length)
         try:
-            f = await asyncio.to_thread(open, self.blob_path(info.sha256), "rb", buffering=0)
+            f = await asyncio.to_thread(open, self.blob_path(file.sha256), "rb", buffering=0)
         except FileNotFoundError as e:
-            raise FileMissing(f"content of file {file_id} is missing") from e
+            raise FileMissing(f"content of file {file.file_id} is missing") from e
         try:
             pos = offset
             if pos:
@@ -359,7 +384,7 @@ class EmbeddedStorage(Storage):
             while pos < end:
                 data = await asyncio.to_thread(f.read, min(_READ_SIZE, end - pos))
                 if not data:
-                    raise FileMissing(f"content of file {file_id} is shorter than recorded")
+                    raise FileMissing(f"content of file {file.file_id} is shorter than recorded")
                 pos += len(data)
                 yield data
         finally:
@@ -372,15 +397,22 @@ class _EmbeddedWriter(FileWriter):
         self._store = store
         self._path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
         self._file = None
+        # Network reads arrive in small pieces; one thread hop per MiB, not per piece.
+        self._buffer = bytearray()
 
     async def _write(self, data: bytes) -> None:
-        if self._file is None:
-            self._file = await asyncio.to_thread(open, self._path, "xb")
-        await asyncio.to_thread(self._file.write, data)
+        self._buffer += data
+        if len(self._buffer) >= _READ_SIZE:
+            await asyncio.to_thread(self._write_buffer)
 
-    def _finish_file(self) -> None:
+    def _write_buffer(self) -> None:
         if self._file is None:
             self._file = open(self._path, "xb")
+        self._file.write(self._buffer)
+        self._buffer.clear()
+
+    def _finish_file(self) -> None:
+        self._write_buffer()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -397,6 +429,7 @@ class _EmbeddedWriter(FileWriter):
 
     async def _cancel(self) -> None:
         def discard() -> None:
+            self._buffer.clear()
             if self._file is not None:
                 self._file.close()
             self._path.unlink(missing_ok=True)

@@ -12,12 +12,12 @@ first chunk a byte range needs instead of reading from the start to seek.
 from __future__ import annotations
 
 import re
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
     ConnectionFailure,
@@ -30,6 +30,7 @@ from pymongo.errors import (
 from ..clock import now
 from .base import (
     DEFAULT_CHUNK_SIZE,
+    DOWNLOAD_HISTORY,
     DuplicateModel,
     FileMissing,
     FileWriter,
@@ -108,6 +109,7 @@ class MongoStorage(Storage):
         self.models = self.db["models"]
         self.files = self.db[f"{bucket}.files"]
         self.chunks = self.db[f"{bucket}.chunks"]
+        self.downloads = self.db["download_hours"]
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -158,7 +160,9 @@ class MongoStorage(Storage):
         return _from_mongo(raw) if raw else None
 
     @_guard
-    async def update_model(self, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    async def update_model(
+        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
+    ) -> dict[str, Any] | None:
         oid = _oid(model_id)
         if oid is None:
             return None
@@ -172,8 +176,20 @@ class MongoStorage(Storage):
             update["$unset"] = to_unset
         if not update:
             return await self.get_model(model_id)
-        raw = await self.models.find_one_and_update({"_id": oid}, update, return_document=True)
+        raw = await self.models.find_one_and_update(
+            {"_id": oid}, update, return_document=ReturnDocument.BEFORE if return_previous else ReturnDocument.AFTER
+        )
         return _from_mongo(raw) if raw else None
+
+    @_guard
+    async def record_download(self, model_id: str, at: datetime) -> None:
+        await self.models.update_one({"_id": ObjectId(model_id)}, {"$inc": {"download_count": 1}})
+        # One document per hour, bounded whatever the traffic. Old hours are
+        # pruned when a new one starts (not with a TTL index: FerretDB lacks them).
+        hour = at.replace(minute=0, second=0, microsecond=0)
+        result = await self.downloads.update_one({"_id": hour}, {"$inc": {"count": 1}}, upsert=True)
+        if result.upserted_id is not None:
+            await self.downloads.delete_many({"_id": {"$lt": hour - DOWNLOAD_HISTORY}})
 
     @_guard
     async def delete_model(self, model_id: str) -> dict[str, Any] | None:
@@ -243,17 +259,16 @@ class MongoStorage(Storage):
         await self.chunks.delete_many({"files_id": oid})
         return result.deleted_count == 1
 
-    async def read_file(self, file_id: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        info = await self.file_info(file_id)
-        if info is None:
-            raise FileMissing(f"file {file_id} is not stored")
-        end = info.size if length is None else min(info.size, offset + length)
+    async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        end = file.size if length is None else min(file.size, offset + length)
         if offset >= end:
             return
-        cs = info.chunk_size
+        cs = file.chunk_size
         first, last = offset // cs, (end - 1) // cs
+        # One cursor from the first chunk the range needs; small batches bound
+        # the memory each download holds.
         cursor = self.chunks.find(
-            {"files_id": ObjectId(file_id), "n": {"$gte": first, "$lte": last}},
+            {"files_id": ObjectId(file.file_id), "n": {"$gte": first, "$lte": last}},
             sort=[("n", ASCENDING)],
             batch_size=max(1, _READ_BATCH_BYTES // cs),
         )
@@ -261,14 +276,14 @@ class MongoStorage(Storage):
         try:
             async for chunk in cursor:
                 if chunk["n"] != expected:
-                    raise FileMissing(f"file {file_id}: chunk {expected} is missing")
+                    raise FileMissing(f"file {file.file_id}: chunk {expected} is missing")
                 data = chunk["data"]
                 lo = offset - expected * cs if expected == first else 0
                 hi = end - expected * cs if expected == last else len(data)
                 expected += 1
-                yield bytes(data[lo:hi]) if (lo or hi != len(data)) else bytes(data)
+                yield data[lo:hi] if (lo or hi != len(data)) else data
             if expected != last + 1:
-                raise FileMissing(f"file {file_id}: chunk {expected} is missing")
+                raise FileMissing(f"file {file.file_id}: chunk {expected} is missing")
         except _UNAVAILABLE as e:
             raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
         finally:

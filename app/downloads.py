@@ -1,0 +1,143 @@
+"""Sending a model file the way nginx sends a static file, plus checksum headers.
+
+Ranges, conditional requests and HEAD follow RFC 9110. The body is streamed
+from the storage reader through ``prefetch`` (the next chunk is read while the
+previous one is written), so memory per download stays a few chunks whatever
+the file size. If the store fails mid-body the connection is aborted: the
+client sees fewer bytes than Content-Length promised, never a short response
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from . import clock, preconditions, ranges
+from .http import ApiError, error_response
+from .storage.base import FileMissing, Storage, StorageUnavailable, StoredFile
+from .streaming import prefetch
+
+log = logging.getLogger("app.downloads")
+
+
+def stored_file(doc: dict[str, Any]) -> StoredFile:
+    fm = doc.get("file_metadata")
+    if not fm:
+        raise ApiError(404, "no_file", f"model {doc['id']} has no file uploaded yet")
+    return StoredFile(fm["file_id"], fm["size_bytes"], fm["checksum"].removeprefix("sha256:"),
+                      fm["chunk_size"], fm["uploaded_at"])
+
+
+def _header_text(value: str) -> str:
+    # Header values are ASCII on the wire; anything else is percent-encoded.
+    return value if value.isascii() and value.isprintable() else quote(value, safe="")
+
+
+def content_disposition(filename: str) -> str:
+    fallback = "".join(c if c.isascii() and c.isprintable() else "_" for c in filename)
+    fallback = fallback.replace("\\", "\\\\").replace('"', '\\"')
+    value = f'attachment; filename="{fallback}"'
+    if not filename.isascii():
+        value += f"; filename*=UTF-8''{quote(filename, safe='')}"
+    return value
+
+
+def file_headers(doc: dict[str, Any], f: StoredFile) -> dict[str, str]:
+    digest = base64.b64encode(bytes.fromhex(f.sha256)).decode()
+    return {
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": content_disposition(doc["file_metadata"]["filename"]),
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{f.sha256}"',
+        "Last-Modified": preconditions.http_date(f.uploaded_at),
+        "X-Model-Id": doc["id"],
+        "X-Model-Name": doc["name"],
+        "X-Model-Algorithm": _header_text(doc["algorithm"]),
+        "X-Model-Version": doc["version"],
+        "X-File-Checksum": f"sha256:{f.sha256}",
+        "Repr-Digest": f"sha-256=:{digest}:",
+    }
+
+
+# Headers a 304 repeats (RFC 9110 section 15.4.5), so caches can refresh.
+_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest")
+
+
+async def send(request: web.Request, storage: Storage, doc: dict[str, Any]) -> web.StreamResponse:
+    f = stored_file(doc)
+    headers = file_headers(doc, f)
+    etag = headers["ETag"]
+
+    decided = preconditions.evaluate(request.headers, etag, f.uploaded_at)
+    if decided == preconditions.NOT_MODIFIED:
+        return web.Response(status=304, headers={k: headers[k] for k in _NOT_MODIFIED_HEADERS})
+    if decided == preconditions.PRECONDITION_FAILED:
+        return error_response(412, "precondition_failed", "the file does not match the request's preconditions",
+                              {"ETag": etag})
+
+    wanted = None
+    # Range is defined for GET only; HEAD answers as a GET without Range would.
+    if request.method == "GET" and preconditions.if_range_allows(request.headers, etag, f.uploaded_at):
+        try:
+            wanted = ranges.parse(request.headers.get("Range"), f.size)
+        except ranges.Unsatisfiable as e:
+            return error_response(416, "range_not_satisfiable", f"{e} (file size {f.size})",
+                                  {"Content-Range": f"bytes */{f.size}", "Accept-Ranges": "bytes"})
+
+    # The body as (preamble, offset, count) pieces of file, then a trailer.
+    trailer = b""
+    if wanted is None:
+        status, parts = 200, [(b"", 0, f.size)]
+    elif len(wanted) == 1:
+        r = wanted[0]
+        status, parts = 206, [(b"", r.start, r.length)]
+        headers["Content-Range"] = r.content_range(f.size)
+    else:
+        boundary = secrets.token_hex(16)
+        headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+        status = 206
+        parts = [(_part_header(boundary, r, f.size), r.start, r.length) for r in wanted]
+        trailer = f"\r\n--{boundary}--\r\n".encode()
+    length = sum(len(pre) + count for pre, _, count in parts) + len(trailer)
+
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    if request.method == "HEAD":
+        await response.prepare(request)
+        return response
+
+    # A response that carries byte 0 is a download; later ranges resume one.
+    if wanted is None or any(r.start == 0 for r in wanted):
+        await storage.record_download(doc["id"], clock.now())
+
+    await response.prepare(request)
+    try:
+        for preamble, offset, count in parts:
+            if preamble:
+                await response.write(preamble)
+            if count:
+                async for piece in prefetch(storage.read_file(f, offset, count)):
+                    await response.write(piece)
+        if trailer:
+            await response.write(trailer)
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError) as e:
+        # The client went away; prefetch has already closed the reader.
+        log.debug("client left download of %s: %s", doc["id"], e)
+    except (StorageUnavailable, FileMissing) as e:
+        log.error("download of model %s aborted mid-body: %s", doc["id"], e)
+        # Abort, not close: the client must see a truncated body, not a complete one.
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
+def _part_header(boundary: str, r: ranges.ByteRange, size: int) -> bytes:
+    return (f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Range: {r.content_range(size)}\r\n\r\n").encode()

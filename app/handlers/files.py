@@ -1,0 +1,132 @@
+"""Model files: upload, download (by id or by name), and file info."""
+
+from __future__ import annotations
+
+import math
+
+from aiohttp import web
+
+from .. import downloads, registry, uploads, validation
+from ..http import ApiError, json_response, parse_json_object, read_limited
+from ..keys import SETTINGS, STORAGE
+from ..views import file_metadata
+from .models import PREFIX, created, model_or_404, named_model_or_404
+
+
+async def _receive(request: web.Request) -> uploads.Received:
+    """Stream the request's file (raw body or multipart ``file`` part) into the store."""
+    settings, storage = request.app[SETTINGS], request.app[STORAGE]
+    uploads.check_declared_length(request, settings.max_file_size)
+    sha256 = uploads.expected_checksum(request)
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name == "file":
+                filename = uploads.clean_filename(part.filename)
+                content_type = part.headers.get("Content-Type", "application/octet-stream")
+                stored = await uploads.store_stream(storage, uploads.part_pieces(part), settings.max_file_size, sha256)
+                return uploads.Received(stored, filename or "", content_type)
+            await part.release()
+        raise ApiError(400, "missing_file", "multipart body has no 'file' part")
+    filename = uploads.raw_body_filename(request)
+    stored = await uploads.store_stream(storage, request.content.iter_any(), settings.max_file_size, sha256)
+    content_type = request.headers.get("Content-Type") or "application/octet-stream"
+    return uploads.Received(stored, filename or "", content_type)
+
+
+async def attach(request: web.Request, doc: dict, received: uploads.Received) -> dict:
+    """Point the model at its new file, then release whatever file it had before."""
+    storage = request.app[STORAGE]
+    if not received.filename:
+        received = uploads.Received(received.stored, f"{doc['name']}-{doc['version']}.bin", received.content_type)
+    fm = uploads.file_metadata(received, doc.get("format"))
+    previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
+                                          return_previous=True)
+    if previous is None:
+        # The model was deleted while its file was uploading.
+        await storage.release_file(received.stored.file_id)
+        raise ApiError(404, "not_found", f"no model with id {doc['id']}")
+    old = previous.get("file_metadata")
+    if old and old["file_id"] != fm["file_id"]:
+        await storage.release_file(old["file_id"])
+    return fm
+
+
+def _upload_answer(model_id: str, fm: dict) -> web.Response:
+    return json_response({"success": True, "model_id": model_id, "file_metadata": file_metadata(fm)}, status=201)
+
+
+async def upload(request: web.Request) -> web.Response:
+    doc = await model_or_404(request)
+    received = await _receive(request)
+    fm = await attach(request, doc, received)
+    return _upload_answer(doc["id"], fm)
+
+
+async def register_with_file(request: web.Request) -> web.Response:
+    """POST /api/v1/models as multipart: a ``metadata`` JSON part and a ``file`` part.
+
+    Either order works. The model is created only once both parts have
+    arrived intact; if anything fails, the stored file is released again.
+    """
+    settings, storage = request.app[SETTINGS], request.app[STORAGE]
+    uploads.check_declared_length(request, settings.max_file_size)
+    sha256 = uploads.expected_checksum(request)
+    fields = received = None
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name == "metadata" and fields is None:
+                raw = await read_limited(part.read_chunk, "metadata part")
+                fields = validation.registration(parse_json_object(raw))
+            elif part.name == "file" and received is None:
+                filename = uploads.clean_filename(part.filename)
+                content_type = part.headers.get("Content-Type", "application/octet-stream")
+                stored = await uploads.store_stream(storage, uploads.part_pieces(part), settings.max_file_size,
+                                                    sha256)
+                received = uploads.Received(stored, filename or "", content_type)
+            else:
+                await part.release()
+        if fields is None:
+            raise ApiError(400, "missing_metadata", "multipart registration needs a 'metadata' JSON part")
+        if received is None:
+            raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
+        if not received.filename:
+            received = uploads.Received(received.stored, f"{fields['name']}.bin", received.content_type)
+        fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"))
+        doc = await registry.create(storage, fields)
+    except BaseException:
+        if received is not None:
+            await storage.release_file(received.stored.file_id)
+        raise
+    return created(doc)
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    return await downloads.send(request, request.app[STORAGE], await model_or_404(request))
+
+
+async def download_by_name(request: web.Request) -> web.StreamResponse:
+    return await downloads.send(request, request.app[STORAGE], await named_model_or_404(request))
+
+
+async def info(request: web.Request) -> web.Response:
+    doc = await model_or_404(request)
+    f = downloads.stored_file(doc)
+    fm = doc["file_metadata"]
+    return json_response({
+        "model_id": doc["id"],
+        **file_metadata(fm),
+        "chunk_count": math.ceil(f.size / f.chunk_size),
+        "download_url": f"{PREFIX}/{doc['id']}/download",
+    })
+
+
+def setup(app: web.Application) -> None:
+    expect = uploads.expect_handler(app[SETTINGS].max_file_size)
+    r = app.router
+    r.add_get(PREFIX + "/by-name/{name}/download", download_by_name)
+    for method in ("POST", "PUT"):
+        r.add_route(method, PREFIX + "/{id}/upload", upload, expect_handler=expect)
+    r.add_get(PREFIX + "/{id}/download", download)
+    r.add_get(PREFIX + "/{id}/info", info)

@@ -1,0 +1,76 @@
+"""Conditional requests (RFC 9110 section 13) for a file with a strong ETag."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from email.utils import format_datetime, parsedate_to_datetime
+
+NOT_MODIFIED = 304
+PRECONDITION_FAILED = 412
+
+
+def http_date(t: datetime) -> str:
+    return format_datetime(t.replace(microsecond=0), usegmt=True)
+
+
+def parse_http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        t = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def _tags(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def _opaque(tag: str) -> str:
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def _strong_match(header: str, etag: str) -> bool:
+    return any(t == "*" or (not t.startswith("W/") and t == etag) for t in _tags(header))
+
+
+def _weak_match(header: str, etag: str) -> bool:
+    return any(t == "*" or _opaque(t) == etag for t in _tags(header))
+
+
+def evaluate(headers, etag: str, last_modified: datetime) -> int | None:
+    """304 or 412 when a precondition decides the answer, else None.
+
+    Follows the order of RFC 9110 section 13.2.2 for GET and HEAD.
+    """
+    modified = last_modified.replace(microsecond=0)
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not _strong_match(if_match, etag):
+            return PRECONDITION_FAILED
+    else:
+        since = parse_http_date(headers.get("If-Unmodified-Since"))
+        if since is not None and modified > since:
+            return PRECONDITION_FAILED
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        if _weak_match(if_none_match, etag):
+            return NOT_MODIFIED
+    else:
+        since = parse_http_date(headers.get("If-Modified-Since"))
+        if since is not None and modified <= since:
+            return NOT_MODIFIED
+    return None
+
+
+def if_range_allows(headers, etag: str, last_modified: datetime) -> bool:
+    """Whether a Range header may be honoured, given If-Range (section 13.1.5)."""
+    value = headers.get("If-Range")
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith('"') or value.startswith("W/"):
+        return value == etag  # strong comparison; a weak tag never matches
+    since = parse_http_date(value)
+    return since is not None and since == last_modified.replace(microsecond=0)
