@@ -61,6 +61,10 @@ def parse(header: str | None, size: int) -> list[ByteRange] | None:
             suffix = int(last)
             if suffix == 0:
                 continue
+            if size == 0:
+                # Satisfiable (RFC 9110 14.1.1) yet selecting no bytes, which
+                # Content-Range cannot express: answer with the whole, empty file.
+                return None
             wanted.append(ByteRange(max(0, size - suffix), size - 1))
             continue
         start = int(first)

@@ -1,14 +1,17 @@
 """Registry operations that span several storage calls: numbering versions.
 
-Version numbers are computed from the name's latest version, so two clients
-registering the same name at once can pick the same number; the unique
-(name, version) index turns the loser into DuplicateModel and it simply
-numbers again.
+Version numbers are computed from the name's latest version. Within one
+process, registrations of the same name take turns (a lock per name), so they
+never race each other; across processes two can still pick the same number,
+and the unique (name, version) index turns the loser into DuplicateModel,
+which numbers again.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+from weakref import WeakValueDictionary
 
 from bson import ObjectId
 
@@ -17,6 +20,14 @@ from .http import ApiError
 from .storage.base import DuplicateModel, Storage
 
 _NUMBERING_ATTEMPTS = 8
+_name_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+
+
+def _lock_for(name: str) -> asyncio.Lock:
+    lock = _name_locks.get(name)
+    if lock is None:
+        lock = _name_locks[name] = asyncio.Lock()
+    return lock
 
 
 async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
@@ -30,7 +41,11 @@ async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None
     With ``parent_id`` it is a new version of that model; otherwise its parent
     is the name's latest version, if there is one.
     """
-    fields = dict(fields)
+    async with _lock_for(fields["name"]):
+        return await _create(storage, dict(fields), parent_id)
+
+
+async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | None) -> dict[str, Any]:
     explicit = fields.pop("version", None)
     breaking = fields.pop("breaking_changes", False)
     for _ in range(_NUMBERING_ATTEMPTS):
