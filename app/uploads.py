@@ -130,12 +130,13 @@ async def part_pieces(part: BodyPartReader) -> AsyncIterator[bytes]:
         yield piece
 
 
-def file_metadata(received: Received, format_hint: str | None) -> dict:
+def file_metadata(received: Received, format_hint: str | None, default_name: str) -> dict:
+    """The model's file_metadata; format is the model's, else the file name's extension."""
     stored = received.stored
     ext = os.path.splitext(received.filename)[1].lstrip(".").lower()
     return {
         "file_id": stored.file_id,
-        "filename": received.filename,
+        "filename": received.filename or default_name,
         "size_bytes": stored.size,
         "checksum": f"sha256:{stored.sha256}",
         "format": format_hint or ext or None,

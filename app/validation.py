@@ -17,7 +17,7 @@ from .http import ApiError
 from .storage.base import ModelQuery
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-NAME_RULE = "name must be 1-100 characters of A-Z, a-z, 0-9, '_', '.' and '-'"
+NAME_RULE = "must be 1-100 characters of A-Z, a-z, 0-9, '_', '.' and '-'"
 STATUSES = ("active", "deprecated", "archived")
 MUTABLE_FIELDS = ("hyperparameters", "metrics", "dataset_info", "tags", "status", "description")
 IMMUTABLE_FIELDS = ("id", "_id", "name", "version", "created_at", "updated_at", "download_count",
@@ -170,7 +170,7 @@ def model_id(value: str) -> str:
 
 def model_name(value: str) -> str:
     if not NAME_RE.match(value):
-        raise ApiError(400, "validation_error", NAME_RULE)
+        raise ApiError(400, "validation_error", f"name {NAME_RULE}")
     return value
 
 

@@ -37,9 +37,7 @@ async def _receive(request: web.Request) -> uploads.Received:
 async def attach(request: web.Request, doc: dict, received: uploads.Received) -> dict:
     """Point the model at its new file, then release whatever file it had before."""
     storage = request.app[STORAGE]
-    if not received.filename:
-        received = uploads.Received(received.stored, f"{doc['name']}-{doc['version']}.bin", received.content_type)
-    fm = uploads.file_metadata(received, doc.get("format"))
+    fm = uploads.file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
     previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
                                           return_previous=True)
     if previous is None:
@@ -91,9 +89,7 @@ async def register_with_file(request: web.Request) -> web.Response:
             raise ApiError(400, "missing_metadata", "multipart registration needs a 'metadata' JSON part")
         if received is None:
             raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
-        if not received.filename:
-            received = uploads.Received(received.stored, f"{fields['name']}.bin", received.content_type)
-        fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"))
+        fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"), fields["name"])
         doc = await registry.create(storage, fields)
     except BaseException:
         if received is not None:
