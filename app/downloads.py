@@ -20,7 +20,8 @@ from aiohttp import web
 
 from . import clock, preconditions, ranges
 from .http import ApiError, error_response
-from .storage.base import FileMissing, Storage, StorageUnavailable, StoredFile
+from .keys import LEASES, STORAGE
+from .storage.base import FileMissing, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
@@ -69,7 +70,8 @@ def file_headers(doc: dict[str, Any], f: StoredFile) -> dict[str, str]:
 _NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest")
 
 
-async def send(request: web.Request, storage: Storage, doc: dict[str, Any]) -> web.StreamResponse:
+async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
+    storage, leases = request.app[STORAGE], request.app[LEASES]
     f = stored_file(doc)
     headers = file_headers(doc, f)
     etag = headers["ETag"]
@@ -118,15 +120,16 @@ async def send(request: web.Request, storage: Storage, doc: dict[str, Any]) -> w
 
     await response.prepare(request)
     try:
-        for preamble, offset, count in parts:
-            if preamble:
-                await response.write(preamble)
-            if count:
-                async for piece in prefetch(storage.read_file(f, offset, count)):
-                    await response.write(piece)
-        if trailer:
-            await response.write(trailer)
-        await response.write_eof()
+        async with leases.reading(f.file_id):
+            for preamble, offset, count in parts:
+                if preamble:
+                    await response.write(preamble)
+                if count:
+                    async for piece in prefetch(storage.read_file(f, offset, count)):
+                        await response.write(piece)
+            if trailer:
+                await response.write(trailer)
+            await response.write_eof()
     except (ConnectionResetError, ConnectionError) as e:
         # The client went away; prefetch has already closed the reader.
         log.debug("client left download of %s: %s", doc["id"], e)

@@ -3,7 +3,9 @@
 from aiohttp import web
 
 from .config import Settings
+from .leases import FileLeases
 from .storage.base import Storage
 
 SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
+LEASES = web.AppKey("leases", FileLeases)

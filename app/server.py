@@ -11,7 +11,8 @@ from aiohttp import web
 from .config import Settings
 from .handlers import setup_routes
 from .http import error_middleware
-from .keys import SETTINGS, STORAGE
+from .keys import LEASES, SETTINGS, STORAGE
+from .leases import FileLeases
 from .storage import Storage, make_storage
 
 log = logging.getLogger("app")
@@ -22,6 +23,7 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
+    app[LEASES] = FileLeases(app[STORAGE])
     app.cleanup_ctx.append(_storage_lifecycle)
     setup_routes(app)
     _setup_cors(app, settings.cors_origins)
@@ -33,6 +35,7 @@ async def _storage_lifecycle(app: web.Application):
     await storage.open()
     log.info("storage ready: %s", app[SETTINGS].describe())
     yield
+    await app[LEASES].drain()
     await storage.close()
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .. import downloads, registry, uploads, validation
 from ..http import ApiError, json_response, parse_json_object, read_limited
-from ..keys import SETTINGS, STORAGE
+from ..keys import LEASES, SETTINGS, STORAGE
 from ..views import file_metadata
 from .models import PREFIX, created, model_or_404, named_model_or_404
 
@@ -46,7 +46,7 @@ async def attach(request: web.Request, doc: dict, received: uploads.Received) ->
         raise ApiError(404, "not_found", f"no model with id {doc['id']}")
     old = previous.get("file_metadata")
     if old and old["file_id"] != fm["file_id"]:
-        await storage.release_file(old["file_id"])
+        await request.app[LEASES].release(old["file_id"])
     return fm
 
 
@@ -99,11 +99,11 @@ async def register_with_file(request: web.Request) -> web.Response:
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    return await downloads.send(request, request.app[STORAGE], await model_or_404(request))
+    return await downloads.send(request, await model_or_404(request))
 
 
 async def download_by_name(request: web.Request) -> web.StreamResponse:
-    return await downloads.send(request, request.app[STORAGE], await named_model_or_404(request))
+    return await downloads.send(request, await named_model_or_404(request))
 
 
 async def info(request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .. import clock, registry, validation, versions, views
 from ..http import ApiError, json_response, read_json_object
-from ..keys import SETTINGS, STORAGE
+from ..keys import LEASES, SETTINGS, STORAGE
 
 PREFIX = "/api/v1/models"
 
@@ -84,7 +84,7 @@ async def delete_model(request: web.Request) -> web.Response:
     fm = doc.get("file_metadata")
     if fm:
         # Kept while another model still refers to the same content.
-        await storage.release_file(fm["file_id"])
+        await request.app[LEASES].release(fm["file_id"])
     return json_response({"success": True, "message": "Model deleted successfully", "deleted_id": model_id})
 
 
