@@ -19,6 +19,11 @@ def _serve(args: argparse.Namespace) -> int:
         settings = _replace(settings, port=args.port)
     if args.host is not None:
         settings = _replace(settings, host=args.host)
+    if args.workers is not None:
+        if not 1 <= args.workers <= 64:
+            print("model-service: --workers must be between 1 and 64", file=sys.stderr)
+            return 2
+        settings = _replace(settings, workers=args.workers)
     configure_logging(settings.log_level)
     from .server import serve
 
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service (configured by environment variables)")
     serve.add_argument("--host", help="listen address (overrides HOST)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT)")
+    serve.add_argument("--workers", type=int, help="serving processes sharing the port (overrides WORKERS)")
     serve.set_defaults(func=_serve)
     return parser
 

@@ -82,6 +82,10 @@ class Settings:
     # How long start-up waits for MongoDB before giving up, and how long a
     # health check waits before calling the database unreachable.
     mongodb_timeout_ms: int = 5000
+    # GridFS's standard 255 KiB unless the bench argues otherwise.
+    gridfs_chunk_size: int = 255 * 1024
+    # Processes serving one port (SO_REUSEPORT), to use every core.
+    workers: int = 1
 
     @property
     def storage_kind(self) -> str:
@@ -103,6 +107,8 @@ class Settings:
             max_page_size=_int(env, "MAX_PAGE_SIZE", cls.max_page_size, 1, 10_000),
             cors_origins=_origins(env),
             mongodb_timeout_ms=_int(env, "MONGODB_TIMEOUT_MS", cls.mongodb_timeout_ms, 100, 600_000),
+            gridfs_chunk_size=_chunk_size(env),
+            workers=_int(env, "WORKERS", cls.workers, 1, 64),
         )
 
     def describe(self) -> str:
@@ -159,6 +165,14 @@ def _size(env, name, default):
         raise ConfigError(f"{name}: {e}") from None
     if n <= 0:
         raise ConfigError(f"{name} must be greater than zero, got {value!r}")
+    return n
+
+
+def _chunk_size(env):
+    n = _size(env, "GRIDFS_CHUNK_SIZE", Settings.gridfs_chunk_size)
+    # A chunk document must stay well inside MongoDB's 16 MiB document limit.
+    if not 1024 <= n <= 15 * 2**20:
+        raise ConfigError(f"GRIDFS_CHUNK_SIZE must be between 1KiB and 15MiB, got {n} bytes")
     return n
 
 

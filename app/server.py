@@ -55,7 +55,21 @@ def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM on uvloop; raises StorageUnavailable if the store is unreachable."""
+    """Run until SIGINT/SIGTERM; raises StorageUnavailable if the store is unreachable.
+
+    With ``workers > 1`` this process only supervises: it starts that many
+    serving processes, which share the port through SO_REUSEPORT so the kernel
+    spreads connections over every core.
+    """
+    if settings.workers > 1:
+        from .workers import supervise
+
+        supervise(settings, serve_one)
+    else:
+        serve_one(settings)
+
+
+def serve_one(settings: Settings) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
@@ -70,7 +84,7 @@ async def _serve(settings: Settings) -> None:
     app_runner = web.AppRunner(app, access_log=logging.getLogger("app.access"))
     await app_runner.setup()
     try:
-        site = web.TCPSite(app_runner, settings.host, settings.port)
+        site = web.TCPSite(app_runner, settings.host, settings.port, reuse_port=settings.workers > 1)
         await site.start()
         log.info("model-service listening on http://%s:%d", settings.host, settings.port)
         await _wait_for_signal()

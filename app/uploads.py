@@ -19,9 +19,9 @@ from aiohttp import BodyPartReader, web
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from . import clock
-from .config import format_size
+from .config import Settings, format_size
 from .http import MAX_JSON_BYTES, ApiError, error_response
-from .storage.base import DEFAULT_CHUNK_SIZE, Storage, StoredFile
+from .storage.base import Storage, StoredFile
 
 # Multipart bodies carry boundaries and a metadata part besides the file.
 MULTIPART_ALLOWANCE = MAX_JSON_BYTES + 64 * 1024
@@ -105,13 +105,10 @@ def raw_body_filename(request: web.Request) -> str | None:
 
 
 async def store_stream(
-    storage: Storage,
-    pieces: AsyncIterator[bytes],
-    max_file_size: int,
-    sha256: str | None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    storage: Storage, pieces: AsyncIterator[bytes], settings: Settings, sha256: str | None
 ) -> StoredFile:
-    async with storage.file_writer(chunk_size) as writer:
+    max_file_size = settings.max_file_size
+    async with storage.file_writer(settings.gridfs_chunk_size) as writer:
         async for piece in pieces:
             if writer.size + len(piece) > max_file_size:
                 raise too_large(max_file_size)
@@ -120,6 +117,14 @@ async def store_stream(
             raise ApiError(422, "checksum_mismatch",
                            f"uploaded content has sha256 {writer.sha256}, not {sha256} as declared")
         return await writer.commit()
+
+
+async def receive_part(part: BodyPartReader, storage: Storage, settings: Settings, sha256: str | None) -> Received:
+    """Store a multipart ``file`` part."""
+    filename = clean_filename(part.filename)
+    content_type = part.headers.get("Content-Type", "application/octet-stream")
+    stored = await store_stream(storage, part_pieces(part), settings, sha256)
+    return Received(stored, filename or "", content_type)
 
 
 async def part_pieces(part: BodyPartReader) -> AsyncIterator[bytes]:

@@ -96,3 +96,14 @@ def test_serve_exits_with_one_line_naming_the_variable(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "PORT" in lines[0] and "not-a-port" in lines[0]
+
+
+def test_gridfs_chunk_size_and_workers():
+    s = Settings.from_env({"GRIDFS_CHUNK_SIZE": "1MiB", "WORKERS": "2"})
+    assert s.gridfs_chunk_size == 1_048_576 and s.workers == 2
+    assert Settings.from_env({}).gridfs_chunk_size == 255 * 1024
+    for bad in ("100", "16MiB"):
+        with pytest.raises(ConfigError, match="GRIDFS_CHUNK_SIZE"):
+            Settings.from_env({"GRIDFS_CHUNK_SIZE": bad})
+    with pytest.raises(ConfigError, match="WORKERS"):
+        Settings.from_env({"WORKERS": "0"})

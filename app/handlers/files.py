@@ -22,14 +22,11 @@ async def _receive(request: web.Request) -> uploads.Received:
         reader = await request.multipart()
         async for part in reader:
             if part.name == "file":
-                filename = uploads.clean_filename(part.filename)
-                content_type = part.headers.get("Content-Type", "application/octet-stream")
-                stored = await uploads.store_stream(storage, uploads.part_pieces(part), settings.max_file_size, sha256)
-                return uploads.Received(stored, filename or "", content_type)
+                return await uploads.receive_part(part, storage, settings, sha256)
             await part.release()
         raise ApiError(400, "missing_file", "multipart body has no 'file' part")
     filename = uploads.raw_body_filename(request)
-    stored = await uploads.store_stream(storage, request.content.iter_any(), settings.max_file_size, sha256)
+    stored = await uploads.store_stream(storage, request.content.iter_any(), settings, sha256)
     content_type = request.headers.get("Content-Type") or "application/octet-stream"
     return uploads.Received(stored, filename or "", content_type)
 
@@ -78,11 +75,7 @@ async def register_with_file(request: web.Request) -> web.Response:
                 raw = await read_limited(part.read_chunk, "metadata part")
                 fields = validation.registration(parse_json_object(raw))
             elif part.name == "file" and received is None:
-                filename = uploads.clean_filename(part.filename)
-                content_type = part.headers.get("Content-Type", "application/octet-stream")
-                stored = await uploads.store_stream(storage, uploads.part_pieces(part), settings.max_file_size,
-                                                    sha256)
-                received = uploads.Received(stored, filename or "", content_type)
+                received = await uploads.receive_part(part, storage, settings, sha256)
             else:
                 await part.release()
         if fields is None:

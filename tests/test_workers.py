@@ -1,0 +1,57 @@
+"""--workers N: N serving processes on one port, stopped together by SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from tests.support.mongo_server import REPO, free_port
+
+
+def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": str(port), "MONGODB_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--workers", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        # Both workers are up and each one has the port open.
+        deadline = time.monotonic() + 30
+        while True:
+            children = psutil.Process(proc.pid).children()
+            listening = [c for c in children
+                         if any(conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+                                for conn in c.net_connections("tcp"))]
+            if len(listening) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(listening) == 2  # (the other child is multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in listening)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_workers_fail_together_when_the_database_is_unreachable(tmp_path):
+    env = {**os.environ, "MONGODB_URL": f"mongodb://127.0.0.1:{free_port()}/", "MONGODB_TIMEOUT_MS": "1000",
+           "PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "app", "serve", "--workers", "2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot reach MongoDB" in proc.stderr
