@@ -205,10 +205,14 @@ def _str_param(params: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+def limit_param(params: Mapping[str, str], max_page_size: int) -> int:
+    return _int_param(params, "limit", min(10, max_page_size), 1, max_page_size)
+
+
 def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, int, int]:
     """The ModelQuery for GET /api/v1/models, with the page and limit it asked for."""
     page = _int_param(params, "page", 1, 1, 1_000_000)
-    limit = _int_param(params, "limit", min(10, max_page_size), 1, max_page_size)
+    limit = limit_param(params, max_page_size)
 
     sort = params.get("sort", "-created_at")
     desc = sort.startswith("-")

@@ -2,10 +2,12 @@
 
 from aiohttp import web
 
-from . import files, health, models
+from . import analytics, files, health, models
 
 
 def setup_routes(app: web.Application) -> None:
     health.setup(app)
+    # Fixed paths (statistics, popular, ...) before models' /{id}, which would match them.
+    analytics.setup(app)
     files.setup(app)
     models.setup(app)

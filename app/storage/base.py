@@ -26,6 +26,7 @@ __all__ = [
     "FileMissing",
     "FileWriter",
     "ModelQuery",
+    "RegistryStats",
     "Storage",
     "StorageError",
     "StorageUnavailable",
@@ -71,6 +72,20 @@ class ModelQuery:
     sort_desc: bool = True
     skip: int = 0
     limit: int = 10
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    """Aggregates the database computes for /statistics."""
+
+    by_algorithm: dict[str, int]
+    by_status: dict[str, int]
+    total_downloads: int
+    stored_bytes: int  # distinct content, each shared file counted once
+    models_with_files: int
+    model_bytes: int  # per model, a shared file counted for each model
+    added_since: int  # models created at or after `since_added`
+    downloads_since: int  # downloads in hourly buckets at or after `since_downloads`
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def count_models(self) -> int: ...
+
+    @abc.abstractmethod
+    async def statistics(self, since_added: datetime, since_downloads: datetime) -> RegistryStats:
+        """Registry-wide aggregates, computed by the database, not by loading models."""
 
     # -- files -----------------------------------------------------------
     @abc.abstractmethod

@@ -30,6 +30,7 @@ from .base import (
     FileMissing,
     FileWriter,
     ModelQuery,
+    RegistryStats,
     Storage,
     StorageUnavailable,
     StoredFile,
@@ -312,6 +313,32 @@ class EmbeddedStorage(Storage):
 
     async def count_models(self) -> int:
         return await self._run(lambda: self._db.execute("SELECT count(*) FROM models").fetchone()[0])
+
+    def _statistics(self, since_added: datetime, since_downloads: datetime) -> RegistryStats:
+        db = self._db
+        by_algorithm: dict[str, int] = {}
+        by_status: dict[str, int] = {}
+        for algorithm, status, n in db.execute(
+            "SELECT algorithm, status, count(*) FROM models GROUP BY algorithm, status"
+        ):
+            by_algorithm[algorithm] = by_algorithm.get(algorithm, 0) + n
+            by_status[status] = by_status.get(status, 0) + n
+        downloads, with_files, model_bytes = db.execute(
+            "SELECT coalesce(sum(download_count), 0), count(file_id),"
+            " coalesce(sum(CASE WHEN file_id IS NULL THEN 0 ELSE json_extract(doc, '$.file_metadata.size_bytes') END), 0)"
+            " FROM models"
+        ).fetchone()
+        stored = db.execute(
+            "SELECT coalesce(sum(length), 0) FROM files WHERE file_id IN (SELECT file_id FROM models)"
+        ).fetchone()[0]
+        added = db.execute("SELECT count(*) FROM models WHERE created_at >= ?", (iso(since_added),)).fetchone()[0]
+        recent = db.execute(
+            "SELECT coalesce(sum(count), 0) FROM download_hours WHERE hour >= ?", (iso(since_downloads),)
+        ).fetchone()[0]
+        return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added, recent)
+
+    async def statistics(self, since_added: datetime, since_downloads: datetime) -> RegistryStats:
+        return await self._run(self._statistics, since_added, since_downloads)
 
     # -- files ---------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:

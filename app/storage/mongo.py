@@ -11,6 +11,7 @@ first chunk a byte range needs instead of reading from the start to seek.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
@@ -35,6 +36,7 @@ from .base import (
     FileMissing,
     FileWriter,
     ModelQuery,
+    RegistryStats,
     Storage,
     StorageUnavailable,
     StoredFile,
@@ -238,6 +240,41 @@ class MongoStorage(Storage):
     @_guard
     async def count_models(self) -> int:
         return await self.models.count_documents({})
+
+    async def _aggregate_one(self, collection, pipeline: list[dict[str, Any]], field: str) -> int:
+        docs = [d async for d in await collection.aggregate(pipeline)]
+        return docs[0][field] if docs else 0
+
+    @_guard
+    async def statistics(self, since_added: datetime, since_downloads: datetime) -> RegistryStats:
+        # One accumulator per $group: FerretDB (the test server) miscounts
+        # when a $group has several, and real MongoDB runs these from indexes
+        # or small scans either way.
+        has_file = {"$match": {"file_metadata.file_id": {"$exists": True}}}
+        groups, downloads, stored, model_bytes, with_files, added, recent = await asyncio.gather(
+            self.models.aggregate([{"$group": {"_id": {"a": "$algorithm", "s": "$status"}, "n": {"$sum": 1}}}]),
+            self._aggregate_one(self.models, [{"$group": {"_id": None, "n": {"$sum": "$download_count"}}}], "n"),
+            self._aggregate_one(self.models, [
+                has_file,
+                {"$group": {"_id": {"f": "$file_metadata.file_id", "s": "$file_metadata.size_bytes"}}},
+                {"$group": {"_id": None, "n": {"$sum": "$_id.s"}}},
+            ], "n"),
+            self._aggregate_one(self.models, [
+                has_file, {"$group": {"_id": None, "n": {"$sum": "$file_metadata.size_bytes"}}},
+            ], "n"),
+            self.models.count_documents({"file_metadata.file_id": {"$exists": True}}),
+            self.models.count_documents({"created_at": {"$gte": since_added}}),
+            self._aggregate_one(self.downloads, [
+                {"$match": {"_id": {"$gte": since_downloads}}}, {"$group": {"_id": None, "n": {"$sum": "$count"}}},
+            ], "n"),
+        )
+        by_algorithm: dict[str, int] = {}
+        by_status: dict[str, int] = {}
+        async for g in groups:
+            a, st = g["_id"]["a"], g["_id"]["s"]
+            by_algorithm[a] = by_algorithm.get(a, 0) + g["n"]
+            by_status[st] = by_status.get(st, 0) + g["n"]
+        return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added, recent)
 
     # -- files -----------------------------------------------------------
     def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:

@@ -1,0 +1,60 @@
+"""Registry analytics: totals, distributions, storage use, popular and recent models."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from aiohttp import web
+
+from .. import clock, validation, views
+from ..http import json_response
+from ..keys import SETTINGS, STORAGE
+from ..storage.base import ModelQuery
+
+PREFIX = "/api/v1/models"
+
+
+async def statistics(request: web.Request) -> web.Response:
+    now = clock.now()
+    # Hourly buckets: the last 24 of them, this hour included.
+    this_hour = now.replace(minute=0, second=0, microsecond=0)
+    s = await request.app[STORAGE].statistics(now - timedelta(days=7), this_hour - timedelta(hours=23))
+    total = sum(s.by_status.values())
+    return json_response({
+        "total_models": total,
+        "algorithms": dict(sorted(s.by_algorithm.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "status_distribution": {status: s.by_status.get(status, 0) for status in validation.STATUSES},
+        "total_downloads": s.total_downloads,
+        "storage_usage": {
+            "total_size_bytes": s.stored_bytes,
+            "total_size_gb": round(s.stored_bytes / 1e9, 3),
+            "average_model_size_mb": round(s.model_bytes / s.models_with_files / 1e6, 2) if s.models_with_files else 0,
+        },
+        "recent_activity": {
+            "models_added_last_7_days": s.added_since,
+            "downloads_last_24_hours": s.downloads_since,
+        },
+        "timestamp": clock.iso(now),
+    })
+
+
+async def _top(request: web.Request, sort_field: str) -> web.Response:
+    limit = validation.limit_param(request.query, request.app[SETTINGS].max_page_size)
+    docs, _ = await request.app[STORAGE].find_models(ModelQuery(sort_field=sort_field, sort_desc=True, limit=limit))
+    return json_response({"models": [views.summary(d) for d in docs]})
+
+
+async def popular(request: web.Request) -> web.Response:
+    return await _top(request, "download_count")
+
+
+async def recent(request: web.Request) -> web.Response:
+    return await _top(request, "created_at")
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get(PREFIX + "/statistics", statistics)
+    r.add_get("/api/v1/statistics", statistics)
+    r.add_get(PREFIX + "/popular", popular)
+    r.add_get(PREFIX + "/recent", recent)
