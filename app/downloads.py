@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, preconditions, ranges
+from . import clock, metrics, preconditions, ranges
 from .http import ApiError, error_response
 from .keys import LEASES, STORAGE
 from .storage.base import FileMissing, StorageUnavailable, StoredFile
@@ -117,8 +117,11 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
     # A response that carries byte 0 is a download; later ranges resume one.
     if wanted is None or any(r.start == 0 for r in wanted):
         await storage.record_download(doc["id"], clock.now())
+        metrics.DOWNLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
 
     await response.prepare(request)
+    metrics.ACTIVE_DOWNLOADS.inc()
+    sent = 0
     try:
         async with leases.reading(f.file_id):
             for preamble, offset, count in parts:
@@ -127,6 +130,7 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
                 if count:
                     async for piece in prefetch(storage.read_file(f, offset, count)):
                         await response.write(piece)
+                        sent += len(piece)
             if trailer:
                 await response.write(trailer)
             await response.write_eof()
@@ -134,10 +138,14 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
         # The client went away; prefetch has already closed the reader.
         log.debug("client left download of %s: %s", doc["id"], e)
     except (StorageUnavailable, FileMissing) as e:
+        metrics.STORAGE_ERRORS.labels("download").inc()
         log.error("download of model %s aborted mid-body: %s", doc["id"], e)
         # Abort, not close: the client must see a truncated body, not a complete one.
         if request.transport is not None:
             request.transport.abort()
+    finally:
+        metrics.ACTIVE_DOWNLOADS.dec()
+        metrics.DOWNLOAD_BYTES.inc(sent)
     return response
 
 

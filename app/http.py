@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .metrics import STORAGE_ERRORS
 from .storage.base import StorageUnavailable
 
 log = logging.getLogger("app.http")
@@ -94,6 +95,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except ApiError as e:
         return error_response(e.status, e.code, e.message, e.headers)
     except StorageUnavailable as e:
+        STORAGE_ERRORS.labels("request").inc()
         log.warning("storage unavailable during %s %s: %s", request.method, request.path, e)
         return error_response(503, "storage_unavailable", "the model store is unreachable; retry shortly",
                               {"Retry-After": "5"})

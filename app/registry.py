@@ -9,25 +9,18 @@ which numbers again.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
-from weakref import WeakValueDictionary
 
 from bson import ObjectId
 
 from . import clock, versions
 from .http import ApiError
+from .locks import KeyedLocks
+from .metrics import REGISTRATIONS, algorithm_label
 from .storage.base import DuplicateModel, Storage
 
 _NUMBERING_ATTEMPTS = 8
-_name_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
-
-
-def _lock_for(name: str) -> asyncio.Lock:
-    lock = _name_locks.get(name)
-    if lock is None:
-        lock = _name_locks[name] = asyncio.Lock()
-    return lock
+_name_locks = KeyedLocks()
 
 
 async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
@@ -41,7 +34,7 @@ async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None
     With ``parent_id`` it is a new version of that model; otherwise its parent
     is the name's latest version, if there is one.
     """
-    async with _lock_for(fields["name"]):
+    async with _name_locks(fields["name"]):
         return await _create(storage, dict(fields), parent_id)
 
 
@@ -73,6 +66,7 @@ async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | Non
         }
         try:
             await storage.insert_model(doc)
+            REGISTRATIONS.labels(algorithm_label(doc["algorithm"])).inc()
             return doc
         except DuplicateModel:
             if explicit:

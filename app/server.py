@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .config import Settings
 from .handlers import setup_routes
+from .handlers.metrics import metrics_middleware
 from .http import error_middleware
 from .keys import LEASES, SETTINGS, STORAGE
 from .leases import FileLeases
@@ -20,7 +21,8 @@ log = logging.getLogger("app")
 
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
-    app = web.Application(middlewares=[error_middleware])
+    # Metrics outermost, so they see the status the error middleware chose.
+    app = web.Application(middlewares=[metrics_middleware, error_middleware])
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
     app[LEASES] = FileLeases(app[STORAGE])

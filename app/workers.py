@@ -10,8 +10,11 @@ database makes the whole service fail at start-up, as one process would.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -29,6 +32,20 @@ def _worker(settings: Settings, target: Callable[[Settings], None]) -> None:
 
 
 def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
+    # Metrics from every worker go to shared files (prometheus-client's
+    # multiprocess mode); spawned workers inherit the variable.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="model-service-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    try:
+        _run_workers(settings, target)
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, target: Callable[[Settings], None]) -> None:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings, target), name=f"worker-{i}") for i in range(settings.workers)]
     for p in procs:
@@ -54,8 +71,11 @@ def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
                 status = status or p.exitcode
                 stop(signal.SIGTERM, None)
         time.sleep(0.2)
+    from prometheus_client import multiprocess
+
     for p in procs:
         p.join()
+        multiprocess.mark_process_dead(p.pid)
         if p.exitcode and p.exitcode > 0:
             status = status or p.exitcode
     if status:

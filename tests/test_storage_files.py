@@ -27,11 +27,14 @@ async def leftovers(storage) -> dict:
     return {"tmp": tmp, "blobs": blobs}
 
 
-async def store(storage, data: bytes, piece: int = 100_000):
+async def store(storage, data: bytes, piece: int = 100_000, settle: bool = True):
     async with storage.file_writer() as w:
         for i in range(0, len(data), piece):
             await w.write(data[i:i + piece])
-        return await w.commit()
+        stored = await w.commit()
+    if settle:
+        await storage.settle_file(stored.file_id)
+    return stored
 
 
 async def read_all(storage, stored, offset=0, length=None) -> bytes:
@@ -140,3 +143,16 @@ async def test_written_file_readable_by_pymongo_gridfs(storage):
     bucket = AsyncGridFSBucket(storage.db, bucket_name="models")
     stream = await bucket.open_download_stream(ObjectId(stored.file_id))
     assert await stream.read() == data
+
+
+async def test_claimed_content_survives_a_release_until_settled(storage):
+    """A commit's claim protects content that no model refers to yet."""
+    data = os.urandom(1000)
+    first = await store(storage, data)
+    second = await store(storage, data, settle=False)  # deduplicated onto the first, and claimed
+    assert second.file_id == first.file_id
+    assert await storage.release_file(first.file_id) is False
+    assert await read_all(storage, first) == data
+    await storage.settle_file(first.file_id)
+    assert await storage.release_file(first.file_id) is True
+    assert await storage.file_info(first.file_id) is None

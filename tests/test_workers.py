@@ -40,6 +40,17 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):
                 break
             time.sleep(0.2)
         assert len(listening) == 2  # (the other child is multiprocessing's resource tracker)
+
+        # Metrics add up over both workers, whichever one answers the scrape.
+        for i in range(6):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/models", method="POST",
+                                         data=b'{"name": "w%d", "algorithm": "xgb"}' % i)
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert r.status == 201
+        for _ in range(4):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            assert 'model_registrations_total{algorithm="xgb"} 6.0' in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in listening)

@@ -2,11 +2,12 @@
 
 from aiohttp import web
 
-from . import analytics, files, health, models
+from . import analytics, files, health, metrics, models
 
 
 def setup_routes(app: web.Application) -> None:
     health.setup(app)
+    metrics.setup(app)
     # Fixed paths (statistics, popular, ...) before models' /{id}, which would match them.
     analytics.setup(app)
     files.setup(app)

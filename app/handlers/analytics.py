@@ -9,16 +9,20 @@ from aiohttp import web
 from .. import clock, validation, views
 from ..http import json_response
 from ..keys import SETTINGS, STORAGE
-from ..storage.base import ModelQuery
+from ..storage.base import ModelQuery, RegistryStats, Storage
 
 PREFIX = "/api/v1/models"
 
 
-async def statistics(request: web.Request) -> web.Response:
+async def registry_statistics(storage: Storage) -> RegistryStats:
     now = clock.now()
     # Hourly buckets: the last 24 of them, this hour included.
     this_hour = now.replace(minute=0, second=0, microsecond=0)
-    s = await request.app[STORAGE].statistics(now - timedelta(days=7), this_hour - timedelta(hours=23))
+    return await storage.statistics(now - timedelta(days=7), this_hour - timedelta(hours=23))
+
+
+async def statistics(request: web.Request) -> web.Response:
+    s = await registry_statistics(request.app[STORAGE])
     total = sum(s.by_status.values())
     return json_response({
         "total_models": total,
@@ -34,7 +38,7 @@ async def statistics(request: web.Request) -> web.Response:
             "models_added_last_7_days": s.added_since,
             "downloads_last_24_hours": s.downloads_since,
         },
-        "timestamp": clock.iso(now),
+        "timestamp": clock.iso(clock.now()),
     })
 
 

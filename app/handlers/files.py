@@ -6,9 +6,10 @@ import math
 
 from aiohttp import web
 
-from .. import downloads, registry, uploads, validation
+from .. import downloads, metrics, registry, uploads, validation
 from ..http import ApiError, json_response, parse_json_object, read_limited
 from ..keys import LEASES, SETTINGS, STORAGE
+from ..locks import KeyedLocks
 from ..views import file_metadata
 from .models import PREFIX, created, model_or_404, named_model_or_404
 
@@ -31,12 +32,20 @@ async def _receive(request: web.Request) -> uploads.Received:
     return uploads.Received(stored, filename or "", content_type)
 
 
+# Uploads to one model take turns swapping its file in: the swap returns the
+# file it replaced, and that must be exact even on a database whose
+# find-and-modify is not atomic (FerretDB, the test server).
+_model_locks = KeyedLocks()
+
+
 async def attach(request: web.Request, doc: dict, received: uploads.Received) -> dict:
     """Point the model at its new file, then release whatever file it had before."""
     storage = request.app[STORAGE]
     fm = uploads.file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
-    previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
-                                          return_previous=True)
+    async with _model_locks(doc["id"]):
+        previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
+                                              return_previous=True)
+    await storage.settle_file(received.stored.file_id)
     if previous is None:
         # The model was deleted while its file was uploading.
         await storage.release_file(received.stored.file_id)
@@ -55,7 +64,13 @@ async def upload(request: web.Request) -> web.Response:
     doc = await model_or_404(request)
     received = await _receive(request)
     fm = await attach(request, doc, received)
+    count_upload(doc, received)
     return _upload_answer(doc["id"], fm)
+
+
+def count_upload(doc: dict, received: uploads.Received) -> None:
+    metrics.UPLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
+    metrics.UPLOAD_BYTES.inc(received.stored.size)
 
 
 async def register_with_file(request: web.Request) -> web.Response:
@@ -84,10 +99,13 @@ async def register_with_file(request: web.Request) -> web.Response:
             raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
         fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"), fields["name"])
         doc = await registry.create(storage, fields)
+        count_upload(doc, received)
     except BaseException:
         if received is not None:
+            await storage.settle_file(received.stored.file_id)
             await storage.release_file(received.stored.file_id)
         raise
+    await storage.settle_file(received.stored.file_id)
     return created(doc)
 
 

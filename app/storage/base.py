@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, AsyncIterator
 
 __all__ = [
+    "CLAIM_GRACE",
     "DEFAULT_CHUNK_SIZE",
     "DOWNLOAD_HISTORY",
     "DuplicateModel",
@@ -36,6 +37,13 @@ __all__ = [
 # GridFS's standard chunk size; the embedded backend reports the same figure
 # so that file metadata looks alike on both.
 DEFAULT_CHUNK_SIZE = 255 * 1024
+
+# A commit claims the stored content (new, or the copy it deduplicated onto)
+# until its caller has pointed a model at it and calls settle_file(). A release
+# leaves claimed content alone, or a delete of another model sharing the same
+# bytes could remove them in that gap. A claim older than this is abandoned
+# (its uploader crashed); `model-service gc` finds what that leaves.
+CLAIM_GRACE = timedelta(minutes=10)
 
 # How long hourly download tallies are kept (analytics look back a day).
 DOWNLOAD_HISTORY = timedelta(days=30)
@@ -122,7 +130,11 @@ class FileWriter(abc.ABC):
         await self._write(data)
 
     async def commit(self) -> StoredFile:
-        """Make the content readable; identical content is stored only once."""
+        """Make the content readable; identical content is stored only once.
+
+        The result is claimed: call Storage.settle_file() once a model refers
+        to it (or the caller gave up on it).
+        """
         if self._done:
             raise RuntimeError("commit after commit or cancel")
         self._done = True
@@ -227,5 +239,10 @@ class Storage(abc.ABC):
     async def file_info(self, file_id: str) -> StoredFile | None: ...
 
     @abc.abstractmethod
+    async def settle_file(self, file_id: str) -> None:
+        """Drop one claim a commit took on this content."""
+
+    @abc.abstractmethod
     async def release_file(self, file_id: str) -> bool:
-        """Delete stored content unless a model still refers to it; True if deleted."""
+        """Delete stored content unless a model refers to it or a commit's
+        claim on it is unsettled (and younger than CLAIM_GRACE); True if deleted."""

@@ -24,6 +24,7 @@ from ..clock import iso, now, parse_iso
 from datetime import datetime
 
 from .base import (
+    CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
     DuplicateModel,
@@ -65,7 +66,9 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 TEXT NOT NULL UNIQUE,
     length INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL,
-    uploaded_at TEXT NOT NULL
+    uploaded_at TEXT NOT NULL,
+    claims INTEGER NOT NULL DEFAULT 0,
+    claimed_at TEXT
 );
 """
 
@@ -363,18 +366,25 @@ class EmbeddedStorage(Storage):
         target = self.blob_path(sha256)
         if row is not None and target.exists():
             tmp_path.unlink(missing_ok=True)
-            return self._file_row(row["file_id"])
-        target.parent.mkdir(exist_ok=True)
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        else:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp_path, target)
+            _fsync_dir(target.parent)
         if row is not None:
+            self._db.execute("UPDATE files SET claims = claims + 1, claimed_at = ? WHERE file_id = ?",
+                             (iso(now()), row["file_id"]))
             return self._file_row(row["file_id"])
         stored = StoredFile(str(ObjectId()), size, sha256, chunk_size, now())
         self._db.execute(
-            "INSERT INTO files (file_id, sha256, length, chunk_size, uploaded_at) VALUES (?, ?, ?, ?, ?)",
-            (stored.file_id, sha256, size, chunk_size, iso(stored.uploaded_at)),
+            "INSERT INTO files (file_id, sha256, length, chunk_size, uploaded_at, claims, claimed_at)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?)",
+            (stored.file_id, sha256, size, chunk_size, iso(stored.uploaded_at), iso(stored.uploaded_at)),
         )
         return stored
+
+    async def settle_file(self, file_id: str) -> None:
+        await self._run(lambda: self._db.execute(
+            "UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", (file_id,)))
 
     def _release(self, file_id: str) -> str | None:
         db = self._db
@@ -383,7 +393,10 @@ class EmbeddedStorage(Storage):
             if db.execute("SELECT 1 FROM models WHERE file_id = ? LIMIT 1", (file_id,)).fetchone():
                 db.execute("ROLLBACK")
                 return None
-            row = db.execute("DELETE FROM files WHERE file_id = ? RETURNING sha256", (file_id,)).fetchone()
+            row = db.execute(
+                "DELETE FROM files WHERE file_id = ? AND (claims = 0 OR claimed_at < ?) RETURNING sha256",
+                (file_id, iso(now() - CLAIM_GRACE)),
+            ).fetchone()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -30,6 +30,7 @@ from pymongo.errors import (
 
 from ..clock import now
 from .base import (
+    CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
     DuplicateModel,
@@ -112,6 +113,7 @@ class MongoStorage(Storage):
         self.files = self.db[f"{bucket}.files"]
         self.chunks = self.db[f"{bucket}.chunks"]
         self.downloads = self.db["download_hours"]
+        self._content_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -292,9 +294,37 @@ class MongoStorage(Storage):
         if oid is None or await self.models.find_one({"file_metadata.file_id": oid}, {"_id": 1}):
             return False
         # Files document first: from then on no reader can start on the chunks.
-        result = await self.files.delete_one({"_id": oid})
+        # A recent claim means an upload of the same content is about to use it.
+        async with self._content_lock:
+            result = await self.files.delete_one({
+                "_id": oid,
+                "$or": [{"metadata.claims": {"$lte": 0}}, {"metadata.claims": {"$exists": False}},
+                        {"metadata.claimed_at": {"$lt": now() - CLAIM_GRACE}}],
+            })
+        if result.deleted_count != 1:
+            return False
         await self.chunks.delete_many({"files_id": oid})
-        return result.deleted_count == 1
+        return True
+
+    @_guard
+    async def settle_file(self, file_id: str) -> None:
+        oid = _oid(file_id)
+        if oid is not None:
+            async with self._content_lock:
+                await self.files.update_one({"_id": oid, "metadata.claims": {"$gt": 0}},
+                                            {"$inc": {"metadata.claims": -1}})
+
+    async def claim(self, sha256: str) -> dict[str, Any] | None:
+        """The stored copy of this content, claimed (see CLAIM_GRACE), or None."""
+        # The lock makes claim and release take turns within this process, which
+        # a database whose find-and-modify is not atomic (FerretDB) needs; across
+        # processes MongoDB's atomic single-document updates do the same.
+        async with self._content_lock:
+            return await self.files.find_one_and_update(
+                {"metadata.sha256": sha256},
+                {"$inc": {"metadata.claims": 1}, "$set": {"metadata.claimed_at": now()}},
+                return_document=ReturnDocument.AFTER,
+            )
 
     async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         end = file.size if length is None else min(file.size, offset + length)
@@ -369,7 +399,7 @@ class _GridFSWriter(FileWriter):
         try:
             self._cut_chunks(final=True)
             await self._flush()
-            existing = await store.files.find_one({"metadata.sha256": self.sha256})
+            existing = await store.claim(self.sha256)
             if existing is None:
                 files_doc = {
                     "_id": self._files_id,
@@ -377,14 +407,14 @@ class _GridFSWriter(FileWriter):
                     "chunkSize": self.chunk_size,
                     "uploadDate": now(),
                     "filename": self.sha256,
-                    "metadata": {"sha256": self.sha256},
+                    "metadata": {"sha256": self.sha256, "claims": 1, "claimed_at": now()},
                 }
                 try:
                     await store.files.insert_one(files_doc)
                     return _stored_file(files_doc)
                 except DuplicateKeyError:
                     # Someone committed the same content a moment ago.
-                    existing = await store.files.find_one({"metadata.sha256": self.sha256})
+                    existing = await store.claim(self.sha256)
                     if existing is None:
                         raise
             # Same content is already stored: keep that copy, drop ours.

@@ -1,0 +1,79 @@
+"""GET /metrics after real requests: values move as they should, labels stay bounded."""
+
+import os
+
+import pytest
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def scrape(client) -> dict:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_follow_real_requests(client):
+    before = await scrape(client)
+    resp = await client.post("/api/v1/models", json={"name": "m", "algorithm": "XGBoost"})
+    model_id = (await resp.json())["model_id"]
+    data = os.urandom(300_000)
+    resp = await client.put(f"/api/v1/models/{model_id}/upload", data=data)
+    assert resp.status == 201
+    resp = await client.get(f"/api/v1/models/{model_id}/download")
+    assert await resp.read() == data
+    resp = await client.get(f"/api/v1/models/{model_id}/download", headers={"Range": "bytes=100-199"})
+    assert resp.status == 206 and len(await resp.read()) == 100
+    resp = await client.get("/api/v1/models/0123456789abcdef01234567")
+    assert resp.status == 404
+    resp = await client.get("/no/such/path")
+    assert resp.status == 404
+    after = await scrape(client)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("model_registrations_total", algorithm="xgboost") == 1
+    assert delta("model_uploads_total", algorithm="xgboost") == 1
+    assert delta("model_upload_bytes_total") == 300_000
+    assert delta("model_downloads_total", algorithm="xgboost") == 1  # the range does not count
+    assert delta("model_download_bytes_total") == 300_100
+    assert value(after, "active_models_total") == 1
+    assert value(after, "storage_usage_bytes") == 300_000
+    assert value(after, "active_downloads") == 0
+    assert value(after, "api_requests_in_flight") == 1  # the scrape itself
+    assert delta("api_request_duration_seconds_count", endpoint="/api/v1/models/{id}/download",
+                 method="GET", status="206") == 1
+    assert delta("api_request_duration_seconds_count", endpoint="/api/v1/models/{id}",
+                 method="GET", status="404") == 1
+    assert delta("api_request_duration_seconds_count", endpoint="unmatched", method="GET", status="404") == 1
+
+    # No label ever carries an id or a raw path.
+    for (_, labels) in after:
+        for _, v in labels:
+            assert model_id not in v and "0123456789abcdef01234567" not in v and "/no/such" not in v
+
+
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_storage_errors_are_counted(client, mongo):
+    if mongo.server is None:
+        pytest.skip("stopping the database needs the repo's own MongoDB test server")
+    before = await scrape(client)
+    mongo.server.stop()
+    try:
+        resp = await client.get("/api/v1/models")
+        assert resp.status == 503
+    finally:
+        mongo.server.start()
+    after = await scrape(client)
+    assert value(after, "storage_operation_errors_total", operation="request") - \
+        value(before, "storage_operation_errors_total", operation="request") >= 1
