@@ -86,6 +86,8 @@ class Settings:
     gridfs_chunk_size: int = 255 * 1024
     # Processes serving one port (SO_REUSEPORT), to use every core.
     workers: int = 1
+    # /health/detailed calls the disk unhealthy below this much free space.
+    min_free_disk: int = 10**9
 
     @property
     def storage_kind(self) -> str:
@@ -109,6 +111,7 @@ class Settings:
             mongodb_timeout_ms=_int(env, "MONGODB_TIMEOUT_MS", cls.mongodb_timeout_ms, 100, 600_000),
             gridfs_chunk_size=_chunk_size(env),
             workers=_int(env, "WORKERS", cls.workers, 1, 64),
+            min_free_disk=_size(env, "HEALTH_MIN_FREE_DISK", cls.min_free_disk),
         )
 
     def describe(self) -> str:

@@ -1,4 +1,4 @@
-"""Liveness: does the service answer, and can it reach its store?"""
+"""Health: ``/health`` is liveness (cheap), ``/health/detailed`` is readiness."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import asyncio
 from aiohttp import web
 
 from .. import clock
+from ..config import format_size
 from ..http import json_response
 from ..keys import SETTINGS, STORAGE
-from ..storage.base import StorageUnavailable
+from ..storage.base import ModelQuery, StorageError, StorageUnavailable
+from ..downloads import stored_file
+from .analytics import registry_statistics
+
+# model_registry check: how many of the newest models with files to verify.
+REGISTRY_SAMPLE = 20
 
 
 async def health(request: web.Request) -> web.Response:
@@ -39,5 +45,71 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body, 200 if ok else 503)
 
 
+async def _check(coro, timeout: float) -> str:
+    try:
+        result = await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        return f"did not answer within {timeout:g} s"
+    except StorageError as e:
+        return str(e) or e.__class__.__name__
+    return result or "healthy"
+
+
+async def _disk(storage, minimum: int) -> str | None:
+    free = await storage.disk_free()
+    if free is not None and free < minimum:
+        return f"only {format_size(free)} free, below HEALTH_MIN_FREE_DISK ({format_size(minimum)})"
+    return None
+
+
+async def _registry(storage) -> str | None:
+    """Do the newest models with files point at content that is there?"""
+    docs, _ = await storage.find_models(ModelQuery(limit=REGISTRY_SAMPLE * 5))
+    sample = [d for d in docs if d.get("file_metadata")][:REGISTRY_SAMPLE]
+    infos = await asyncio.gather(*(storage.file_info(d["file_metadata"]["file_id"]) for d in sample))
+    broken = [d["id"] for d, info in zip(sample, infos) if info is None or info.size != stored_file(d).size]
+    if broken:
+        return f"{len(broken)} of {len(sample)} sampled models point at missing files: {', '.join(broken[:5])}"
+    return None
+
+
+async def detailed(request: web.Request) -> web.Response:
+    storage, settings = request.app[STORAGE], request.app[SETTINGS]
+    timeout = settings.mongodb_timeout_ms / 1000
+    names = ("storage", "files", "disk_space", "model_registry")
+    results = await asyncio.gather(
+        _check(storage.ping(), timeout),
+        _check(storage.probe_files(), timeout),
+        _check(_disk(storage, settings.min_free_disk), timeout),
+        _check(_registry(storage), timeout),
+    )
+    checks = dict(zip(names, results))
+    body: dict = {
+        "status": "healthy" if all(r == "healthy" for r in results) else "unhealthy",
+        "service": "model-service",
+        "storage": storage.kind,
+        "checks": checks,
+        "total_models": None,
+        "active_models": None,
+        "storage_usage": None,
+        "timestamp": clock.iso(clock.now()),
+    }
+    if checks["storage"] == "healthy":
+        try:
+            stats = await asyncio.wait_for(registry_statistics(storage), timeout)
+            body["total_models"] = sum(stats.by_status.values())
+            body["active_models"] = stats.by_status.get("active", 0)
+            body["storage_usage"] = {"total_size_bytes": stats.stored_bytes}
+        except (StorageError, asyncio.TimeoutError):
+            pass
+    try:
+        free = await asyncio.wait_for(storage.disk_free(), timeout)
+        body["disk_free_bytes"] = free
+    except (StorageError, asyncio.TimeoutError):
+        body["disk_free_bytes"] = None
+    return json_response(body, 200 if body["status"] == "healthy" else 503)
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/health", health)
+    app.router.add_get("/health/detailed", detailed)

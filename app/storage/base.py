@@ -179,6 +179,14 @@ class Storage(abc.ABC):
     async def ping(self) -> None:
         """Return if the store answers, else raise StorageUnavailable."""
 
+    @abc.abstractmethod
+    async def probe_files(self) -> None:
+        """Write, read back and remove a tiny probe where files live; raise StorageError if that fails."""
+
+    @abc.abstractmethod
+    async def disk_free(self) -> int | None:
+        """Free bytes where files are stored, or None where that cannot be known."""
+
     # -- metadata --------------------------------------------------------
     @abc.abstractmethod
     async def insert_model(self, doc: dict[str, Any]) -> None:

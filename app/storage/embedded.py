@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ from .base import (
     ModelQuery,
     RegistryStats,
     Storage,
+    StorageError,
     StorageUnavailable,
     StoredFile,
 )
@@ -167,6 +169,25 @@ class EmbeddedStorage(Storage):
 
     async def ping(self) -> None:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+
+    async def probe_files(self) -> None:
+        def probe() -> None:
+            path = self.tmp_dir / f"probe-{secrets.token_hex(6)}"
+            try:
+                path.write_bytes(b"probe")
+                if path.read_bytes() != b"probe":
+                    raise StorageError(f"{self.tmp_dir}: probe read back wrong bytes")
+            except OSError as e:
+                raise StorageError(f"{self.root} is not writable: {e.strerror or e}") from e
+            finally:
+                path.unlink(missing_ok=True)
+            if not os.access(self.blob_dir, os.R_OK | os.W_OK | os.X_OK):
+                raise StorageError(f"{self.blob_dir} is not readable and writable")
+
+        await asyncio.to_thread(probe)
+
+    async def disk_free(self) -> int | None:
+        return (await asyncio.to_thread(shutil.disk_usage, self.root)).free
 
     # -- metadata ------------------------------------------------------------
     def _insert(self, doc: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from .base import (
     ModelQuery,
     RegistryStats,
     Storage,
+    StorageError,
     StorageUnavailable,
     StoredFile,
 )
@@ -148,6 +149,31 @@ class MongoStorage(Storage):
             await self.client.admin.command("ping")
         except _UNAVAILABLE as e:
             raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+
+    @_guard
+    async def probe_files(self) -> None:
+        # A chunk document with a files_id of its own: no files document ever
+        # points at it, so no reader can see it, and it is removed at once.
+        probe = {"files_id": ObjectId(), "n": 0, "data": b"probe"}
+        try:
+            await self.chunks.insert_one(probe)
+            got = await self.chunks.find_one({"_id": probe["_id"]})
+            if got is None or got["data"] != b"probe":
+                raise StorageError("GridFS chunks: probe read back wrong")
+        except PyMongoError as e:
+            if isinstance(e, _UNAVAILABLE):
+                raise
+            raise StorageError(f"GridFS is not writable: {e}") from e
+        finally:
+            await self.chunks.delete_one({"_id": probe["_id"]})
+
+    @_guard
+    async def disk_free(self) -> int | None:
+        # MongoDB 4.4+ reports the database host's file system in dbStats; other
+        # servers (FerretDB) do not, and then it is unknown.
+        stats = await self.db.command("dbStats")
+        total, used = stats.get("fsTotalSize"), stats.get("fsUsedSize")
+        return int(total - used) if total is not None and used is not None else None
 
     # -- metadata --------------------------------------------------------
     @_guard
