@@ -15,6 +15,7 @@ from bson import ObjectId
 
 from . import clock, versions
 from .http import ApiError
+from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, algorithm_label
 from .storage.base import DuplicateModel, Storage
@@ -82,3 +83,11 @@ def new_version_fields(source: dict[str, Any], updates: dict[str, Any]) -> dict[
                  "description", "created_by", "format")
     base = {k: source[k] for k in inherited if source.get(k) is not None}
     return {**base, **updates}
+
+
+async def delete(storage: Storage, leases: FileLeases, model_id: str) -> dict[str, Any] | None:
+    """Delete a model and release its file (kept while another model shares it)."""
+    doc = await storage.delete_model(model_id)
+    if doc is not None and doc.get("file_metadata"):
+        await leases.release(doc["file_metadata"]["file_id"])
+    return doc

@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from . import analytics, files, health, metrics, models
+from . import analytics, batch, files, health, metrics, models
 
 
 def setup_routes(app: web.Application) -> None:
@@ -10,5 +10,6 @@ def setup_routes(app: web.Application) -> None:
     metrics.setup(app)
     # Fixed paths (statistics, popular, ...) before models' /{id}, which would match them.
     analytics.setup(app)
+    batch.setup(app)
     files.setup(app)
     models.setup(app)

@@ -77,14 +77,8 @@ async def update_model(request: web.Request) -> web.Response:
 
 async def delete_model(request: web.Request) -> web.Response:
     model_id = validation.model_id(request.match_info["id"])
-    storage = request.app[STORAGE]
-    doc = await storage.delete_model(model_id)
-    if doc is None:
+    if await registry.delete(request.app[STORAGE], request.app[LEASES], model_id) is None:
         raise _not_found(model_id)
-    fm = doc.get("file_metadata")
-    if fm:
-        # Kept while another model still refers to the same content.
-        await request.app[LEASES].release(fm["file_id"])
     return json_response({"success": True, "message": "Model deleted successfully", "deleted_id": model_id})
 
 
