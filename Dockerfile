@@ -13,11 +13,14 @@ WORKDIR /srv/model-service
 COPY pyproject.toml setup.cfg README.md ./
 COPY app ./app
 RUN pip install --no-cache-dir . \
-    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin modelsvc \
+    && groupadd --system --gid 10001 modelsvc \
+    && useradd --system --no-log-init --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin modelsvc \
     && mkdir -p /data \
-    && chown modelsvc /data
+    && chown 10001:10001 /data
 
-USER modelsvc
+# Numeric, so Kubernetes can check runAsNonRoot without reading /etc/passwd
+# (deploy/kubernetes.yaml runs as the same 10001:10001).
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8084
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .client.cli import add_client_commands
 from .config import ConfigError, Settings, configure_logging
 from .storage import StorageUnavailable
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (overrides PORT)")
     serve.add_argument("--workers", type=int, help="serving processes sharing the port (overrides WORKERS)")
     serve.set_defaults(func=_serve)
+    add_client_commands(sub)
     return parser
 
 

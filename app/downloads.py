@@ -67,7 +67,10 @@ def file_headers(doc: dict[str, Any], f: StoredFile) -> dict[str, str]:
 
 
 # Headers a 304 repeats (RFC 9110 section 15.4.5), so caches can refresh.
-_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest")
+# X-Model-* too: a by-name poller learns which version it has, even when a
+# new version with identical content became the latest.
+_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest",
+                         "X-Model-Id", "X-Model-Name", "X-Model-Version")
 
 
 async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:

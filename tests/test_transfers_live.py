@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -23,32 +22,13 @@ import orjson
 import pytest
 
 from tests.conftest import BACKENDS
+from tests.support.files import sha256_of, write_random
 from tests.support.live_service import LiveService
 
 pytestmark = pytest.mark.slow
 
 BIG = 300 * 1000 * 1000  # at least 300 MB, as the issue asks
 MEDIUM = 20 * 1000 * 1000 + 12345
-
-
-def write_random(path: Path, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 8 << 20))
-            h.update(block)
-            f.write(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import psutil
-import pytest
 
 from tests.support.mongo_server import REPO, free_port
 

@@ -267,7 +267,8 @@ class MongoStorage(Storage):
 
     @_guard
     async def count_models(self) -> int:
-        return await self.models.count_documents({})
+        # From collection metadata, not a scan: /health must stay cheap.
+        return await self.models.estimated_document_count()
 
     async def _aggregate_one(self, collection, pipeline: list[dict[str, Any]], field: str) -> int:
         docs = [d async for d in await collection.aggregate(pipeline)]

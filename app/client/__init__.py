@@ -1,0 +1,56 @@
+"""Python client for the TensorFleet Model Service.
+
+    from app.client import ModelServiceClient
+
+    with ModelServiceClient("http://models:8084") as client:
+        model_id = client.push("model.pkl", name="churn", algorithm="random_forest",
+                               metrics={"accuracy": 0.93})
+        client.download(model_id, "/tmp/model.pkl")   # verified, resumable, parallel when large
+        path = client.fetch("churn")                   # cached; one 304 request when unchanged
+
+``AsyncModelServiceClient`` is the same client for asyncio code.
+"""
+
+from .core import DEFAULT_URL, AsyncModelServiceClient
+from .download import DownloadResult, RemoteFile
+from .errors import (
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    ConnectionFailed,
+    Forbidden,
+    ModelServiceError,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from .retry import RetryPolicy
+from .sync import ModelServiceClient
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncModelServiceClient",
+    "BadRequest",
+    "ChecksumMismatch",
+    "Conflict",
+    "ConnectionFailed",
+    "DownloadResult",
+    "Forbidden",
+    "ModelServiceClient",
+    "ModelServiceError",
+    "NotFound",
+    "PayloadTooLarge",
+    "PreconditionFailed",
+    "ProtocolError",
+    "RateLimited",
+    "RemoteFile",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailable",
+    "Unauthorized",
+]

@@ -1,0 +1,150 @@
+"""A local cache of model files for inference start-up.
+
+Layout under the cache directory::
+
+    <name>/.lock                  flock: one fetch of <name> at a time on this host
+    <name>/refs/<version>.json    what is cached for a version (etag, file name, size, mtime)
+    <name>/refs/latest.json       the same for "the latest version", as last seen
+    <name>/<version>/<filename>   the verified file
+
+A fetch holds the name's lock from the revalidation to the end of any
+download, so when several worker processes start at once, one downloads and
+the others wait, then revalidate (304) and reuse its copy. Revalidation is a
+single ``HEAD`` with ``If-None-Match``: 304 when the server's file is still
+the cached one. A cached file whose size or modification time changed since
+it was verified is treated as missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .download import DownloadResult, RemoteFile, download_file
+from .errors import ConnectionFailed, ServerError
+from .lock import FileLock
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import AsyncModelServiceClient
+
+log = logging.getLogger("app.client.cache")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_VERSION_RE = re.compile(r"^v\d+\.\d+$")
+LATEST = "latest"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MODEL_SERVICE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tensorfleet" / "models"
+
+
+class _Ref:
+    def __init__(self, root: Path, key: str) -> None:
+        self.path = root / "refs" / f"{key}.json"
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save(self, data: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(data))
+        os.replace(tmp, self.path)
+
+
+def _cached_file(root: Path, ref: dict[str, Any] | None) -> Path | None:
+    """The file a ref points to, if it is still exactly as it was when verified."""
+    if not ref:
+        return None
+    try:
+        path = root / ref["version"] / ref["filename"]
+        st = path.stat()
+    except (KeyError, TypeError, OSError):
+        return None
+    if st.st_size != ref.get("size") or st.st_mtime_ns != ref.get("mtime_ns"):
+        return None
+    return path
+
+
+def _result_from_ref(path: Path, ref: dict[str, Any], **flags: Any) -> DownloadResult:
+    return DownloadResult(path=path, model_id=ref["model_id"], name=ref["name"], version=ref["version"],
+                          size=ref["size"], sha256=ref["sha256"], **flags)
+
+
+def _ref_for(remote: RemoteFile, path: Path) -> dict[str, Any]:
+    return {
+        "model_id": remote.model_id,
+        "name": remote.name,
+        "version": remote.version,
+        "etag": remote.etag,
+        "sha256": remote.sha256,
+        "size": remote.size,
+        "filename": path.name,
+        "mtime_ns": path.stat().st_mtime_ns,
+    }
+
+
+async def fetch(client: "AsyncModelServiceClient", name: str, version: str | None,
+                cache_dir: str | os.PathLike[str] | None, *, parallel: int | None = None,
+                limit_rate: float | None = None, progress=None, allow_stale: bool = False) -> DownloadResult:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"not a model name: {name!r}")
+    if version is not None and not _VERSION_RE.match(version):
+        raise ValueError(f"version must look like v1.2, got {version!r}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = root / name
+    root.mkdir(parents=True, exist_ok=True)
+
+    async with FileLock(root / ".lock"):
+        wanted = _Ref(root, version or LATEST)
+        ref = wanted.load()
+        cached = _cached_file(root, ref)
+        try:
+            status, remote = await client.probe(name, version, if_none_match=ref["etag"] if cached else None)
+        except (ConnectionFailed, ServerError) as e:
+            if allow_stale and cached is not None:
+                log.warning("cannot revalidate %s (%s); using the cached copy %s", name, e, cached)
+                return _result_from_ref(cached, ref, cached=True, stale=True)
+            raise
+        if status == 304:
+            return _result_from_ref(cached, ref, cached=True)
+        assert remote is not None
+
+        # The latest version may already be cached under its own version number.
+        by_version = _Ref(root, remote.version)
+        other = by_version.load() if by_version.path != wanted.path else None
+        if other and other.get("etag") == remote.etag and (path := _cached_file(root, other)):
+            wanted.save(other)
+            return _result_from_ref(path, other, cached=True)
+
+        folder = root / remote.version
+        folder.mkdir(exist_ok=True)
+        result = await download_file(client, remote, folder / remote.filename,
+                                     reprobe=lambda: _reprobe(client, remote),
+                                     parallel=parallel, limit_rate=limit_rate, progress=progress)
+        # A re-uploaded file may have had another name: keep one file per version.
+        for stale in folder.iterdir():
+            if stale != result.path and not stale.name.endswith((".part", ".part.json")):
+                stale.unlink(missing_ok=True)
+        new_ref = _ref_for(remote, result.path)
+        by_version.save(new_ref)
+        if version is None:
+            wanted.save(new_ref)
+        return result
+
+
+async def _reprobe(client: "AsyncModelServiceClient", remote: RemoteFile) -> RemoteFile:
+    return (await client.probe(remote.model_id))[1]

@@ -1,0 +1,467 @@
+"""Downloading one model file: resumable, optionally in parallel ranges, verified.
+
+The bytes go to ``<target>.part`` beside the target; ``<target>.part.json``
+is both an inter-process lock (two downloads to one target take turns) and
+the resume state: the file's ETag and size, and how far each range got. Only
+once the whole file hashes to the server's ``X-File-Checksum`` is it synced
+and renamed onto the target, so the target is either absent, the previous
+file, or the complete verified new one.
+
+Every request is a ``Range`` request with ``If-Range: <etag>``: if the file
+changes on the server between two requests, the server answers 200 instead of
+206 and the download starts over on the new file rather than mixing the two.
+The first range includes byte 0, so the service counts one download however
+many ranges there are. A range that fails mid-body (reset, timeout, cut short)
+is asked for again from where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import aiohttp
+import orjson
+
+from .errors import ChecksumMismatch, ConnectionFailed, ModelServiceError, ProtocolError
+from .lock import FileLock
+from .retry import TRANSIENT_ERRORS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import AsyncModelServiceClient
+
+log = logging.getLogger("app.client.download")
+
+MiB = 1024 * 1024
+PARALLEL_THRESHOLD = 64 * 1000 * 1000  # files over 64 MB are fetched in ranges by default
+DEFAULT_PARALLEL = 4
+MIN_SEGMENT = 1 * MiB
+MAX_PARALLEL = 32
+BLOCK = 1 * MiB
+STATE_FORMAT = 1
+SAVE_INTERVAL = 1.0  # seconds between saves of the resume state during a parallel download
+RESTARTS = 3  # times a download starts over because the file changed on the server
+
+Progress = Callable[[int, int], None]
+
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A model's file as the download endpoint describes it (from a HEAD)."""
+
+    model_id: str
+    name: str
+    version: str
+    size: int
+    sha256: str
+    etag: str
+    filename: str
+    url: str  # the download URL by id: stays on this model whatever happens to the name
+
+    @classmethod
+    def from_response(cls, resp, base_url: str) -> "RemoteFile":
+        h = resp.headers
+        checksum = h.get("X-File-Checksum", "")
+        etag = h.get("ETag", "")
+        if not checksum.startswith("sha256:") or not etag or "X-Model-Id" not in h:
+            raise ProtocolError(f"{resp.method} {resp.url} answered without ETag, X-File-Checksum or X-Model-Id")
+        if resp.content_length is None:
+            raise ProtocolError(f"{resp.method} {resp.url} answered without Content-Length")
+        model_id = h["X-Model-Id"]
+        name = h.get("X-Model-Name", model_id)
+        version = h.get("X-Model-Version", "")
+        cd = resp.content_disposition
+        filename = safe_filename(cd.filename if cd is not None else None) or f"{name}-{version}.bin"
+        return cls(model_id=model_id, name=name, version=version, size=resp.content_length,
+                   sha256=checksum.removeprefix("sha256:").lower(), etag=etag, filename=filename,
+                   url=f"{base_url}/api/v1/models/{model_id}/download")
+
+
+def safe_filename(name: str | None) -> str | None:
+    """The last path component of a server-supplied name, or None if it has none."""
+    if not name:
+        return None
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    if base in ("", ".", "..") or any(ord(c) < 32 for c in base):
+        return None
+    return base
+
+
+@dataclass
+class DownloadResult:
+    path: Path
+    model_id: str
+    name: str
+    version: str
+    size: int
+    sha256: str
+    bytes_transferred: int = 0  # body bytes received from the network by this call
+    resumed_bytes: int = 0  # bytes kept from an earlier, interrupted download
+    parallel: int = 1  # ranges the file was fetched in
+    seconds: float = 0.0
+    cached: bool = False  # fetch(): the cached copy was still current (304)
+    stale: bool = False  # fetch(allow_stale=True): served from the cache without revalidating
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int  # exclusive
+    done: int = 0
+
+    @property
+    def pos(self) -> int:
+        return self.start + self.done
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+
+def split(size: int, parallel: int) -> list[Segment]:
+    if size == 0:
+        return []
+    n = max(1, min(parallel, MAX_PARALLEL, math.ceil(size / MIN_SEGMENT)))
+    step = math.ceil(size / n / (64 * 1024)) * 64 * 1024  # boundaries on 64 KiB
+    return [Segment(s, min(s + step, size)) for s in range(0, size, step)]
+
+
+def choose_parallel(size: int, parallel: int | None) -> int:
+    if parallel is None:
+        return DEFAULT_PARALLEL if size > PARALLEL_THRESHOLD else 1
+    if parallel < 1:
+        raise ValueError("parallel must be at least 1")
+    return parallel
+
+
+class RateLimiter:
+    """At most ``rate`` bytes a second, shared by all the ranges of a download."""
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self._next = time.monotonic()
+
+    @property
+    def block(self) -> int:
+        # Small reads when slow, so the rate is smooth rather than bursty.
+        return int(max(16 * 1024, min(BLOCK, self.rate / 10)))
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._next = max(self._next, now) + n / self.rate
+        wait = self._next - now
+        if wait > 0.001:
+            await asyncio.sleep(wait)
+
+
+class _ContentChanged(Exception):
+    """The file on the server is no longer the one this download started on."""
+
+
+class _ResumedMismatch(Exception):
+    """A download that reused bytes from an earlier attempt did not verify."""
+
+
+def part_paths(target: Path) -> tuple[Path, Path]:
+    return target.with_name(target.name + ".part"), target.with_name(target.name + ".part.json")
+
+
+def sha256_file(path: Path, length: int | None = None) -> "hashlib._Hash":
+    h = hashlib.sha256()
+    left = length
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            block = f.read(8 * MiB if left is None else min(8 * MiB, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+async def download_file(
+    client: "AsyncModelServiceClient",
+    remote: RemoteFile,
+    target: Path,
+    *,
+    reprobe: Callable[[], Awaitable[RemoteFile]],
+    parallel: int | None = None,
+    limit_rate: float | None = None,
+    progress: Progress | None = None,
+    resume: bool = True,
+) -> DownloadResult:
+    """Download ``remote`` to ``target``; see the module docstring."""
+    target = Path(target)
+    part, state_path = part_paths(target)
+    lock = FileLock(state_path)
+    await lock.acquire()
+    succeeded = False
+    try:
+        fresh_only = not resume
+        for restart in range(RESTARTS + 1):
+            job = _Job(client, remote, target, part, lock, parallel, limit_rate, progress)
+            try:
+                result = await job.run(fresh_only)
+                succeeded = True
+                return result
+            except _ContentChanged:
+                if restart == RESTARTS:
+                    raise ModelServiceError(f"{remote.url}: the file kept changing during the download",
+                                            code="content_changed")
+                log.info("file of model %s changed on the server; starting over", remote.model_id)
+                remote = await reprobe()
+                fresh_only = True
+            except _ResumedMismatch:
+                log.warning("resumed download of %s did not verify; downloading it again from the start", target)
+                fresh_only = True
+        raise AssertionError("unreachable")  # pragma: no cover
+    finally:
+        # Keep the state beside a partial file so a later call resumes it.
+        lock.release(unlink=succeeded or not part.exists())
+
+
+class _Job:
+    def __init__(self, client, remote: RemoteFile, target: Path, part: Path, lock: FileLock,
+                 parallel: int | None, limit_rate: float | None, progress: Progress | None) -> None:
+        self.client = client
+        self.remote = remote
+        self.target = target
+        self.part = part
+        self.lock = lock
+        self.parallel = parallel
+        self.limiter = RateLimiter(limit_rate) if limit_rate else None
+        self.progress = progress
+        self.segments: list[Segment] = []
+        self.transferred = 0
+        self.fd: int | None = None
+        self.hasher = None  # incremental sha256, when the file arrives in order
+
+    # -- resume state ------------------------------------------------------
+
+    def _load_state(self) -> list[Segment] | None:
+        """The segments of a matching earlier download of this file, if any."""
+        try:
+            state = orjson.loads(self.lock.read() or b"null")
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            return None
+        r = self.remote
+        if state.get("etag") != r.etag or state.get("size") != r.size or not self.part.exists():
+            return None
+        try:
+            segments = [Segment(int(s), int(e), int(d)) for s, e, d in state["segments"]]
+        except (KeyError, TypeError, ValueError):
+            return None
+        # The ranges must tile the file exactly, each no further than its end.
+        pos = 0
+        for seg in segments:
+            if seg.start != pos or not 0 <= seg.done <= seg.end - seg.start:
+                return None
+            pos = seg.end
+        if pos != r.size:
+            return None
+        part_size = self.part.stat().st_size
+        if len(segments) == 1:
+            # Written in order: the file's length is exactly how far it got,
+            # even if the process died before saving the state again.
+            segments[0].done = min(part_size, r.size)
+        elif any(seg.pos > part_size for seg in segments if seg.done):
+            return None
+        return segments
+
+    def _save_state(self) -> None:
+        r = self.remote
+        self.lock.write(orjson.dumps({
+            "format": STATE_FORMAT,
+            "model_id": r.model_id,
+            "url": r.url,
+            "etag": r.etag,
+            "size": r.size,
+            "sha256": r.sha256,
+            "segments": [[s.start, s.end, s.done] for s in self.segments],
+        }))
+
+    def _discard(self) -> None:
+        try:
+            self.part.unlink()
+        except FileNotFoundError:
+            pass
+        self.lock.write(b"")
+
+    # -- the download ------------------------------------------------------
+
+    async def run(self, fresh_only: bool) -> DownloadResult:
+        r = self.remote
+        started = time.monotonic()
+        segments = None if fresh_only else self._load_state()
+        if segments is None:
+            self._discard()
+            segments = split(r.size, choose_parallel(r.size, self.parallel))
+        self.segments = segments
+        kept = sum(s.done for s in segments)
+        if kept:
+            log.info("resuming download of %s at %d of %d bytes", self.target, kept, r.size)
+        self._save_state()
+
+        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        saver = None
+        try:
+            if len(segments) == 1:
+                self.hasher = (await asyncio.to_thread(sha256_file, self.part, kept)) if kept else hashlib.sha256()
+            if self.progress:
+                self.progress(kept, r.size)
+            if r.size == 0:
+                await self._fetch_empty()
+            else:
+                if len(segments) > 1:
+                    saver = asyncio.create_task(self._save_periodically())
+                await self._fetch_all()
+            if os.fstat(self.fd).st_size != r.size:
+                raise ProtocolError(f"downloaded {os.fstat(self.fd).st_size} bytes of a {r.size}-byte file")
+        except BaseException:
+            if saver is not None:
+                saver.cancel()
+            os.close(self.fd)
+            self.fd = None
+            try:
+                self._save_state()
+            except OSError:
+                pass
+            raise
+        if saver is not None:
+            saver.cancel()
+
+        try:
+            if self.hasher is not None:
+                digest = self.hasher.hexdigest()
+            else:
+                digest = (await asyncio.to_thread(sha256_file, self.part)).hexdigest()
+            if digest != r.sha256:
+                self._discard()
+                if kept:
+                    raise _ResumedMismatch()
+                raise ChecksumMismatch(
+                    f"downloaded file has sha256 {digest}, but the server says {r.sha256}; nothing was saved",
+                    expected=r.sha256, actual=digest)
+            await asyncio.to_thread(os.fsync, self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        os.replace(self.part, self.target)
+        await asyncio.to_thread(_fsync_dir, self.target.parent)
+        return DownloadResult(
+            path=self.target, model_id=r.model_id, name=r.name, version=r.version, size=r.size,
+            sha256=r.sha256, bytes_transferred=self.transferred, resumed_bytes=kept,
+            parallel=max(1, len(segments)), seconds=time.monotonic() - started)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL)
+            self._save_state()
+
+    async def _fetch_all(self) -> None:
+        pending = [s for s in self.segments if s.remaining > 0]
+        if len(pending) == 1:
+            await self._fetch_segment(pending[0])
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for seg in pending:
+                    tg.create_task(self._fetch_segment(seg))
+        except BaseExceptionGroup as eg:
+            # One range failing cancels the others; report the failure, not the cancellations.
+            first = next((e for e in eg.exceptions if isinstance(e, _ContentChanged)), eg.exceptions[0])
+            raise first from None
+
+    async def _fetch_empty(self) -> None:
+        resp = await self.client._send("GET", self.remote.url, headers={"If-Match": self.remote.etag})
+        async with resp:
+            if resp.status == 412:
+                raise _ContentChanged()
+            if resp.status != 200:
+                raise await self.client._error(resp)
+            body = await resp.read()
+            self.transferred += len(body)
+            if body:
+                raise _ContentChanged()
+
+    async def _fetch_segment(self, seg: Segment) -> None:
+        policy = self.client.retry
+        failures = 0
+        while seg.remaining > 0:
+            before = seg.done
+            try:
+                await self._fetch_range(seg)
+            except TRANSIENT_ERRORS as e:
+                failures = 1 if seg.done > before else failures + 1
+                if failures >= policy.attempts:
+                    raise ConnectionFailed(f"download of {self.remote.url} kept failing at byte {seg.pos}: "
+                                           f"{type(e).__name__}: {e}") from e
+                delay = policy.delay(failures - 1)
+                log.info("range at byte %d of %s failed (%s: %s); retrying in %.1f s",
+                         seg.pos, self.remote.url, type(e).__name__, e, delay)
+                await asyncio.sleep(delay)
+
+    async def _fetch_range(self, seg: Segment) -> None:
+        r = self.remote
+        headers = {"Range": f"bytes={seg.pos}-{seg.end - 1}", "If-Range": r.etag}
+        resp = await self.client._send("GET", r.url, headers=headers)
+        async with resp:
+            if resp.status in (200, 416):
+                raise _ContentChanged()  # If-Range did not match: a different file now
+            if resp.status != 206:
+                raise await self.client._error(resp)
+            if resp.headers.get("ETag") != r.etag:
+                raise _ContentChanged()
+            m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m[1]) != seg.pos or int(m[2]) != seg.end - 1 or int(m[3]) != r.size:
+                raise ProtocolError(f"asked for bytes {seg.pos}-{seg.end - 1}/{r.size}, "
+                                    f"got Content-Range {resp.headers.get('Content-Range')!r}")
+            block = self.limiter.block if self.limiter else BLOCK
+            while seg.remaining > 0:
+                data = await resp.content.read(min(block, seg.remaining))
+                if not data:
+                    # A complete-looking end before the promised length: treat as cut off.
+                    raise aiohttp.ClientPayloadError(f"response ended at byte {seg.pos} of {seg.end}")
+                os.pwrite(self.fd, data, seg.pos)
+                if self.hasher is not None:
+                    self.hasher.update(data)
+                seg.done += len(data)
+                self.transferred += len(data)
+                if self.progress:
+                    self.progress(sum(s.done for s in self.segments), r.size)
+                if self.limiter:
+                    await self.limiter.take(len(data))
