@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from .client.cli import add_client_commands
-from .config import ConfigError, Settings, configure_logging
+from . import logs
+from .config import ConfigError, Settings
 from .storage import StorageUnavailable
 
 
@@ -25,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
             print("model-service: --workers must be between 1 and 64", file=sys.stderr)
             return 2
         settings = _replace(settings, workers=args.workers)
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     from .server import serve
 
     try:

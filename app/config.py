@@ -7,7 +7,6 @@ exit with that line instead of a traceback.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -76,6 +75,7 @@ class Settings:
     data_dir: str = "./data"
     max_file_size: int = 500 * 10**6
     log_level: str = "INFO"
+    log_format: str = "text"
     enable_auth: bool = False
     max_page_size: int = 100
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
@@ -105,6 +105,7 @@ class Settings:
             data_dir=_str(env, "DATA_DIR", cls.data_dir),
             max_file_size=_size(env, "MAX_FILE_SIZE", cls.max_file_size),
             log_level=_log_level(env),
+            log_format=_choice(env, "LOG_FORMAT", cls.log_format, ("text", "json")),
             enable_auth=_bool(env, "ENABLE_AUTH", cls.enable_auth),
             max_page_size=_int(env, "MAX_PAGE_SIZE", cls.max_page_size, 1, 10_000),
             cors_origins=_origins(env),
@@ -187,6 +188,13 @@ def _name(env, name, default):
     return value
 
 
+def _choice(env, name, default, choices):
+    value = (_raw(env, name) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _log_level(env):
     value = (_raw(env, "LOG_LEVEL") or "INFO").upper()
     if value not in _LOG_LEVELS:
@@ -214,10 +222,3 @@ def _origins(env):
 
 def _redact(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )

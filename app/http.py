@@ -7,12 +7,15 @@ and 405 and anything unexpected, leaves as
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from . import preconditions
+from .logs import request_id
 from .metrics import STORAGE_ERRORS
 from .storage.base import StorageUnavailable
 
@@ -37,6 +40,22 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
         content_type="application/json",
         headers=headers,
     )
+
+
+def cacheable_json(request: web.Request, data: Any) -> web.Response:
+    """A JSON answer with an ETag of its bytes; 304 when the client has them.
+
+    Pollers (inference servers checking for a new version) then cost one
+    small request and no body.
+    """
+    body = orjson.dumps(data)
+    etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+    # no-cache: reuse only after revalidating, which is what the ETag is for.
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and preconditions.weak_match(if_none_match, etag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -96,7 +115,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(e.status, e.code, e.message, e.headers)
     except StorageUnavailable as e:
         STORAGE_ERRORS.labels("request").inc()
-        log.warning("storage unavailable during %s %s: %s", request.method, request.path, e)
+        log.warning("storage unavailable during %s %s: %s", request.method, request.path, e,
+                    extra={"request_id": request_id(request)})
         return error_response(503, "storage_unavailable", "the model store is unreachable; retry shortly",
                               {"Retry-After": "5"})
     except web.HTTPException as e:
@@ -111,5 +131,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
         return error_response(e.status, code, message, headers or None)
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal server error")
+        log.exception("unhandled error in %s %s", request.method, request.path,
+                      extra={"request_id": request_id(request)})
+        # The trace stays in the log; the client gets the id to quote.
+        return error_response(500, "internal_error",
+                              f"internal server error (request id {request_id(request)})")

@@ -35,7 +35,7 @@ def _strong_match(header: str, etag: str) -> bool:
     return any(t == "*" or (not t.startswith("W/") and t == etag) for t in _tags(header))
 
 
-def _weak_match(header: str, etag: str) -> bool:
+def weak_match(header: str, etag: str) -> bool:
     return any(t == "*" or _opaque(t) == etag for t in _tags(header))
 
 
@@ -55,7 +55,7 @@ def evaluate(headers, etag: str, last_modified: datetime) -> int | None:
             return PRECONDITION_FAILED
     if_none_match = headers.get("If-None-Match")
     if if_none_match is not None:
-        if _weak_match(if_none_match, etag):
+        if weak_match(if_none_match, etag):
             return NOT_MODIFIED
     else:
         since = parse_http_date(headers.get("If-Modified-Since"))

@@ -8,6 +8,7 @@ import logging
 import aiohttp_cors
 from aiohttp import web
 
+from . import logs
 from .config import Settings
 from .handlers import setup_routes
 from .handlers.metrics import metrics_middleware
@@ -22,7 +23,8 @@ log = logging.getLogger("app")
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
     # Metrics outermost, so they see the status the error middleware chose.
-    app = web.Application(middlewares=[metrics_middleware, error_middleware])
+    app = web.Application(middlewares=[logs.request_id_middleware, metrics_middleware, error_middleware])
+    app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
     app[LEASES] = FileLeases(app[STORAGE])
@@ -83,7 +85,7 @@ def serve_one(settings: Settings) -> None:
 
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
-    app_runner = web.AppRunner(app, access_log=logging.getLogger("app.access"))
+    app_runner = web.AppRunner(app, access_log=logging.getLogger("app.access"), access_log_class=logs.AccessLogger)
     await app_runner.setup()
     try:
         site = web.TCPSite(app_runner, settings.host, settings.port, reuse_port=settings.workers > 1)

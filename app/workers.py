@@ -18,12 +18,13 @@ import tempfile
 import time
 from typing import Callable
 
-from .config import Settings, configure_logging
+from . import logs
+from .config import Settings
 from .storage.base import StorageUnavailable
 
 
 def _worker(settings: Settings, target: Callable[[Settings], None]) -> None:
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         target(settings)
     except StorageUnavailable as e:

@@ -5,13 +5,13 @@ service's access log, and changing a stored file behind the service's back."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 from bson import Binary
 
@@ -20,7 +20,6 @@ from tests.support.live_service import LiveService
 from tests.support.mongo_server import REPO
 from tests.support.files import sha256_of, write_random  # noqa: F401  (re-exported)
 
-_ACCESS_RE = re.compile(r'app\.access: \S+ \[[^\]]*\] "(\w+) (\S+) HTTP/[\d.]+" (\d{3}) ')
 
 
 class ClientLive:
@@ -51,9 +50,12 @@ class ClientLive:
             time.sleep(settle)
         out = []
         for line in text[since:].splitlines():
-            m = _ACCESS_RE.search(line)
-            if m and path_contains in m[2]:
-                out.append((m[1], m[2], int(m[3])))
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if entry.get("logger") == "app.access" and path_contains in entry["path"]:
+                out.append((entry["method"], entry["path"], entry["status"]))
         return out
 
     def tamper(self, sha256: str) -> None:
@@ -92,7 +94,8 @@ def live(request, tmp_path_factory):
     """The service as a real process on each backend, shared by a test module."""
     backend = request.param
     data_dir = tmp_path_factory.mktemp(f"client-{backend}")
-    env = {"DATA_DIR": str(data_dir / "data"), "MAX_FILE_SIZE": "1GB", "LOG_LEVEL": "INFO", "WORKERS": "1"}
+    env = {"DATA_DIR": str(data_dir / "data"), "MAX_FILE_SIZE": "1GB", "LOG_LEVEL": "INFO", "LOG_FORMAT": "json",
+           "WORKERS": "1"}
     mongo = db_name = None
     if backend == "mongodb":
         mongo = request.getfixturevalue("mongo")

@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 
 from .. import clock, registry, validation, versions, views
-from ..http import ApiError, json_response, read_json_object
+from ..http import ApiError, cacheable_json, json_response, read_json_object
 from ..keys import LEASES, SETTINGS, STORAGE
 
 PREFIX = "/api/v1/models"
@@ -59,7 +59,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return json_response(views.full(await model_or_404(request)))
+    return cacheable_json(request, views.full(await model_or_404(request)))
 
 
 async def update_model(request: web.Request) -> web.Response:
@@ -113,7 +113,7 @@ async def named_model_or_404(request: web.Request) -> dict:
 
 
 async def by_name(request: web.Request) -> web.Response:
-    return json_response(views.full(await named_model_or_404(request)))
+    return cacheable_json(request, views.full(await named_model_or_404(request)))
 
 
 def setup(app: web.Application) -> None:

@@ -1,0 +1,107 @@
+"""Logging: one line per request, as text (default) or JSON (LOG_FORMAT=json).
+
+Every request gets an id: the client's X-Request-ID when it sends a sane one,
+otherwise a new one. It is echoed in the response and in every log line about
+that request, so a client's report can be found in the logs. Stack traces go
+to the log only; clients see a plain JSON error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import sys
+from datetime import datetime, timezone
+
+import orjson
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = web.RequestKey("request_id", str)
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Fields a request's log line carries besides the message.
+_REQUEST_FIELDS = ("request_id", "method", "route", "path", "status", "bytes", "duration_ms", "remote")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in _REQUEST_FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        rid = getattr(record, "request_id", None)
+        return f"{text} [request_id={rid}]" if rid and record.name != "app.access" else text
+
+
+def configure(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def request_id(request: web.BaseRequest) -> str | None:
+    return request.get(REQUEST_ID)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    request[REQUEST_ID] = incoming if _SANE_ID.match(incoming) else secrets.token_hex(8)
+    return await handler(request)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare: also reaches streamed downloads, whose headers are
+    # sent before the handler returns.
+    if REQUEST_ID in request:
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, route template, status, bytes, duration."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        match_info = getattr(request, "match_info", None)
+        route = match_info.route.resource if match_info is not None and match_info.route is not None else None
+        template = route.canonical if route is not None else None
+        size = response.content_length if response.content_length is not None else response.body_length
+        fields = {
+            "request_id": request_id(request),
+            "method": request.method,
+            "route": template,
+            "path": request.path,
+            "status": response.status,
+            "bytes": size,
+            "duration_ms": round(time * 1000, 1),
+            "remote": request.remote,
+        }
+        self.logger.info(
+            "%s %s %s %d %dB %.1fms id=%s", request.remote, request.method, request.path_qs,
+            response.status, size, time * 1000, fields["request_id"], extra=fields,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,796 @@
+"""The service's OpenAPI 3.1 document, built as plain data.
+
+``build(settings)`` returns the document served at ``/api/v1/openapi.json``
+(and rendered at ``/docs``). It is written to be checked, not admired:
+tests/test_openapi.py validates it as OpenAPI 3.1, compares its operations
+with the application's router in both directions, and validates real responses
+against the schemas, and schemathesis is meant to run against it. So every
+schema here states what the service really sends and accepts:
+
+- limits come from the code (validation rules, MAX_JSON_BYTES, ranges.MAX_RANGES,
+  the batch size) and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE);
+- each error response lists the exact ``error.code`` values the route can
+  answer with that status, as an ``enum`` in its schema and as ``x-error-codes``;
+- response objects are closed (``additionalProperties: false``) where the
+  handler builds them field by field.
+
+Layout: shared schemas, parameters, headers and error responses first, then
+one small builder per operation, then ``build``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ranges, validation, versions
+from .config import Settings, format_size
+from .handlers.batch import MAX_IDS, OPERATIONS
+from .http import MAX_JSON_BYTES
+
+OPENAPI_VERSION = "3.1.0"
+MODELS = "/api/v1/models"
+
+Json = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def ref(name: str, kind: str = "schemas") -> Json:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def nullable(schema: Json) -> Json:
+    """``schema`` or null (JSON Schema 2020-12 style: a type list, or anyOf for refs)."""
+    if "$ref" in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def closed(properties: Json, required: list[str] | None = None, **extra: Any) -> Json:
+    """An object with exactly these properties (all required unless ``required`` says otherwise)."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+def json_content(schema: Json, example: Any = None) -> Json:
+    media: Json = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"application/json": media}
+
+
+BINARY = {"type": "string", "format": "binary"}
+
+
+# --------------------------------------------------------------------------- error codes
+
+# Every error.code the service answers with, its status and what it means.
+# ``error_response`` refuses codes missing here, so the table stays complete.
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "invalid_id": (400, "a model id path segment is not 24 hexadecimal characters"),
+    "invalid_json": (400, "the body is not a JSON object (empty, malformed, or another JSON type)"),
+    "validation_error": (400, "a field or name breaks a rule; the message names the field and the rule"),
+    "immutable_field": (400, "the body sets a field the server owns (id, name, version, created_at, ...)"),
+    "unknown_field": (400, "the body has a field the operation does not take"),
+    "invalid_parameter": (400, "a query parameter is out of range or malformed"),
+    "invalid_checksum": (400, "X-Checksum-Sha256 / ?sha256= is not 64 hexadecimal characters"),
+    "invalid_filename": (400, "the upload's file name has control characters, no name part, or over 255 bytes"),
+    "missing_file": (400, "a multipart body has no 'file' part"),
+    "missing_metadata": (400, "a multipart registration has no 'metadata' part"),
+    "not_found": (404, "no model with that id, name or version (also: no route for the path)"),
+    "no_file": (404, "the model exists but has no file uploaded yet"),
+    "method_not_allowed": (405, "the path exists but not with this method (Allow lists the methods)"),
+    "version_exists": (409, "a model with this name and the requested version already exists"),
+    "version_conflict": (409, "too many concurrent registrations of the name to number a new version"),
+    "precondition_failed": (412, "If-Match / If-Unmodified-Since did not hold"),
+    "payload_too_large": (413, f"a JSON body (or a multipart 'metadata' part) is over {MAX_JSON_BYTES} bytes"),
+    "file_too_large": (413, "the file is over MAX_FILE_SIZE"),
+    "range_not_satisfiable": (416, f"no requested range overlaps the file, or more than {ranges.MAX_RANGES} ranges"),
+    "checksum_mismatch": (422, "the received content's SHA-256 differs from the declared one"),
+    "internal_error": (500, "an unexpected failure (logged server-side; no details are sent)"),
+    "storage_unavailable": (503, "the database or data folder is unreachable; retry after Retry-After seconds"),
+}
+
+_REASONS = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
+            412: "Precondition failed", 413: "Payload too large", 416: "Range not satisfiable",
+            422: "Unprocessable content", 500: "Internal error", 503: "Storage unavailable"}
+
+
+def error_response(status: int, *codes: str, headers: Json | None = None, body: bool = True) -> Json:
+    """A response in the one error shape whose ``error.code`` is one of ``codes``.
+
+    ``body=False`` is for HEAD, which sends the same status and headers without content.
+    """
+    for code in codes:
+        if ERROR_CODES[code][0] != status:
+            raise ValueError(f"error code {code} is a {ERROR_CODES[code][0]}, not a {status}")
+    out: Json = {
+        "description": f"{_REASONS[status]}: " + "; ".join(f"`{c}` ({ERROR_CODES[c][1]})" for c in codes),
+        "x-error-codes": list(codes),
+    }
+    if headers:
+        out["headers"] = headers
+    if body:
+        schema = {"allOf": [ref("Error"), {"properties": {"error": {"properties": {"code": {"enum": list(codes)}}}}}]}
+        out["content"] = json_content(schema, {"error": {"code": codes[0], "message": ERROR_CODES[codes[0]][1]}})
+    return out
+
+
+# Codes that a whole group of inputs can produce, combined per operation below.
+BODY_CODES = ("invalid_json", "validation_error", "immutable_field", "unknown_field")
+
+
+# --------------------------------------------------------------------------- schemas
+
+def _string(max_len: int, description: str | None = None) -> Json:
+    # The service refuses blank strings ("must not be empty"): at least one non-space.
+    s: Json = {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": r"\S"}
+    if description:
+        s["description"] = description
+    return s
+
+
+TIMESTAMP = {
+    "type": "string",
+    "format": "date-time",
+    "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
+    "description": "ISO-8601 UTC with milliseconds and a Z",
+    "examples": ["2026-11-27T05:32:57.226Z"],
+}
+COUNT = {"type": "integer", "minimum": 0}
+API_PATH = {"type": "string", "pattern": r"^/api/v1/models/[0-9a-f]{24}/download$"}
+
+
+def schemas(settings: Settings) -> Json:
+    statuses = list(validation.STATUSES)
+    file_metadata_props = {
+        "file_id": ref("ObjectId"),
+        "filename": {"type": "string", "description": "as uploaded (last path component), else <name>-<version>"},
+        "size_bytes": {**COUNT, "maximum": settings.max_file_size},
+        "checksum": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+        "format": {"type": ["string", "null"],
+                   "description": "the model's format, else the file name's extension, else null"},
+        "content_type": {"type": "string", "description": "the Content-Type the file was uploaded with"},
+        "chunk_size": {"type": "integer", "minimum": 1},
+        "uploaded_at": TIMESTAMP,
+    }
+    model_fields = {
+        "name": ref("ModelName"),
+        "algorithm": _string(validation._MAX_SHORT, "free text, for example xgboost or random_forest"),
+        "hyperparameters": ref("SafeJsonObject"),
+        "metrics": ref("Metrics"),
+        "dataset_info": ref("SafeJsonObject"),
+        "tags": ref("Tags"),
+        "status": {**ref("Status"), "description": "active when registering unless given"},
+        "description": _string(validation._MAX_DESCRIPTION),
+        "created_by": _string(validation._MAX_SHORT),
+        "format": _string(50, "the file format, for example pkl, onnx or joblib"),
+        "version": {**ref("Version"), "description": "ask for this version number (409 if it exists); "
+                                                    "by default the next one is chosen"},
+        "breaking_changes": {"type": "boolean", "default": False,
+                             "description": "number the automatic version vMAJOR+1.0 instead of vMAJOR.MINOR+1"},
+    }
+    summary_props = {
+        "id": ref("ObjectId"),
+        "name": ref("ModelName"),
+        "version": ref("Version"),
+        "algorithm": {"type": "string"},
+        "status": ref("Status"),
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+        "created_by": {"type": ["string", "null"]},
+        "created_at": TIMESTAMP,
+        "download_count": COUNT,
+        "size_bytes": {**nullable(COUNT), "description": "the file's size; null while the model has no file"},
+    }
+    model_props = {
+        "id": ref("ObjectId"),
+        "name": ref("ModelName"),
+        "version": ref("Version"),
+        "algorithm": {"type": "string"},
+        "status": ref("Status"),
+        "description": {"type": ["string", "null"]},
+        "hyperparameters": {"type": "object"},
+        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+        "dataset_info": {"type": "object"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "format": {"type": ["string", "null"]},
+        "parent_model_id": {**nullable(ref("ObjectId")),
+                            "description": "the version this one was made from (the name's previous latest)"},
+        "created_by": {"type": ["string", "null"]},
+        "created_at": TIMESTAMP,
+        "updated_at": TIMESTAMP,
+        "download_count": COUNT,
+        "download_url": API_PATH,
+        "file_metadata": {**ref("FileMetadata"), "description": "present once a file is uploaded"},
+        "model_size": {"type": "string", "description": "human-readable file size (decimal units), with file_metadata",
+                       "examples": ["45.7 MB"]},
+    }
+    ids = {
+        "type": "array", "minItems": 1, "maxItems": MAX_IDS,
+        "items": {"description": "a model id; anything that is not 24 hexadecimal characters (including a "
+                                 "non-string) is answered per item as invalid_id, not as a 400"},
+    }
+    return {
+        "Error": {
+            "description": "The one shape every failure takes, whatever the status.",
+            **closed({"error": closed({"code": {"type": "string", "minLength": 1},
+                                       "message": {"type": "string", "minLength": 1}})}),
+        },
+        "ObjectId": {"type": "string", "pattern": "^[0-9a-f]{24}$", "description": "24 lowercase hex characters",
+                     "examples": ["6b0916141a2ae0d99912e3ac"]},
+        "ModelName": {"type": "string", "pattern": validation.NAME_RE.pattern, "description": validation.NAME_RULE},
+        "Version": {"type": "string", "pattern": versions._VERSION_RE.pattern,
+                    "description": "vMAJOR.MINOR, compared numerically (v1.10 > v1.9)", "examples": ["v1.0", "v2.3"]},
+        "Status": {"type": "string", "enum": statuses},
+        "SafeKey": {"type": "string", "pattern": r"^[^$.][^.]*$",
+                    "description": "a non-empty key that neither starts with '$' nor contains '.'"},
+        "SafeJsonValue": {"anyOf": [
+            {"type": ["string", "number", "boolean", "null"]},
+            {"type": "array", "items": ref("SafeJsonValue")},
+            ref("SafeJsonObject"),
+        ]},
+        "SafeJsonObject": {
+            "type": "object",
+            "description": "any JSON object whose keys, at every depth, neither start with '$' nor contain '.'",
+            "propertyNames": ref("SafeKey"),
+            "additionalProperties": ref("SafeJsonValue"),
+        },
+        "Metrics": {"type": "object", "propertyNames": ref("SafeKey"), "additionalProperties": {"type": "number"},
+                    "description": "metric name to number", "examples": [{"accuracy": 0.9234, "f1_score": 0.9038}]},
+        "Tags": {"type": "array", "maxItems": validation._MAX_TAGS, "items": _string(100)},
+        "ModelRegistration": {
+            "description": "POST /api/v1/models (as JSON, or as the multipart 'metadata' part).",
+            **closed(model_fields, required=["name", "algorithm"]),
+        },
+        "NewVersion": {
+            "description": "Fields that differ from the source model; everything else is inherited.",
+            **closed({k: v for k, v in model_fields.items() if k in validation.VERSION_FIELDS}, required=[]),
+        },
+        "ModelUpdate": {
+            "description": "The mutable fields; each one given replaces the stored value.",
+            **closed({k: v for k, v in model_fields.items() if k in validation.MUTABLE_FIELDS}, required=[]),
+        },
+        "FileMetadata": closed(file_metadata_props),
+        "FileInfo": closed({
+            "model_id": ref("ObjectId"),
+            **file_metadata_props,
+            "chunk_count": COUNT,
+            "download_url": API_PATH,
+        }),
+        "ModelSummary": {"description": "A model in lists.", **closed(summary_props)},
+        "Model": {
+            "description": "The full model document.",
+            **closed(model_props, required=[k for k in model_props if k not in ("file_metadata", "model_size")]),
+            "dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"]},
+        },
+        "Pagination": closed({
+            "page": {"type": "integer", "minimum": 1},
+            "limit": {"type": "integer", "minimum": 1, "maximum": settings.max_page_size},
+            "total": COUNT,
+            "pages": COUNT,
+        }),
+        "ModelList": closed({"models": {"type": "array", "items": ref("ModelSummary")},
+                             "pagination": ref("Pagination")}),
+        "ModelTop": closed({"models": {"type": "array", "items": ref("ModelSummary"),
+                                       "maxItems": settings.max_page_size}}),
+        "VersionList": closed({"name": ref("ModelName"), "versions": {
+            "type": "array", "items": ref("ModelSummary"), "minItems": 1, "description": "newest first"}}),
+        "RegistrationAnswer": closed({
+            "success": {"const": True},
+            "message": {"const": "Model registered successfully"},
+            "model_id": ref("ObjectId"),
+            "version": ref("Version"),
+            "download_url": API_PATH,
+        }),
+        "UploadAnswer": closed({"success": {"const": True}, "model_id": ref("ObjectId"),
+                                "file_metadata": ref("FileMetadata")}),
+        "UpdateAnswer": closed({"success": {"const": True}, "message": {"const": "Model updated successfully"},
+                                "model": ref("Model")}),
+        "DeleteAnswer": closed({"success": {"const": True}, "message": {"const": "Model deleted successfully"},
+                                "deleted_id": ref("ObjectId")}),
+        "Statistics": closed({
+            "total_models": COUNT,
+            "algorithms": {"type": "object", "additionalProperties": COUNT,
+                           "description": "models per algorithm, most common first"},
+            "status_distribution": closed({s: COUNT for s in statuses}),
+            "total_downloads": COUNT,
+            "storage_usage": closed({
+                "total_size_bytes": {**COUNT, "description": "stored content, a file shared by models counted once"},
+                "total_size_gb": {"type": "number", "minimum": 0},
+                "average_model_size_mb": {"type": "number", "minimum": 0},
+            }),
+            "recent_activity": closed({"models_added_last_7_days": COUNT, "downloads_last_24_hours": COUNT}),
+            "timestamp": TIMESTAMP,
+        }),
+        "Health": closed({
+            "status": {"enum": ["healthy", "unhealthy"]},
+            "service": {"const": "model-service"},
+            "storage": {"enum": ["embedded", "mongodb"]},
+            "mongodb_connected": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
+            "gridfs_available": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
+            "total_models": {**nullable(COUNT), "description": "null when the store did not answer"},
+            "timestamp": TIMESTAMP,
+            "error": {"type": "string", "description": "why, when unhealthy"},
+        }, required=["status", "service", "storage", "mongodb_connected", "gridfs_available", "total_models",
+                     "timestamp"]),
+        "CheckResult": {"type": "string", "minLength": 1,
+                        "description": "'healthy', or the reason the check failed"},
+        "DetailedHealth": closed({
+            "status": {"enum": ["healthy", "unhealthy"], "description": "unhealthy when any check is not healthy"},
+            "service": {"const": "model-service"},
+            "storage": {"enum": ["embedded", "mongodb"]},
+            "checks": closed({
+                "storage": {**ref("CheckResult"), "description": "the store answers a ping"},
+                "files": {**ref("CheckResult"), "description": "GridFS or the data folder is readable and writable"},
+                "disk_space": {**ref("CheckResult"), "description": "free space above HEALTH_MIN_FREE_DISK, where known"},
+                "model_registry": {**ref("CheckResult"),
+                                   "description": "a sample of the newest models with files point at stored content"},
+            }),
+            "total_models": {**nullable(COUNT), "description": "null when the store is unhealthy"},
+            "active_models": nullable(COUNT),
+            "storage_usage": nullable(closed({"total_size_bytes": COUNT})),
+            "timestamp": TIMESTAMP,
+            "disk_free_bytes": {**nullable(COUNT), "description": "null where the backend cannot tell"},
+        }),
+        "BatchIds": ids,
+        "BatchRequest": {
+            "description": f"One operation over at most {MAX_IDS} models. The body is checked as a whole first "
+                           "(a malformed one changes nothing); then each id is handled on its own.",
+            "oneOf": [
+                closed({"operation": {"const": "delete"}, "ids": ref("BatchIds")}, title="delete"),
+                closed({"operation": {"const": "update_status"}, "ids": ref("BatchIds"), "status": ref("Status")},
+                       title="update_status"),
+                closed({"operation": {"enum": ["add_tags", "remove_tags"]}, "ids": ref("BatchIds"),
+                        "tags": ref("Tags")}, title="add_tags / remove_tags"),
+            ],
+        },
+        "BatchAnswer": closed({
+            "operation": {"enum": list(OPERATIONS)},
+            "results": {"type": "array", "maxItems": MAX_IDS, "description": "one per requested id, in order",
+                        "items": closed({"id": {"type": "string"},
+                                         "result": {"enum": ["ok", "not_found", "invalid_id"]}})},
+            "summary": closed({"ok": COUNT, "not_found": COUNT, "invalid_id": COUNT}),
+        }),
+    }
+
+
+# --------------------------------------------------------------------------- parameters and headers
+
+def _header(description: str, schema: Json | None = None, required: bool = False) -> Json:
+    h: Json = {"description": description, "schema": schema or {"type": "string"}}
+    if required:
+        h["required"] = True
+    return h
+
+
+def _query(name: str, description: str, schema: Json) -> Json:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def _request_header(name: str, description: str) -> Json:
+    return {"name": name, "in": "header", "required": False, "description": description,
+            "schema": {"type": "string"}}
+
+
+def parameters(settings: Settings) -> Json:
+    default_limit = min(10, settings.max_page_size)
+    return {
+        "ModelId": {"name": "id", "in": "path", "required": True,
+                    "description": "the model's id (24 hex characters; upper case is accepted)",
+                    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{24}$"}},
+        "ModelName": {"name": "name", "in": "path", "required": True, "description": validation.NAME_RULE,
+                      "schema": ref("ModelName")},
+        "Version": _query("version", "this version of the name instead of the latest", ref("Version")),
+        "Page": _query("page", "page number", {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 1}),
+        "Limit": _query("limit", f"page size, at most MAX_PAGE_SIZE ({settings.max_page_size})",
+                        {"type": "integer", "minimum": 1, "maximum": settings.max_page_size,
+                         "default": default_limit}),
+        "Sort": _query("sort", "created_at, name, download_count or metrics.<name>; a leading '-' sorts descending",
+                       {"type": "string", "default": "-created_at",
+                        "pattern": r"^-?(created_at|name|download_count|metrics\.[A-Za-z0-9_-]{1,100})$"}),
+        "Algorithm": _query("algorithm", "only this algorithm (exact match; empty means no filter)",
+                            {"type": "string", "maxLength": 200}),
+        "StatusFilter": _query("status", "only this status (empty means no filter)", ref("Status")),
+        "TagsFilter": _query("tags", "comma-separated; models with any of these tags", {"type": "string"}),
+        "Text": _query("q", "text search over name, description, algorithm and tags",
+                       {"type": "string", "maxLength": 200}),
+        "MinAccuracy": _query("min_accuracy", "only models whose metrics.accuracy is at least this",
+                              {"type": "number"}),
+        "CreatedBy": _query("created_by", "only models created by this user", {"type": "string", "maxLength": 200}),
+        "Range": _request_header(
+            "Range", f"bytes=a-b, bytes=a- or bytes=-n, comma-separated (at most {ranges.MAX_RANGES}); overlapping "
+                     "and adjacent ranges are coalesced; a malformed header is ignored (200 with the whole file). "
+                     "Ignored on HEAD."),
+        "IfRange": _request_header("If-Range", "honour Range only if the file still has this strong ETag "
+                                               "or exactly this Last-Modified date"),
+        "IfMatch": _request_header("If-Match", "412 unless the file's ETag matches (strong comparison; * matches)"),
+        "IfUnmodifiedSince": _request_header("If-Unmodified-Since",
+                                             "412 if the file changed after this date (ignored with If-Match)"),
+        "IfNoneMatch": _request_header("If-None-Match", "304 if the file's ETag matches (weak comparison; * matches)"),
+        "IfModifiedSince": _request_header("If-Modified-Since",
+                                           "304 if the file has not changed since (ignored with If-None-Match)"),
+        "ChecksumHeader": {"name": "X-Checksum-Sha256", "in": "header", "required": False,
+                           "description": "the file's expected SHA-256 (64 hex, optionally prefixed sha256:); "
+                                          "422 checksum_mismatch and nothing stored if the content differs",
+                           "schema": {"type": "string", "pattern": r"^\s*(sha256:)?[0-9a-fA-F]{64}\s*$"}},
+        "ChecksumQuery": _query("sha256", "the same as X-Checksum-Sha256 (the header wins when both are given)",
+                                {"type": "string", "pattern": r"^\s*(sha256:)?[0-9a-fA-F]{64}\s*$"}),
+    }
+
+
+def headers() -> Json:
+    return {
+        "ETag": _header('strong ETag: the file\'s SHA-256 in quotes', required=True),
+        "LastModified": _header("when the file was uploaded (HTTP date)", required=True),
+        "AcceptRanges": _header("always bytes", {"const": "bytes"}, required=True),
+        "ContentDisposition": _header('attachment; filename="..." (plus filename*=UTF-8\'\'... for non-ASCII names)',
+                                      required=True),
+        "ContentLength": _header("body length in bytes", {"type": "integer", "minimum": 0}),
+        "UnsatisfiedRange": _header("bytes */size", required=True),
+        "XModelId": _header("the model's id", required=True),
+        "XModelName": _header("the model's name", required=True),
+        "XModelAlgorithm": _header("the model's algorithm (percent-encoded if not printable ASCII)", required=True),
+        "XModelVersion": _header("the model's version", required=True),
+        "XFileChecksum": _header("sha256:<hex>", {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+                                 required=True),
+        "ReprDigest": _header("RFC 9530 digest of the whole file: sha-256=:<base64>:", required=True),
+        "RetryAfter": _header("seconds to wait before retrying", {"type": "integer"}, required=True),
+        "Location": _header("the new model's URL", required=True),
+    }
+
+
+# The headers every file response (200, 206, HEAD) carries.
+_FILE_HEADERS = ("ETag", "LastModified", "AcceptRanges", "ContentDisposition", "XModelId", "XModelName",
+                 "XModelAlgorithm", "XModelVersion", "XFileChecksum", "ReprDigest", "ContentLength")
+# What a 304 repeats (RFC 9110 15.4.5), see downloads._NOT_MODIFIED_HEADERS.
+_NOT_MODIFIED_HEADERS = ("ETag", "LastModified", "AcceptRanges", "XFileChecksum", "ReprDigest")
+_HEADER_NAMES = {"LastModified": "Last-Modified", "AcceptRanges": "Accept-Ranges",
+                 "ContentDisposition": "Content-Disposition", "ContentLength": "Content-Length",
+                 "UnsatisfiedRange": "Content-Range", "XModelId": "X-Model-Id",
+                 "XModelName": "X-Model-Name", "XModelAlgorithm": "X-Model-Algorithm",
+                 "XModelVersion": "X-Model-Version", "XFileChecksum": "X-File-Checksum",
+                 "ReprDigest": "Repr-Digest", "RetryAfter": "Retry-After"}
+
+
+def header_refs(*names: str) -> Json:
+    return {_HEADER_NAMES.get(n, n): ref(n, "headers") for n in names}
+
+
+# --------------------------------------------------------------------------- shared responses
+
+def responses() -> Json:
+    return {
+        "StorageUnavailable": error_response(503, "storage_unavailable", headers=header_refs("RetryAfter")),
+        "InvalidModelId": error_response(400, "invalid_id"),
+        "ModelNotFound": error_response(404, "not_found"),
+        "InvalidParameter": error_response(400, "invalid_parameter"),
+        "JsonTooLarge": error_response(413, "payload_too_large"),
+        "VersionConflict": error_response(409, "version_exists", "version_conflict"),
+        "ChecksumMismatch": error_response(422, "checksum_mismatch"),
+    }
+
+
+def shared(name: str) -> Json:
+    return ref(name, "responses")
+
+
+def answer(description: str, schema_name: str, status_headers: Json | None = None) -> Json:
+    out: Json = {"description": description, "content": json_content(ref(schema_name))}
+    if status_headers:
+        out["headers"] = status_headers
+    return out
+
+
+# --------------------------------------------------------------------------- operations
+
+def op(op_id: str, tag: str, summary: str, responses_: Json, *, description: str | None = None,
+       params: list[Json] | None = None, body: Json | None = None) -> Json:
+    out: Json = {"operationId": op_id, "tags": [tag], "summary": summary}
+    if description:
+        out["description"] = description
+    if params:
+        out["parameters"] = params
+    if body:
+        out["requestBody"] = body
+    out["responses"] = dict(sorted(responses_.items()))
+    return out
+
+
+def p(name: str) -> Json:
+    return ref(name, "parameters")
+
+
+def json_request(schema_name: str, description: str) -> Json:
+    return {"required": True, "description": description, "content": json_content(ref(schema_name))}
+
+
+def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[str, ...],
+                  not_found: tuple[str, ...]) -> Json:
+    """GET and HEAD of a model file, as downloads.send serves them."""
+    conditional = [p("IfMatch"), p("IfUnmodifiedSince"), p("IfNoneMatch"), p("IfModifiedSince")]
+    description = (
+        "Sends the model file like a static file server: byte ranges and conditional requests per RFC 9110, "
+        "evaluated in the RFC's order (If-Match / If-Unmodified-Since, then If-None-Match / If-Modified-Since, "
+        "then If-Range and Range). A response that includes byte 0 counts as a download. If the store fails "
+        "mid-body the connection is aborted, so the client sees fewer bytes than Content-Length, never a short "
+        "body that looks complete."
+    )
+    # HEAD answers every status with GET's headers and no body.
+    get_responses = {
+        "200": {"description": "the whole file", "headers": header_refs(*_FILE_HEADERS),
+                "content": {"application/octet-stream": {"schema": BINARY}}},
+        "206": {
+            "description": "the requested range (application/octet-stream with Content-Range), or several "
+                           "ranges as multipart/byteranges, each part with its own Content-Type and "
+                           "Content-Range and no Content-Range on the response",
+            "headers": {**header_refs(*_FILE_HEADERS),
+                        "Content-Range": {"description": "bytes first-last/size; single range only",
+                                          "schema": {"type": "string", "pattern": r"^bytes \d+-\d+/\d+$"}}},
+            "content": {"application/octet-stream": {"schema": BINARY},
+                        "multipart/byteranges": {"schema": BINARY}},
+        },
+        "304": {"description": "If-None-Match / If-Modified-Since matched: no body",
+                "headers": header_refs(*_NOT_MODIFIED_HEADERS)},
+        "400": error_response(400, *bad_request),
+        "404": error_response(404, *not_found),
+        "412": error_response(412, "precondition_failed", headers=header_refs("ETag")),
+        "416": error_response(416, "range_not_satisfiable", headers=header_refs("UnsatisfiedRange", "AcceptRanges")),
+        "503": shared("StorageUnavailable"),
+    }
+    head_responses = {
+        "200": {"description": "the headers a GET without Range would send", "headers": header_refs(*_FILE_HEADERS)},
+        "304": get_responses["304"],
+        "400": error_response(400, *bad_request, body=False),
+        "404": error_response(404, *not_found, body=False),
+        "412": error_response(412, "precondition_failed", headers=header_refs("ETag"), body=False),
+        "503": error_response(503, "storage_unavailable", headers=header_refs("RetryAfter"), body=False),
+    }
+    return {
+        "get": op(op_id, "files", summary, get_responses, description=description,
+                  params=params + [p("Range"), p("IfRange")] + conditional),
+        "head": op(op_id + "Head", "files", summary + " (headers only)", head_responses,
+                   description="The headers GET would send, without the body. Range is ignored, and a HEAD "
+                               "never counts as a download.",
+                   params=params + conditional),
+    }
+
+
+def paths(settings: Settings) -> Json:
+    max_file = f"MAX_FILE_SIZE ({format_size(settings.max_file_size)}, {settings.max_file_size} bytes)"
+    model_id = [p("ModelId")]
+    listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"),
+                      p("CreatedBy"), p("Sort"), p("Page"), p("Limit")]
+    listing = op("listModels", "models", "List and search models", {
+        "200": answer("one page of models", "ModelList"),
+        "400": shared("InvalidParameter"),
+        "503": shared("StorageUnavailable"),
+    }, params=listing_params,
+        description="Filters combine with AND; `tags` matches models with any of the listed tags.")
+    statistics = op("registryStatistics", "analytics", "Registry statistics", {
+        "200": answer("totals, distributions, storage use and recent activity, computed by the database",
+                      "Statistics"),
+        "503": shared("StorageUnavailable"),
+    })
+    created = answer("registered", "RegistrationAnswer", header_refs("Location"))
+    upload_body = {
+        "required": False,
+        "description": "The file, as the raw body (an empty body stores an empty file) or as the 'file' part of a "
+                       "multipart body (other parts are ignored). Streamed into the store while hashed; "
+                       f"at most {max_file}. With `Expect: 100-continue` an oversized Content-Length is "
+                       "refused with 413 before the body is sent.",
+        "content": {
+            "application/octet-stream": {"schema": BINARY},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]},
+                "encoding": {"file": {"contentType": "application/octet-stream"}},
+            },
+        },
+    }
+    upload = op("uploadModelFile", "files", "Upload or replace the model's file", {
+        "201": answer("stored and attached; the model's previous file is released unless another model shares it",
+                      "UploadAnswer"),
+        "400": error_response(400, "invalid_id", "invalid_checksum", "invalid_filename", "missing_file"),
+        "404": shared("ModelNotFound"),
+        "413": error_response(413, "file_too_large"),
+        "422": shared("ChecksumMismatch"),
+        "503": shared("StorageUnavailable"),
+    }, params=model_id + [
+        p("ChecksumHeader"), p("ChecksumQuery"),
+        _query("filename", "the file's name for a raw body (default <name>-<version>); only its last path "
+                           "component is kept", {"type": "string"}),
+        _request_header("Content-Disposition", "alternative to ?filename= for a raw body: "
+                                               "attachment; filename=\"...\""),
+    ], body=upload_body)
+
+    return {
+        "/health": {"get": op("health", "operations", "Liveness: does the service answer and reach its store", {
+            "200": answer("healthy", "Health"),
+            "503": answer("unhealthy: the store did not answer (see error)", "Health"),
+        })},
+        "/health/detailed": {"get": op("healthDetailed", "operations", "Readiness: storage, files, disk and registry", {
+            "200": answer("every check is healthy", "DetailedHealth"),
+            "503": answer("at least one check failed; each check says why", "DetailedHealth"),
+        })},
+        "/metrics": {"get": op("metrics", "operations", "Prometheus metrics", {
+            "200": {"description": "Prometheus text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+        }, description="Counters and histograms for downloads, uploads, registrations and requests; registry "
+                       "gauges are read from the database at scrape time (a storage failure leaves them as they "
+                       "were and is counted, the scrape still answers 200). Sums over all workers.")},
+        "/api/v1/openapi.json": {"get": op("openapi", "operations", "This OpenAPI 3.1 document", {
+            "200": {"description": "the document", "content": json_content(
+                {"type": "object", "required": ["openapi", "info", "paths"]})},
+        })},
+        "/docs": {"get": op("docs", "operations", "This API as a static HTML page (no external resources)", {
+            "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+        })},
+        MODELS: {
+            "get": listing,
+            "post": op("registerModel", "models", "Register a model (optionally with its file)", {
+                "201": created,
+                "400": error_response(400, *BODY_CODES, "missing_metadata", "missing_file", "invalid_filename",
+                                      "invalid_checksum"),
+                "409": shared("VersionConflict"),
+                "413": error_response(413, "payload_too_large", "file_too_large"),
+                "422": shared("ChecksumMismatch"),
+                "503": shared("StorageUnavailable"),
+            }, description=(
+                "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
+                "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
+                "object and a 'file' part, in either order; the model is created only once both arrived intact. "
+                "The first version of a name is v1.0; registering the name again makes the next version with "
+                "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
+                "multipart file only."),
+                params=[p("ChecksumHeader"), p("ChecksumQuery")],
+                body={"required": True, "content": {
+                    **json_content(ref("ModelRegistration")),
+                    "multipart/form-data": {
+                        "schema": {"type": "object", "required": ["metadata", "file"],
+                                   "properties": {"metadata": ref("ModelRegistration"), "file": BINARY}},
+                        "encoding": {"metadata": {"contentType": "application/json"},
+                                     "file": {"contentType": "application/octet-stream"}},
+                    },
+                }}),
+        },
+        MODELS + "/search": {"get": {**listing, "operationId": "searchModels",
+                                     "summary": "List and search models (the same as GET /api/v1/models)"}},
+        MODELS + "/statistics": {"get": statistics},
+        "/api/v1/statistics": {"get": {**statistics, "operationId": "registryStatisticsAlias",
+                                       "summary": "Registry statistics (alias of /api/v1/models/statistics)"}},
+        MODELS + "/popular": {"get": op("popularModels", "analytics", "Most downloaded models", {
+            "200": answer("models by download count, highest first", "ModelTop"),
+            "400": shared("InvalidParameter"),
+            "503": shared("StorageUnavailable"),
+        }, params=[p("Limit")])},
+        MODELS + "/recent": {"get": op("recentModels", "analytics", "Newest models", {
+            "200": answer("models by creation time, newest first", "ModelTop"),
+            "400": shared("InvalidParameter"),
+            "503": shared("StorageUnavailable"),
+        }, params=[p("Limit")])},
+        MODELS + "/batch": {"post": op("batchModels", "models", "One operation over many models", {
+            "200": answer("what happened to each id; a bad or unknown id never fails the batch", "BatchAnswer"),
+            "400": error_response(400, "invalid_json", "unknown_field", "validation_error"),
+            "413": shared("JsonTooLarge"),
+            "503": shared("StorageUnavailable"),
+        }, body=json_request("BatchRequest", "delete, update_status (with status), add_tags or remove_tags "
+                                             "(with tags)"))},
+        MODELS + "/by-name/{name}": {"get": op("getModelByName", "models", "The latest version of a name", {
+            "200": answer("the full model document", "Model"),
+            "400": error_response(400, "validation_error", "invalid_parameter"),
+            "404": shared("ModelNotFound"),
+            "503": shared("StorageUnavailable"),
+        }, params=[p("ModelName"), p("Version")])},
+        MODELS + "/by-name/{name}/download": _download_ops(
+            "downloadModelByName", "Download the latest version's file (or ?version=)",
+            [p("ModelName"), p("Version")], ("validation_error", "invalid_parameter"), ("not_found", "no_file")),
+        MODELS + "/{id}": {
+            "get": op("getModel", "models", "The full model document", {
+                "200": answer("the model", "Model"),
+                "400": shared("InvalidModelId"),
+                "404": shared("ModelNotFound"),
+                "503": shared("StorageUnavailable"),
+            }, params=model_id),
+            "put": op("updateModel", "models", "Update the mutable fields", {
+                "200": answer("updated", "UpdateAnswer"),
+                "400": error_response(400, "invalid_id", *BODY_CODES),
+                "404": shared("ModelNotFound"),
+                "413": shared("JsonTooLarge"),
+                "503": shared("StorageUnavailable"),
+            }, params=model_id, body=json_request("ModelUpdate", "hyperparameters, metrics, dataset_info, tags, "
+                                                                 "status, description")),
+            "delete": op("deleteModel", "models", "Delete a model and (unless shared) its file", {
+                "200": answer("deleted", "DeleteAnswer"),
+                "400": shared("InvalidModelId"),
+                "404": shared("ModelNotFound"),
+                "503": shared("StorageUnavailable"),
+            }, params=model_id),
+        },
+        MODELS + "/{id}/versions": {
+            "get": op("listVersions", "models", "Every version of the model's name, newest first", {
+                "200": answer("the versions", "VersionList"),
+                "400": shared("InvalidModelId"),
+                "404": shared("ModelNotFound"),
+                "503": shared("StorageUnavailable"),
+            }, params=model_id),
+            "post": op("createVersion", "models", "A new version made from this one", {
+                "201": created,
+                "400": error_response(400, "invalid_id", *BODY_CODES),
+                "404": shared("ModelNotFound"),
+                "409": shared("VersionConflict"),
+                "413": shared("JsonTooLarge"),
+                "503": shared("StorageUnavailable"),
+            }, params=model_id, body=json_request(
+                "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
+                              "version follows the name's latest, v(MAJOR+1).0 with breaking_changes")),
+        },
+        MODELS + "/{id}/upload": {"post": {**upload, "operationId": "uploadModelFilePost"}, "put": upload},
+        MODELS + "/{id}/download": _download_ops(
+            "downloadModel", "Download the model's file", model_id, ("invalid_id",), ("not_found", "no_file")),
+        MODELS + "/{id}/info": {"get": op("modelFileInfo", "files", "The file's metadata, without the body", {
+            "200": answer("the file's metadata", "FileInfo"),
+            "400": shared("InvalidModelId"),
+            "404": error_response(404, "not_found", "no_file"),
+            "503": shared("StorageUnavailable"),
+        }, params=model_id)},
+    }
+
+
+# --------------------------------------------------------------------------- the document
+
+def _description(settings: Settings) -> str:
+    rows = "\n".join(f"| `{code}` | {status} | {meaning} |" for code, (status, meaning) in ERROR_CODES.items())
+    return (
+        "The TensorFleet model registry: model metadata (versions, lineage, metrics, tags, status) and the "
+        "model files, streamed in and out.\n\n"
+        "Model ids are 24-hex ObjectId strings; timestamps are ISO-8601 UTC with milliseconds and a Z. "
+        "Every error is `{\"error\": {\"code\": ..., \"message\": ...}}` with the matching status: also a "
+        "path with no route (404 `not_found`), a method the path does not take (405 `method_not_allowed`, "
+        "with Allow), and any unexpected failure (500 `internal_error`, details logged server-side only). "
+        "Any operation that reaches the store answers 503 `storage_unavailable` with Retry-After while the "
+        "store is unreachable.\n\n"
+        f"Limits: JSON bodies {MAX_JSON_BYTES} bytes; files MAX_FILE_SIZE ({format_size(settings.max_file_size)}); "
+        f"pages MAX_PAGE_SIZE ({settings.max_page_size}); {ranges.MAX_RANGES} ranges per request; "
+        f"{MAX_IDS} ids per batch.\n\n"
+        "| code | status | meaning |\n| --- | --- | --- |\n" + rows
+    )
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tensorfleet-model-service")
+    except Exception:  # not installed as a package (running from a checkout)
+        return "0.1.0"
+
+
+def build(settings: Settings) -> Json:
+    """The OpenAPI 3.1 document for a service running with ``settings``."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "TensorFleet Model Service",
+            "version": _package_version(),
+            "description": _description(settings),
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "tags": [
+            {"name": "models", "description": "the registry: register, list, read, update, delete, versions, batch"},
+            {"name": "files", "description": "model files: upload, download, file info"},
+            {"name": "analytics", "description": "statistics, popular and recent models"},
+            {"name": "operations", "description": "health, metrics and this documentation"},
+        ],
+        "paths": paths(settings),
+        "components": {
+            "schemas": schemas(settings),
+            "parameters": parameters(settings),
+            "headers": headers(),
+            "responses": responses(),
+        },
+    }
