@@ -8,6 +8,7 @@ import sys
 from .client.cli import add_client_commands
 from . import logs
 from .config import ConfigError, Settings
+from .maintenance import add_maintenance_commands
 from .storage import StorageUnavailable
 
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="serving processes sharing the port (overrides WORKERS)")
     serve.set_defaults(func=_serve)
     add_client_commands(sub)
+    add_maintenance_commands(sub)
     return parser
 
 

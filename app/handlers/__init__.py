@@ -2,11 +2,12 @@
 
 from aiohttp import web
 
-from . import analytics, batch, files, health, metrics, models
+from . import analytics, batch, docs, files, health, metrics, models
 
 
 def setup_routes(app: web.Application) -> None:
     health.setup(app)
+    docs.setup(app)
     metrics.setup(app)
     # Fixed paths (statistics, popular, ...) before models' /{id}, which would match them.
     analytics.setup(app)

@@ -75,6 +75,7 @@ class ModelQuery:
     text: str | None = None
     min_accuracy: float | None = None
     created_by: str | None = None
+    created_before: datetime | None = None
     # "created_at", "name", "download_count" or "metrics.<name>"
     sort_field: str = "created_at"
     sort_desc: bool = True
@@ -249,6 +250,15 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def settle_file(self, file_id: str) -> None:
         """Drop one claim a commit took on this content."""
+
+    @abc.abstractmethod
+    async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
+        """Remove stored content no model refers to, left by crashes; one line per item.
+
+        Leaves alone anything younger than ``min_age`` (an upload in progress
+        writes continuously, so its pieces are always young) and content a
+        commit has claimed. With ``dry_run`` only lists what it would remove.
+        """
 
     @abc.abstractmethod
     async def release_file(self, file_id: str) -> bool:

@@ -22,7 +22,8 @@ import orjson
 from bson import ObjectId
 
 from ..clock import iso, now, parse_iso
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
 
 from .base import (
     CLAIM_GRACE,
@@ -285,6 +286,9 @@ class EmbeddedStorage(Storage):
         if q.created_by is not None:
             clauses.append("created_by = ?")
             params.append(q.created_by)
+        if q.created_before is not None:
+            clauses.append("created_at < ?")
+            params.append(iso(q.created_before))
         if q.tags:
             marks = ", ".join("?" * len(q.tags))
             clauses.append(f"EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE value IN ({marks}))")
@@ -431,6 +435,50 @@ class EmbeddedStorage(Storage):
 
     async def release_file(self, file_id: str) -> bool:
         return await self._run(self._release, file_id) is not None
+
+    def _garbage(self, min_age: timedelta) -> tuple[list[str], set[str]]:
+        """(unreferenced file ids, blob names the files table knows)."""
+        db = self._db
+        cutoff = iso(now() - min_age)
+        unreferenced = [r[0] for r in db.execute(
+            "SELECT file_id FROM files WHERE file_id NOT IN (SELECT file_id FROM models WHERE file_id IS NOT NULL)"
+            " AND (claims = 0 OR claimed_at < ?) AND uploaded_at < ?", (cutoff, cutoff))]
+        known = {r[0] for r in db.execute("SELECT sha256 FROM files")}
+        return unreferenced, known
+
+    async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
+        unreferenced, known = await self._run(self._garbage, min_age)
+        report = []
+        for file_id in unreferenced:
+            info = await self.file_info(file_id)
+            if info is None:
+                continue
+            if dry_run or await self.release_file(file_id):
+                report.append(f"file {file_id} sha256:{info.sha256} {info.size} bytes (no model refers to it)")
+        horizon = time.time() - min_age.total_seconds()
+
+        def strays() -> list[tuple[str, Path]]:
+            found = []
+            for p in self.tmp_dir.iterdir():
+                # A temp file still being written has a fresh mtime.
+                if p.is_file() and p.stat().st_mtime < horizon:
+                    found.append(("temp file", p))
+            for p in self.blob_dir.glob("*/*"):
+                if p.is_file() and p.name not in known and p.stat().st_mtime < horizon:
+                    found.append(("blob without a files row", p))
+            return found
+
+        for what, path in await asyncio.to_thread(strays):
+            size = path.stat().st_size
+            if not dry_run:
+                # Recheck under the SQLite thread: a commit may have just registered it.
+                if what != "temp file" and await self._run(
+                    lambda: self._db.execute("SELECT 1 FROM files WHERE sha256 = ?", (path.name,)).fetchone()
+                ):
+                    continue
+                path.unlink(missing_ok=True)
+            report.append(f"{what} {path} {size} bytes")
+        return report
 
     async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         end = file.size if length is None else min(file.size, offset + length)

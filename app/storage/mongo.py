@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator
 
 from bson import ObjectId
@@ -236,6 +236,8 @@ class MongoStorage(Storage):
             f["status"] = q.status
         if q.created_by is not None:
             f["created_by"] = q.created_by
+        if q.created_before is not None:
+            f["created_at"] = {"$lt": q.created_before}
         if q.tags:
             f["tags"] = {"$in": list(q.tags)}
         and_: list[dict[str, Any]] = []
@@ -332,6 +334,33 @@ class MongoStorage(Storage):
             return False
         await self.chunks.delete_many({"files_id": oid})
         return True
+
+    @_guard
+    async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
+        report = []
+        cutoff = now() - min_age
+        referenced = set(await self.models.distinct("file_metadata.file_id"))
+        # Committed content no model refers to (release_file re-checks references and claims).
+        async for f in self.files.find({"uploadDate": {"$lt": cutoff}}, {"length": 1, "metadata": 1}):
+            if f["_id"] in referenced:
+                continue
+            if dry_run or await self.release_file(str(f["_id"])):
+                report.append(f"file {f['_id']} {f['length']} bytes (no model refers to it)")
+        # Chunks without a files document: an upload that died before its
+        # commit, or one still running. Chunk ids are made when they are
+        # written, so a running upload's newest chunk is always young.
+        stored = set(await self.files.distinct("_id"))
+        for files_id in await self.chunks.distinct("files_id"):
+            if files_id in stored:
+                continue
+            newest = await self.chunks.find_one({"files_id": files_id}, {"_id": 1}, sort=[("n", DESCENDING)])
+            if newest is None or newest["_id"].generation_time > cutoff:
+                continue
+            count = await self.chunks.count_documents({"files_id": files_id})
+            if not dry_run:
+                await self.chunks.delete_many({"files_id": files_id})
+            report.append(f"{count} orphan chunks of files_id {files_id} (upload never committed)")
+        return report
 
     @_guard
     async def settle_file(self, file_id: str) -> None:
