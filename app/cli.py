@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .client.cli import add_client_commands
 from . import logs
+from .client.cli import add_client_commands
 from .config import ConfigError, Settings
 from .maintenance import add_maintenance_commands
 from .storage import StorageUnavailable
@@ -32,12 +32,29 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         serve(settings)
+    except ConfigError as e:
+        print(f"model-service: configuration error: {e}", file=sys.stderr)
+        return 2
     except StorageUnavailable as e:
         print(f"model-service: cannot start: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"model-service: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from . import auth
+
+    if not auth._NAME_RE.match(args.name):
+        print("model-service: --name must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'", file=sys.stderr)
+        return 2
+    key = auth.new_key()
+    print(f"API key for {args.name} ({args.scope}); shown once, store it now:")
+    print(f"  {key}")
+    print("Line for API_KEYS_FILE:")
+    print(f"  {auth.hash_key(key)} {args.scope} {args.name}")
     return 0
 
 
@@ -55,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (overrides PORT)")
     serve.add_argument("--workers", type=int, help="serving processes sharing the port (overrides WORKERS)")
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="make a new random key; prints it once, and its keys-file line")
+    create.add_argument("--name", required=True, help="who uses the key (becomes created_by)")
+    create.add_argument("--scope", required=True, choices=("read", "write", "admin"))
+    create.set_defaults(func=_keys_create)
     add_client_commands(sub)
     add_maintenance_commands(sub)
     return parser

@@ -77,6 +77,11 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     enable_auth: bool = False
+    api_keys_file: str | None = None
+    # Development only: "key:scope:name,..." (keys in clear).
+    api_keys: str | None = None
+    # Paths that need no key even with auth on.
+    auth_open_paths: tuple[str, ...] = ("/health", "/metrics")
     max_page_size: int = 100
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     # How long start-up waits for MongoDB before giving up, and how long a
@@ -107,6 +112,9 @@ class Settings:
             log_level=_log_level(env),
             log_format=_choice(env, "LOG_FORMAT", cls.log_format, ("text", "json")),
             enable_auth=_bool(env, "ENABLE_AUTH", cls.enable_auth),
+            api_keys_file=_raw(env, "API_KEYS_FILE") or None,
+            api_keys=_raw(env, "API_KEYS") or None,
+            auth_open_paths=_paths(env, "AUTH_OPEN_PATHS", cls.auth_open_paths),
             max_page_size=_int(env, "MAX_PAGE_SIZE", cls.max_page_size, 1, 10_000),
             cors_origins=_origins(env),
             mongodb_timeout_ms=_int(env, "MONGODB_TIMEOUT_MS", cls.mongodb_timeout_ms, 100, 600_000),
@@ -209,6 +217,17 @@ def _mongodb_url(env):
     if not value.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(f"MONGODB_URL must start with mongodb:// or mongodb+srv://, got {_redact(value)!r}")
     return value
+
+
+def _paths(env, name, default):
+    value = _raw(env, name)
+    if value is None:
+        return default
+    paths = tuple(p.strip() for p in value.split(",") if p.strip())
+    for p in paths:
+        if not p.startswith("/"):
+            raise ConfigError(f"{name} entries must be paths starting with '/', got {p!r}")
+    return paths
 
 
 def _origins(env):

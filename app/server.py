@@ -8,8 +8,8 @@ import logging
 import aiohttp_cors
 from aiohttp import web
 
-from . import logs
-from .config import Settings
+from . import auth, logs
+from .config import ConfigError, Settings
 from .handlers import setup_routes
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
@@ -23,7 +23,13 @@ log = logging.getLogger("app")
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
     # Metrics outermost, so they see the status the error middleware chose.
-    app = web.Application(middlewares=[logs.request_id_middleware, metrics_middleware, error_middleware])
+    middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware]
+    if settings.enable_auth:
+        keys = auth.load_keys(settings.api_keys_file, settings.api_keys)
+        if not keys:
+            raise ConfigError("ENABLE_AUTH=true needs keys in API_KEYS_FILE or API_KEYS")
+        middlewares.append(auth.middleware(keys, settings.auth_open_paths))
+    app = web.Application(middlewares=middlewares)
     app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
@@ -61,10 +67,17 @@ def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
 def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM; raises StorageUnavailable if the store is unreachable.
 
+    Checks the API keys first (ConfigError), so a bad keys file stops start-up.
+
     With ``workers > 1`` this process only supervises: it starts that many
     serving processes, which share the port through SO_REUSEPORT so the kernel
     spreads connections over every core.
     """
+    if settings.enable_auth:
+        auth.load_keys(settings.api_keys_file, settings.api_keys)
+    else:
+        log.warning("authentication is off (ENABLE_AUTH=false): anyone who can reach this port can "
+                    "change and delete models")
     if settings.workers > 1:
         from .workers import supervise
 

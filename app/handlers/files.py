@@ -11,7 +11,7 @@ from ..http import ApiError, json_response, parse_json_object, read_limited
 from ..keys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import file_metadata
-from .models import PREFIX, created, model_or_404, named_model_or_404
+from .models import PREFIX, created, model_or_404, named_model_or_404, with_caller
 
 
 async def _receive(request: web.Request) -> uploads.Received:
@@ -88,7 +88,7 @@ async def register_with_file(request: web.Request) -> web.Response:
         async for part in reader:
             if part.name == "metadata" and fields is None:
                 raw = await read_limited(part.read_chunk, "metadata part")
-                fields = validation.registration(parse_json_object(raw))
+                fields = with_caller(request, validation.registration(parse_json_object(raw)))
             elif part.name == "file" and received is None:
                 received = await uploads.receive_part(part, storage, settings, sha256)
             else:

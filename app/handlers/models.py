@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .. import clock, registry, validation, versions, views
 from ..http import ApiError, cacheable_json, json_response, read_json_object
+from ..auth import caller_name
 from ..keys import LEASES, SETTINGS, STORAGE
 
 PREFIX = "/api/v1/models"
@@ -44,9 +45,17 @@ async def register(request: web.Request) -> web.Response:
         from .files import register_with_file
 
         return await register_with_file(request)
-    fields = validation.registration(await read_json_object(request))
+    fields = with_caller(request, validation.registration(await read_json_object(request)))
     doc = await registry.create(request.app[STORAGE], fields)
     return created(doc)
+
+
+def with_caller(request: web.Request, fields: dict) -> dict:
+    """created_by defaults to the name of the API key that made the request."""
+    caller = caller_name(request)
+    if caller and "created_by" not in fields:
+        return {**fields, "created_by": caller}
+    return fields
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -84,7 +93,7 @@ async def delete_model(request: web.Request) -> web.Response:
 
 async def create_version(request: web.Request) -> web.Response:
     source = await model_or_404(request)
-    updates = validation.new_version(await read_json_object(request))
+    updates = with_caller(request, validation.new_version(await read_json_object(request)))
     fields = registry.new_version_fields(source, updates)
     doc = await registry.create(request.app[STORAGE], fields, parent_id=source["id"])
     return created(doc)

@@ -1,0 +1,132 @@
+"""API keys: who may read, write and administer the registry.
+
+With ENABLE_AUTH=true every request (except the open paths, /health and
+/metrics by default) carries ``X-API-Key: <key>`` or ``Authorization: Bearer
+<key>``. Keys are never stored in clear: API_KEYS_FILE holds one
+``<sha256 of key> <scope> <name>`` per line; API_KEYS (development only) takes
+``key:scope:name`` entries. Scopes nest: ``read`` (GET, HEAD) < ``write``
+(register, update, upload, versions) < ``admin`` (delete, batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import ConfigError
+from .http import ApiError
+
+SCOPES = ("read", "write", "admin")
+_LEVEL = {s: i for i, s in enumerate(SCOPES)}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="model-service", charset="UTF-8"'}
+
+IDENTITY = web.RequestKey("identity", object)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    digest: bytes  # sha256 of the key
+    scope: str
+    name: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "tfms_" + secrets.token_urlsafe(32)
+
+
+def _entry(digest_hex: str, scope: str, name: str, where: str) -> ApiKey:
+    if not _HEX_RE.match(digest_hex):
+        raise ConfigError(f"{where}: the first field must be the key's sha256 (64 lowercase hex digits)")
+    if scope not in _LEVEL:
+        raise ConfigError(f"{where}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: name must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'")
+    return ApiKey(bytes.fromhex(digest_hex), scope, name)
+
+
+def load_keys(keys_file: str | None, inline: str | None) -> tuple[ApiKey, ...]:
+    keys: list[ApiKey] = []
+    if keys_file:
+        try:
+            lines = Path(keys_file).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"API_KEYS_FILE: cannot read {keys_file}: {e.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) != 3:
+                raise ConfigError(f"API_KEYS_FILE {keys_file}:{number}: expected 'key_sha256 scope name'")
+            keys.append(_entry(*fields, where=f"API_KEYS_FILE {keys_file}:{number}"))
+    for i, item in enumerate(filter(None, (inline or "").split(",")), 1):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not parts[0]:
+            raise ConfigError(f"API_KEYS entry {i}: expected key:scope:name")
+        keys.append(_entry(hash_key(parts[0]), parts[1], parts[2], where=f"API_KEYS entry {i}"))
+    return tuple(keys)
+
+
+def required_scope(request: web.Request) -> str:
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return "read"
+    if request.method == "DELETE" or request.path.rstrip("/") == "/api/v1/models/batch":
+        return "admin"
+    return "write"
+
+
+def presented_key(request: web.Request) -> str | None:
+    key = request.headers.get("X-API-Key")
+    if key:
+        return key
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def identify(keys: tuple[ApiKey, ...], key: str) -> ApiKey | None:
+    digest = hashlib.sha256(key.encode()).digest()
+    found = None
+    # Every entry is compared, in constant time, whatever matches: the time
+    # taken says nothing about which key, or how much of one, was right.
+    for entry in keys:
+        if hmac.compare_digest(entry.digest, digest):
+            found = entry
+    return found
+
+
+def middleware(keys: tuple[ApiKey, ...], open_paths: tuple[str, ...]):
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler):
+        if request.path in open_paths or (request.method == "OPTIONS" and "Origin" in request.headers):
+            return await handler(request)
+        key = presented_key(request)
+        if key is None:
+            raise ApiError(401, "unauthorized", "an API key is required (X-API-Key or Authorization: Bearer)",
+                           _CHALLENGE)
+        identity = identify(keys, key)
+        if identity is None:
+            raise ApiError(401, "unauthorized", "unknown API key", _CHALLENGE)
+        needed = required_scope(request)
+        if _LEVEL[identity.scope] < _LEVEL[needed]:
+            raise ApiError(403, "forbidden", f"this key has scope {identity.scope!r}; {needed!r} is needed")
+        request[IDENTITY] = identity
+        return await handler(request)
+
+    return auth_middleware
+
+
+def caller_name(request: web.Request) -> str | None:
+    identity = request.get(IDENTITY)
+    return identity.name if identity is not None else None

@@ -1,0 +1,126 @@
+"""API keys and scopes (ENABLE_AUTH=true)."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from app import auth
+from app.config import ConfigError, Settings
+from app.server import create_app
+from tests.support.mongo_server import REPO
+
+READ, WRITE, ADMIN = "reader-key-1", "writer-key-2", "admin-key-3"
+
+
+@pytest.fixture
+async def authed(aiohttp_client, settings, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(
+        "# sha256 scope name\n"
+        f"{auth.hash_key(READ)} read dashboard\n"
+        f"\n{auth.hash_key(WRITE)} write trainer\n"
+    )
+    s = dataclasses.replace(settings, enable_auth=True, api_keys_file=str(keys_file), api_keys=f"{ADMIN}:admin:ops")
+    return await aiohttp_client(create_app(s))
+
+
+def h(key):
+    return {"X-API-Key": key}
+
+
+async def test_missing_and_unknown_keys_are_401_with_a_challenge(authed):
+    for headers in ({}, h("nope"), {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
+        resp = await authed.get("/api/v1/models", headers=headers)
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+
+
+async def test_scopes(authed):
+    # read: GET and HEAD only
+    assert (await authed.get("/api/v1/models", headers=h(READ))).status == 200
+    resp = await authed.post("/api/v1/models", json={"name": "m", "algorithm": "a"}, headers=h(READ))
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
+
+    # write: register, update, upload, versions; not delete or batch
+    resp = await authed.post("/api/v1/models", json={"name": "m", "algorithm": "a"},
+                             headers={"Authorization": f"Bearer {WRITE}"})
+    assert resp.status == 201
+    model_id = (await resp.json())["model_id"]
+    assert (await authed.put(f"/api/v1/models/{model_id}", json={"tags": ["t"]}, headers=h(WRITE))).status == 200
+    assert (await authed.put(f"/api/v1/models/{model_id}/upload", data=b"x", headers=h(WRITE))).status == 201
+    assert (await authed.post(f"/api/v1/models/{model_id}/versions", json={}, headers=h(WRITE))).status == 201
+    assert (await authed.delete(f"/api/v1/models/{model_id}", headers=h(WRITE))).status == 403
+    batch = {"operation": "delete", "ids": [model_id]}
+    assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(WRITE))).status == 403
+    assert (await authed.get(f"/api/v1/models/{model_id}/download", headers=h(READ))).status == 200
+
+    # admin: everything
+    assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(ADMIN))).status == 200
+    assert (await authed.get(f"/api/v1/models/{model_id}", headers=h(ADMIN))).status == 404
+
+
+async def test_created_by_defaults_to_the_key_name(authed):
+    resp = await authed.post("/api/v1/models", json={"name": "m", "algorithm": "a"}, headers=h(WRITE))
+    model_id = (await resp.json())["model_id"]
+    doc = await (await authed.get(f"/api/v1/models/{model_id}", headers=h(READ))).json()
+    assert doc["created_by"] == "trainer"
+    resp = await authed.post("/api/v1/models", json={"name": "n", "algorithm": "a", "created_by": "someone"},
+                             headers=h(WRITE))
+    doc = await (await authed.get(f"/api/v1/models/{(await resp.json())['model_id']}", headers=h(READ))).json()
+    assert doc["created_by"] == "someone"
+
+
+async def test_health_and_metrics_stay_open(authed):
+    assert (await authed.get("/health")).status == 200
+    assert (await authed.get("/metrics")).status == 200
+    assert (await authed.get("/health/detailed")).status == 401
+
+
+def test_keys_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "keys"
+    bad.write_text(f"{auth.hash_key('k')} read ok\nnot-a-hash write ci\n")
+    with pytest.raises(ConfigError, match=r"keys:2"):
+        auth.load_keys(str(bad), None)
+    bad.write_text(f"{auth.hash_key('k')} superuser ci\n")
+    with pytest.raises(ConfigError, match="scope"):
+        auth.load_keys(str(bad), None)
+    with pytest.raises(ConfigError, match="API_KEYS_FILE"):
+        auth.load_keys(str(tmp_path / "missing"), None)
+    with pytest.raises(ConfigError, match="API_KEYS entry 1"):
+        auth.load_keys(None, "justakey")
+    with pytest.raises(ConfigError, match="ENABLE_AUTH"):
+        create_app(Settings(data_dir=str(tmp_path), enable_auth=True))
+
+
+def test_identify_checks_every_key():
+    keys = auth.load_keys(None, "a:read:x,b:write:y")
+    assert auth.identify(keys, "b").name == "y"
+    assert auth.identify(keys, "a").scope == "read"
+    assert auth.identify(keys, "c") is None
+
+
+def test_keys_create_prints_a_working_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--name", "ci", "--scope", "write"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    key = lines[1]
+    keys_line = lines[3]
+    assert key.startswith("tfms_") and len(key) > 40
+    (tmp_path / "keys").write_text(keys_line + "\n")
+    [entry] = auth.load_keys(str(tmp_path / "keys"), None)
+    assert (entry.scope, entry.name) == ("write", "ci")
+    assert auth.identify((entry,), key) == entry
+    assert key not in keys_line
+
+
+def test_auth_off_warns_once_at_start_up(tmp_path):
+    from tests.support.live_service import LiveService
+
+    service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": ""}, tmp_path / "log")
+    service.start()
+    service.stop()
+    assert service.log().count("authentication is off") == 1
