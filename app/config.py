@@ -60,6 +60,27 @@ def format_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|sec|s|minute|min|m|hour|h)\s*$")
+_PERIOD = {"second": 1, "sec": 1, "s": 1, "minute": 60, "min": 60, "m": 60, "hour": 3600, "h": 3600}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` requests per ``seconds``, as in RATE_LIMIT=100/minute."""
+
+    count: int
+    seconds: int
+
+
+def parse_rate(name: str, text: str | None) -> Rate | None:
+    if not text:
+        return None
+    m = _RATE_RE.match(text)
+    if not m or int(m[1]) == 0:
+        raise ConfigError(f"{name} must look like 100/minute (per second, minute or hour), got {text!r}")
+    return Rate(int(m[1]), _PERIOD[m[2]])
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -93,6 +114,16 @@ class Settings:
     workers: int = 1
     # /health/detailed calls the disk unhealthy below this much free space.
     min_free_disk: int = 10**9
+    # Limits (issue: security and reliability); every one is in the README.
+    rate_limit: Rate | None = None
+    download_rate_limit: Rate | None = None
+    max_concurrent_downloads: int = 128
+    download_queue_seconds: float = 10.0
+    download_timeout: float = 600.0
+    shutdown_grace_seconds: float = 60.0
+    max_header_size: int = 8190
+    max_url_length: int = 8190
+    max_json_size: int = 2**20
 
     @property
     def storage_kind(self) -> str:
@@ -121,6 +152,15 @@ class Settings:
             gridfs_chunk_size=_chunk_size(env),
             workers=_int(env, "WORKERS", cls.workers, 1, 64),
             min_free_disk=_size(env, "HEALTH_MIN_FREE_DISK", cls.min_free_disk),
+            rate_limit=parse_rate("RATE_LIMIT", _raw(env, "RATE_LIMIT")),
+            download_rate_limit=parse_rate("DOWNLOAD_RATE_LIMIT", _raw(env, "DOWNLOAD_RATE_LIMIT")),
+            max_concurrent_downloads=_int(env, "MAX_CONCURRENT_DOWNLOADS", cls.max_concurrent_downloads, 0, 100_000),
+            download_queue_seconds=_int(env, "DOWNLOAD_QUEUE_SECONDS", int(cls.download_queue_seconds), 0, 3600),
+            download_timeout=_int(env, "DOWNLOAD_TIMEOUT", int(cls.download_timeout), 1, 86_400),
+            shutdown_grace_seconds=_int(env, "SHUTDOWN_GRACE_SECONDS", int(cls.shutdown_grace_seconds), 0, 86_400),
+            max_header_size=_int(env, "MAX_HEADER_SIZE", cls.max_header_size, 1024, 1_048_576),
+            max_url_length=_int(env, "MAX_URL_LENGTH", cls.max_url_length, 256, 1_048_576),
+            max_json_size=_size(env, "MAX_JSON_SIZE", cls.max_json_size),
         )
 
     def describe(self) -> str:

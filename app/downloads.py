@@ -10,9 +10,11 @@ that looks complete.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import secrets
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +22,7 @@ from aiohttp import web
 
 from . import clock, metrics, preconditions, ranges
 from .http import ApiError, error_response
-from .keys import LEASES, STORAGE
+from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .storage.base import FileMissing, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
@@ -74,7 +76,6 @@ _NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Check
 
 
 async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
-    storage, leases = request.app[STORAGE], request.app[LEASES]
     f = stored_file(doc)
     headers = file_headers(doc, f)
     etag = headers["ETag"]
@@ -117,8 +118,16 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
         await response.prepare(request)
         return response
 
+    async with request.app[DOWNLOAD_SLOTS].slot():
+        return await _stream(request, doc, f, response, parts, trailer, counted=wanted is None or any(
+            r.start == 0 for r in wanted))
+
+
+async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> web.StreamResponse:
+    storage, leases = request.app[STORAGE], request.app[LEASES]
+    timeout = request.app[SETTINGS].download_timeout
     # A response that carries byte 0 is a download; later ranges resume one.
-    if wanted is None or any(r.start == 0 for r in wanted):
+    if counted:
         await storage.record_download(doc["id"], clock.now())
         metrics.DOWNLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
 
@@ -131,15 +140,25 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
                 if preamble:
                     await response.write(preamble)
                 if count:
-                    async for piece in prefetch(storage.read_file(f, offset, count)):
-                        await response.write(piece)
-                        sent += len(piece)
+                    # aclosing: whichever way the loop ends, the reader (and
+                    # its database cursor) is closed now, not when collected.
+                    async with aclosing(prefetch(storage.read_file(f, offset, count))) as pieces:
+                        async for piece in pieces:
+                            # A client that stops reading holds a cursor: give
+                            # up on it after DOWNLOAD_TIMEOUT without progress.
+                            async with asyncio.timeout(timeout):
+                                await response.write(piece)
+                            sent += len(piece)
             if trailer:
                 await response.write(trailer)
             await response.write_eof()
     except (ConnectionResetError, ConnectionError) as e:
-        # The client went away; prefetch has already closed the reader.
+        # The client went away; the reader is already closed.
         log.debug("client left download of %s: %s", doc["id"], e)
+    except TimeoutError:
+        log.info("download of model %s dropped: client made no progress for %g s", doc["id"], timeout)
+        if request.transport is not None:
+            request.transport.abort()
     except (StorageUnavailable, FileMissing) as e:
         metrics.STORAGE_ERRORS.labels("download").inc()
         log.error("download of model %s aborted mid-body: %s", doc["id"], e)

@@ -15,12 +15,14 @@ import orjson
 from aiohttp import web
 
 from . import preconditions
+from .keys import SETTINGS
 from .logs import request_id
 from .metrics import STORAGE_ERRORS
 from .storage.base import StorageUnavailable
 
 log = logging.getLogger("app.http")
 
+# The default of MAX_JSON_SIZE.
 MAX_JSON_BYTES = 1024 * 1024
 
 
@@ -63,13 +65,14 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, refusing bodies over MAX_JSON_BYTES."""
-    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise ApiError(413, "payload_too_large", f"JSON body is larger than {MAX_JSON_BYTES} bytes")
-    return parse_json_object(await read_limited(request.content.read, "JSON body"))
+    """The request body as a JSON object, refusing bodies over MAX_JSON_SIZE."""
+    limit = request.app[SETTINGS].max_json_size
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"JSON body is larger than {limit} bytes")
+    return parse_json_object(await read_limited(request.content.read, "JSON body", limit))
 
 
-async def read_limited(read, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
+async def read_limited(read, what: str, limit: int) -> bytes:
     """Everything ``read(n)`` yields until EOF; 413 once it passes ``limit``.
 
     Reads at most one byte past the limit, so a chunked body that never ends

@@ -9,3 +9,5 @@ from .storage.base import Storage
 SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
 LEASES = web.AppKey("leases", FileLeases)
+DRAIN = web.AppKey("drain", object)  # limits.Drain
+DOWNLOAD_SLOTS = web.AppKey("download_slots", object)  # limits.DownloadSlots

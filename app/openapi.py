@@ -7,25 +7,29 @@ with the application's router in both directions, and validates real responses
 against the schemas, and schemathesis is meant to run against it. So every
 schema here states what the service really sends and accepts:
 
-- limits come from the code (validation rules, MAX_JSON_BYTES, ranges.MAX_RANGES,
-  the batch size) and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE);
+- limits come from the code (validation rules, ranges.MAX_RANGES, the batch size)
+  and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE, MAX_JSON_SIZE);
 - each error response lists the exact ``error.code`` values the route can
   answer with that status, as an ``enum`` in its schema and as ``x-error-codes``;
 - response objects are closed (``additionalProperties: false``) where the
-  handler builds them field by field.
+  handler builds them field by field;
+- what depends on configuration (API keys, rate limits, the download cap) is
+  in the document only when the running settings turn it on.
 
 Layout: shared schemas, parameters, headers and error responses first, then
-one small builder per operation, then ``build``.
+one small builder per operation, then the cross-cutting additions (auth, rate
+limits, request ids) and ``build``.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
-from . import ranges, validation, versions
+from . import auth, ranges, validation, versions
 from .config import Settings, format_size
 from .handlers.batch import MAX_IDS, OPERATIONS
-from .http import MAX_JSON_BYTES
+from .logs import REQUEST_ID_HEADER
 
 OPENAPI_VERSION = "3.1.0"
 MODELS = "/api/v1/models"
@@ -82,23 +86,30 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_filename": (400, "the upload's file name has control characters, no name part, or over 255 bytes"),
     "missing_file": (400, "a multipart body has no 'file' part"),
     "missing_metadata": (400, "a multipart registration has no 'metadata' part"),
+    "unauthorized": (401, "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate"),
+    "forbidden": (403, "the API key's scope does not allow this operation"),
     "not_found": (404, "no model with that id, name or version (also: no route for the path)"),
     "no_file": (404, "the model exists but has no file uploaded yet"),
     "method_not_allowed": (405, "the path exists but not with this method (Allow lists the methods)"),
     "version_exists": (409, "a model with this name and the requested version already exists"),
     "version_conflict": (409, "too many concurrent registrations of the name to number a new version"),
     "precondition_failed": (412, "If-Match / If-Unmodified-Since did not hold"),
-    "payload_too_large": (413, f"a JSON body (or a multipart 'metadata' part) is over {MAX_JSON_BYTES} bytes"),
+    "payload_too_large": (413, "a JSON body (or a multipart 'metadata' part) is over MAX_JSON_SIZE"),
     "file_too_large": (413, "the file is over MAX_FILE_SIZE"),
     "range_not_satisfiable": (416, f"no requested range overlaps the file, or more than {ranges.MAX_RANGES} ranges"),
     "checksum_mismatch": (422, "the received content's SHA-256 differs from the declared one"),
+    "rate_limited": (429, "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After"),
     "internal_error": (500, "an unexpected failure (logged server-side; no details are sent)"),
     "storage_unavailable": (503, "the database or data folder is unreachable; retry after Retry-After seconds"),
+    "shutting_down": (503, "the instance is draining after SIGTERM; retry (on another instance)"),
+    "too_many_downloads": (503, "MAX_CONCURRENT_DOWNLOADS bodies are streaming here and no slot freed within "
+                                "DOWNLOAD_QUEUE_SECONDS; retry after Retry-After"),
 }
 
-_REASONS = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
-            412: "Precondition failed", 413: "Payload too large", 416: "Range not satisfiable",
-            422: "Unprocessable content", 500: "Internal error", 503: "Storage unavailable"}
+_REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+            405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
+            416: "Range not satisfiable", 422: "Unprocessable content", 429: "Too many requests",
+            500: "Internal error", 503: "Service unavailable"}
 
 
 def error_response(status: int, *codes: str, headers: Json | None = None, body: bool = True) -> Json:
@@ -127,9 +138,19 @@ BODY_CODES = ("invalid_json", "validation_error", "immutable_field", "unknown_fi
 
 # --------------------------------------------------------------------------- schemas
 
+# The service refuses blank strings (Python's str.strip() leaves nothing). ECMA-262's
+# \s, which JSON Schema patterns use, lacks \x1c-\x1f and \x85, which Python strips.
+NON_BLANK = r"[^\s\x1c-\x1f\x85]"
+# What uploads.clean_filename accepts: no control characters, and a last path
+# component (after / or \) that is neither empty, "." nor "..". Empty means "not given".
+_NAME_CHAR = r"[^/\\\x00-\x1f\x7f]"
+FILENAME = (r"^$|^(?:[^\x00-\x1f\x7f]*[/\\])?(?:[^./\\\x00-\x1f\x7f]|\.[^./\\\x00-\x1f\x7f]|\.\."
+            + _NAME_CHAR + ")" + _NAME_CHAR + "*$")
+SHA256_VALUE = r"^\s*(?:sha256:)?[0-9a-fA-F]{64}\s*$"
+
+
 def _string(max_len: int, description: str | None = None) -> Json:
-    # The service refuses blank strings ("must not be empty"): at least one non-space.
-    s: Json = {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": r"\S"}
+    s: Json = {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": NON_BLANK}
     if description:
         s["description"] = description
     return s
@@ -316,7 +337,8 @@ def schemas(settings: Settings) -> Json:
             "gridfs_available": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
             "total_models": {**nullable(COUNT), "description": "null when the store did not answer"},
             "timestamp": TIMESTAMP,
-            "error": {"type": "string", "description": "why, when unhealthy"},
+            "error": {"type": "string", "description": "why the store is unhealthy, when it is"},
+            "draining": {"const": True, "description": "present while the instance shuts down (then 503)"},
         }, required=["status", "service", "storage", "mongodb_connected", "gridfs_available", "total_models",
                      "timestamp"]),
         "CheckResult": {"type": "string", "minLength": 1,
@@ -331,7 +353,8 @@ def schemas(settings: Settings) -> Json:
                 "disk_space": {**ref("CheckResult"), "description": "free space above HEALTH_MIN_FREE_DISK, where known"},
                 "model_registry": {**ref("CheckResult"),
                                    "description": "a sample of the newest models with files point at stored content"},
-            }),
+                "shutdown": {"type": "string", "description": "present (never healthy) while the instance drains"},
+            }, required=["storage", "files", "disk_space", "model_registry"]),
             "total_models": {**nullable(COUNT), "description": "null when the store is unhealthy"},
             "active_models": nullable(COUNT),
             "storage_usage": nullable(closed({"total_size_bytes": COUNT})),
@@ -396,12 +419,13 @@ def parameters(settings: Settings) -> Json:
                         "pattern": r"^-?(created_at|name|download_count|metrics\.[A-Za-z0-9_-]{1,100})$"}),
         "Algorithm": _query("algorithm", "only this algorithm (exact match; empty means no filter)",
                             {"type": "string", "maxLength": 200}),
-        "StatusFilter": _query("status", "only this status (empty means no filter)", ref("Status")),
+        "StatusFilter": _query("status", "only this status (empty means no filter)",
+                               {"anyOf": [ref("Status"), {"const": ""}]}),
         "TagsFilter": _query("tags", "comma-separated; models with any of these tags", {"type": "string"}),
         "Text": _query("q", "text search over name, description, algorithm and tags",
                        {"type": "string", "maxLength": 200}),
-        "MinAccuracy": _query("min_accuracy", "only models whose metrics.accuracy is at least this",
-                              {"type": "number"}),
+        "MinAccuracy": _query("min_accuracy", "only models whose metrics.accuracy is at least this (empty means "
+                                              "no filter)", {"anyOf": [{"type": "number"}, {"const": ""}]}),
         "CreatedBy": _query("created_by", "only models created by this user", {"type": "string", "maxLength": 200}),
         "Range": _request_header(
             "Range", f"bytes=a-b, bytes=a- or bytes=-n, comma-separated (at most {ranges.MAX_RANGES}); overlapping "
@@ -415,18 +439,32 @@ def parameters(settings: Settings) -> Json:
         "IfNoneMatch": _request_header("If-None-Match", "304 if the file's ETag matches (weak comparison; * matches)"),
         "IfModifiedSince": _request_header("If-Modified-Since",
                                            "304 if the file has not changed since (ignored with If-None-Match)"),
+        "IfNoneMatchDocument": _request_header("If-None-Match", "304 without a body if the document's ETag matches "
+                                                                "(weak comparison; * matches)"),
         "ChecksumHeader": {"name": "X-Checksum-Sha256", "in": "header", "required": False,
                            "description": "the file's expected SHA-256 (64 hex, optionally prefixed sha256:); "
-                                          "422 checksum_mismatch and nothing stored if the content differs",
-                           "schema": {"type": "string", "pattern": r"^\s*(sha256:)?[0-9a-fA-F]{64}\s*$"}},
-        "ChecksumQuery": _query("sha256", "the same as X-Checksum-Sha256 (the header wins when both are given)",
-                                {"type": "string", "pattern": r"^\s*(sha256:)?[0-9a-fA-F]{64}\s*$"}),
+                                          "422 checksum_mismatch and nothing stored if the content differs. "
+                                          "An empty value counts as absent.",
+                           "schema": {"type": "string", "pattern": "^$|" + SHA256_VALUE}},
+        "ChecksumQuery": _query("sha256", "the same as X-Checksum-Sha256 (a non-empty header wins)",
+                                {"type": "string", "pattern": SHA256_VALUE}),
+        "Filename": _query("filename", "the file's name for a raw body (default <name>-<version>); only its last "
+                                       "path component is kept, which must not be '.' or '..' nor over 255 bytes",
+                           {"type": "string", "pattern": FILENAME}),
     }
 
 
 def headers() -> Json:
     return {
         "ETag": _header('strong ETag: the file\'s SHA-256 in quotes', required=True),
+        "DocumentETag": _header("strong ETag of the JSON document's bytes", required=True),
+        "CacheControl": _header("no-cache: reuse only after revalidating with If-None-Match",
+                                {"const": "no-cache"}, required=True),
+        "WWWAuthenticate": _header('Bearer realm="model-service", charset="UTF-8"', required=True),
+        "XRequestId": _header("the request's id: the client's X-Request-ID when it is 1-128 characters of "
+                              "A-Z a-z 0-9 . _ : -, else a new one; log lines about the request carry it. "
+                              "Absent only on answers given before the application runs (Expect: 100-continue "
+                              "refusals, malformed HTTP)."),
         "LastModified": _header("when the file was uploaded (HTTP date)", required=True),
         "AcceptRanges": _header("always bytes", {"const": "bytes"}, required=True),
         "ContentDisposition": _header('attachment; filename="..." (plus filename*=UTF-8\'\'... for non-ASCII names)',
@@ -450,7 +488,9 @@ _FILE_HEADERS = ("ETag", "LastModified", "AcceptRanges", "ContentDisposition", "
                  "XModelAlgorithm", "XModelVersion", "XFileChecksum", "ReprDigest", "ContentLength")
 # What a 304 repeats (RFC 9110 15.4.5), see downloads._NOT_MODIFIED_HEADERS.
 _NOT_MODIFIED_HEADERS = ("ETag", "LastModified", "AcceptRanges", "XFileChecksum", "ReprDigest")
-_HEADER_NAMES = {"LastModified": "Last-Modified", "AcceptRanges": "Accept-Ranges",
+_HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
+                 "WWWAuthenticate": "WWW-Authenticate", "XRequestId": REQUEST_ID_HEADER,
+                 "LastModified": "Last-Modified", "AcceptRanges": "Accept-Ranges",
                  "ContentDisposition": "Content-Disposition", "ContentLength": "Content-Length",
                  "UnsatisfiedRange": "Content-Range", "XModelId": "X-Model-Id",
                  "XModelName": "X-Model-Name", "XModelAlgorithm": "X-Model-Algorithm",
@@ -464,9 +504,18 @@ def header_refs(*names: str) -> Json:
 
 # --------------------------------------------------------------------------- shared responses
 
-def responses() -> Json:
+def _download_busy_codes(settings: Settings) -> tuple[str, ...]:
+    return ("too_many_downloads",) if settings.max_concurrent_downloads else ()
+
+
+def responses(settings: Settings) -> Json:
+    retry = header_refs("RetryAfter")
     return {
-        "StorageUnavailable": error_response(503, "storage_unavailable", headers=header_refs("RetryAfter")),
+        # Every operation but /health's can meet a draining instance; most also reach the store.
+        "Unavailable": error_response(503, "storage_unavailable", "shutting_down", headers=retry),
+        "ShuttingDown": error_response(503, "shutting_down", headers=retry),
+        "DownloadUnavailable": error_response(
+            503, "storage_unavailable", "shutting_down", *_download_busy_codes(settings), headers=retry),
         "InvalidModelId": error_response(400, "invalid_id"),
         "ModelNotFound": error_response(404, "not_found"),
         "InvalidParameter": error_response(400, "invalid_parameter"),
@@ -480,10 +529,33 @@ def shared(name: str) -> Json:
     return ref(name, "responses")
 
 
-def answer(description: str, schema_name: str, status_headers: Json | None = None) -> Json:
+# Stateful testing (schemathesis) follows these from one answer to the next operation.
+_BY_MODEL_ID = {"id": "$response.body#/model_id"}
+LINKS: Json = {
+    "GetModel": {"operationId": "getModel", "parameters": _BY_MODEL_ID},
+    "UpdateModel": {"operationId": "updateModel", "parameters": _BY_MODEL_ID},
+    "DeleteModel": {"operationId": "deleteModel", "parameters": _BY_MODEL_ID},
+    "UploadModelFile": {"operationId": "uploadModelFile", "parameters": _BY_MODEL_ID},
+    "ListVersions": {"operationId": "listVersions", "parameters": _BY_MODEL_ID},
+    "CreateVersion": {"operationId": "createVersion", "parameters": _BY_MODEL_ID},
+    "DownloadModel": {"operationId": "downloadModel", "parameters": _BY_MODEL_ID},
+    "ModelFileInfo": {"operationId": "modelFileInfo", "parameters": _BY_MODEL_ID},
+    "GetModelByName": {"operationId": "getModelByName", "parameters": {"name": "$response.body#/name"}},
+    "DownloadModelByName": {"operationId": "downloadModelByName", "parameters": {"name": "$response.body#/name"}},
+}
+
+
+def links(*names: str) -> Json:
+    return {name: ref(name, "links") for name in names}
+
+
+def answer(description: str, schema_name: str, status_headers: Json | None = None,
+           follow: Json | None = None) -> Json:
     out: Json = {"description": description, "content": json_content(ref(schema_name))}
     if status_headers:
         out["headers"] = status_headers
+    if follow:
+        out["links"] = follow
     return out
 
 
@@ -541,7 +613,7 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
         "404": error_response(404, *not_found),
         "412": error_response(412, "precondition_failed", headers=header_refs("ETag")),
         "416": error_response(416, "range_not_satisfiable", headers=header_refs("UnsatisfiedRange", "AcceptRanges")),
-        "503": shared("StorageUnavailable"),
+        "503": shared("DownloadUnavailable"),
     }
     head_responses = {
         "200": {"description": "the headers a GET without Range would send", "headers": header_refs(*_FILE_HEADERS)},
@@ -549,7 +621,9 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
         "400": error_response(400, *bad_request, body=False),
         "404": error_response(404, *not_found, body=False),
         "412": error_response(412, "precondition_failed", headers=header_refs("ETag"), body=False),
-        "503": error_response(503, "storage_unavailable", headers=header_refs("RetryAfter"), body=False),
+        # HEAD stops before taking a download slot, so never too_many_downloads.
+        "503": error_response(503, "storage_unavailable", "shutting_down", headers=header_refs("RetryAfter"),
+                              body=False),
     }
     return {
         "get": op(op_id, "files", summary, get_responses, description=description,
@@ -569,15 +643,32 @@ def paths(settings: Settings) -> Json:
     listing = op("listModels", "models", "List and search models", {
         "200": answer("one page of models", "ModelList"),
         "400": shared("InvalidParameter"),
-        "503": shared("StorageUnavailable"),
+        "503": shared("Unavailable"),
     }, params=listing_params,
         description="Filters combine with AND; `tags` matches models with any of the listed tags.")
     statistics = op("registryStatistics", "analytics", "Registry statistics", {
         "200": answer("totals, distributions, storage use and recent activity, computed by the database",
                       "Statistics"),
-        "503": shared("StorageUnavailable"),
+        "503": shared("Unavailable"),
     })
-    created = answer("registered", "RegistrationAnswer", header_refs("Location"))
+    created = answer("registered", "RegistrationAnswer", header_refs("Location"), links(
+        "GetModel", "UpdateModel", "UploadModelFile", "ListVersions", "CreateVersion", "DeleteModel"))
+    json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
+
+    def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[str, ...]) -> Json:
+        """GET of a model document (http.cacheable_json): ETag, Cache-Control: no-cache, 304."""
+        cache_headers = header_refs("DocumentETag", "CacheControl")
+        return op(op_id, "models", summary, {
+            "200": answer("the full model document", "Model", cache_headers,
+                          links("GetModelByName", "DownloadModel", "ListVersions")
+                          if op_id == "getModel" else None),
+            "304": {"description": "If-None-Match matched the document's ETag: no body", "headers": cache_headers},
+            "400": error_response(400, *bad),
+            "404": shared("ModelNotFound"),
+            "503": shared("Unavailable"),
+        }, params=params + [p("IfNoneMatchDocument")],
+            description="Carries an ETag of the document; pollers send it back in If-None-Match and get 304 "
+                        "with no body until the document changes.")
     upload_body = {
         "required": False,
         "description": "The file, as the raw body (an empty body stores an empty file) or as the 'file' part of a "
@@ -594,16 +685,14 @@ def paths(settings: Settings) -> Json:
     }
     upload = op("uploadModelFile", "files", "Upload or replace the model's file", {
         "201": answer("stored and attached; the model's previous file is released unless another model shares it",
-                      "UploadAnswer"),
+                      "UploadAnswer", follow=links("DownloadModel", "ModelFileInfo", "GetModel")),
         "400": error_response(400, "invalid_id", "invalid_checksum", "invalid_filename", "missing_file"),
         "404": shared("ModelNotFound"),
         "413": error_response(413, "file_too_large"),
         "422": shared("ChecksumMismatch"),
-        "503": shared("StorageUnavailable"),
+        "503": shared("Unavailable"),
     }, params=model_id + [
-        p("ChecksumHeader"), p("ChecksumQuery"),
-        _query("filename", "the file's name for a raw body (default <name>-<version>); only its last path "
-                           "component is kept", {"type": "string"}),
+        p("ChecksumHeader"), p("ChecksumQuery"), p("Filename"),
         _request_header("Content-Disposition", "alternative to ?filename= for a raw body: "
                                                "attachment; filename=\"...\""),
     ], body=upload_body)
@@ -611,24 +700,28 @@ def paths(settings: Settings) -> Json:
     return {
         "/health": {"get": op("health", "operations", "Liveness: does the service answer and reach its store", {
             "200": answer("healthy", "Health"),
-            "503": answer("unhealthy: the store did not answer (see error)", "Health"),
+            "503": answer("unhealthy: the store did not answer (see error), or the instance is draining", "Health"),
         })},
         "/health/detailed": {"get": op("healthDetailed", "operations", "Readiness: storage, files, disk and registry", {
             "200": answer("every check is healthy", "DetailedHealth"),
-            "503": answer("at least one check failed; each check says why", "DetailedHealth"),
+            "503": answer("at least one check failed (or the instance is draining); each check says why",
+                          "DetailedHealth"),
         })},
         "/metrics": {"get": op("metrics", "operations", "Prometheus metrics", {
             "200": {"description": "Prometheus text exposition format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "503": shared("ShuttingDown"),
         }, description="Counters and histograms for downloads, uploads, registrations and requests; registry "
                        "gauges are read from the database at scrape time (a storage failure leaves them as they "
                        "were and is counted, the scrape still answers 200). Sums over all workers.")},
         "/api/v1/openapi.json": {"get": op("openapi", "operations", "This OpenAPI 3.1 document", {
             "200": {"description": "the document", "content": json_content(
                 {"type": "object", "required": ["openapi", "info", "paths"]})},
+            "503": shared("ShuttingDown"),
         })},
         "/docs": {"get": op("docs", "operations", "This API as a static HTML page (no external resources)", {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+            "503": shared("ShuttingDown"),
         })},
         MODELS: {
             "get": listing,
@@ -639,14 +732,14 @@ def paths(settings: Settings) -> Json:
                 "409": shared("VersionConflict"),
                 "413": error_response(413, "payload_too_large", "file_too_large"),
                 "422": shared("ChecksumMismatch"),
-                "503": shared("StorageUnavailable"),
+                "503": shared("Unavailable"),
             }, description=(
                 "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
                 "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
                 "object and a 'file' part, in either order; the model is created only once both arrived intact. "
                 "The first version of a name is v1.0; registering the name again makes the next version with "
                 "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
-                "multipart file only."),
+                "multipart file only. " + json_limit),
                 params=[p("ChecksumHeader"), p("ChecksumQuery")],
                 body={"required": True, "content": {
                     **json_content(ref("ModelRegistration")),
@@ -666,49 +759,41 @@ def paths(settings: Settings) -> Json:
         MODELS + "/popular": {"get": op("popularModels", "analytics", "Most downloaded models", {
             "200": answer("models by download count, highest first", "ModelTop"),
             "400": shared("InvalidParameter"),
-            "503": shared("StorageUnavailable"),
+            "503": shared("Unavailable"),
         }, params=[p("Limit")])},
         MODELS + "/recent": {"get": op("recentModels", "analytics", "Newest models", {
             "200": answer("models by creation time, newest first", "ModelTop"),
             "400": shared("InvalidParameter"),
-            "503": shared("StorageUnavailable"),
+            "503": shared("Unavailable"),
         }, params=[p("Limit")])},
         MODELS + "/batch": {"post": op("batchModels", "models", "One operation over many models", {
             "200": answer("what happened to each id; a bad or unknown id never fails the batch", "BatchAnswer"),
             "400": error_response(400, "invalid_json", "unknown_field", "validation_error"),
             "413": shared("JsonTooLarge"),
-            "503": shared("StorageUnavailable"),
+            "503": shared("Unavailable"),
         }, body=json_request("BatchRequest", "delete, update_status (with status), add_tags or remove_tags "
-                                             "(with tags)"))},
-        MODELS + "/by-name/{name}": {"get": op("getModelByName", "models", "The latest version of a name", {
-            "200": answer("the full model document", "Model"),
-            "400": error_response(400, "validation_error", "invalid_parameter"),
-            "404": shared("ModelNotFound"),
-            "503": shared("StorageUnavailable"),
-        }, params=[p("ModelName"), p("Version")])},
+                                             "(with tags). " + json_limit))},
+        MODELS + "/by-name/{name}": {"get": cacheable_document(
+            "getModelByName", "The latest version of a name (or ?version=)", [p("ModelName"), p("Version")],
+            ("validation_error", "invalid_parameter"))},
         MODELS + "/by-name/{name}/download": _download_ops(
             "downloadModelByName", "Download the latest version's file (or ?version=)",
             [p("ModelName"), p("Version")], ("validation_error", "invalid_parameter"), ("not_found", "no_file")),
         MODELS + "/{id}": {
-            "get": op("getModel", "models", "The full model document", {
-                "200": answer("the model", "Model"),
-                "400": shared("InvalidModelId"),
-                "404": shared("ModelNotFound"),
-                "503": shared("StorageUnavailable"),
-            }, params=model_id),
+            "get": cacheable_document("getModel", "The full model document", model_id, ("invalid_id",)),
             "put": op("updateModel", "models", "Update the mutable fields", {
                 "200": answer("updated", "UpdateAnswer"),
                 "400": error_response(400, "invalid_id", *BODY_CODES),
                 "404": shared("ModelNotFound"),
                 "413": shared("JsonTooLarge"),
-                "503": shared("StorageUnavailable"),
+                "503": shared("Unavailable"),
             }, params=model_id, body=json_request("ModelUpdate", "hyperparameters, metrics, dataset_info, tags, "
-                                                                 "status, description")),
+                                                                 "status, description. " + json_limit)),
             "delete": op("deleteModel", "models", "Delete a model and (unless shared) its file", {
                 "200": answer("deleted", "DeleteAnswer"),
                 "400": shared("InvalidModelId"),
                 "404": shared("ModelNotFound"),
-                "503": shared("StorageUnavailable"),
+                "503": shared("Unavailable"),
             }, params=model_id),
         },
         MODELS + "/{id}/versions": {
@@ -716,7 +801,7 @@ def paths(settings: Settings) -> Json:
                 "200": answer("the versions", "VersionList"),
                 "400": shared("InvalidModelId"),
                 "404": shared("ModelNotFound"),
-                "503": shared("StorageUnavailable"),
+                "503": shared("Unavailable"),
             }, params=model_id),
             "post": op("createVersion", "models", "A new version made from this one", {
                 "201": created,
@@ -724,10 +809,10 @@ def paths(settings: Settings) -> Json:
                 "404": shared("ModelNotFound"),
                 "409": shared("VersionConflict"),
                 "413": shared("JsonTooLarge"),
-                "503": shared("StorageUnavailable"),
+                "503": shared("Unavailable"),
             }, params=model_id, body=json_request(
                 "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
-                              "version follows the name's latest, v(MAJOR+1).0 with breaking_changes")),
+                              "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
         },
         MODELS + "/{id}/upload": {"post": {**upload, "operationId": "uploadModelFilePost"}, "put": upload},
         MODELS + "/{id}/download": _download_ops(
@@ -736,7 +821,7 @@ def paths(settings: Settings) -> Json:
             "200": answer("the file's metadata", "FileInfo"),
             "400": shared("InvalidModelId"),
             "404": error_response(404, "not_found", "no_file"),
-            "503": shared("StorageUnavailable"),
+            "503": shared("Unavailable"),
         }, params=model_id)},
     }
 
@@ -745,6 +830,21 @@ def paths(settings: Settings) -> Json:
 
 def _description(settings: Settings) -> str:
     rows = "\n".join(f"| `{code}` | {status} | {meaning} |" for code, (status, meaning) in ERROR_CODES.items())
+    if settings.enable_auth:
+        access = ("API keys are required (ENABLE_AUTH=true): `X-API-Key: <key>` or `Authorization: Bearer <key>`, "
+                  "except on " + ", ".join(f"`{p}`" for p in settings.auth_open_paths) + ". Scopes nest: "
+                  "read (GET, HEAD) < write (register, update, upload, versions) < admin (delete, batch); each "
+                  "operation's `x-required-scope` names its scope. `created_by` defaults to the key's name.")
+    else:
+        access = "API keys are not enforced on this instance (ENABLE_AUTH=false)."
+    limits = []
+    if settings.rate_limit:
+        limits.append(f"RATE_LIMIT {settings.rate_limit.count} per {settings.rate_limit.seconds} s")
+    if settings.download_rate_limit:
+        limits.append(f"DOWNLOAD_RATE_LIMIT {settings.download_rate_limit.count} per "
+                      f"{settings.download_rate_limit.seconds} s")
+    rates = ("Rate limits per client (429 `rate_limited` with Retry-After): " + ", ".join(limits) + "."
+             if limits else "No rate limits are configured.")
     return (
         "The TensorFleet model registry: model metadata (versions, lineage, metrics, tags, status) and the "
         "model files, streamed in and out.\n\n"
@@ -752,12 +852,20 @@ def _description(settings: Settings) -> str:
         "Every error is `{\"error\": {\"code\": ..., \"message\": ...}}` with the matching status: also a "
         "path with no route (404 `not_found`), a method the path does not take (405 `method_not_allowed`, "
         "with Allow), and any unexpected failure (500 `internal_error`, details logged server-side only). "
-        "Any operation that reaches the store answers 503 `storage_unavailable` with Retry-After while the "
-        "store is unreachable.\n\n"
-        f"Limits: JSON bodies {MAX_JSON_BYTES} bytes; files MAX_FILE_SIZE ({format_size(settings.max_file_size)}); "
-        f"pages MAX_PAGE_SIZE ({settings.max_page_size}); {ranges.MAX_RANGES} ranges per request; "
-        f"{MAX_IDS} ids per batch.\n\n"
-        "| code | status | meaning |\n| --- | --- | --- |\n" + rows
+        "Operations that reach the store answer 503 `storage_unavailable` with Retry-After while it is "
+        "unreachable, and every operation but the health checks answers 503 `shutting_down` while the "
+        "instance drains. Every answer carries X-Request-ID (the client's own, if sane).\n\n"
+        f"{access} {rates}\n\n"
+        f"Limits: JSON bodies MAX_JSON_SIZE ({settings.max_json_size} bytes); files MAX_FILE_SIZE "
+        f"({format_size(settings.max_file_size)}); pages MAX_PAGE_SIZE ({settings.max_page_size}); "
+        f"{ranges.MAX_RANGES} ranges per request; {MAX_IDS} ids per batch; request line MAX_URL_LENGTH "
+        f"({settings.max_url_length} bytes) and header fields MAX_HEADER_SIZE ({settings.max_header_size} bytes), "
+        "beyond which the HTTP parser answers 400 or 431 before the application runs; "
+        + (f"MAX_CONCURRENT_DOWNLOADS {settings.max_concurrent_downloads} bodies streaming per process "
+           f"(then a wait of up to DOWNLOAD_QUEUE_SECONDS, {settings.download_queue_seconds:g} s, "
+           "for a slot, then 503 `too_many_downloads`)."
+           if settings.max_concurrent_downloads else "no cap on concurrent downloads.")
+        + "\n\n| code | status | meaning |\n| --- | --- | --- |\n" + rows
     )
 
 
@@ -770,9 +878,57 @@ def _package_version() -> str:
         return "0.1.0"
 
 
+def _operations(doc: Json):
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            yield path, method, operation
+
+
+def _add_cross_cutting(doc: Json, settings: Settings) -> None:
+    """What the middlewares add to every operation: API keys, rate limits, request ids."""
+    components = doc["components"]
+    shared_responses = components["responses"]
+    open_paths = set(settings.auth_open_paths)
+    if settings.enable_auth:
+        components["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "BearerKey": {"type": "http", "scheme": "bearer", "description": "the same API key as a bearer token"},
+        }
+        doc["security"] = [{"ApiKey": []}, {"BearerKey": []}]
+        shared_responses["Unauthorized"] = error_response(401, "unauthorized", headers=header_refs("WWWAuthenticate"))
+        shared_responses["Forbidden"] = error_response(403, "forbidden")
+    if settings.rate_limit or settings.download_rate_limit:
+        shared_responses["RateLimited"] = error_response(429, "rate_limited", headers=header_refs("RetryAfter"))
+
+    def cross(name: str, status: int, code: str, head: bool, hdrs: tuple[str, ...] = ()) -> Json:
+        # HEAD answers have no body, so they cannot share the JSON responses.
+        return error_response(status, code, headers=header_refs(*hdrs), body=False) if head else shared(name)
+
+    for path, method, operation in _operations(doc):
+        head, responses_ = method == "head", operation["responses"]
+        guarded = path not in open_paths
+        if settings.enable_auth and not guarded:
+            operation["security"] = []
+        elif settings.enable_auth:
+            scope = auth.required_scope(SimpleNamespace(method=method.upper(), path=path))
+            operation["x-required-scope"] = scope
+            responses_["401"] = cross("Unauthorized", 401, "unauthorized", head, ("WWWAuthenticate",))
+            if scope != "read":
+                responses_["403"] = cross("Forbidden", 403, "forbidden", head)
+        is_download = method in ("get", "head") and path.endswith("/download")
+        if guarded and (settings.rate_limit or (settings.download_rate_limit and is_download)):
+            responses_["429"] = cross("RateLimited", 429, "rate_limited", head, ("RetryAfter",))
+        operation["responses"] = dict(sorted(responses_.items()))
+
+    request_id = {REQUEST_ID_HEADER: ref("XRequestId", "headers")}
+    every = [r for _, _, o in _operations(doc) for r in o["responses"].values() if "$ref" not in r]
+    for response in every + list(shared_responses.values()):
+        response["headers"] = {**response.get("headers", {}), **request_id}
+
+
 def build(settings: Settings) -> Json:
     """The OpenAPI 3.1 document for a service running with ``settings``."""
-    return {
+    doc = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "TensorFleet Model Service",
@@ -791,6 +947,9 @@ def build(settings: Settings) -> Json:
             "schemas": schemas(settings),
             "parameters": parameters(settings),
             "headers": headers(),
-            "responses": responses(),
+            "responses": responses(settings),
+            "links": LINKS,
         },
     }
+    _add_cross_cutting(doc, settings)
+    return doc

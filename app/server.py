@@ -8,12 +8,12 @@ import logging
 import aiohttp_cors
 from aiohttp import web
 
-from . import auth, logs
+from . import auth, limits, logs
 from .config import ConfigError, Settings
 from .handlers import setup_routes
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
-from .keys import LEASES, SETTINGS, STORAGE
+from .keys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
 from .leases import FileLeases
 from .storage import Storage, make_storage
 
@@ -23,13 +23,19 @@ log = logging.getLogger("app")
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
     # Metrics outermost, so they see the status the error middleware chose.
-    middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware]
+    drain = limits.Drain()
+    middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware, drain.middleware()]
     if settings.enable_auth:
         keys = auth.load_keys(settings.api_keys_file, settings.api_keys)
         if not keys:
             raise ConfigError("ENABLE_AUTH=true needs keys in API_KEYS_FILE or API_KEYS")
         middlewares.append(auth.middleware(keys, settings.auth_open_paths))
+    if settings.rate_limit or settings.download_rate_limit:
+        middlewares.append(limits.rate_limit_middleware(settings.rate_limit, settings.download_rate_limit,
+                                                        settings.auth_open_paths))
     app = web.Application(middlewares=middlewares)
+    app[DRAIN] = drain
+    app[DOWNLOAD_SLOTS] = limits.DownloadSlots(settings.max_concurrent_downloads, settings.download_queue_seconds)
     app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
@@ -98,13 +104,29 @@ def serve_one(settings: Settings) -> None:
 
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
-    app_runner = web.AppRunner(app, access_log=logging.getLogger("app.access"), access_log_class=logs.AccessLogger)
+    app_runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("app.access"),
+        access_log_class=logs.AccessLogger,
+        # The drain below already waited for requests in flight.
+        shutdown_timeout=1.0,
+        max_line_size=settings.max_url_length,
+        max_field_size=settings.max_header_size,
+    )
     await app_runner.setup()
     try:
         site = web.TCPSite(app_runner, settings.host, settings.port, reuse_port=settings.workers > 1)
         await site.start()
         log.info("model-service listening on http://%s:%d", settings.host, settings.port)
         await _wait_for_signal()
+        # Turn new requests away (503; /health says draining) and let the ones
+        # in flight, downloads above all, finish within the grace period.
+        drain = app[DRAIN]
+        drain.draining = True
+        log.info("draining %d request(s) in flight, for up to %g s", drain.in_flight,
+                 settings.shutdown_grace_seconds)
+        if not await drain.wait_idle(settings.shutdown_grace_seconds):
+            log.warning("grace period over; %d request(s) cut short", drain.in_flight)
     finally:
         await app_runner.cleanup()
 

@@ -20,11 +20,12 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 
 from . import clock
 from .config import Settings, format_size
-from .http import MAX_JSON_BYTES, ApiError, error_response
+from .http import ApiError, error_response
 from .storage.base import Storage, StoredFile
 
-# Multipart bodies carry boundaries and a metadata part besides the file.
-MULTIPART_ALLOWANCE = MAX_JSON_BYTES + 64 * 1024
+# Multipart bodies carry boundaries (and, at registration, a metadata part of
+# up to MAX_JSON_SIZE) besides the file.
+_BOUNDARY_ALLOWANCE = 64 * 1024
 _SHA256_RE = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
 _PIECE = 1024 * 1024
 
@@ -40,17 +41,17 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "file_too_large", f"file is larger than MAX_FILE_SIZE ({format_size(limit)}, {limit} bytes)")
 
 
-def body_limit(request: web.Request, max_file_size: int) -> int:
+def body_limit(request: web.Request, settings: Settings) -> int:
     multipart = request.content_type.startswith("multipart/")
-    return max_file_size + (MULTIPART_ALLOWANCE if multipart else 0)
+    return settings.max_file_size + (settings.max_json_size + _BOUNDARY_ALLOWANCE if multipart else 0)
 
 
-def check_declared_length(request: web.Request, max_file_size: int) -> None:
-    if request.content_length is not None and request.content_length > body_limit(request, max_file_size):
-        raise too_large(max_file_size)
+def check_declared_length(request: web.Request, settings: Settings) -> None:
+    if request.content_length is not None and request.content_length > body_limit(request, settings):
+        raise too_large(settings.max_file_size)
 
 
-def expect_handler(max_file_size: int):
+def expect_handler(settings: Settings):
     """Answer ``Expect: 100-continue`` with 413 when the declared body is too large.
 
     curl sends that header with large uploads and waits: refusing here spares
@@ -61,7 +62,7 @@ def expect_handler(max_file_size: int):
         if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
             return None
         try:
-            check_declared_length(request, max_file_size)
+            check_declared_length(request, settings)
         except ApiError as e:
             # Middlewares do not run on this path, so build the error body here.
             return error_response(e.status, e.code, e.message, {"Connection": "close"})

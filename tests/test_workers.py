@@ -53,6 +53,10 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in listening)
+    except BaseException:
+        if proc.poll() is not None:
+            print("service exited:", proc.returncode, proc.stderr.read().decode(errors="replace")[-3000:])
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()

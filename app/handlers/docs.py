@@ -177,6 +177,10 @@ def _operation(doc: dict, method: str, path: str, o: dict) -> str:
              f"<p><b>{_e(o.get('summary', ''))}</b> <span class=\"muted\">{_e(o.get('operationId', ''))}</span></p>"]
     if o.get("description"):
         parts.append(_markdown(o["description"]))
+    if "x-required-scope" in o:
+        parts.append(f"<p>API key scope: <b>{_e(o['x-required-scope'])}</b></p>")
+    elif o.get("security") == [] and doc.get("security"):
+        parts.append("<p>No API key needed.</p>")
     if o.get("parameters"):
         parts.append(_parameters(doc, o["parameters"]))
     body = o.get("requestBody")

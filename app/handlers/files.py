@@ -17,7 +17,7 @@ from .models import PREFIX, created, model_or_404, named_model_or_404, with_call
 async def _receive(request: web.Request) -> uploads.Received:
     """Stream the request's file (raw body or multipart ``file`` part) into the store."""
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
-    uploads.check_declared_length(request, settings.max_file_size)
+    uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
@@ -80,14 +80,14 @@ async def register_with_file(request: web.Request) -> web.Response:
     arrived intact; if anything fails, the stored file is released again.
     """
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
-    uploads.check_declared_length(request, settings.max_file_size)
+    uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
     fields = received = None
     try:
         reader = await request.multipart()
         async for part in reader:
             if part.name == "metadata" and fields is None:
-                raw = await read_limited(part.read_chunk, "metadata part")
+                raw = await read_limited(part.read_chunk, "metadata part", settings.max_json_size)
                 fields = with_caller(request, validation.registration(parse_json_object(raw)))
             elif part.name == "file" and received is None:
                 received = await uploads.receive_part(part, storage, settings, sha256)
@@ -130,7 +130,7 @@ async def info(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    expect = uploads.expect_handler(app[SETTINGS].max_file_size)
+    expect = uploads.expect_handler(app[SETTINGS])
     r = app.router
     r.add_get(PREFIX + "/by-name/{name}/download", download_by_name)
     for method in ("POST", "PUT"):

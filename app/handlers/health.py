@@ -9,7 +9,7 @@ from aiohttp import web
 from .. import clock
 from ..config import format_size
 from ..http import json_response
-from ..keys import SETTINGS, STORAGE
+from ..keys import DRAIN, SETTINGS, STORAGE
 from ..storage.base import ModelQuery, StorageError, StorageUnavailable
 from ..downloads import stored_file
 from .analytics import registry_statistics
@@ -42,6 +42,8 @@ async def health(request: web.Request) -> web.Response:
     if storage.kind == "mongodb":
         body["mongodb_connected"] = ok
         body["gridfs_available"] = ok
+    if request.app[DRAIN].draining:
+        body["status"], body["draining"], ok = "unhealthy", True, False
     return json_response(body, 200 if ok else 503)
 
 
@@ -84,8 +86,10 @@ async def detailed(request: web.Request) -> web.Response:
         _check(_registry(storage), timeout),
     )
     checks = dict(zip(names, results))
+    if request.app[DRAIN].draining:
+        checks["shutdown"] = "draining: the service is shutting down"
     body: dict = {
-        "status": "healthy" if all(r == "healthy" for r in results) else "unhealthy",
+        "status": "healthy" if all(r == "healthy" for r in checks.values()) else "unhealthy",
         "service": "model-service",
         "storage": storage.kind,
         "checks": checks,

@@ -144,9 +144,11 @@ class EmbeddedStorage(Storage):
         self.tmp_dir.mkdir(exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
+        # First, so that workers opening the same database at once wait for
+        # each other's schema set-up instead of failing with "locked".
+        db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=10000")
         db.create_function("icontains", 2, _icontains, deterministic=True)
         db.executescript(_SCHEMA)
         self._db = db

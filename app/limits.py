@@ -1,0 +1,138 @@
+"""Protection against overload: rate limits, a download cap, draining at shutdown.
+
+- RATE_LIMIT / DOWNLOAD_RATE_LIMIT: token buckets per client (API key name
+  when there is one, else the client address), 429 with Retry-After.
+- MAX_CONCURRENT_DOWNLOADS: downloads beyond the cap wait up to
+  DOWNLOAD_QUEUE_SECONDS for a slot, then get 503 with Retry-After, instead of
+  exhausting memory or database connections.
+- Draining: after SIGTERM new requests get 503 (and /health says so) while the
+  ones in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .auth import caller_name
+from .config import Rate
+from .http import ApiError
+
+class TokenBuckets:
+    """One bucket per client key; capacity ``count``, refilled evenly over ``seconds``.
+
+    The table is bounded: the least recently seen clients are forgotten first
+    (a forgotten client starts with a full bucket, which errs towards serving).
+    """
+
+    def __init__(self, rate: Rate, max_clients: int = 100_000) -> None:
+        self.capacity = float(rate.count)
+        self.per_second = rate.count / rate.seconds
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """0 when a token was taken, else the seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.per_second)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.per_second
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def is_download(request: web.Request) -> bool:
+    return request.method in ("GET", "HEAD") and request.path.endswith("/download")
+
+
+def client_key(request: web.Request) -> str:
+    name = caller_name(request)
+    return f"key:{name}" if name else f"addr:{request.remote}"
+
+
+def rate_limit_middleware(general: Rate | None, downloads: Rate | None, open_paths: tuple[str, ...]):
+    general_buckets = TokenBuckets(general) if general else None
+    download_buckets = TokenBuckets(downloads) if downloads else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.path not in open_paths:
+            key = client_key(request)
+            for buckets, what in ((general_buckets, "RATE_LIMIT"),
+                                  (download_buckets if is_download(request) else None, "DOWNLOAD_RATE_LIMIT")):
+                if buckets is None:
+                    continue
+                wait = buckets.take(key)
+                if wait:
+                    raise ApiError(429, "rate_limited", f"too many requests ({what}); retry in {math.ceil(wait)} s",
+                                   {"Retry-After": str(math.ceil(wait))})
+        return await handler(request)
+
+    return middleware
+
+
+class DownloadSlots:
+    """At most ``limit`` bodies streaming at once in this process; 0 means no cap."""
+
+    def __init__(self, limit: int, queue_seconds: float) -> None:
+        self.limit = limit
+        self.queue_seconds = queue_seconds
+        self._sem = asyncio.Semaphore(limit) if limit else None
+
+    @asynccontextmanager
+    async def slot(self):
+        if self._sem is None:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.queue_seconds):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise ApiError(503, "too_many_downloads",
+                           f"{self.limit} downloads are already running here; retry shortly",
+                           {"Retry-After": str(max(1, math.ceil(self.queue_seconds)))}) from None
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+class Drain:
+    """Counts requests in flight; once draining, turns new ones away."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
+
+    def middleware(self):
+        @web.middleware
+        async def drain_middleware(request: web.Request, handler):
+            # Health endpoints answer for themselves (503, "draining").
+            if self.draining and not request.path.startswith("/health"):
+                raise ApiError(503, "shutting_down", "the service is shutting down; retry on another instance",
+                               {"Retry-After": "1", "Connection": "close"})
+            self.in_flight += 1
+            try:
+                return await handler(request)
+            finally:
+                self.in_flight -= 1
+
+        return drain_middleware
