@@ -12,6 +12,7 @@ first chunk a byte range needs instead of reading from the start to seek.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator
@@ -49,6 +50,11 @@ from .base import (
 _WRITE_BATCH_BYTES = 4 * 1024 * 1024
 # Chunk documents per cursor batch when reading: bounds memory per download.
 _READ_BATCH_BYTES = 1024 * 1024
+
+# Retries (about 15 minutes with backoff) to remove a cancelled upload's chunks.
+_CLEANUP_ATTEMPTS = 40
+
+log = logging.getLogger("app.storage.mongo")
 
 _UNAVAILABLE = (ServerSelectionTimeoutError, ConnectionFailure, AutoReconnect, NetworkTimeout)
 
@@ -98,7 +104,8 @@ def _guard(fn):
 class MongoStorage(Storage):
     kind = "mongodb"
 
-    def __init__(self, url: str, db_name: str, bucket: str, timeout_ms: int = 5000) -> None:
+    def __init__(self, url: str, db_name: str, bucket: str, timeout_ms: int = 5000, **client_options) -> None:
+        """``client_options`` go to AsyncMongoClient (tests pass event_listeners)."""
         self._url = url
         self._timeout_ms = timeout_ms
         self.client: AsyncMongoClient = AsyncMongoClient(
@@ -108,6 +115,7 @@ class MongoStorage(Storage):
             tz_aware=True,
             tzinfo=timezone.utc,
             appname="tensorfleet-model-service",
+            **client_options,
         )
         self.db = self.client[db_name]
         self.models = self.db["models"]
@@ -115,6 +123,7 @@ class MongoStorage(Storage):
         self.chunks = self.db[f"{bucket}.chunks"]
         self.downloads = self.db["download_hours"]
         self._content_lock = asyncio.Lock()
+        self._cleanups: set[asyncio.Task] = set()
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -142,6 +151,9 @@ class MongoStorage(Storage):
         await self.files.create_index("metadata.sha256", unique=True, sparse=True)
 
     async def close(self) -> None:
+        # A last chance for pending cleanups whose database is already back.
+        for task in list(self._cleanups):
+            task.cancel()
         await self.client.close()
 
     async def ping(self) -> None:
@@ -362,6 +374,23 @@ class MongoStorage(Storage):
             report.append(f"{count} orphan chunks of files_id {files_id} (upload never committed)")
         return report
 
+    def remove_chunks_later(self, files_id: ObjectId) -> None:
+        task = asyncio.create_task(self._remove_chunks_when_back(files_id))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_chunks_when_back(self, files_id: ObjectId) -> None:
+        delay = 1.0
+        for _ in range(_CLEANUP_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                result = await self.chunks.delete_many({"files_id": files_id})
+                log.info("removed %d chunks of cancelled upload %s", result.deleted_count, files_id)
+                return
+            except PyMongoError:
+                delay = min(delay * 2, 30.0)
+        log.warning("gave up removing chunks of cancelled upload %s; `model-service gc` will", files_id)
+
     @_guard
     async def settle_file(self, file_id: str) -> None:
         oid = _oid(file_id)
@@ -487,7 +516,10 @@ class _GridFSWriter(FileWriter):
         self._pending.clear()
         try:
             await self._store.chunks.delete_many({"files_id": self._files_id})
-        except PyMongoError:
-            # The database is gone; the chunks have no files document, so no
-            # reader can see them, and `model-service gc` removes them later.
-            pass
+        except PyMongoError as e:
+            # The database is gone (which may be why we cancel). The chunks have
+            # no files document, so no reader can see them; remove them once
+            # the database is back. (`model-service gc` also finds them.)
+            log.warning("upload %s cancelled while MongoDB is unreachable (%s); removing its chunks later",
+                        self._files_id, e.__class__.__name__)
+            self._store.remove_chunks_later(self._files_id)
