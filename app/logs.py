@@ -68,7 +68,7 @@ def request_id(request: web.BaseRequest) -> str | None:
 @web.middleware
 async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request[REQUEST_ID] = incoming if _SANE_ID.match(incoming) else secrets.token_hex(8)
+    request[REQUEST_ID] = incoming if _SANE_ID.fullmatch(incoming) else secrets.token_hex(8)
     return await handler(request)
 
 

@@ -23,7 +23,7 @@ _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "w
 
 
 def parse_age(text: str) -> timedelta:
-    m = _AGE_RE.match(text.strip())
+    m = _AGE_RE.fullmatch(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not an age: {text!r} (use e.g. 90d, 12h, 30m)")
     return timedelta(**{_AGE_UNITS[m[2]]: int(m[1])})

@@ -85,6 +85,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_checksum": (400, "X-Checksum-Sha256 / ?sha256= is not 64 hexadecimal characters"),
     "invalid_filename": (400, "the upload's file name has control characters, no name part, or over 255 bytes"),
     "missing_file": (400, "a multipart body has no 'file' part"),
+    "invalid_multipart": (400, "a multipart body that cannot be parsed (no boundary, a malformed part header)"),
     "missing_metadata": (400, "a multipart registration has no 'metadata' part"),
     "unauthorized": (401, "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate"),
     "forbidden": (403, "the API key's scope does not allow this operation"),
@@ -686,7 +687,8 @@ def paths(settings: Settings) -> Json:
     upload = op("uploadModelFile", "files", "Upload or replace the model's file", {
         "201": answer("stored and attached; the model's previous file is released unless another model shares it",
                       "UploadAnswer", follow=links("DownloadModel", "ModelFileInfo", "GetModel")),
-        "400": error_response(400, "invalid_id", "invalid_checksum", "invalid_filename", "missing_file"),
+        "400": error_response(400, "invalid_id", "invalid_checksum", "invalid_filename", "missing_file",
+                              "invalid_multipart"),
         "404": shared("ModelNotFound"),
         "413": error_response(413, "file_too_large"),
         "422": shared("ChecksumMismatch"),
@@ -728,6 +730,7 @@ def paths(settings: Settings) -> Json:
             "post": op("registerModel", "models", "Register a model (optionally with its file)", {
                 "201": created,
                 "400": error_response(400, *BODY_CODES, "missing_metadata", "missing_file", "invalid_filename",
+                                      "invalid_multipart",
                                       "invalid_checksum"),
                 "409": shared("VersionConflict"),
                 "413": error_response(413, "payload_too_large", "file_too_large"),

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from . import clock
@@ -72,11 +74,20 @@ def expect_handler(settings: Settings):
     return handler
 
 
+@contextmanager
+def multipart_errors():
+    """aiohttp's own parse errors in a multipart body become a clear 400."""
+    try:
+        yield
+    except (ValueError, HttpProcessingError) as e:
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {e}") from None
+
+
 def expected_checksum(request: web.Request) -> str | None:
     value = request.headers.get("X-Checksum-Sha256") or request.query.get("sha256")
     if value is None:
         return None
-    m = _SHA256_RE.match(value.strip())
+    m = _SHA256_RE.fullmatch(value.strip())
     if not m:
         raise ApiError(400, "invalid_checksum", "X-Checksum-Sha256 / sha256 must be 64 hexadecimal characters")
     return m.group(1).lower()

@@ -134,7 +134,7 @@ def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
     out["version"] = body.get("version")
     if "breaking_changes" in body and not isinstance(body["breaking_changes"], bool):
         raise _bad("breaking_changes", "must be true or false")
-    out["breaking_changes"] = body.get("breaking_changes", False)
+    out["breaking_changes"] = body.get("breaking_changes")
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -143,7 +143,7 @@ def registration(body: Mapping[str, Any]) -> dict[str, Any]:
     name = body.get("name")
     if name is None:
         raise _bad("name", "is required")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise _bad("name", NAME_RULE)
     fields = _fields(body)
     if "algorithm" not in fields:
@@ -169,7 +169,7 @@ def model_id(value: str) -> str:
 
 
 def model_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ApiError(400, "validation_error", f"name {NAME_RULE}")
     return value
 
@@ -217,7 +217,7 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
     sort = params.get("sort", "-created_at")
     desc = sort.startswith("-")
     field = sort[1:] if desc else sort
-    if not (field in _SORT_PLAIN or (field.startswith("metrics.") and _METRIC_NAME_RE.match(field[8:]))):
+    if not (field in _SORT_PLAIN or (field.startswith("metrics.") and _METRIC_NAME_RE.fullmatch(field[8:]))):
         raise ApiError(400, "invalid_parameter",
                        "sort must be created_at, name, download_count or metrics.<name>, optionally prefixed with '-'")
 

@@ -11,7 +11,7 @@ FIRST = "v1.0"
 
 
 def parse(version: str) -> tuple[int, int] | None:
-    m = _VERSION_RE.match(version) if isinstance(version, str) else None
+    m = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 

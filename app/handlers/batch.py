@@ -73,7 +73,7 @@ async def batch(request: web.Request) -> web.Response:
     operation, ids, fields = _parse(await read_json_object(request))
     results = []
     for raw in ids:
-        if not isinstance(raw, str) or not _ID_RE.match(raw):
+        if not isinstance(raw, str) or not _ID_RE.fullmatch(raw):
             results.append({"id": raw if isinstance(raw, str) else str(raw), "result": "invalid_id"})
             continue
         results.append({"id": raw, "result": await _apply(request, operation, raw.lower(), fields)})

@@ -87,7 +87,7 @@ def _markdown(text: str) -> str:
 
 
 def _anchor(method: str, path: str) -> str:
-    return "op-" + method + re.sub(r"[^A-Za-z0-9]+", "-", path).strip("-")
+    return f"op-{method}-" + re.sub(r"[^A-Za-z0-9]+", "-", path).strip("-")
 
 
 def _ref_name(ref: str) -> tuple[str, str]:

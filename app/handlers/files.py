@@ -20,11 +20,12 @@ async def _receive(request: web.Request) -> uploads.Received:
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
     if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if part.name == "file":
-                return await uploads.receive_part(part, storage, settings, sha256)
-            await part.release()
+        with uploads.multipart_errors():
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "file":
+                    return await uploads.receive_part(part, storage, settings, sha256)
+                await part.release()
         raise ApiError(400, "missing_file", "multipart body has no 'file' part")
     filename = uploads.raw_body_filename(request)
     stored = await uploads.store_stream(storage, request.content.iter_any(), settings, sha256)
@@ -84,15 +85,16 @@ async def register_with_file(request: web.Request) -> web.Response:
     sha256 = uploads.expected_checksum(request)
     fields = received = None
     try:
-        reader = await request.multipart()
-        async for part in reader:
-            if part.name == "metadata" and fields is None:
-                raw = await read_limited(part.read_chunk, "metadata part", settings.max_json_size)
-                fields = with_caller(request, validation.registration(parse_json_object(raw)))
-            elif part.name == "file" and received is None:
-                received = await uploads.receive_part(part, storage, settings, sha256)
-            else:
-                await part.release()
+        with uploads.multipart_errors():
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "metadata" and fields is None:
+                    raw = await read_limited(part.read_chunk, "metadata part", settings.max_json_size)
+                    fields = with_caller(request, validation.registration(parse_json_object(raw)))
+                elif part.name == "file" and received is None:
+                    received = await uploads.receive_part(part, storage, settings, sha256)
+                else:
+                    await part.release()
         if fields is None:
             raise ApiError(400, "missing_metadata", "multipart registration needs a 'metadata' JSON part")
         if received is None:

@@ -18,8 +18,24 @@ def _not_found(model_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no model with id {model_id}")
 
 
+def request_model_id(request: web.Request) -> str:
+    """The {id} of the URL, validated; 400 when it is not an ObjectId.
+
+    A fixed path such as /api/v1/models/statistics reaches an {id} route only
+    with a method the fixed path lacks: that is a 405, not a malformed id.
+    """
+    try:
+        return validation.model_id(request.match_info["id"])
+    except ApiError:
+        for resource in request.app.router.resources():
+            if resource.canonical == request.path:
+                allowed = {route.method for route in resource if route.method != "*"}
+                raise web.HTTPMethodNotAllowed(request.method, allowed) from None
+        raise
+
+
 async def model_or_404(request: web.Request) -> dict:
-    model_id = validation.model_id(request.match_info["id"])
+    model_id = request_model_id(request)
     doc = await request.app[STORAGE].get_model(model_id)
     if doc is None:
         raise _not_found(model_id)
@@ -72,7 +88,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def update_model(request: web.Request) -> web.Response:
-    model_id = validation.model_id(request.match_info["id"])
+    model_id = request_model_id(request)
     fields = validation.update(await read_json_object(request))
     storage = request.app[STORAGE]
     if fields:
@@ -85,7 +101,7 @@ async def update_model(request: web.Request) -> web.Response:
 
 
 async def delete_model(request: web.Request) -> web.Response:
-    model_id = validation.model_id(request.match_info["id"])
+    model_id = request_model_id(request)
     if await registry.delete(request.app[STORAGE], request.app[LEASES], model_id) is None:
         raise _not_found(model_id)
     return json_response({"success": True, "message": "Model deleted successfully", "deleted_id": model_id})
