@@ -12,11 +12,14 @@ import logging
 import re
 import secrets
 import sys
+import warnings
 from datetime import datetime, timezone
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -53,12 +56,31 @@ class TextFormatter(logging.Formatter):
         return f"{text} [request_id={rid}]" if rid and record.name != "app.access" else text
 
 
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs every unparseable request (a NUL in a header, say) as an
+    ERROR with a stack trace. That is the client's mistake, already answered
+    with 400: keep one INFO line, no trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.msg = "bad request: %s"
+            record.args = (str(record.exc_info[1]).replace("\n", " "),)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
+    # aiohttp warns (through `warnings`) about each malformed multipart
+    # Content-Disposition it is sent; the request itself gets its 400.
+    warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
 
 
 def request_id(request: web.BaseRequest) -> str | None:
@@ -83,9 +105,12 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request: method, route template, status, bytes, duration."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        match_info = getattr(request, "match_info", None)
-        route = match_info.route.resource if match_info is not None and match_info.route is not None else None
-        template = route.canonical if route is not None else None
+        try:
+            resource = request.match_info.route.resource  # type: ignore[attr-defined]
+        except (AttributeError, AssertionError):
+            # A request the parser rejected never reached the router.
+            resource = None
+        template = resource.canonical if resource is not None else None
         size = response.content_length if response.content_length is not None else response.body_length
         fields = {
             "request_id": request_id(request),

@@ -541,6 +541,9 @@ LINKS: Json = {
     "CreateVersion": {"operationId": "createVersion", "parameters": _BY_MODEL_ID},
     "DownloadModel": {"operationId": "downloadModel", "parameters": _BY_MODEL_ID},
     "ModelFileInfo": {"operationId": "modelFileInfo", "parameters": _BY_MODEL_ID},
+    # From a model document, whose id is under "id" (answers carry "model_id").
+    "DownloadThisModel": {"operationId": "downloadModel", "parameters": {"id": "$response.body#/id"}},
+    "ListVersionsOfThisModel": {"operationId": "listVersions", "parameters": {"id": "$response.body#/id"}},
     "GetModelByName": {"operationId": "getModelByName", "parameters": {"name": "$response.body#/name"}},
     "DownloadModelByName": {"operationId": "downloadModelByName", "parameters": {"name": "$response.body#/name"}},
 }
@@ -661,7 +664,7 @@ def paths(settings: Settings) -> Json:
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
             "200": answer("the full model document", "Model", cache_headers,
-                          links("GetModelByName", "DownloadModel", "ListVersions")
+                          links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel")
                           if op_id == "getModel" else None),
             "304": {"description": "If-None-Match matched the document's ETag: no body", "headers": cache_headers},
             "400": error_response(400, *bad),

@@ -51,3 +51,24 @@ async def test_internal_errors_hide_the_trace_from_clients(client, caplog, monke
     assert "secret" not in str(body) and "Traceback" not in str(body)
     assert "boom-1" in body["error"]["message"]
     assert any("secret internals" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_unparseable_requests_are_one_quiet_line(tmp_path):
+    import socket
+
+    from tests.support.live_service import LiveService
+
+    service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": ""}, tmp_path / "log")
+    service.start()
+    try:
+        with socket.create_connection(("127.0.0.1", service.port)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n")
+            assert s.recv(100).split(b" ")[1] == b"400"
+        with socket.create_connection(("127.0.0.1", service.port)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).split(b" ")[1] == b"200"
+    finally:
+        service.stop()
+    log = service.log()
+    assert "Traceback" not in log and " ERROR " not in log, log
+    assert "bad request: 400" in log
