@@ -142,7 +142,10 @@ async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> w
                 if count:
                     # aclosing: whichever way the loop ends, the reader (and
                     # its database cursor) is closed now, not when collected.
-                    async with aclosing(prefetch(storage.read_file(f, offset, count))) as pieces:
+                    pieces = storage.read_file(f, offset, count)
+                    if storage.read_ahead:
+                        pieces = prefetch(pieces, storage.read_ahead)
+                    async with aclosing(pieces):
                         async for piece in pieces:
                             # A client that stops reading holds a cursor: give
                             # up on it after DOWNLOAD_TIMEOUT without progress.

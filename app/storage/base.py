@@ -167,6 +167,9 @@ class FileWriter(abc.ABC):
 
 class Storage(abc.ABC):
     kind: str
+    # Pieces a download should read ahead while the previous one is sent:
+    # worth it where a read waits on a database round trip.
+    read_ahead: int = 2
 
     # -- lifecycle -------------------------------------------------------
     @abc.abstractmethod
