@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS models (
     download_count INTEGER NOT NULL DEFAULT 0,
     file_id TEXT,
     doc BLOB NOT NULL,
+    search_text TEXT NOT NULL DEFAULT '',
     UNIQUE (name, version)
 );
 CREATE INDEX IF NOT EXISTS models_algorithm_status_created ON models (algorithm, status, created_at DESC);
@@ -114,6 +115,15 @@ def _icontains(haystack: str | None, needle: str) -> bool:
     return haystack is not None and needle.casefold() in haystack.casefold()
 
 
+_SEPARATOR = "\x00"
+
+
+def _search_text(doc: dict[str, Any]) -> str:
+    """The fields `q` searches, case-folded, joined by a character no needle has."""
+    fields = [doc["name"], doc.get("description") or "", doc["algorithm"], *doc.get("tags", [])]
+    return _SEPARATOR + _SEPARATOR.join(f.casefold() for f in fields) + _SEPARATOR
+
+
 def _json_member(key: str) -> str:
     # Quoted member name, so metric names are data, never JSON-path syntax.
     return '"' + key.replace('"', '""') + '"'
@@ -157,7 +167,17 @@ class EmbeddedStorage(Storage):
         db.execute("PRAGMA synchronous=FULL")
         db.create_function("icontains", 2, _icontains, deterministic=True)
         db.executescript(_SCHEMA)
+        self._migrate(db)
         self._db = db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(models)")}
+        if "search_text" not in columns:
+            # A registry from before search_text: add it and fill it in.
+            db.execute("ALTER TABLE models ADD COLUMN search_text TEXT NOT NULL DEFAULT ''")
+            for row in db.execute("SELECT * FROM models").fetchall():
+                db.execute("UPDATE models SET search_text = ? WHERE id = ?", (_search_text(_decode_row(row)), row["id"]))
 
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -204,11 +224,11 @@ class EmbeddedStorage(Storage):
         try:
             self._db.execute(
                 "INSERT INTO models (id, name, version, algorithm, status, created_by, created_at,"
-                " download_count, file_id, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " download_count, file_id, doc, search_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     doc["id"], doc["name"], doc["version"], doc["algorithm"], doc["status"],
                     doc.get("created_by"), iso(doc["created_at"]), doc.get("download_count", 0),
-                    fm["file_id"] if fm else None, _encode_doc(doc),
+                    fm["file_id"] if fm else None, _encode_doc(doc), _search_text(doc),
                 ),
             )
         except sqlite3.IntegrityError as e:
@@ -240,9 +260,10 @@ class EmbeddedStorage(Storage):
                     doc[key] = value
             fm = doc.get("file_metadata")
             db.execute(
-                "UPDATE models SET algorithm = ?, status = ?, created_by = ?, file_id = ?, doc = ? WHERE id = ?",
+                "UPDATE models SET algorithm = ?, status = ?, created_by = ?, file_id = ?, doc = ?, search_text = ?"
+                " WHERE id = ?",
                 (doc["algorithm"], doc["status"], doc.get("created_by"), fm["file_id"] if fm else None,
-                 _encode_doc(doc), model_id),
+                 _encode_doc(doc), _search_text(doc), model_id),
             )
             db.execute("COMMIT")
             return previous if return_previous else doc
@@ -301,7 +322,11 @@ class EmbeddedStorage(Storage):
             marks = ", ".join("?" * len(q.tags))
             clauses.append(f"EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE value IN ({marks}))")
             params.extend(q.tags)
-        if q.text is not None:
+        if q.text is not None and _SEPARATOR not in q.text:
+            # One C-level substring test per row over text folded at write time.
+            clauses.append("instr(search_text, ?) > 0")
+            params.append(q.text.casefold())
+        elif q.text is not None:
             clauses.append(
                 "(icontains(name, ?) OR icontains(algorithm, ?)"
                 " OR icontains(json_extract(doc, '$.description'), ?)"
