@@ -51,6 +51,12 @@ class LiveService:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit by itself; its exit status."""
+        status = self._proc.wait(timeout)
+        self.stop()
+        return status
+
     def stop(self) -> int | None:
         if self._proc is None:
             return None
