@@ -23,7 +23,7 @@ from aiohttp import web
 from . import clock, metrics, preconditions, ranges
 from .http import ApiError, error_response
 from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
-from .storage.base import FileMissing, StorageUnavailable, StoredFile
+from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
@@ -128,8 +128,13 @@ async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> w
     timeout = request.app[SETTINGS].download_timeout
     # A response that carries byte 0 is a download; later ranges resume one.
     if counted:
-        await storage.record_download(doc["id"], clock.now())
         metrics.DOWNLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
+        try:
+            await storage.record_download(doc["id"], clock.now())
+        except StorageError as e:
+            # A lost count is not worth a failed download.
+            metrics.STORAGE_ERRORS.labels("count_download").inc()
+            log.warning("download of model %s not counted: %s", doc["id"], e)
 
     await response.prepare(request)
     metrics.ACTIVE_DOWNLOADS.inc()

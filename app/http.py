@@ -12,7 +12,8 @@ import logging
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion10, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import preconditions
 from .keys import SETTINGS
@@ -113,6 +114,11 @@ _HTTP_CODES = {
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
+        if request.version < HttpVersion10:
+            # aiohttp's C parser takes a request line without a version as
+            # HTTP/0.9 yet reads headers and a body: refuse it rather than act
+            # on a request a proxy in front may have framed differently.
+            raise ApiError(400, "bad_request", "HTTP/1.0 or later is required", {"Connection": "close"})
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.code, e.message, e.headers)
@@ -133,6 +139,18 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             message = f"method {request.method} is not allowed on {request.path}"
         headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
         return error_response(e.status, code, message, headers or None)
+    except HttpProcessingError as e:
+        # The body broke HTTP framing (shorter than its Content-Length, a bad
+        # chunk): the client's fault, and whatever was stored is already undone.
+        log.info("malformed request body in %s %s: %s", request.method, request.path, e,
+                 extra={"request_id": request_id(request)})
+        return error_response(400, "bad_request", f"malformed request body: {e.message}", {"Connection": "close"})
+    except ConnectionError as e:
+        # The client left while we read its body; nobody is there to answer.
+        # 499 (nginx's "client closed request") keeps it apart from real errors.
+        log.info("client left during %s %s: %s", request.method, request.path, e,
+                 extra={"request_id": request_id(request)})
+        return error_response(499, "client_closed_request", "the client closed the connection")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path,
                       extra={"request_id": request_id(request)})

@@ -16,7 +16,6 @@ import math
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from aiohttp import web
 

@@ -85,6 +85,9 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_checksum": (400, "X-Checksum-Sha256 / ?sha256= is not 64 hexadecimal characters"),
     "invalid_filename": (400, "the upload's file name has control characters, no name part, or over 255 bytes"),
     "missing_file": (400, "a multipart body has no 'file' part"),
+    "bad_request": (400, "the request broke HTTP itself: no HTTP version, or a body shorter than its "
+                         "Content-Length or with a malformed chunk"),
+    "client_closed_request": (499, "logged only: the client left while its body was being read (nginx's 499)"),
     "invalid_multipart": (400, "a multipart body that cannot be parsed (no boundary, a malformed part header)"),
     "missing_metadata": (400, "a multipart registration has no 'metadata' part"),
     "unauthorized": (401, "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate"),

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 MAX_RANGES = 100
 
-_SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_SPEC_RE = re.compile(r"^[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$")
+# Positions beyond this are "past any file": parsing 5000 digits is refused by
+# int() (and pointless), so longer numbers are read as this.
+_HUGE = 10**19
+
+
+def _number(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else _HUGE
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ def parse(header: str | None, size: int) -> list[ByteRange] | None:
         if first == "" and last == "":
             return None
         if first == "":
-            suffix = int(last)
+            suffix = _number(last)
             if suffix == 0:
                 continue
             if size == 0:
@@ -67,12 +75,12 @@ def parse(header: str | None, size: int) -> list[ByteRange] | None:
                 return None
             wanted.append(ByteRange(max(0, size - suffix), size - 1))
             continue
-        start = int(first)
-        if last != "" and int(last) < start:
+        start = _number(first)
+        if last != "" and _number(last) < start:
             return None  # invalid syntax, not merely unsatisfiable
         if start >= size:
             continue
-        end = size - 1 if last == "" else min(int(last), size - 1)
+        end = size - 1 if last == "" else min(_number(last), size - 1)
         wanted.append(ByteRange(start, end))
     if not wanted:
         # A header with no range-spec at all ("bytes=,") is malformed, not unsatisfiable.

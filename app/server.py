@@ -125,10 +125,26 @@ async def _serve(settings: Settings) -> None:
         drain.draining = True
         log.info("draining %d request(s) in flight, for up to %g s", drain.in_flight,
                  settings.shutdown_grace_seconds)
+        deadline = asyncio.get_running_loop().time() + settings.shutdown_grace_seconds
         if not await drain.wait_idle(settings.shutdown_grace_seconds):
             log.warning("grace period over; %d request(s) cut short", drain.in_flight)
+        else:
+            # A finished handler may still have response bytes in its socket's
+            # buffer; closing now would cut them off.
+            await _flush_connections(app_runner.server, deadline)
     finally:
         await app_runner.cleanup()
+
+
+async def _flush_connections(server, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        pending = [c for c in server.connections
+                   if c.transport is not None and not c.transport.is_closing()
+                   and c.transport.get_write_buffer_size()]
+        if not pending:
+            return
+        await asyncio.sleep(0.05)
 
 
 async def _wait_for_signal() -> None:

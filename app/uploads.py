@@ -14,7 +14,7 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -22,8 +22,8 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 
 from . import clock
 from .config import Settings, format_size
-from .http import ApiError, error_response
-from .storage.base import Storage, StoredFile
+from .http import ApiError, error_response, read_limited
+from .storage.base import FileWriter, Storage, StoredFile
 
 # Multipart bodies carry boundaries (and, at registration, a metadata part of
 # up to MAX_JSON_SIZE) besides the file.
@@ -103,7 +103,12 @@ def clean_filename(name: str | None) -> str | None:
     base = os.path.basename(name.replace("\\", "/"))
     if base in ("", ".", ".."):
         raise ApiError(400, "invalid_filename", f"filename {name[:100]!r} has no file name part")
-    if len(base.encode()) > 255:
+    try:
+        encoded = base.encode()
+    except UnicodeEncodeError:
+        # Undecodable bytes in a header arrive as lone surrogates.
+        raise ApiError(400, "invalid_filename", "filename must be valid UTF-8") from None
+    if len(encoded) > 255:
         raise ApiError(400, "invalid_filename", "filename must be at most 255 bytes")
     return base
 
@@ -111,32 +116,79 @@ def clean_filename(name: str | None) -> str | None:
 def raw_body_filename(request: web.Request) -> str | None:
     name = request.query.get("filename")
     if name is None and "Content-Disposition" in request.headers:
-        _, params = parse_content_disposition(request.headers["Content-Disposition"])
+        raw = request.headers["Content-Disposition"]
+        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in raw):
+            raise ApiError(400, "invalid_filename", "Content-Disposition must not contain control characters")
+        _, params = parse_content_disposition(raw)
         name = content_disposition_filename(params, "filename")
+        if name is None and "filename" in raw.lower():
+            # A filename was sent but cannot be read: say so, do not guess.
+            raise ApiError(400, "invalid_filename", "Content-Disposition has a filename that cannot be parsed")
     return clean_filename(name)
+
+
+async def fill(writer: FileWriter, pieces: AsyncIterator[bytes], settings: Settings) -> None:
+    async for piece in pieces:
+        if writer.size + len(piece) > settings.max_file_size:
+            raise too_large(settings.max_file_size)
+        await writer.write(piece)
+
+
+async def finish(writer: FileWriter, sha256: str | None) -> StoredFile:
+    if sha256 is not None and writer.sha256 != sha256:
+        raise ApiError(422, "checksum_mismatch",
+                       f"uploaded content has sha256 {writer.sha256}, not {sha256} as declared")
+    return await writer.commit()
 
 
 async def store_stream(
     storage: Storage, pieces: AsyncIterator[bytes], settings: Settings, sha256: str | None
 ) -> StoredFile:
-    max_file_size = settings.max_file_size
     async with storage.file_writer(settings.gridfs_chunk_size) as writer:
-        async for piece in pieces:
-            if writer.size + len(piece) > max_file_size:
-                raise too_large(max_file_size)
-            await writer.write(piece)
-        if sha256 is not None and writer.sha256 != sha256:
-            raise ApiError(422, "checksum_mismatch",
-                           f"uploaded content has sha256 {writer.sha256}, not {sha256} as declared")
-        return await writer.commit()
+        await fill(writer, pieces, settings)
+        return await finish(writer, sha256)
 
 
-async def receive_part(part: BodyPartReader, storage: Storage, settings: Settings, sha256: str | None) -> Received:
-    """Store a multipart ``file`` part."""
-    filename = clean_filename(part.filename)
-    content_type = part.headers.get("Content-Type", "application/octet-stream")
-    stored = await store_stream(storage, part_pieces(part), settings, sha256)
-    return Received(stored, filename or "", content_type)
+# What may follow a multipart body's closing boundary (an epilogue) before the
+# body is refused.
+_MAX_EPILOGUE = 64 * 1024
+
+
+async def receive_multipart(
+    request: web.Request, storage: Storage, settings: Settings, sha256: str | None,
+    parse_metadata: Callable[[bytes], Any] | None = None,
+) -> tuple[Received | None, Any]:
+    """Read a whole multipart body: the ``file`` part streamed into the store,
+    the ``metadata`` part (when ``parse_metadata`` is given) parsed by it.
+
+    The file is committed only after the closing boundary and the end of the
+    body have arrived: a body cut short, or one promising more than it sends,
+    never leaves a truncated file.
+    """
+    metadata = None
+    async with storage.file_writer(settings.gridfs_chunk_size) as writer:
+        file_part = None
+        with multipart_errors():
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "file" and file_part is None:
+                    file_part = (clean_filename(part.filename) or "",
+                                 part.headers.get("Content-Type", "application/octet-stream"))
+                    await fill(writer, part_pieces(part), settings)
+                elif part.name == "metadata" and parse_metadata is not None and metadata is None:
+                    metadata = parse_metadata(await read_limited(part.read_chunk, "metadata part",
+                                                                 settings.max_json_size))
+                else:
+                    await part.release()
+            if not reader.at_eof():
+                raise ApiError(400, "invalid_multipart", "multipart body ended before its closing boundary")
+            await read_limited(request.content.read, "data after the multipart body", _MAX_EPILOGUE)
+        if parse_metadata is not None and metadata is None:
+            raise ApiError(400, "missing_metadata", "multipart registration needs a 'metadata' JSON part")
+        if file_part is None:
+            return None, metadata
+        stored = await finish(writer, sha256)
+    return Received(stored, *file_part), metadata
 
 
 async def part_pieces(part: BodyPartReader) -> AsyncIterator[bytes]:

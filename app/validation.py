@@ -17,7 +17,7 @@ from .http import ApiError
 from .storage.base import ModelQuery
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-NAME_RULE = "must be 1-100 characters of A-Z, a-z, 0-9, '_', '.' and '-'"
+NAME_RULE = "must be 1-100 characters of A-Z, a-z, 0-9, '_', '.' and '-', and not only dots"
 STATUSES = ("active", "deprecated", "archived")
 MUTABLE_FIELDS = ("hyperparameters", "metrics", "dataset_info", "tags", "status", "description")
 IMMUTABLE_FIELDS = ("id", "_id", "name", "version", "created_at", "updated_at", "download_count",
@@ -33,21 +33,33 @@ _MAX_DESCRIPTION = 10_000
 _METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
 
+def valid_name(name: str) -> bool:
+    # "." and ".." are path segments to every URL normaliser on the way.
+    return NAME_RE.fullmatch(name) is not None and name.strip(".") != ""
+
+
 def _bad(field: str, message: str) -> ApiError:
     return ApiError(400, "validation_error", f"{field}: {message}")
 
 
-def _check_keys(value: Any, path: str) -> None:
+# Objects and lists inside user-supplied fields nest at most this deep: deeper
+# documents break JSON encoders and BSON (MongoDB refuses 100 levels).
+MAX_NESTING = 32
+
+
+def _check_keys(value: Any, path: str, depth: int = 1) -> None:
+    if isinstance(value, (dict, list)) and depth > MAX_NESTING:
+        raise _bad(path.split(".")[0].split("[")[0], f"must not nest objects or lists more than {MAX_NESTING} deep")
     if isinstance(value, dict):
         for k, v in value.items():
             if k.startswith("$") or "." in k:
                 raise _bad(path, f"key {k!r} must not start with '$' or contain '.'")
             if not k:
                 raise _bad(path, "keys must not be empty")
-            _check_keys(v, f"{path}.{k}")
+            _check_keys(v, f"{path}.{k}", depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_keys(v, f"{path}[{i}]")
+            _check_keys(v, f"{path}[{i}]", depth + 1)
 
 
 def _string(body: Mapping[str, Any], field: str, max_len: int, *, required: bool = False) -> str | None:
@@ -143,7 +155,7 @@ def registration(body: Mapping[str, Any]) -> dict[str, Any]:
     name = body.get("name")
     if name is None:
         raise _bad("name", "is required")
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not valid_name(name):
         raise _bad("name", NAME_RULE)
     fields = _fields(body)
     if "algorithm" not in fields:
@@ -169,7 +181,7 @@ def model_id(value: str) -> str:
 
 
 def model_name(value: str) -> str:
-    if not NAME_RE.fullmatch(value):
+    if not valid_name(value):
         raise ApiError(400, "validation_error", f"name {NAME_RULE}")
     return value
 

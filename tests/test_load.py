@@ -23,10 +23,12 @@ import asyncio
 import hashlib
 import os
 import random
+import sqlite3
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -95,6 +97,37 @@ class Tally:
     uploaded: int = 0
 
 
+@dataclass
+class Live:
+    backend: str
+    service: LiveService
+    data_dir: Path
+    mongo: object = None
+    db_name: str | None = None
+
+    def orphans(self) -> dict[str, set]:
+        """Stored files no model refers to, models whose file is missing, and stray temp files or chunks."""
+        if self.backend == "mongodb":
+            with self.mongo.sync_client() as c:
+                db = c[self.db_name]
+                referenced = set(db["models"].distinct("file_metadata.file_id"))
+                stored = set(db["models.files"].distinct("_id"))
+                chunked = set(db["models.chunks"].distinct("files_id"))
+            return {"unreferenced files": stored - referenced, "missing files": referenced - stored,
+                    "chunks without a file": chunked - stored}
+        db = sqlite3.connect(f"file:{self.data_dir / 'registry.sqlite3'}?mode=ro", uri=True)
+        try:
+            referenced = {r[0] for r in db.execute("SELECT file_id FROM models WHERE file_id IS NOT NULL")}
+            files = dict(db.execute("SELECT file_id, sha256 FROM files").fetchall())
+        finally:
+            db.close()
+        blobs = {p.name for p in (self.data_dir / "blobs").rglob("*") if p.is_file()}
+        return {"unreferenced files": set(files) - referenced, "missing files": referenced - set(files),
+                "blobs without a files row": blobs - set(files.values()),
+                "files rows without a blob": set(files.values()) - blobs,
+                "temp files": {p.name for p in (self.data_dir / "tmp").iterdir()}}
+
+
 @pytest.fixture(params=BACKENDS)
 def live(request, tmp_path):
     backend = request.param
@@ -109,7 +142,7 @@ def live(request, tmp_path):
     service = LiveService(env, tmp_path / "service.log")
     service.start()
     try:
-        yield backend, service
+        yield Live(backend, service, tmp_path / "data", mongo, db_name)
     finally:
         service.stop()
         if mongo is not None and (mongo.server is None or mongo.server.running):
@@ -316,8 +349,8 @@ def _report(tally: Tally, elapsed: float) -> str:
 
 
 def test_200_concurrent_clients_mixing_reads_downloads_and_uploads(live):
-    backend, service = live
-    profile = PROFILES[backend]
+    service = live.service
+    profile = PROFILES[live.backend]
     tally, elapsed = asyncio.run(_run_load(service.url, profile))
     log = service.log()
     report = _report(tally, elapsed)
@@ -325,6 +358,14 @@ def test_200_concurrent_clients_mixing_reads_downloads_and_uploads(live):
     if " ERROR " in log:
         first = log.index(" ERROR ")
         report += "\nservice log from the first error:\n" + log[max(0, log.rfind("\n", 0, first)):][:8000]
+    # The store is consistent afterwards: every stored file belongs to a model and every model's file is
+    # there (checked whatever else failed, so a failed request that leaked its file shows up too).
+    deadline = time.monotonic() + 30
+    while any(live.orphans().values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    orphans = {k: sorted(map(str, v))[:5] for k, v in live.orphans().items() if v}
+    if orphans:
+        report += f"\nstore inconsistent after the run: {orphans}"
 
     server_errors = {k: n for k, n in tally.statuses.items() if k[2] >= 500}
     assert not server_errors, f"5xx answers: {server_errors}\n{report}"
@@ -340,3 +381,4 @@ def test_200_concurrent_clients_mixing_reads_downloads_and_uploads(live):
     assert tally.statuses[("download", "whole", 200)] > 0 and tally.statuses[("download", "ranged", 206)] > 0, report
     assert tally.statuses[("upload", "upload", 201)] > 0 and tally.statuses[("upload", "register_with_file", 201)] > 0
     assert "Traceback" not in log and "unhandled error" not in log, log[-5000:]
+    assert not orphans, f"the store is inconsistent after the run: {orphans}"

@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 
 from .. import downloads, metrics, registry, uploads, validation
-from ..http import ApiError, json_response, parse_json_object, read_limited
+from ..http import ApiError, json_response, parse_json_object
 from ..keys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import file_metadata
@@ -20,13 +20,10 @@ async def _receive(request: web.Request) -> uploads.Received:
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
     if request.content_type.startswith("multipart/"):
-        with uploads.multipart_errors():
-            reader = await request.multipart()
-            async for part in reader:
-                if part.name == "file":
-                    return await uploads.receive_part(part, storage, settings, sha256)
-                await part.release()
-        raise ApiError(400, "missing_file", "multipart body has no 'file' part")
+        received, _ = await uploads.receive_multipart(request, storage, settings, sha256)
+        if received is None:
+            raise ApiError(400, "missing_file", "multipart body has no 'file' part")
+        return received
     filename = uploads.raw_body_filename(request)
     stored = await uploads.store_stream(storage, request.content.iter_any(), settings, sha256)
     content_type = request.headers.get("Content-Type") or "application/octet-stream"
@@ -43,9 +40,15 @@ async def attach(request: web.Request, doc: dict, received: uploads.Received) ->
     """Point the model at its new file, then release whatever file it had before."""
     storage = request.app[STORAGE]
     fm = uploads.file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
-    async with _model_locks(doc["id"]):
-        previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
-                                              return_previous=True)
+    try:
+        async with _model_locks(doc["id"]):
+            previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
+                                                  return_previous=True)
+    except BaseException:
+        # The model does not point at the new file: it must not outlive this request.
+        await storage.settle_file(received.stored.file_id)
+        await storage.release_file(received.stored.file_id)
+        raise
     await storage.settle_file(received.stored.file_id)
     if previous is None:
         # The model was deleted while its file was uploading.
@@ -83,29 +86,19 @@ async def register_with_file(request: web.Request) -> web.Response:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
-    fields = received = None
+    received, fields = await uploads.receive_multipart(
+        request, storage, settings, sha256,
+        parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
+    )
+    if received is None:
+        raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
     try:
-        with uploads.multipart_errors():
-            reader = await request.multipart()
-            async for part in reader:
-                if part.name == "metadata" and fields is None:
-                    raw = await read_limited(part.read_chunk, "metadata part", settings.max_json_size)
-                    fields = with_caller(request, validation.registration(parse_json_object(raw)))
-                elif part.name == "file" and received is None:
-                    received = await uploads.receive_part(part, storage, settings, sha256)
-                else:
-                    await part.release()
-        if fields is None:
-            raise ApiError(400, "missing_metadata", "multipart registration needs a 'metadata' JSON part")
-        if received is None:
-            raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
         fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"), fields["name"])
         doc = await registry.create(storage, fields)
         count_upload(doc, received)
     except BaseException:
-        if received is not None:
-            await storage.settle_file(received.stored.file_id)
-            await storage.release_file(received.stored.file_id)
+        await storage.settle_file(received.stored.file_id)
+        await storage.release_file(received.stored.file_id)
         raise
     await storage.settle_file(received.stored.file_id)
     return created(doc)

@@ -25,6 +25,7 @@ from pymongo.errors import (
     ConnectionFailure,
     DuplicateKeyError,
     NetworkTimeout,
+    OperationFailure,
     PyMongoError,
     ServerSelectionTimeoutError,
 )
@@ -87,14 +88,24 @@ def _from_mongo(raw: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _busy(e: OperationFailure) -> bool:
+    # FerretDB on SQLite answers a write that meets another with SQLITE_BUSY:
+    # a momentary condition, to be retried, not a server error.
+    return "database is locked" in str(e) or "SQLITE_BUSY" in str(e)
+
+
 def _guard(fn):
-    """Translate driver errors that mean 'database unreachable' into StorageUnavailable."""
+    """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable."""
 
     async def wrapper(*args, **kwargs):
         try:
             return await fn(*args, **kwargs)
         except _UNAVAILABLE as e:
             raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+        except OperationFailure as e:
+            if _busy(e):
+                raise StorageUnavailable(f"MongoDB busy: {e}") from e
+            raise
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
