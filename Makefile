@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-quick mongo-server lint clean
+.PHONY: run test test-quick bench bench-quick bench-tools mongo-server clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[test]'
+	$(BIN)/pip install --quiet --editable '.[test,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -20,11 +20,25 @@ run: $(STAMP)
 # Everything, both backends. The FerretDB test server builds itself with Go on
 # first use (tests/support/mongo_server.py); set MONGODB_URL to use a real MongoDB.
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory bench-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Inner loop: embedded backend only, no slow tests.
 test-quick: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" -k "not mongodb" $(PYTEST_ARGS)
+
+# Load tests against nginx and the raw driver (bench/README.md); needs nginx and
+# wrk from Debian (installed here when missing and running as root).
+bench: $(STAMP) bench-tools
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: $(STAMP) bench-tools
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
+bench-tools:
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null; } || \
+	  { echo "bench needs nginx and wrk: apt-get install nginx-light wrk" >&2; exit 1; }
 
 mongo-server: $(STAMP)
 	$(BIN)/python -c "from tests.support.mongo_server import build; print(build())"

@@ -1,0 +1,42 @@
+"""`python -m bench --quick` as a smoke test: every scenario completes, with
+zero errors and every body verified. It asserts no speed: speeds are for the
+bench's own reports, read as ratios to nginx and the raw driver."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.mongo_server import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick_completes_with_zero_errors(tmp_path):
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None
+               and not os.path.exists(f"/usr/sbin/{tool}")]
+    if missing:
+        message = f"bench needs {', '.join(missing)} (make bench-tools installs them)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["failures"] == []
+    backends = {r["backend"] for r in results["summary"]}
+    assert backends == {"embedded", "mongodb"}
+    scenarios = {(r["backend"], r["scenario"]) for r in results["summary"]}
+    for scenario in ("single", "concurrent", "ranges", "segmented", "upload", "metadata"):
+        assert ("embedded", scenario) in scenarios and ("mongodb", scenario) in scenarios, scenario
+    for record in results["summary"]:
+        assert record["ours_errors"] == 0 and record["peer_errors"] == 0, record["point"]
+        assert record["ours_requests"] > 0, record["point"]
+    [errors] = [t for t in results["targets"] if t["target"].startswith("zero errors")]
+    assert errors["met"], errors
+    assert (out / "summary.md").exists() and list(out.glob("*.png"))
