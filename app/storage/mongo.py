@@ -94,18 +94,37 @@ def _busy(e: OperationFailure) -> bool:
     return "database is locked" in str(e) or "SQLITE_BUSY" in str(e)
 
 
+_BUSY_RETRIES = 6
+
+
+async def _retry_busy(call):
+    """Run ``call()``, again after a short pause while the database says it is busy.
+
+    A busy answer means the write did not happen, so trying again is safe.
+    """
+    for attempt in range(_BUSY_RETRIES):
+        try:
+            return await call()
+        except OperationFailure as e:
+            if not _busy(e) or attempt == _BUSY_RETRIES - 1:
+                raise
+            await asyncio.sleep(0.01 * 2**attempt)
+
+
 def _guard(fn):
     """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable."""
 
     async def wrapper(*args, **kwargs):
         try:
-            return await fn(*args, **kwargs)
+            return await _retry_busy(lambda: fn(*args, **kwargs))
         except _UNAVAILABLE as e:
             raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
         except OperationFailure as e:
             if _busy(e):
                 raise StorageUnavailable(f"MongoDB busy: {e}") from e
-            raise
+            raise StorageError(f"MongoDB: {e}") from e
+        except PyMongoError as e:
+            raise StorageError(f"MongoDB: {e}") from e
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -240,7 +259,12 @@ class MongoStorage(Storage):
         # One document per hour, bounded whatever the traffic. Old hours are
         # pruned when a new one starts (not with a TTL index: FerretDB lacks them).
         hour = at.replace(minute=0, second=0, microsecond=0)
-        result = await self.downloads.update_one({"_id": hour}, {"$inc": {"count": 1}}, upsert=True)
+        try:
+            result = await self.downloads.update_one({"_id": hour}, {"$inc": {"count": 1}}, upsert=True)
+        except DuplicateKeyError:
+            # Another process created this hour's document at the same moment.
+            await self.downloads.update_one({"_id": hour}, {"$inc": {"count": 1}})
+            return
         if result.upserted_id is not None:
             await self.downloads.delete_many({"_id": {"$lt": hour - DOWNLOAD_HISTORY}})
 
@@ -479,7 +503,7 @@ class _GridFSWriter(FileWriter):
     async def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            await self._store.chunks.insert_many(batch, ordered=True)
+            await _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True))
 
     async def _write(self, data: bytes) -> None:
         self._buffer += data
@@ -489,6 +513,10 @@ class _GridFSWriter(FileWriter):
                 await self._flush()
             except _UNAVAILABLE as e:
                 raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+            except OperationFailure as e:
+                if _busy(e):
+                    raise StorageUnavailable(f"MongoDB busy: {e}") from e
+                raise
 
     async def _commit(self) -> StoredFile:
         store = self._store
@@ -506,7 +534,7 @@ class _GridFSWriter(FileWriter):
                     "metadata": {"sha256": self.sha256, "claims": 1, "claimed_at": now()},
                 }
                 try:
-                    await store.files.insert_one(files_doc)
+                    await _retry_busy(lambda: store.files.insert_one(files_doc))
                     return _stored_file(files_doc)
                 except DuplicateKeyError:
                     # Someone committed the same content a moment ago.
@@ -520,6 +548,8 @@ class _GridFSWriter(FileWriter):
             await self._cancel()
             if isinstance(e, _UNAVAILABLE):
                 raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
+            if isinstance(e, OperationFailure) and _busy(e):
+                raise StorageUnavailable(f"MongoDB busy: {e}") from e
             raise
 
     async def _cancel(self) -> None:
