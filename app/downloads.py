@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, metrics, preconditions, ranges
+from . import clock, metrics, preconditions, ranges, sendfile
 from .http import ApiError, error_response
 from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
@@ -136,27 +136,32 @@ async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> w
             metrics.STORAGE_ERRORS.labels("count_download").inc()
             log.warning("download of model %s not counted: %s", doc["id"], e)
 
-    await response.prepare(request)
+    writer = await response.prepare(request)
     metrics.ACTIVE_DOWNLOADS.inc()
     sent = 0
+    path = storage.local_path(f) if sendfile.usable(request) else None
     try:
         async with leases.reading(f.file_id):
             for preamble, offset, count in parts:
                 if preamble:
                     await response.write(preamble)
-                if count:
-                    # aclosing: whichever way the loop ends, the reader (and
-                    # its database cursor) is closed now, not when collected.
-                    pieces = storage.read_file(f, offset, count)
-                    if storage.read_ahead:
-                        pieces = prefetch(pieces, storage.read_ahead)
-                    async with aclosing(pieces):
-                        async for piece in pieces:
-                            # A client that stops reading holds a cursor: give
-                            # up on it after DOWNLOAD_TIMEOUT without progress.
-                            async with asyncio.timeout(timeout):
-                                await response.write(piece)
-                            sent += len(piece)
+                if not count:
+                    continue
+                if path is not None:
+                    sent += await sendfile.send_range(request, writer, path, offset, count, timeout)
+                    continue
+                pieces = storage.read_file(f, offset, count)
+                if storage.read_ahead:
+                    pieces = prefetch(pieces, storage.read_ahead)
+                # aclosing: whichever way the loop ends, the reader (and its
+                # database cursor) is closed now, not when collected.
+                async with aclosing(pieces):
+                    async for piece in pieces:
+                        # A client that stops reading holds a cursor: give up
+                        # on it after DOWNLOAD_TIMEOUT without progress.
+                        async with asyncio.timeout(timeout):
+                            await response.write(piece)
+                        sent += len(piece)
             if trailer:
                 await response.write(trailer)
             await response.write_eof()

@@ -250,6 +250,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def file_info(self, file_id: str) -> StoredFile | None: ...
 
+    def local_path(self, file: StoredFile) -> str | None:
+        """A path on this machine holding exactly the file's bytes, when there is one
+        (downloads then use sendfile); None for content that lives in a database."""
+        return None
+
     @abc.abstractmethod
     async def settle_file(self, file_id: str) -> None:
         """Drop one claim a commit took on this content."""

@@ -408,6 +408,9 @@ class EmbeddedStorage(Storage):
     def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:
         return _EmbeddedWriter(self, chunk_size)
 
+    def local_path(self, file: StoredFile) -> str | None:
+        return str(self.blob_path(file.sha256))
+
     def _file_row(self, file_id: str) -> StoredFile | None:
         row = self._db.execute("SELECT * FROM files WHERE file_id = ?", (file_id,)).fetchone()
         if row is None:
