@@ -16,7 +16,7 @@ import pytest
 from bson import Binary
 
 from tests.conftest import BACKENDS
-from tests.support.live_service import LiveService
+from tests.support.live_service import LiveService, service_on
 from tests.support.mongo_server import REPO
 from tests.support.files import sha256_of, write_random  # noqa: F401  (re-exported)
 
@@ -93,25 +93,10 @@ class ClientLive:
 def live(request, tmp_path_factory):
     """The service as a real process on each backend, shared by a test module."""
     backend = request.param
-    data_dir = tmp_path_factory.mktemp(f"client-{backend}")
-    env = {"DATA_DIR": str(data_dir / "data"), "MAX_FILE_SIZE": "1GB", "LOG_LEVEL": "INFO", "LOG_FORMAT": "json",
-           "WORKERS": "1"}
-    mongo = db_name = None
-    if backend == "mongodb":
-        mongo = request.getfixturevalue("mongo")
-        db_name = f"t_client_{uuid.uuid4().hex[:8]}"
-        env.update(MONGODB_URL=mongo.url, MONGODB_DB=db_name, MONGODB_TIMEOUT_MS="3000")
-    else:
-        env["MONGODB_URL"] = ""
-    service = LiveService(env, data_dir / "service.log")
-    service.start()
-    try:
-        yield ClientLive(service, backend, data_dir / "data", mongo, db_name)
-    finally:
-        service.stop()
-        if mongo is not None and (mongo.server is None or mongo.server.running):
-            with mongo.sync_client() as c:
-                c.drop_database(db_name)
+    work = tmp_path_factory.mktemp(f"client-{backend}")
+    with service_on(request, backend, work, "t_client", MAX_FILE_SIZE="1GB", LOG_LEVEL="INFO", LOG_FORMAT="json",
+                    WORKERS="1") as (service, data_dir, mongo, db_name):
+        yield ClientLive(service, backend, data_dir, mongo, db_name)
 
 
 def unique(prefix: str) -> str:

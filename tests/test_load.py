@@ -34,7 +34,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import BACKENDS
-from tests.support.live_service import LiveService
+from tests.support.live_service import LiveService, service_on
 
 pytestmark = pytest.mark.slow
 
@@ -131,23 +131,9 @@ class Live:
 @pytest.fixture(params=BACKENDS)
 def live(request, tmp_path):
     backend = request.param
-    env = {"DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "WARNING", "MAX_FILE_SIZE": "64MB"}
-    mongo = db_name = None
-    if backend == "mongodb":
-        mongo = request.getfixturevalue("mongo")
-        db_name = f"t_load_{uuid.uuid4().hex[:8]}"
-        env.update(MONGODB_URL=mongo.url, MONGODB_DB=db_name, MONGODB_TIMEOUT_MS="5000")
-    else:
-        env["MONGODB_URL"] = ""
-    service = LiveService(env, tmp_path / "service.log")
-    service.start()
-    try:
-        yield Live(backend, service, tmp_path / "data", mongo, db_name)
-    finally:
-        service.stop()
-        if mongo is not None and (mongo.server is None or mongo.server.running):
-            with mongo.sync_client() as c:
-                c.drop_database(db_name)
+    with service_on(request, backend, tmp_path, "t_load", LOG_LEVEL="WARNING", MAX_FILE_SIZE="64MB",
+                    MONGODB_TIMEOUT_MS="5000") as (service, data_dir, mongo, db_name):
+        yield Live(backend, service, data_dir, mongo, db_name)
 
 
 def sha(data: bytes) -> str:

@@ -14,17 +14,7 @@ import pytest
 from app.storage import DEFAULT_CHUNK_SIZE, FileMissing
 from bson import ObjectId
 
-
-async def leftovers(storage) -> dict:
-    """What a backend holds for files: rows/documents and bytes on disk."""
-    if storage.kind == "mongodb":
-        return {
-            "files": await storage.files.count_documents({}),
-            "chunks": await storage.chunks.count_documents({}),
-        }
-    tmp = sorted(p.name for p in Path(storage.tmp_dir).iterdir())
-    blobs = sorted(p.name for p in Path(storage.blob_dir).rglob("*") if p.is_file())
-    return {"tmp": tmp, "blobs": blobs}
+from tests.transfer_helpers import leftovers
 
 
 async def store(storage, data: bytes, piece: int = 100_000, settle: bool = True):

@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +22,7 @@ import pytest
 
 from tests.conftest import BACKENDS
 from tests.support.files import sha256_of, write_random
-from tests.support.live_service import LiveService
+from tests.support.live_service import LiveService, service_on
 
 pytestmark = pytest.mark.slow
 
@@ -83,24 +82,10 @@ class Live:
 @pytest.fixture(scope="module", params=BACKENDS)
 def live(request, tmp_path_factory):
     backend = request.param
-    data_dir = tmp_path_factory.mktemp(f"live-{backend}")
-    env = {"DATA_DIR": str(data_dir / "data"), "MAX_FILE_SIZE": "1GB", "LOG_LEVEL": "INFO"}
-    mongo = db_name = None
-    if backend == "mongodb":
-        mongo = request.getfixturevalue("mongo")
-        db_name = f"t_live_{uuid.uuid4().hex[:8]}"
-        env.update(MONGODB_URL=mongo.url, MONGODB_DB=db_name, MONGODB_TIMEOUT_MS="3000")
-    else:
-        env["MONGODB_URL"] = ""
-    service = LiveService(env, data_dir / "service.log")
-    service.start()
-    try:
-        yield Live(service, backend, data_dir / "data", mongo, db_name)
-    finally:
-        service.stop()
-        if mongo is not None and (mongo.server is None or mongo.server.running):
-            with mongo.sync_client() as c:
-                c.drop_database(db_name)
+    work = tmp_path_factory.mktemp(f"live-{backend}")
+    with service_on(request, backend, work, "t_live", MAX_FILE_SIZE="1GB", LOG_LEVEL="INFO") as (
+            service, data_dir, mongo, db_name):
+        yield Live(service, backend, data_dir, mongo, db_name)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -70,3 +72,30 @@ class LiveService:
                 proc.wait()
         self._log.close()
         return proc.returncode
+
+
+@contextmanager
+def service_on(request, backend: str, work_dir: Path, db_prefix: str, **env: str):
+    """A LiveService on ``backend`` with its data under ``work_dir``: yields
+    (service, data_dir, mongo, db_name); stops it and drops its database after.
+
+    ``request`` is the pytest request, for the session's ``mongo`` fixture.
+    """
+    env = {"DATA_DIR": str(work_dir / "data"), **env}
+    mongo = db_name = None
+    if backend == "mongodb":
+        mongo = request.getfixturevalue("mongo")
+        db_name = f"{db_prefix}_{uuid.uuid4().hex[:8]}"
+        env.update(MONGODB_URL=mongo.url, MONGODB_DB=db_name)
+        env.setdefault("MONGODB_TIMEOUT_MS", "3000")
+    else:
+        env["MONGODB_URL"] = ""
+    service = LiveService(env, work_dir / "service.log")
+    service.start()
+    try:
+        yield service, work_dir / "data", mongo, db_name
+    finally:
+        service.stop()
+        if mongo is not None and (mongo.server is None or mongo.server.running):
+            with mongo.sync_client() as c:
+                c.drop_database(db_name)
