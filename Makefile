@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-quick bench bench-quick bench-tools mongo-server clean
+.PHONY: run test test-quick bench bench-quick bench-pull bench-tools mongo-server clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +32,17 @@ test-quick: $(STAMP)
 bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The client's parallel pull of a 1 GB file against curl and aria2c -x8.
+bench-pull: $(STAMP) bench-tools
+	$(BIN)/python -m bench.pull $(BENCH_ARGS)
+
 bench-quick: $(STAMP) bench-tools
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 bench-tools:
-	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
-	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null; } || \
-	  { echo "bench needs nginx and wrk: apt-get install nginx-light wrk" >&2; exit 1; }
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v aria2c >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk aria2 >/dev/null; } || \
+	  { echo "bench needs nginx, wrk and aria2c: apt-get install nginx-light wrk aria2" >&2; exit 1; }
 
 mongo-server: $(STAMP)
 	$(BIN)/python -c "from tests.support.mongo_server import build; print(build())"
