@@ -1,6 +1,5 @@
 """Rate limits, the download cap, slow clients and size limits."""
 
-import asyncio
 import dataclasses
 import os
 import socket

@@ -4,7 +4,6 @@ one: curl and wget as clients, memory measured from outside, faults."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from .mongo_server import REPO, free_port
+from .mongo_server import REPO, free_port, terminate
 
 
 class LiveService:
@@ -63,15 +62,9 @@ class LiveService:
         if self._proc is None:
             return None
         proc, self._proc = self._proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        status = terminate(proc, 15)
         self._log.close()
-        return proc.returncode
+        return status
 
 
 @contextmanager

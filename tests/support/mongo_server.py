@@ -46,6 +46,18 @@ def build() -> Path:
     return BINARY
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,13 +96,7 @@ class MongoTestServer:
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, 10)
         if proc.stdout:
             proc.stdout.close()
 
