@@ -1,4 +1,4 @@
-"""Embedded backend specifics: its SQLite schema upgrades in place."""
+"""Embedded backend specifics: its SQLite schema upgrades in place; only download counts skip the fsync."""
 
 import sqlite3
 
@@ -30,3 +30,41 @@ async def test_registry_from_before_search_text_is_upgraded(tmp_path):
         assert total == 0
     finally:
         await store.close()
+
+
+async def test_a_download_count_skips_the_fsync_and_nothing_else_does(tmp_path, monkeypatch):
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    try:
+        model_id, now = str(ObjectId()), clock.now()
+        await store.insert_model({"id": model_id, "name": "m", "version": "v1.0", "algorithm": "x", "status": "active",
+                                  "tags": [], "created_at": now, "updated_at": now, "download_count": 0})
+        # The setting each statement ran under, as SQLite itself reports it.
+        seen = []
+        db = store._db
+        monkeypatch.setattr(store, "_db", _Spy(db, seen))
+        await store.record_download(model_id, now)
+        await store.update_model(model_id, {"description": "after"})
+        assert ("UPDATE models SET download_count", 1) in seen  # 1 = NORMAL: no fsync per commit
+        assert ("UPDATE models SET", 2) in seen  # 2 = FULL for everything else
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        doc = await store.get_model(model_id)
+        assert doc["download_count"] == 1 and doc["description"] == "after"
+    finally:
+        await store.close()
+
+
+class _Spy:
+    """A connection that notes (statement start, PRAGMA synchronous) for each UPDATE."""
+
+    def __init__(self, db, seen) -> None:
+        self._db, self._seen = db, seen
+
+    def execute(self, sql, *args):
+        if sql.startswith("UPDATE models SET"):
+            prefix = "UPDATE models SET download_count" if "download_count = download_count" in sql else "UPDATE models SET"
+            self._seen.append((prefix, self._db.execute("PRAGMA synchronous").fetchone()[0]))
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
