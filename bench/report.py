@@ -289,9 +289,9 @@ def _section_tables(md: Md, rows: list[dict], backend: str, ratios: bool) -> Non
     if rows_of("single"):
         md.p("### 1. Single-stream download")
         md.p()
-        head = ["file", *tput_head, "peak RSS"] + ([] if ratios else [f"CPU s/GB ours / {peer}"]) + ["errors"]
-        md.table(head, [[f"{r['point']['size_mb']} MB", *tput_cols(r), rss(r)] + ([] if ratios else [cpu(r)])
-                        + [_err(r)] for r in rows_of("single")])
+        head = ["file", "downloads per round", *tput_head, "peak RSS"] + ([] if ratios else [f"CPU s/GB ours / {peer}"]) + ["errors"]
+        md.table(head, [[f"{r['point']['size_mb']} MB", str(r["point"].get("downloads", 1)), *tput_cols(r), rss(r)]
+                        + ([] if ratios else [cpu(r)]) + [_err(r)] for r in rows_of("single")])
     if rows_of("concurrent"):
         size = rows_of("concurrent")[0]["point"]["size_mb"]
         md.p(f"### 2. Concurrent downloads of the {size} MB file")
