@@ -231,6 +231,34 @@ async def test_fetch_revalidates_with_one_request_and_a_304(live, tmp_path):
     assert not repaired.cached and sha256_of(repaired.path) == d1
 
 
+async def test_fetch_learns_of_a_new_version_with_identical_content_from_the_304(live, tmp_path):
+    cache = tmp_path / "cache"
+    src = tmp_path / "weights.bin"
+    digest = write_random(src, 300_000)
+    name = unique("same")
+    async with AsyncModelServiceClient(live.url) as client:
+        await client.push(src, name=name, algorithm="x")
+        first = await client.fetch_result(name, cache_dir=cache)
+        # Retrained to the same bytes: a new version, the same ETag.
+        await client.push(src, name=name, algorithm="x")
+
+    since = live.log_offset()
+    async with AsyncModelServiceClient(live.url) as client:
+        now = await client.fetch_result(name, cache_dir=cache)
+        assert client.request_count == 1
+    assert live.requests(since) == [("HEAD", f"/api/v1/models/by-name/{name}/download", 304)]
+    assert now.cached and now.bytes_transferred == 0
+    assert (now.version, now.path) == ("v1.1", cache / name / "v1.1" / "weights.bin")
+    assert now.model_id != first.model_id and sha256_of(now.path) == digest
+    assert os.path.samefile(now.path, first.path)  # one copy of the bytes
+
+    with ModelServiceClient(live.url) as client:
+        again = client.fetch_result(name, cache_dir=cache)
+        pinned = client.fetch_result(name, "v1.0", cache_dir=cache)
+    assert (again.cached, again.version, again.model_id) == (True, "v1.1", now.model_id)
+    assert (pinned.cached, pinned.version, pinned.model_id, pinned.path) == (True, "v1.0", first.model_id, first.path)
+
+
 # -- against a fake service: retries ----------------------------------------
 
 

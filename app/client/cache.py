@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .download import DownloadResult, RemoteFile, download_file
+from .download import DownloadResult, RemoteFile, Unchanged, download_file
 from .errors import ConnectionFailed, ServerError
 from .lock import FileLock
 
@@ -113,15 +114,16 @@ async def fetch(client: "AsyncModelServiceClient", name: str, version: str | Non
         ref = wanted.load()
         cached = _cached_file(root, ref)
         try:
-            status, remote = await client.probe(name, version, if_none_match=ref["etag"] if cached else None)
+            _, remote = await client.probe(name, version, if_none_match=ref["etag"] if cached else None)
         except (ConnectionFailed, ServerError) as e:
             if allow_stale and cached is not None:
                 log.warning("cannot revalidate %s (%s); using the cached copy %s", name, e, cached)
                 return _result_from_ref(cached, ref, cached=True, stale=True)
             raise
-        if status == 304:
+        if isinstance(remote, Unchanged):
+            if version is None and remote.version and remote.version != ref["version"]:
+                return _adopt(root, wanted, ref, cached, remote)
             return _result_from_ref(cached, ref, cached=True)
-        assert remote is not None
 
         # The latest version may already be cached under its own version number.
         by_version = _Ref(root, remote.version)
@@ -144,6 +146,26 @@ async def fetch(client: "AsyncModelServiceClient", name: str, version: str | Non
         if version is None:
             wanted.save(new_ref)
         return result
+
+
+def _adopt(root: Path, latest: _Ref, ref: dict[str, Any], cached: Path, now: Unchanged) -> DownloadResult:
+    """The latest version is new but its file is the cached one: file it under the new version, no download."""
+    folder = root / now.version
+    folder.mkdir(exist_ok=True)
+    path = folder / cached.name
+    if not (path.exists() and path.samefile(cached)):
+        tmp = folder / (cached.name + ".part")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(cached, tmp)  # the verified bytes, not a second copy of them
+        except OSError:
+            shutil.copy2(cached, tmp)
+        os.replace(tmp, path)
+    new_ref = {**ref, "model_id": now.model_id or ref["model_id"], "version": now.version,
+               "mtime_ns": path.stat().st_mtime_ns}
+    _Ref(root, now.version).save(new_ref)
+    latest.save(new_ref)
+    return _result_from_ref(path, new_ref, cached=True)
 
 
 async def _reprobe(client: "AsyncModelServiceClient", remote: RemoteFile) -> RemoteFile:

@@ -264,8 +264,8 @@ class AsyncModelServiceClient:
     # -- files -------------------------------------------------------------
 
     async def probe(self, id_or_name: str, version: str | None = None, *,
-                    if_none_match: str | None = None) -> tuple[int, dl.RemoteFile | None]:
-        """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, None)`` if ``if_none_match`` still holds.
+                    if_none_match: str | None = None) -> tuple[int, dl.RemoteFile | dl.Unchanged]:
+        """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, Unchanged)`` if ``if_none_match`` still holds.
 
         A 24-hex string is tried as an id first, then as a name.
         """
@@ -280,7 +280,7 @@ class AsyncModelServiceClient:
                 if resp.status == 200:
                     return 200, dl.RemoteFile.from_response(resp, self.base_url)
                 if resp.status == 304:
-                    return 304, None
+                    return 304, dl.Unchanged.from_response(resp)
             # HEAD answers carry no body: ask the metadata endpoint what is wrong.
             error = await self._explain(resp, meta_path, params)
             if isinstance(error, NotFound) and error.code == "not_found" and i + 1 < len(candidates):

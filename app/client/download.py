@@ -88,6 +88,22 @@ class RemoteFile:
                    url=f"{base_url}/api/v1/models/{model_id}/download")
 
 
+@dataclass(frozen=True)
+class Unchanged:
+    """A 304 to a HEAD with If-None-Match: the file is the one asked about, and which model now serves it.
+
+    By name, the latest version may be a newer model whose file is
+    byte-identical to the cached one: same ETag, another id and version.
+    """
+
+    model_id: str | None
+    version: str | None
+
+    @classmethod
+    def from_response(cls, resp) -> "Unchanged":
+        return cls(model_id=resp.headers.get("X-Model-Id"), version=resp.headers.get("X-Model-Version"))
+
+
 def safe_filename(name: str | None) -> str | None:
     """The last path component of a server-supplied name, or None if it has none."""
     if not name:
