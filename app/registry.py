@@ -9,6 +9,7 @@ which numbers again.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
@@ -39,6 +40,26 @@ async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None
         return await _create(storage, dict(fields), parent_id)
 
 
+def model_document(fields: dict[str, Any], version: str, parent_model_id: str | None = None,
+                   created_at: datetime | None = None) -> dict[str, Any]:
+    """A new model as storage holds it: defaults, the given fields, then what only the registry sets."""
+    stamp = created_at or clock.now()
+    return {
+        "id": str(ObjectId()),
+        "hyperparameters": {},
+        "metrics": {},
+        "dataset_info": {},
+        "tags": [],
+        "status": "active",
+        **fields,
+        "version": version,
+        "parent_model_id": parent_model_id,
+        "created_at": stamp,
+        "updated_at": stamp,
+        "download_count": 0,
+    }
+
+
 async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | None) -> dict[str, Any]:
     explicit = fields.pop("version", None)
     breaking = fields.pop("breaking_changes", False)
@@ -50,21 +71,7 @@ async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | Non
             version = versions.FIRST
         else:
             version = versions.bump(latest["version"], breaking)
-        stamp = clock.now()
-        doc = {
-            "id": str(ObjectId()),
-            "hyperparameters": {},
-            "metrics": {},
-            "dataset_info": {},
-            "tags": [],
-            "status": "active",
-            **fields,
-            "version": version,
-            "parent_model_id": parent_id or (latest["id"] if latest else None),
-            "created_at": stamp,
-            "updated_at": stamp,
-            "download_count": 0,
-        }
+        doc = model_document(fields, version, parent_id or (latest["id"] if latest else None))
         try:
             await storage.insert_model(doc)
             REGISTRATIONS.labels(algorithm_label(doc["algorithm"])).inc()

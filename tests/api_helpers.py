@@ -14,6 +14,8 @@ from typing import Any
 
 from bson import ObjectId
 
+from app import registry
+
 MODELS = "/api/v1/models"
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 ISO_UTC_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
@@ -128,24 +130,9 @@ async def snapshot(client) -> list[dict[str, Any]]:
     return [await get_model(client, i) for i in ids]
 
 
-async def insert_model_doc(storage, name: str, version: str = "v1.0", **fields: Any) -> str:
+async def insert_model_doc(storage, name: str, version: str = "v1.0", download_count: int = 0) -> str:
     """Put a model into the storage directly, shaped as the registry stores it; return its id."""
-    stamp = datetime.now(timezone.utc).replace(microsecond=0)
-    doc = {
-        "id": str(ObjectId()),
-        "name": name,
-        "algorithm": "random_forest",
-        "hyperparameters": {},
-        "metrics": {},
-        "dataset_info": {},
-        "tags": [],
-        "status": "active",
-        "version": version,
-        "parent_model_id": None,
-        "created_at": stamp,
-        "updated_at": stamp,
-        "download_count": 0,
-        **fields,
-    }
+    doc = registry.model_document({"name": name, "algorithm": "random_forest"}, version)
+    doc["download_count"] = download_count
     await storage.insert_model(doc)
     return doc["id"]

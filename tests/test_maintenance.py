@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bson import ObjectId
 
-from app import clock
+from app import clock, registry
 from app.storage import ModelQuery
 from tests.support.mongo_server import REPO
 
@@ -32,10 +32,8 @@ async def model_service(settings, *args) -> subprocess.CompletedProcess:
 
 
 async def add_model(storage, name, status, age_days, data: bytes | None = None):
-    created = clock.now() - timedelta(days=age_days)
-    doc = {"id": str(ObjectId()), "name": name, "version": "v1.0", "algorithm": "a", "status": status,
-           "hyperparameters": {}, "metrics": {}, "dataset_info": {}, "tags": [], "created_at": created,
-           "updated_at": created, "download_count": 0}
+    doc = registry.model_document({"name": name, "algorithm": "a", "status": status}, "v1.0",
+                                  created_at=clock.now() - timedelta(days=age_days))
     if data is not None:
         async with storage.file_writer() as w:
             await w.write(data)
