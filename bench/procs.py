@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import psutil
 
 from tests.support.live_service import LiveService
-from tests.support.mongo_server import REPO, MongoTestServer, free_port
+from tests.support.mongo_server import REPO, MongoTestServer, free_port, terminate
 
 
 # -- memory and CPU of a process tree --------------------------------------------
@@ -353,13 +352,7 @@ class Nginx:
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # fast shutdown of master and workers
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, 10)  # SIGTERM: nginx's fast shutdown of master and workers
         self._log.close()
 
 

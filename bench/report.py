@@ -296,6 +296,15 @@ def _section_tables(md: Md, rows: list[dict], backend: str, ratios: bool) -> Non
         size = rows_of("concurrent")[0]["point"]["size_mb"]
         md.p(f"### 2. Concurrent downloads of the {size} MB file")
         md.p()
+        per = {}
+        for r in rows_of("concurrent"):
+            per.setdefault(r["point"].get("batches", 1), set()).add(r["point"]["concurrency"])
+        if set(per) != {1}:
+            md.p("Each round runs its clients' downloads in batches back to back, the same for ours and the peer ("
+                 + "; ".join(f"{'/'.join(map(str, sorted(cs)))} client{'s' if max(cs) > 1 else ''}: "
+                             f"{n} batch{'es' if n > 1 else ''}" for n, cs in sorted(per.items(), reverse=True))
+                 + "), so that a round moves about 2 GB.")
+            md.p()
         if ratios:
             head = ["workers", "clients", "aggregate ours/driver", "TTFB p50 ours/driver", "TTFB p99 ours/driver",
                     "completion p50 ours/driver", "completion p99 ours/driver", "peak RSS", "errors"]

@@ -38,7 +38,7 @@ from . import procs, stats
 MB = 1000 * 1000
 MiB = 1024 * 1024
 RANGE_SIZE = MiB
-SINGLE_ROUND_BYTES = 2000 * MB  # bytes a single-stream round moves (bench/README.md)
+ROUND_BYTES = 2000 * MB  # what a download round moves at least, in back-to-back batches (bench/README.md)
 RANGE_CONCURRENCY = 4
 SEGMENTS = 8
 UPLOAD_LEVELS = (1, 4)
@@ -482,19 +482,19 @@ def scenario_single(ctx: Context, backend: str) -> None:
     with ctx.fresh_store(backend, "single") as store, ctx.service(store, w, label="single") as svc:
         for size in sorted({small, large}):
             model = ctx.upload_as_is(svc, ctx.file(size), f"single-{size}")
-            repeat = single_repeat(size)
+            repeat = batches(size)
             ours, peer = ours_and_peer_get(ctx, backend, store, svc, model, 1, w, repeat)
             ctx.measure(backend, "single", {"size_mb": round(size / MB), "workers": w, "downloads": repeat},
                         ctx.opts.rounds, ours, peer, transfer_metrics, expected_requests=repeat, progress=_mbs)
 
 
-def single_repeat(size: int) -> int:
-    """Downloads per single-stream round, one after another: about 2 GB, at most 8.
+def batches(size: int, clients: int = 1) -> int:
+    """Batches of `clients` downloads per round, one after another: ~ROUND_BYTES in all, at most 8.
 
     One 256 MB download lasts ~0.1 s on loopback, so one scheduler hiccup
     moved a round by 30%; a round of ~1 s is steadier for both sides alike.
     """
-    return max(1, min(8, -(-SINGLE_ROUND_BYTES // size)))
+    return max(1, min(8, -(-ROUND_BYTES // (size * clients))))
 
 
 def scenario_concurrent(ctx: Context, backend: str) -> None:
@@ -508,9 +508,11 @@ def scenario_concurrent(ctx: Context, backend: str) -> None:
                 if model is None:
                     model = ctx.upload_as_is(svc, f, "concurrent")
                 for c in ctx.opts.concurrency:
-                    ours, peer = ours_and_peer_get(ctx, backend, store, svc, model, c, w)
-                    ctx.measure(backend, "concurrent", {"workers": w, "concurrency": c, "size_mb": round(small / MB)},
-                                ctx.opts.rounds, ours, peer, transfer_metrics, expected_requests=c,
+                    repeat = batches(small, c)
+                    ours, peer = ours_and_peer_get(ctx, backend, store, svc, model, c, w, repeat)
+                    ctx.measure(backend, "concurrent", {"workers": w, "concurrency": c, "size_mb": round(small / MB),
+                                                        "batches": repeat},
+                                ctx.opts.rounds, ours, peer, transfer_metrics, expected_requests=c * repeat,
                                 progress=lambda m: f"{_mbs(m)} ttfb p99 {m['ttfb_p99_ms']:.0f} ms")
 
 
