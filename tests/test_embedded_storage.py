@@ -68,3 +68,37 @@ class _Spy:
 
     def __getattr__(self, name):
         return getattr(self._db, name)
+
+
+async def test_get_model_reads_on_the_loop_and_queues_when_sqlite_is_busy(tmp_path, monkeypatch):
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    try:
+        model_id, now = str(ObjectId()), clock.now()
+        await store.insert_model({"id": model_id, "name": "m", "version": "v1.0", "algorithm": "x", "status": "active",
+                                  "tags": [], "created_at": now, "updated_at": now, "download_count": 0})
+        await store.record_download(model_id, now)
+        queued = []
+        real_run = store._run
+
+        async def counting_run(fn, *args):
+            queued.append(fn.__name__)
+            return await real_run(fn, *args)
+
+        monkeypatch.setattr(store, "_run", counting_run)
+        # What the writer thread committed, the loop's read-only connection sees at once.
+        doc = await store.get_model(model_id)
+        assert doc["download_count"] == 1 and queued == []
+        assert await store.get_model(str(ObjectId())) is None and queued == []
+
+        class Busy:
+            def execute(self, *args):
+                raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(store, "_reader", Busy())
+        doc = await store.get_model(model_id)
+        assert doc["download_count"] == 1 and queued == ["_get"]
+        monkeypatch.undo()
+    finally:
+        await store.close()
+    assert store._reader is None
