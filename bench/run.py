@@ -482,18 +482,21 @@ def scenario_single(ctx: Context, backend: str) -> None:
     with ctx.fresh_store(backend, "single") as store, ctx.service(store, w, label="single") as svc:
         for size in sorted({small, large}):
             model = ctx.upload_as_is(svc, ctx.file(size), f"single-{size}")
-            repeat = batches(size)
+            repeat = batches(ctx, size)
             ours, peer = ours_and_peer_get(ctx, backend, store, svc, model, 1, w, repeat)
             ctx.measure(backend, "single", {"size_mb": round(size / MB), "workers": w, "downloads": repeat},
                         ctx.opts.rounds, ours, peer, transfer_metrics, expected_requests=repeat, progress=_mbs)
 
 
-def batches(size: int, clients: int = 1) -> int:
+def batches(ctx: Context, size: int, clients: int = 1) -> int:
     """Batches of `clients` downloads per round, one after another: ~ROUND_BYTES in all, at most 8.
 
     One 256 MB download lasts ~0.1 s on loopback, so one scheduler hiccup
     moved a round by 30%; a round of ~1 s is steadier for both sides alike.
+    --quick measures nothing, so one batch does.
     """
+    if ctx.opts.quick:
+        return 1
     return max(1, min(8, -(-ROUND_BYTES // (size * clients))))
 
 
@@ -508,7 +511,7 @@ def scenario_concurrent(ctx: Context, backend: str) -> None:
                 if model is None:
                     model = ctx.upload_as_is(svc, f, "concurrent")
                 for c in ctx.opts.concurrency:
-                    repeat = batches(small, c)
+                    repeat = batches(ctx, small, c)
                     ours, peer = ours_and_peer_get(ctx, backend, store, svc, model, c, w, repeat)
                     ctx.measure(backend, "concurrent", {"workers": w, "concurrency": c, "size_mb": round(small / MB),
                                                         "batches": repeat},

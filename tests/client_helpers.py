@@ -31,23 +31,12 @@ class ClientLive:
         self.url = service.url
 
     def log_offset(self) -> int:
-        return len(self.service.log())
+        """Where the log ends once the requests made so far are all in it."""
+        return len(self._settled_log())
 
-    def requests(self, since: int, path_contains: str = "", settle: float = 0.3) -> list[tuple[str, str, int]]:
-        """(method, path, status) of the requests logged after ``since``, in order.
-
-        The service logs a request when its response is done, which can be a
-        moment after the client has seen the response: wait until the log
-        stops growing.
-        """
-        last = -1
-        deadline = time.monotonic() + 5
-        while True:
-            text = self.service.log()
-            if len(text) == last or time.monotonic() > deadline:
-                break
-            last = len(text)
-            time.sleep(settle)
+    def requests(self, since: int, path_contains: str = "") -> list[tuple[str, str, int]]:
+        """(method, path, status) of the requests logged after ``since``, in order."""
+        text = self._settled_log()
         out = []
         for line in text[since:].splitlines():
             try:
@@ -57,6 +46,19 @@ class ClientLive:
             if entry.get("logger") == "app.access" and path_contains in entry["path"]:
                 out.append((entry["method"], entry["path"], entry["status"]))
         return out
+
+    def _settled_log(self, settle: float = 0.3) -> str:
+        # The service logs a request when its response is done, which can be
+        # a moment after the client has seen the response: wait until the log
+        # stops growing.
+        last = -1
+        deadline = time.monotonic() + 5
+        while True:
+            text = self.service.log()
+            if len(text) == last or time.monotonic() > deadline:
+                return text
+            last = len(text)
+            time.sleep(settle)
 
     def tamper(self, sha256: str) -> None:
         """Change stored bytes of a file without the service knowing (same length, new content)."""
