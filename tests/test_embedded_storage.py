@@ -4,7 +4,7 @@ import sqlite3
 
 from bson import ObjectId
 
-from app import clock
+from app import clock, registry
 from app.storage.base import ModelQuery
 from app.storage.embedded import EmbeddedStorage
 
@@ -32,13 +32,17 @@ async def test_registry_from_before_search_text_is_upgraded(tmp_path):
         await store.close()
 
 
+async def _one_model(store: EmbeddedStorage) -> str:
+    doc = registry.model_document({"name": "m", "algorithm": "x"}, "v1.0")
+    await store.insert_model(doc)
+    return doc["id"]
+
+
 async def test_a_download_count_skips_the_fsync_and_nothing_else_does(tmp_path, monkeypatch):
     store = EmbeddedStorage(str(tmp_path))
     await store.open()
     try:
-        model_id, now = str(ObjectId()), clock.now()
-        await store.insert_model({"id": model_id, "name": "m", "version": "v1.0", "algorithm": "x", "status": "active",
-                                  "tags": [], "created_at": now, "updated_at": now, "download_count": 0})
+        model_id, now = await _one_model(store), clock.now()
         # The setting each statement ran under, as SQLite itself reports it.
         seen = []
         db = store._db
@@ -74,9 +78,7 @@ async def test_get_model_reads_on_the_loop_and_queues_when_sqlite_is_busy(tmp_pa
     store = EmbeddedStorage(str(tmp_path))
     await store.open()
     try:
-        model_id, now = str(ObjectId()), clock.now()
-        await store.insert_model({"id": model_id, "name": "m", "version": "v1.0", "algorithm": "x", "status": "active",
-                                  "tags": [], "created_at": now, "updated_at": now, "download_count": 0})
+        model_id, now = await _one_model(store), clock.now()
         await store.record_download(model_id, now)
         queued = []
         real_run = store._run
