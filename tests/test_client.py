@@ -171,16 +171,17 @@ async def _probe(client, model_id):
     return (await client.probe(model_id))[1]
 
 
-async def test_tampered_file_raises_checksum_mismatch_and_leaves_nothing(live, tmp_path):
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_tampered_file_raises_checksum_mismatch_and_leaves_nothing(live, tmp_path, parallel):
     src = tmp_path / "src.bin"
-    digest = write_random(src, 1_500_000)
+    digest = write_random(src, 3_000_000)
     out = tmp_path / "out"
     out.mkdir()
     async with AsyncModelServiceClient(live.url) as client:
         model_id = await client.push(src, name=unique("tampered"), algorithm="x")
         live.tamper(digest)
         with pytest.raises(ChecksumMismatch) as e:
-            await client.download(model_id, out / "model.bin")
+            await client.download(model_id, out / "model.bin", parallel=parallel)
     assert e.value.expected == digest and e.value.actual != digest
     assert list(out.iterdir()) == []
 
@@ -257,6 +258,23 @@ async def test_fetch_learns_of_a_new_version_with_identical_content_from_the_304
         pinned = client.fetch_result(name, "v1.0", cache_dir=cache)
     assert (again.cached, again.version, again.model_id) == (True, "v1.1", now.model_id)
     assert (pinned.cached, pinned.version, pinned.model_id, pinned.path) == (True, "v1.0", first.model_id, first.path)
+
+
+def test_a_parallel_download_is_cut_into_pieces_in_file_order():
+    size = 1_000_000_000
+    pieces = dl.split(size, 4)
+    # Pieces tile the file in order, none over MAX_SEGMENT, each boundary on 64 KiB.
+    assert pieces[0].start == 0 and pieces[-1].end == size
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))
+    assert max(p.end - p.start for p in pieces) == dl.MAX_SEGMENT and len(pieces) == 60
+    assert all(p.start % (64 * 1024) == 0 for p in pieces)
+    # A small file: one piece per connection, as before.
+    assert [(p.start, p.end) for p in dl.split(3_000_000, 2)] == [(0, 1_507_328), (1_507_328, 3_000_000)]
+    assert [(p.start, p.end) for p in dl.split(size, 1)] == [(0, size)]
+    # Connections: as asked, else by size; a resumed download keeps its own number (at most the default).
+    assert dl.connections(8, size, pieces) == 8 and dl.connections(None, size, []) == dl.DEFAULT_PARALLEL
+    assert dl.connections(None, 3_000_000, dl.split(3_000_000, 2)) == 2
+    assert dl.connections(None, size, pieces) == dl.DEFAULT_PARALLEL
 
 
 # -- against a fake service: retries ----------------------------------------

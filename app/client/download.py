@@ -13,6 +13,11 @@ changes on the server between two requests, the server answers 200 instead of
 The first range includes byte 0, so the service counts one download however
 many ranges there are. A range that fails mid-body (reset, timeout, cut short)
 is asked for again from where it stopped.
+
+In parallel, the file is cut into pieces (16 MiB at most) that N connections
+take in file order, so the completed prefix of the file grows steadily and a
+thread hashes it while the rest arrives: when the last byte lands, all but
+the last few pieces are hashed already.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ MiB = 1024 * 1024
 PARALLEL_THRESHOLD = 64 * 1000 * 1000  # files over 64 MB are fetched in ranges by default
 DEFAULT_PARALLEL = 4
 MIN_SEGMENT = 1 * MiB
+MAX_SEGMENT = 16 * MiB  # a piece of a parallel download
 MAX_PARALLEL = 32
+HASH_BLOCK = 8 * MiB
 BLOCK = 1 * MiB
 STATE_FORMAT = 1
 SAVE_INTERVAL = 1.0  # seconds between saves of the resume state during a parallel download
@@ -124,7 +131,7 @@ class DownloadResult:
     sha256: str
     bytes_transferred: int = 0  # body bytes received from the network by this call
     resumed_bytes: int = 0  # bytes kept from an earlier, interrupted download
-    parallel: int = 1  # ranges the file was fetched in
+    parallel: int = 1  # ranges fetched at once
     seconds: float = 0.0
     cached: bool = False  # fetch(): the cached copy was still current (304)
     stale: bool = False  # fetch(allow_stale=True): served from the cache without revalidating
@@ -151,11 +158,21 @@ class Segment:
 
 
 def split(size: int, parallel: int) -> list[Segment]:
+    """One segment for one connection; else pieces of at most MAX_SEGMENT, at least one per connection."""
     if size == 0:
         return []
+    if parallel <= 1:
+        return [Segment(0, size)]
     n = max(1, min(parallel, MAX_PARALLEL, math.ceil(size / MIN_SEGMENT)))
-    step = math.ceil(size / n / (64 * 1024)) * 64 * 1024  # boundaries on 64 KiB
+    step = min(MAX_SEGMENT, math.ceil(size / n / (64 * 1024)) * 64 * 1024)  # boundaries on 64 KiB
     return [Segment(s, min(s + step, size)) for s in range(0, size, step)]
+
+
+def connections(parallel: int | None, size: int, segments: list[Segment]) -> int:
+    """How many ranges run at once: as asked, else the default for the size, or what a resumed download used."""
+    if parallel is not None or len(segments) <= 1:
+        return min(choose_parallel(size, parallel), MAX_PARALLEL)
+    return min(len(segments), DEFAULT_PARALLEL)
 
 
 def choose_parallel(size: int, parallel: int | None) -> int:
@@ -200,17 +217,11 @@ def part_paths(target: Path) -> tuple[Path, Path]:
     return target.with_name(target.name + ".part"), target.with_name(target.name + ".part.json")
 
 
-def sha256_file(path: Path, length: int | None = None) -> "hashlib._Hash":
+def sha256_file(path: Path) -> "hashlib._Hash":
     h = hashlib.sha256()
-    left = length
     with open(path, "rb") as f:
-        while left is None or left > 0:
-            block = f.read(8 * MiB if left is None else min(8 * MiB, left))
-            if not block:
-                break
+        while block := f.read(HASH_BLOCK):
             h.update(block)
-            if left is not None:
-                left -= len(block)
     return h
 
 
@@ -282,7 +293,9 @@ class _Job:
         self.segments: list[Segment] = []
         self.transferred = 0
         self.fd: int | None = None
-        self.hasher = None  # incremental sha256, when the file arrives in order
+        self.arrived = asyncio.Event()  # set when bytes land: the hasher looks again
+        self.complete = False  # every byte is in: the hasher finishes and returns the digest
+        self.abandoned = False  # the download failed: the hasher stops
 
     # -- resume state ------------------------------------------------------
 
@@ -353,10 +366,10 @@ class _Job:
         self._save_state()
 
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        width = connections(self.parallel, r.size, segments)
         saver = None
+        hasher = asyncio.create_task(self._hash_prefix())
         try:
-            if len(segments) == 1:
-                self.hasher = (await asyncio.to_thread(sha256_file, self.part, kept)) if kept else hashlib.sha256()
             if self.progress:
                 self.progress(kept, r.size)
             if r.size == 0:
@@ -364,12 +377,16 @@ class _Job:
             else:
                 if len(segments) > 1:
                     saver = asyncio.create_task(self._save_periodically())
-                await self._fetch_all()
+                await self._fetch_all(width)
             if os.fstat(self.fd).st_size != r.size:
                 raise ProtocolError(f"downloaded {os.fstat(self.fd).st_size} bytes of a {r.size}-byte file")
+            self.complete = True
+            self.arrived.set()
+            digest = await hasher
         except BaseException:
             if saver is not None:
                 saver.cancel()
+            await self._stop_hasher(hasher)
             os.close(self.fd)
             self.fd = None
             try:
@@ -381,10 +398,6 @@ class _Job:
             saver.cancel()
 
         try:
-            if self.hasher is not None:
-                digest = self.hasher.hexdigest()
-            else:
-                digest = (await asyncio.to_thread(sha256_file, self.part)).hexdigest()
             if digest != r.sha256:
                 self._discard()
                 if kept:
@@ -401,22 +414,74 @@ class _Job:
         return DownloadResult(
             path=self.target, model_id=r.model_id, name=r.name, version=r.version, size=r.size,
             sha256=r.sha256, bytes_transferred=self.transferred, resumed_bytes=kept,
-            parallel=max(1, len(segments)), seconds=time.monotonic() - started)
+            parallel=max(1, min(width, len(segments))), seconds=time.monotonic() - started)
+
+    # -- the hash, computed as the file arrives ------------------------------
+
+    def _prefix(self) -> int:
+        """Bytes from the start of the file that have all arrived."""
+        for seg in self.segments:
+            if seg.remaining > 0:
+                return seg.pos
+        return self.remote.size
+
+    async def _hash_prefix(self) -> str:
+        """sha256 of the part file up to the prefix that has arrived, read back (from the page cache) in
+        a thread while the rest arrives; the digest once ``complete``, "" if ``abandoned``."""
+        h = hashlib.sha256()
+        hashed = 0
+        while not self.abandoned:
+            prefix = self._prefix()
+            if hashed < prefix:
+                # One bounded block per hop, so that abandoning never waits long.
+                end = min(prefix, hashed + HASH_BLOCK)
+                await asyncio.to_thread(self._hash_block, h, hashed, end)
+                hashed = end
+            elif self.complete:
+                return h.hexdigest()
+            else:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return ""
+
+    def _hash_block(self, h, start: int, end: int) -> None:
+        while start < end:
+            block = os.pread(self.fd, end - start, start)
+            if not block:
+                raise ProtocolError(f"{self.part} is shorter than the bytes recorded as downloaded")
+            h.update(block)
+            start += len(block)
+
+    async def _stop_hasher(self, hasher: asyncio.Task) -> None:
+        # Not cancelled: a thread reading the descriptor must finish before it is closed.
+        self.abandoned = True
+        self.arrived.set()
+        try:
+            await asyncio.shield(hasher)
+        except Exception:  # noqa: BLE001 - the download failed already; its half-done hash does not matter
+            pass
 
     async def _save_periodically(self) -> None:
         while True:
             await asyncio.sleep(SAVE_INTERVAL)
             self._save_state()
 
-    async def _fetch_all(self) -> None:
+    async def _fetch_all(self, width: int) -> None:
         pending = [s for s in self.segments if s.remaining > 0]
         if len(pending) == 1:
             await self._fetch_segment(pending[0])
             return
+        # One iterator shared by the workers: each takes the next piece in file order.
+        queue = iter(pending)
+
+        async def worker() -> None:
+            for seg in queue:
+                await self._fetch_segment(seg)
+
         try:
             async with asyncio.TaskGroup() as tg:
-                for seg in pending:
-                    tg.create_task(self._fetch_segment(seg))
+                for _ in range(min(width, len(pending))):
+                    tg.create_task(worker())
         except BaseExceptionGroup as eg:
             # One range failing cancels the others; report the failure, not the cancellations.
             first = next((e for e in eg.exceptions if isinstance(e, _ContentChanged)), eg.exceptions[0])
@@ -473,9 +538,8 @@ class _Job:
                     # A complete-looking end before the promised length: treat as cut off.
                     raise aiohttp.ClientPayloadError(f"response ended at byte {seg.pos} of {seg.end}")
                 os.pwrite(self.fd, data, seg.pos)
-                if self.hasher is not None:
-                    self.hasher.update(data)
                 seg.done += len(data)
+                self.arrived.set()
                 self.transferred += len(data)
                 if self.progress:
                     self.progress(sum(s.done for s in self.segments), r.size)
