@@ -111,20 +111,23 @@ async def _retry_busy(call):
             await asyncio.sleep(0.01 * 2**attempt)
 
 
+def _unavailable(e: BaseException) -> StorageUnavailable | None:
+    """What a driver error means when the database is out of reach or (still) busy; None otherwise."""
+    if isinstance(e, _UNAVAILABLE):
+        return StorageUnavailable(f"MongoDB unreachable: {e}")
+    if isinstance(e, OperationFailure) and _busy(e):
+        return StorageUnavailable(f"MongoDB busy: {e}")
+    return None
+
+
 def _guard(fn):
     """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable."""
 
     async def wrapper(*args, **kwargs):
         try:
             return await _retry_busy(lambda: fn(*args, **kwargs))
-        except _UNAVAILABLE as e:
-            raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
-        except OperationFailure as e:
-            if _busy(e):
-                raise StorageUnavailable(f"MongoDB busy: {e}") from e
-            raise StorageError(f"MongoDB: {e}") from e
         except PyMongoError as e:
-            raise StorageError(f"MongoDB: {e}") from e
+            raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -511,11 +514,9 @@ class _GridFSWriter(FileWriter):
         if len(self._pending) >= self._batch:
             try:
                 await self._flush()
-            except _UNAVAILABLE as e:
-                raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
-            except OperationFailure as e:
-                if _busy(e):
-                    raise StorageUnavailable(f"MongoDB busy: {e}") from e
+            except PyMongoError as e:
+                if (unavailable := _unavailable(e)) is not None:
+                    raise unavailable from e
                 raise
 
     async def _commit(self) -> StoredFile:
@@ -546,10 +547,8 @@ class _GridFSWriter(FileWriter):
             return _stored_file(existing)
         except BaseException as e:
             await self._cancel()
-            if isinstance(e, _UNAVAILABLE):
-                raise StorageUnavailable(f"MongoDB unreachable: {e}") from e
-            if isinstance(e, OperationFailure) and _busy(e):
-                raise StorageUnavailable(f"MongoDB busy: {e}") from e
+            if (unavailable := _unavailable(e)) is not None:
+                raise unavailable from e
             raise
 
     async def _cancel(self) -> None:
