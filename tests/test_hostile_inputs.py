@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 import orjson
@@ -1255,6 +1255,23 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+async def _answer_to_endless_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                    piece: Callable[[], bytes], most: int) -> Raw:
+    """Keep sending chunks of a body that never ends (up to ``most`` bytes) until the service answers."""
+    answer = asyncio.create_task(_read_one_response(reader))
+    sent = 0
+    while not answer.done() and sent < most:
+        data = piece()
+        writer.write(chunk(data))
+        sent += len(data)
+        try:
+            await asyncio.wait_for(writer.drain(), 5)
+        except (ConnectionResetError, BrokenPipeError, asyncio.TimeoutError):
+            break
+        await asyncio.sleep(0)
+    return await asyncio.wait_for(answer, 15)
+
+
 async def _read_one_response(reader: asyncio.StreamReader) -> Raw:
     head = await reader.readuntil(b"\r\n\r\n")
     resp = parse_responses(head + b"", head=True)[0]
@@ -1280,18 +1297,8 @@ async def test_never_ending_chunked_json_is_413_once_past_the_limit(world, route
         assert await _nothing_arrives(reader, 0.7)
         assert (await world.client.get("/health")).status == 200
         assert await snapshot(world.client) == world.before
-        answer = asyncio.create_task(_read_one_response(reader))
-        sent = 0
-        while not answer.done() and sent < 16 * ONE_MIB:
-            writer.write(chunk(b"a" * 65536))
-            sent += 65536
-            try:
-                await asyncio.wait_for(writer.drain(), 5)
-            except (ConnectionResetError, BrokenPipeError, asyncio.TimeoutError):
-                break
-            await asyncio.sleep(0)
         # The body never ends, yet the answer comes once the limit is passed.
-        resp = await asyncio.wait_for(answer, 15)
+        resp = await _answer_to_endless_chunks(reader, writer, lambda: b"a" * 65536, 16 * ONE_MIB)
     finally:
         writer.transport.abort()
     assert resp.status == 413, resp
@@ -1336,17 +1343,7 @@ async def test_never_ending_chunked_upload_stops_at_max_file_size(aiohttp_client
     try:
         writer.write(request_bytes("PUT", f"{MODELS}/{w.b1}/upload", [("Transfer-Encoding", "chunked")],
                                    content_length=False))
-        answer = asyncio.create_task(_read_one_response(reader))
-        sent = 0
-        while not answer.done() and sent < 64 * ONE_MIB:
-            writer.write(chunk(os.urandom(128 * 1024)))
-            sent += 128 * 1024
-            try:
-                await asyncio.wait_for(writer.drain(), 5)
-            except (ConnectionResetError, BrokenPipeError, asyncio.TimeoutError):
-                break
-            await asyncio.sleep(0)
-        resp = await asyncio.wait_for(answer, 15)
+        resp = await _answer_to_endless_chunks(reader, writer, lambda: os.urandom(128 * 1024), 64 * ONE_MIB)
     finally:
         writer.transport.abort()
     assert resp.status == 413 and resp.code() == "file_too_large"

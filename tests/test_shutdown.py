@@ -15,19 +15,18 @@ from tests.support.live_service import LiveService
 SIZE = 32 * 1024 * 1024
 
 
-def start(tmp_path, **env) -> LiveService:
-    service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": "", **env}, tmp_path / "log")
+def serving_a_model(tmp_path, grace_seconds: str) -> tuple[LiveService, bytes, str]:
+    """A live service with SHUTDOWN_GRACE_SECONDS set, one SIZE-byte model in it, and its download URL."""
+    service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": "",
+                           "SHUTDOWN_GRACE_SECONDS": grace_seconds}, tmp_path / "log")
     service.start()
-    return service
-
-
-def upload(service: LiveService, data: bytes) -> str:
+    data = os.urandom(SIZE)
     req = urllib.request.Request(service.url + "/api/v1/models", method="POST",
                                  data=orjson.dumps({"name": "m", "algorithm": "a"}))
     model_id = orjson.loads(urllib.request.urlopen(req).read())["model_id"]
     req = urllib.request.Request(f"{service.url}/api/v1/models/{model_id}/upload", method="PUT", data=data)
     urllib.request.urlopen(req).read()
-    return model_id
+    return service, data, f"{service.url}/api/v1/models/{model_id}/download"
 
 
 async def slow_download(session, url, started: asyncio.Event, counter: list) -> str:
@@ -48,10 +47,7 @@ async def slow_download(session, url, started: asyncio.Event, counter: list) -> 
 
 
 def test_sigterm_drains_in_flight_downloads_then_exits_0(tmp_path):
-    data = os.urandom(SIZE)
-    service = start(tmp_path, SHUTDOWN_GRACE_SECONDS="60")
-    model_id = upload(service, data)
-    url = f"{service.url}/api/v1/models/{model_id}/download"
+    service, data, url = serving_a_model(tmp_path, "60")
 
     async def scenario():
         started = asyncio.Event()
@@ -78,10 +74,7 @@ def test_sigterm_drains_in_flight_downloads_then_exits_0(tmp_path):
 
 
 def test_grace_period_cuts_what_is_left(tmp_path):
-    data = os.urandom(SIZE)
-    service = start(tmp_path, SHUTDOWN_GRACE_SECONDS="1")
-    model_id = upload(service, data)
-    url = f"{service.url}/api/v1/models/{model_id}/download"
+    service, _, url = serving_a_model(tmp_path, "1")
 
     async def scenario():
         async with aiohttp.ClientSession() as session:
