@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from tests.support.files import sha256_of
 from tests.support.mongo_server import REPO
 
 from . import procs, stats
@@ -647,7 +648,7 @@ def _upload_pair(ctx: Context, backend: str, store: Store, svc: procs.Service, f
             for i, (name, rec) in enumerate(zip(names, r.get("records", []))):
                 written = ngx.upload_dir / name
                 if rec.get("ok"):
-                    digest = _sha256_file(written) if written.exists() else None
+                    digest = sha256_of(written) if written.exists() else None
                     if digest != f.variants[i][1]:
                         rec["ok"], rec["verified"] = False, False
                         rec["error"] = f"nginx wrote sha256 {digest}"
@@ -661,14 +662,6 @@ def _upload_pair(ctx: Context, backend: str, store: Store, svc: procs.Service, f
             r, fig = procs.run_client(job, None)
             return r, fig, "pymongo gridfs"
     return ours, peer
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(8 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def scenario_upload(ctx: Context, backend: str) -> None:
