@@ -1,0 +1,129 @@
+"""Request-level security: keys that are not text, 100-continue before
+authentication, rate limits on failures and open paths, downloads whose model
+goes while they wait, weak date validators, numbers and search text the
+stores cannot take, and what the open /health tells."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from app import auth
+from app.config import Rate
+from app.keys import DOWNLOAD_SLOTS, STORAGE
+from app.server import create_app
+from tests.support.live_service import LiveService
+from tests.transfer_helpers import (
+    MODELS, content_stored, error_code, json_of, payload, post_multipart, Part, register, sha, upload_ok,
+)
+
+READ, WRITE, ADMIN = "reader-key-1", "writer-key-2", "admin-key-3"
+KEYS = f"{READ}:read:dashboard,{WRITE}:write:trainer,{ADMIN}:admin:ops"
+
+
+def key(k: str) -> dict[str, str]:
+    return {"X-API-Key": k}
+
+
+async def authed_app(aiohttp_client, settings, **changes):
+    s = dataclasses.replace(settings, enable_auth=True, api_keys=KEYS, **changes)
+    return await aiohttp_client(create_app(s))
+
+
+async def wait_for(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# Raw HTTP over a real socket
+# ---------------------------------------------------------------------------
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """One response head (status line and headers), read off a blocking socket."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        buf += piece
+    return buf
+
+
+async def async_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+# ---------------------------------------------------------------------------
+# 16. Integers BSON cannot hold: 400 on both backends
+# ---------------------------------------------------------------------------
+
+TOO_BIG = [2**63, 2**64 - 1]
+
+
+@pytest.mark.parametrize("value", TOO_BIG)
+async def test_integers_beyond_64_bits_are_refused(client, value):
+    bodies = [
+        {"hyperparameters": {"n": value}},
+        {"metrics": {"accuracy": value}},
+        {"dataset_info": {"rows": value}},
+        {"hyperparameters": {"layers": [{"units": [1, 2, value]}]}},
+    ]
+    for extra in bodies:
+        resp = await client.post(MODELS, json={"name": "big", "algorithm": "a", **extra})
+        assert await error_code(resp, 400) == "validation_error", extra
+    model_id = await register(client)
+    for extra in bodies:
+        resp = await client.put(f"{MODELS}/{model_id}", json=extra)
+        assert await error_code(resp, 400) == "validation_error", extra
+        resp = await client.post(f"{MODELS}/{model_id}/versions", json=extra)
+        assert await error_code(resp, 400) == "validation_error", extra
+    resp = await post_multipart(client, MODELS, [
+        Part("metadata", b'{"name": "big", "algorithm": "a", "hyperparameters": {"n": %d}}' % value),
+        Part("file", b"x" * 100, filename="m.bin")])
+    assert await error_code(resp, 400) == "validation_error"
+    # The batch endpoint takes ids, not numbers: a huge one is just an invalid id.
+    resp = await client.post(f"{MODELS}/batch", json={"operation": "add_tags", "ids": [value], "tags": ["t"]})
+    assert (await json_of(resp, 200))["results"] == [{"id": str(value), "result": "invalid_id"}]
+    listed = await json_of(await client.get(MODELS), 200)
+    assert listed["pagination"]["total"] == 1  # only the model registered above
+
+
+async def test_the_64_bit_extremes_are_kept_exactly(client):
+    extremes = {"max": 2**63 - 1, "min": -(2**63), "nested": [{"v": 2**63 - 1}]}
+    model_id = await register(client, hyperparameters=extremes, metrics={"big": 2**63 - 1})
+    doc = await json_of(await client.get(f"{MODELS}/{model_id}"), 200)
+    assert doc["hyperparameters"] == extremes and doc["metrics"] == {"big": 2**63 - 1}
+
+
+# ---------------------------------------------------------------------------
+# 17. Search text with a NUL: 400 on both backends
+# ---------------------------------------------------------------------------
+
+
+async def test_q_with_a_nul_is_refused(client):
+    await register(client, name="a_b")
+    for q in ("\x00", "a\x00b", "a_b\x00"):
+        resp = await client.get(MODELS, params={"q": q})
+        assert await error_code(resp, 400) == "invalid_parameter", q
+        resp = await client.get(f"{MODELS}/search", params={"q": q})
+        assert await error_code(resp, 400) == "invalid_parameter", q
+    # Other control characters are searched for, alike on both backends.
+    assert (await json_of(await client.get(MODELS, params={"q": "a\tb"}), 200))["pagination"]["total"] == 0
+    assert (await json_of(await client.get(MODELS, params={"q": "a_b"}), 200))["pagination"]["total"] == 1
+
+
