@@ -127,3 +127,33 @@ async def test_q_with_a_nul_is_refused(client):
     assert (await json_of(await client.get(MODELS, params={"q": "a_b"}), 200))["pagination"]["total"] == 1
 
 
+# ---------------------------------------------------------------------------
+# 18. The open /health says "unhealthy", not why
+# ---------------------------------------------------------------------------
+
+
+async def test_open_health_does_not_tell_the_storage_error(aiohttp_client, settings, backend, request, caplog):
+    client = await authed_app(aiohttp_client, settings)
+    if backend == "mongodb":
+        mongo = request.getfixturevalue("mongo")
+        if mongo.server is None:
+            pytest.skip("needs the repo's own test server to stop (MONGODB_URL is set)")
+        request.addfinalizer(mongo.server.start)
+        mongo.server.stop()
+        secret = mongo.url.split("//", 1)[1].split("/", 1)[0]  # host:port
+    else:
+        await client.app[STORAGE].close()
+        secret = "embedded storage is closed"
+
+    with caplog.at_level(logging.WARNING, logger="app.health"):
+        resp = await client.get("/health")
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "unhealthy"
+    assert "error" not in body and secret not in await resp.text()
+    assert any(secret in r.getMessage() for r in caplog.records if r.name == "app.health")
+
+    # The reason is for those with a key.
+    assert (await client.get("/health/detailed")).status == 401
+    resp = await client.get("/health/detailed", headers=key(READ))
+    assert resp.status == 503
+    assert (await resp.json())["checks"]["storage"] != "healthy"
