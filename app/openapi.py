@@ -29,6 +29,7 @@ from typing import Any
 from . import auth, ranges, validation, versions
 from .config import Settings, format_size
 from .handlers.batch import MAX_IDS, OPERATIONS
+from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
 
 OPENAPI_VERSION = "3.1.0"
@@ -924,8 +925,8 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
             responses_["401"] = cross("Unauthorized", 401, "unauthorized", head, ("WWWAuthenticate",))
             if scope != "read":
                 responses_["403"] = cross("Forbidden", 403, "forbidden", head)
-        is_download = method in ("get", "head") and path.endswith("/download")
-        if guarded and (settings.rate_limit or (settings.download_rate_limit and is_download)):
+        is_download = method == "get" and path.endswith("/download")
+        if path not in UNLIMITED_PATHS and (settings.rate_limit or (settings.download_rate_limit and is_download)):
             responses_["429"] = cross("RateLimited", 429, "rate_limited", head, ("RetryAfter",))
         operation["responses"] = dict(sorted(responses_.items()))
 

@@ -41,6 +41,8 @@ async def test_missing_and_unknown_keys_are_401_with_a_challenge(authed):
 async def test_scopes(authed):
     # read: GET and HEAD only
     assert (await authed.get("/api/v1/models", headers=h(READ))).status == 200
+    for key in (READ, WRITE, ADMIN):
+        assert (await authed.head("/api/v1/models", headers=h(key))).status == 200, key
     resp = await authed.post("/api/v1/models", json={"name": "m", "algorithm": "a"}, headers=h(READ))
     assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
 
@@ -56,6 +58,9 @@ async def test_scopes(authed):
     batch = {"operation": "delete", "ids": [model_id]}
     assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(WRITE))).status == 403
     assert (await authed.get(f"/api/v1/models/{model_id}/download", headers=h(READ))).status == 200
+    for key in (READ, WRITE, ADMIN):
+        for path in (f"/api/v1/models/{model_id}", f"/api/v1/models/{model_id}/download"):
+            assert (await authed.head(path, headers=h(key))).status == 200, (key, path)
 
     # admin: everything
     assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(ADMIN))).status == 200
@@ -71,6 +76,15 @@ async def test_created_by_defaults_to_the_key_name(authed):
                              headers=h(WRITE))
     doc = await (await authed.get(f"/api/v1/models/{(await resp.json())['model_id']}", headers=h(READ))).json()
     assert doc["created_by"] == "someone"
+
+
+async def test_the_bearer_scheme_is_case_insensitive(authed):
+    # RFC 9110 section 11.1: auth-scheme names are case-insensitive.
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        resp = await authed.get("/api/v1/models", headers={"Authorization": f"{scheme} {READ}"})
+        assert resp.status == 200, scheme
+    resp = await authed.get("/api/v1/models", headers={"Authorization": f"Basic {READ}"})
+    assert resp.status == 401
 
 
 async def test_health_and_metrics_stay_open(authed):

@@ -69,6 +69,75 @@ def status_of(head: bytes) -> int:
 
 
 # ---------------------------------------------------------------------------
+# 9. A key that is not UTF-8 is an unknown key: 401, never a 500
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_authed(tmp_path):
+    service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": "", "ENABLE_AUTH": "true",
+                           "API_KEYS": KEYS}, tmp_path / "log")
+    service.start()
+    yield service
+    service.stop()
+
+
+def test_a_key_that_is_not_utf8_is_a_401(live_authed):
+    for header in (b"X-API-Key: \xff", b"Authorization: Bearer \xc3\x28", b"X-API-Key: ok\xfe\xfe",
+                   b"Authorization: bearer \xed\xa0\x80"):
+        with socket.create_connection(("127.0.0.1", live_authed.port), timeout=10) as s:
+            s.sendall(b"GET /api/v1/models HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+            head = read_head(s)
+        assert status_of(head) == 401, (header, head)
+        assert b"WWW-Authenticate: Bearer" in head
+    log = live_authed.log()
+    assert "Traceback" not in log and "unhandled error" not in log, log
+    # A key with the same bytes, configured, is found: the bytes are what is hashed.
+    assert auth.identify(auth.load_keys(None, "ok\udcfe:read:odd"), "ok\udcfe").name == "odd"
+
+
+# ---------------------------------------------------------------------------
+# 11. Failed authentications and open paths are rate limited too
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_failed_keys_and_metrics_are_counted_per_address(aiohttp_client, settings):
+    client = await authed_app(aiohttp_client, settings, rate_limit=Rate(5, 60))
+    statuses = [(await client.get(MODELS, headers=key(f"guess-{i}"))).status for i in range(20)]
+    assert statuses == [401] * 5 + [429] * 15
+    resp = await client.get(MODELS, headers=key("guess-21"))
+    assert await error_code(resp, 429) == "rate_limited" and int(resp.headers["Retry-After"]) >= 1
+    # The address's tokens are gone, also for /metrics and /health/detailed ...
+    assert (await client.get("/metrics")).status == 429
+    assert (await client.get("/health/detailed")).status == 429
+    # ... but not a valid key's, counted under its own name, nor /health's.
+    assert (await client.get(MODELS, headers=key(READ))).status == 200
+    assert [(await client.get("/health")).status for _ in range(20)] == [200] * 20
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_metrics_is_rate_limited(aiohttp_client, settings):
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, rate_limit=Rate(5, 60))))
+    statuses = [(await client.get("/metrics")).status for _ in range(20)]
+    assert statuses == [200] * 5 + [429] * 15
+    assert [(await client.get("/health")).status for _ in range(20)] == [200] * 20
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_head_is_not_a_download_for_the_download_rate_limit(aiohttp_client, settings):
+    """HEAD moves no file bytes, and every client pull starts with one: only GETs use DOWNLOAD_RATE_LIMIT."""
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, download_rate_limit=Rate(1, 60))))
+    model_id = await register(client)
+    await upload_ok(client, model_id, payload(1000))
+    url = f"{MODELS}/{model_id}/download"
+    assert [(await client.head(url)).status for _ in range(5)] == [200] * 5
+    assert (await client.get(url)).status == 200
+    assert (await client.get(url)).status == 429
+    assert (await client.head(url)).status == 200
+
+
+# ---------------------------------------------------------------------------
 # 16. Integers BSON cannot hold: 400 on both backends
 # ---------------------------------------------------------------------------
 
