@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .. import clock, registry, validation, versions, views
 from ..http import ApiError, cacheable_json, json_response, read_json_object
-from ..auth import caller_name
+from ..auth import caller_name, is_admin
 from ..keys import LEASES, SETTINGS, STORAGE
 
 PREFIX = "/api/v1/models"
@@ -67,11 +67,19 @@ async def register(request: web.Request) -> web.Response:
 
 
 def with_caller(request: web.Request, fields: dict) -> dict:
-    """created_by defaults to the name of the API key that made the request."""
+    """created_by is the name of the API key that made the request.
+
+    Only an admin key may record someone else (an import, a migration); any
+    other key naming another creator is refused, not silently corrected.
+    """
     caller = caller_name(request)
-    if caller and "created_by" not in fields:
-        return {**fields, "created_by": caller}
-    return fields
+    if caller is None:
+        return fields
+    claimed = fields.get("created_by", caller)
+    if claimed != caller and not is_admin(request):
+        raise ApiError(403, "forbidden",
+                       f"created_by: only an admin key may set it to another name than this key's ({caller!r})")
+    return {**fields, "created_by": claimed}
 
 
 async def list_models(request: web.Request) -> web.Response:
