@@ -102,6 +102,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "payload_too_large": (413, "a JSON body (or a multipart 'metadata' part) is over MAX_JSON_SIZE"),
     "file_too_large": (413, "the file is over MAX_FILE_SIZE"),
     "range_not_satisfiable": (416, f"no requested range overlaps the file, or more than {ranges.MAX_RANGES} ranges"),
+    "expectation_failed": (417, "an Expect header other than 100-continue"),
     "checksum_mismatch": (422, "the received content's SHA-256 differs from the declared one"),
     "rate_limited": (429, "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After"),
     "internal_error": (500, "an unexpected failure (logged server-side; no details are sent)"),
@@ -113,7 +114,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
 
 _REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
             405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
-            416: "Range not satisfiable", 422: "Unprocessable content", 429: "Too many requests",
+            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content", 429: "Too many requests",
             500: "Internal error", 503: "Service unavailable"}
 
 

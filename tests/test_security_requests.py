@@ -97,6 +97,76 @@ def test_a_key_that_is_not_utf8_is_a_401(live_authed):
 
 
 # ---------------------------------------------------------------------------
+# 10. Expect: 100-continue is answered only once the request is accepted
+# ---------------------------------------------------------------------------
+
+
+async def send_expecting(client, method: str, path: str, headers: dict[str, str], length: int):
+    """Send a request head with Expect: 100-continue and no body; the streams and the first answer's head."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", "Expect: 100-continue", f"Content-Length: {length}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    return reader, writer, await async_head(reader)
+
+
+async def test_100_continue_comes_only_after_the_checks(aiohttp_client, settings):
+    client = await authed_app(aiohttp_client, settings, max_file_size=10_000)
+    resp = await client.post(MODELS, json={"name": "m", "algorithm": "a"}, headers=key(WRITE))
+    model_id = (await json_of(resp, 201))["model_id"]
+    upload = f"{MODELS}/{model_id}/upload"
+    refused = [
+        ("PUT", upload, {}, 5000, 401),                                   # no key
+        ("PUT", upload, key("wrong"), 5000, 401),                         # unknown key
+        ("PUT", upload, key(READ), 5000, 403),                            # scope too small
+        ("PUT", f"{MODELS}/{'0' * 24}/upload", key(WRITE), 5000, 404),    # no such model
+        ("PUT", upload, key(WRITE), 20_000, 413),                         # larger than MAX_FILE_SIZE
+        ("POST", MODELS, {"Content-Type": "application/json"}, 50, 401),  # JSON routes too
+        ("PUT", f"{MODELS}/{model_id}", {"Content-Type": "application/json"}, 50, 401),
+        ("POST", f"{MODELS}/{model_id}/versions", {"Content-Type": "application/json"}, 50, 401),
+        ("POST", f"{MODELS}/batch", key(WRITE), 50, 403),
+    ]
+    for method, path, headers, length, status in refused:
+        reader, writer, head = await send_expecting(client, method, path, headers, length)
+        writer.close()
+        assert status_of(head) == status, (method, path, headers, head)
+        # The body was never asked for, so the connection cannot be reused.
+        assert b"Connection: close" in head, head
+
+    data = payload(5000)
+    reader, writer, head = await send_expecting(client, "PUT", upload, key(WRITE), len(data))
+    assert head == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(data)
+    head = await async_head(reader)
+    writer.close()
+    assert status_of(head) == 201, head
+    assert await (await client.get(f"{MODELS}/{model_id}/download", headers=key(READ))).read() == data
+
+    body = b'{"name": "n", "algorithm": "a"}'
+    reader, writer, head = await send_expecting(client, "POST", MODELS, {**key(WRITE),
+                                                "Content-Type": "application/json"}, len(body))
+    assert head == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    head = await async_head(reader)
+    writer.close()
+    assert status_of(head) == 201, head
+
+
+async def test_an_unknown_expectation_is_417(aiohttp_client, settings):
+    client = await aiohttp_client(create_app(settings))
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"POST /api/v1/models HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\nContent-Length: 2\r\n\r\n")
+    head = await async_head(reader)
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                 .split(b":")[1])
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    writer.close()
+    assert status_of(head) == 417 and b"Connection: close" in head
+    assert b'"code":"expectation_failed"' in body
+
+
+# ---------------------------------------------------------------------------
 # 11. Failed authentications and open paths are rate limited too
 # ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 
 from .. import downloads, metrics, registry, uploads, validation
-from ..http import ApiError, json_response, parse_json_object
+from ..http import ApiError, defer_expect, invite_body, json_response, parse_json_object
 from ..keys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import file_metadata
@@ -19,6 +19,7 @@ async def _receive(request: web.Request) -> uploads.Received:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
+    await invite_body(request)
     if request.content_type.startswith("multipart/"):
         received, _ = await uploads.receive_multipart(request, storage, settings, sha256)
         if received is None:
@@ -86,6 +87,7 @@ async def register_with_file(request: web.Request) -> web.Response:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
+    await invite_body(request)
     received, fields = await uploads.receive_multipart(
         request, storage, settings, sha256,
         parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
@@ -125,10 +127,9 @@ async def info(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    expect = uploads.expect_handler(app[SETTINGS])
     r = app.router
     r.add_get(PREFIX + "/by-name/{name}/download", download_by_name)
     for method in ("POST", "PUT"):
-        r.add_route(method, PREFIX + "/{id}/upload", upload, expect_handler=expect)
+        r.add_route(method, PREFIX + "/{id}/upload", upload, expect_handler=defer_expect)
     r.add_get(PREFIX + "/{id}/download", download)
     r.add_get(PREFIX + "/{id}/info", info)

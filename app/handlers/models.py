@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 
 from .. import clock, registry, validation, versions, views
-from ..http import ApiError, cacheable_json, json_response, read_json_object
+from ..http import ApiError, cacheable_json, defer_expect, json_response, read_json_object
 from ..auth import caller_name, is_admin
 from ..keys import LEASES, SETTINGS, STORAGE
 
@@ -152,12 +152,12 @@ async def by_name(request: web.Request) -> web.Response:
 def setup(app: web.Application) -> None:
     r = app.router
     # Fixed paths before {id}, which would otherwise swallow them.
-    r.add_post(PREFIX, register)
+    r.add_post(PREFIX, register, expect_handler=defer_expect)
     r.add_get(PREFIX, list_models)
     r.add_get(f"{PREFIX}/search", list_models)
     r.add_get(PREFIX + "/by-name/{name}", by_name)
     r.add_get(PREFIX + "/{id}", get_model)
-    r.add_put(PREFIX + "/{id}", update_model)
+    r.add_put(PREFIX + "/{id}", update_model, expect_handler=defer_expect)
     r.add_delete(PREFIX + "/{id}", delete_model)
-    r.add_post(PREFIX + "/{id}/versions", create_version)
+    r.add_post(PREFIX + "/{id}/versions", create_version, expect_handler=defer_expect)
     r.add_get(PREFIX + "/{id}/versions", list_versions)
