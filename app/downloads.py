@@ -118,13 +118,15 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
         await response.prepare(request)
         return response
 
-    async with request.app[DOWNLOAD_SLOTS].slot():
+    # The lease first: a model deleted or replaced while this waits for a slot
+    # keeps its file until this download has sent it.
+    async with request.app[LEASES].reading(f.file_id), request.app[DOWNLOAD_SLOTS].slot():
         return await _stream(request, doc, f, response, parts, trailer, counted=wanted is None or any(
             r.start == 0 for r in wanted))
 
 
 async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> web.StreamResponse:
-    storage, leases = request.app[STORAGE], request.app[LEASES]
+    storage = request.app[STORAGE]
     timeout = request.app[SETTINGS].download_timeout
     # A response that carries byte 0 is a download; later ranges resume one.
     if counted:
@@ -141,30 +143,29 @@ async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> w
     sent = 0
     path = storage.local_path(f) if sendfile.usable(request) else None
     try:
-        async with leases.reading(f.file_id):
-            for preamble, offset, count in parts:
-                if preamble:
-                    await response.write(preamble)
-                if not count:
-                    continue
-                if path is not None:
-                    sent += await sendfile.send_range(request, writer, path, offset, count, timeout)
-                    continue
-                pieces = storage.read_file(f, offset, count)
-                if storage.read_ahead:
-                    pieces = prefetch(pieces, storage.read_ahead)
-                # aclosing: whichever way the loop ends, the reader (and its
-                # database cursor) is closed now, not when collected.
-                async with aclosing(pieces):
-                    async for piece in pieces:
-                        # A client that stops reading holds a cursor: give up
-                        # on it after DOWNLOAD_TIMEOUT without progress.
-                        async with asyncio.timeout(timeout):
-                            await response.write(piece)
-                        sent += len(piece)
-            if trailer:
-                await response.write(trailer)
-            await response.write_eof()
+        for preamble, offset, count in parts:
+            if preamble:
+                await response.write(preamble)
+            if not count:
+                continue
+            if path is not None:
+                sent += await sendfile.send_range(request, writer, path, offset, count, timeout)
+                continue
+            pieces = storage.read_file(f, offset, count)
+            if storage.read_ahead:
+                pieces = prefetch(pieces, storage.read_ahead)
+            # aclosing: whichever way the loop ends, the reader (and its
+            # database cursor) is closed now, not when collected.
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    # A client that stops reading holds a cursor: give up
+                    # on it after DOWNLOAD_TIMEOUT without progress.
+                    async with asyncio.timeout(timeout):
+                        await response.write(piece)
+                    sent += len(piece)
+        if trailer:
+            await response.write(trailer)
+        await response.write_eof()
     except (ConnectionResetError, ConnectionError) as e:
         # The client went away; the reader is already closed.
         log.debug("client left download of %s: %s", doc["id"], e)

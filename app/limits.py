@@ -99,12 +99,15 @@ class DownloadSlots:
         self.limit = limit
         self.queue_seconds = queue_seconds
         self._sem = asyncio.Semaphore(limit) if limit else None
+        # Downloads queued for a slot right now.
+        self.waiting = 0
 
     @asynccontextmanager
     async def slot(self):
         if self._sem is None:
             yield
             return
+        self.waiting += 1
         try:
             async with asyncio.timeout(self.queue_seconds):
                 await self._sem.acquire()
@@ -112,6 +115,8 @@ class DownloadSlots:
             raise ApiError(503, "too_many_downloads",
                            f"{self.limit} downloads are already running here; retry shortly",
                            {"Retry-After": str(max(1, math.ceil(self.queue_seconds)))}) from None
+        finally:
+            self.waiting -= 1
         try:
             yield
         finally:

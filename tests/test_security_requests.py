@@ -208,6 +208,39 @@ async def test_head_is_not_a_download_for_the_download_rate_limit(aiohttp_client
 
 
 # ---------------------------------------------------------------------------
+# 12. A download queued for a slot keeps the file it looked up
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["delete", "replace"])
+async def test_a_download_queued_while_its_model_goes_sends_the_whole_file(aiohttp_client, settings, change):
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_concurrent_downloads=1,
+                                                                 download_queue_seconds=30)))
+    storage, slots = client.app[STORAGE], client.app[DOWNLOAD_SLOTS]
+    model_id = await register(client)
+    data = payload(2_000_000)
+    fm = await upload_ok(client, model_id, data)
+
+    async with slots.slot():  # the only slot is busy
+        queued = asyncio.create_task(client.get(f"{MODELS}/{model_id}/download"))
+        await wait_for(lambda: slots.waiting == 1, "the download to queue")
+        if change == "delete":
+            assert (await client.delete(f"{MODELS}/{model_id}")).status == 200
+        else:
+            await upload_ok(client, model_id, payload(1000))
+        assert await content_stored(storage, fm["file_id"], sha(data))  # leased by the queued download
+    resp = await asyncio.wait_for(queued, 30)
+    assert resp.status == 200
+    assert resp.headers["ETag"] == f'"{sha(data)}"'
+    assert await resp.read() == data
+    # Released once the download is done.
+    deadline = time.monotonic() + 15
+    while await content_stored(storage, fm["file_id"], sha(data)):
+        assert time.monotonic() < deadline, "the old file was never released"
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
 # 16. Integers BSON cannot hold: 400 on both backends
 # ---------------------------------------------------------------------------
 
