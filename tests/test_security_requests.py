@@ -241,6 +241,69 @@ async def test_a_download_queued_while_its_model_goes_sends_the_whole_file(aioht
 
 
 # ---------------------------------------------------------------------------
+# 13. If-Range with a date that names two contents
+# ---------------------------------------------------------------------------
+
+
+async def two_uploads_in_one_second(client, model_id: str) -> tuple[str, bytes]:
+    """Upload twice within one second (retrying until the clock allows); the first Last-Modified and the new data."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        await upload_ok(client, model_id, payload(1000))
+        first = (await client.head(f"{MODELS}/{model_id}/download")).headers["Last-Modified"]
+        new = payload(1000)
+        await upload_ok(client, model_id, new)
+        if (await client.head(f"{MODELS}/{model_id}/download")).headers["Last-Modified"] == first:
+            return first, new
+    raise AssertionError("could not upload twice within one second")
+
+
+async def test_if_range_date_after_a_replacement_in_the_same_second_sends_everything(client):
+    model_id = await register(client)
+    last_modified, new = await two_uploads_in_one_second(client, model_id)
+    url = f"{MODELS}/{model_id}/download"
+    resp = await client.get(url, headers={"Range": "bytes=10-19", "If-Range": last_modified})
+    assert resp.status == 200 and "Content-Range" not in resp.headers
+    assert await resp.read() == new
+    # The ETag still names one content exactly.
+    resp = await client.get(url, headers={"Range": "bytes=10-19", "If-Range": f'"{sha(new)}"'})
+    assert resp.status == 206 and await resp.read() == new[10:20]
+    # The bookkeeping is not part of the API's file_metadata.
+    doc = await json_of(await client.get(f"{MODELS}/{model_id}"), 200)
+    assert "last_modified_shared" not in doc["file_metadata"]
+
+    # A model's first file has nothing to share its date with: a strong validator.
+    other = await register(client)
+    data = payload(1000)
+    await upload_ok(client, other, data)
+    lm = (await client.head(f"{MODELS}/{other}/download")).headers["Last-Modified"]
+    resp = await client.get(f"{MODELS}/{other}/download", headers={"Range": "bytes=10-19", "If-Range": lm})
+    assert resp.status == 206 and await resp.read() == data[10:20]
+
+
+async def test_if_range_date_by_name_when_a_new_version_came_in_the_same_second(client):
+    name = "same_second"
+    url = f"{MODELS}/by-name/{name}/download"
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "could not register two versions within one second"
+        first = await register(client, name=name)
+        await upload_ok(client, first, payload(1000))
+        last_modified = (await client.head(url)).headers["Last-Modified"]
+        second = await register(client, name=name)
+        new = payload(1000)
+        await upload_ok(client, second, new)
+        if (await client.head(url)).headers["Last-Modified"] == last_modified:
+            break
+    resp = await client.get(url, headers={"Range": "bytes=10-19", "If-Range": last_modified})
+    assert resp.status == 200 and await resp.read() == new
+    # A pinned version names one model: its date is strong.
+    pinned = await client.get(url, params={"version": (await json_of(await client.get(f"{MODELS}/{second}"), 200))
+                                           ["version"]}, headers={"Range": "bytes=10-19", "If-Range": last_modified})
+    assert pinned.status == 206 and await pinned.read() == new[10:20]
+
+
+# ---------------------------------------------------------------------------
 # 16. Integers BSON cannot hold: 400 on both backends
 # ---------------------------------------------------------------------------
 

@@ -6,12 +6,12 @@ import math
 
 from aiohttp import web
 
-from .. import downloads, metrics, registry, uploads, validation
+from .. import downloads, metrics, preconditions, registry, uploads, validation
 from ..http import ApiError, defer_expect, invite_body, json_response, parse_json_object
 from ..keys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
-from ..views import file_metadata
-from .models import PREFIX, created, model_or_404, named_model_or_404, with_caller
+from ..views import LAST_MODIFIED_SHARED, file_metadata
+from .models import PREFIX, created, model_or_404, named_models_or_404, with_caller
 
 
 async def _receive(request: web.Request) -> uploads.Received:
@@ -43,6 +43,13 @@ async def attach(request: web.Request, doc: dict, received: uploads.Received) ->
     fm = uploads.file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
     try:
         async with _model_locks(doc["id"]):
+            # Replacing a file within the second it was uploaded leaves two
+            # contents with one Last-Modified: mark it, so an If-Range date
+            # naming that second is not trusted (downloads.date_is_strong).
+            current = (await storage.get_model(doc["id"]) or {}).get("file_metadata")
+            if (current and current["checksum"] != fm["checksum"]
+                    and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
+                fm[LAST_MODIFIED_SHARED] = True
             previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
                                                   return_previous=True)
     except BaseException:
@@ -111,7 +118,7 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 async def download_by_name(request: web.Request) -> web.StreamResponse:
-    return await downloads.send(request, await named_model_or_404(request))
+    return await downloads.send(request, *await named_models_or_404(request))
 
 
 async def info(request: web.Request) -> web.Response:

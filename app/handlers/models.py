@@ -132,17 +132,23 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def named_model_or_404(request: web.Request) -> dict:
     """The latest version of {name}, or the one ``?version=`` asks for."""
+    return (await named_models_or_404(request))[0]
+
+
+async def named_models_or_404(request: web.Request) -> tuple[dict, list[dict]]:
+    """``named_model_or_404``'s model, and the versions the URL may also have named:
+    every version of the name for "the latest", none for a pinned ``?version=``."""
     name = validation.model_name(request.match_info["name"])
     wanted = validation.version_param(request.query.get("version"))
-    storage = request.app[STORAGE]
+    docs = await request.app[STORAGE].models_named(name)
     if wanted is None:
-        doc = await registry.latest_of(storage, name)
+        doc = registry.latest(docs)
     else:
-        doc = next((d for d in await storage.models_named(name) if d["version"] == wanted), None)
+        doc = next((d for d in docs if d["version"] == wanted), None)
     if doc is None:
         what = f"{name} {wanted}" if wanted else name
         raise ApiError(404, "not_found", f"no model named {what}")
-    return doc
+    return doc, (docs if wanted is None else [])
 
 
 async def by_name(request: web.Request) -> web.Response:
