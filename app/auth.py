@@ -29,6 +29,8 @@ _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="model-service", charset="UTF-8"'}
 
 IDENTITY = web.RequestKey("identity", object)
+# The keys of an application with ENABLE_AUTH=true; absent when auth is off.
+KEYS = web.AppKey("api_keys", tuple)
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,14 @@ class ApiKey:
     name: str
 
 
+def _key_bytes(key: str) -> bytes:
+    # Header values (and environment variables) that are not UTF-8 arrive
+    # with their bytes as lone surrogates: hash the bytes that were sent.
+    return key.encode("utf-8", "surrogateescape")
+
+
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(_key_bytes(key)).hexdigest()
 
 
 def new_key() -> str:
@@ -96,7 +104,7 @@ def presented_key(request: web.Request) -> str | None:
 
 
 def identify(keys: tuple[ApiKey, ...], key: str) -> ApiKey | None:
-    digest = hashlib.sha256(key.encode()).digest()
+    digest = hashlib.sha256(_key_bytes(key)).digest()
     found = None
     # Every entry is compared, in constant time, whatever matches: the time
     # taken says nothing about which key, or how much of one, was right.
@@ -106,27 +114,41 @@ def identify(keys: tuple[ApiKey, ...], key: str) -> ApiKey | None:
     return found
 
 
-def middleware(keys: tuple[ApiKey, ...], open_paths: tuple[str, ...]):
+def identity(request: web.Request) -> ApiKey | None:
+    """The key the request presents, if it is a known one (worked out once per request)."""
+    if IDENTITY not in request:
+        keys = request.app.get(KEYS)
+        key = presented_key(request) if keys else None
+        request[IDENTITY] = identify(keys, key) if key is not None else None
+    return request[IDENTITY]
+
+
+def middleware(open_paths: tuple[str, ...]):
+    """401 without a known key, 403 when its scope is too small; needs ``app[KEYS]``."""
+
     @web.middleware
     async def auth_middleware(request: web.Request, handler):
         if request.path in open_paths or (request.method == "OPTIONS" and "Origin" in request.headers):
             return await handler(request)
-        key = presented_key(request)
-        if key is None:
+        if presented_key(request) is None:
             raise ApiError(401, "unauthorized", "an API key is required (X-API-Key or Authorization: Bearer)",
                            _CHALLENGE)
-        identity = identify(keys, key)
-        if identity is None:
+        who = identity(request)
+        if who is None:
             raise ApiError(401, "unauthorized", "unknown API key", _CHALLENGE)
         needed = required_scope(request)
-        if _LEVEL[identity.scope] < _LEVEL[needed]:
-            raise ApiError(403, "forbidden", f"this key has scope {identity.scope!r}; {needed!r} is needed")
-        request[IDENTITY] = identity
+        if _LEVEL[who.scope] < _LEVEL[needed]:
+            raise ApiError(403, "forbidden", f"this key has scope {who.scope!r}; {needed!r} is needed")
         return await handler(request)
 
     return auth_middleware
 
 
 def caller_name(request: web.Request) -> str | None:
-    identity = request.get(IDENTITY)
-    return identity.name if identity is not None else None
+    who = identity(request)
+    return who.name if who is not None else None
+
+
+def is_admin(request: web.Request) -> bool:
+    who = identity(request)
+    return who is not None and who.scope == "admin"

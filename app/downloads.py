@@ -15,12 +15,12 @@ import base64
 import logging
 import secrets
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, metrics, preconditions, ranges, sendfile
+from . import clock, metrics, preconditions, ranges, sendfile, views
 from .http import ApiError, error_response
 from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
@@ -75,7 +75,25 @@ _NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Check
                          "X-Model-Id", "X-Model-Name", "X-Model-Version")
 
 
-async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
+def date_is_strong(doc: dict[str, Any], others: Iterable[dict[str, Any]] = ()) -> bool:
+    """Whether the file's Last-Modified names only this content (RFC 9110 section 8.8.2.2).
+
+    Not when the model's previous file was uploaded in the same second, nor,
+    for ``others`` (the other versions a by-name URL may have served), when
+    one of them has another content uploaded in that second.
+    """
+    fm = doc["file_metadata"]
+    if fm.get(views.LAST_MODIFIED_SHARED):
+        return False
+    return not any(
+        o["id"] != doc["id"] and o.get("file_metadata") and o["file_metadata"]["checksum"] != fm["checksum"]
+        and preconditions.same_second(o["file_metadata"]["uploaded_at"], fm["uploaded_at"])
+        for o in others
+    )
+
+
+async def send(request: web.Request, doc: dict[str, Any],
+               others: Iterable[dict[str, Any]] = ()) -> web.StreamResponse:
     f = stored_file(doc)
     headers = file_headers(doc, f)
     etag = headers["ETag"]
@@ -89,7 +107,8 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
 
     wanted = None
     # Range is defined for GET only; HEAD answers as a GET without Range would.
-    if request.method == "GET" and preconditions.if_range_allows(request.headers, etag, f.uploaded_at):
+    if request.method == "GET" and preconditions.if_range_allows(request.headers, etag, f.uploaded_at,
+                                                                 date_is_strong(doc, others)):
         try:
             wanted = ranges.parse(request.headers.get("Range"), f.size)
         except ranges.Unsatisfiable as e:
@@ -118,13 +137,15 @@ async def send(request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
         await response.prepare(request)
         return response
 
-    async with request.app[DOWNLOAD_SLOTS].slot():
+    # The lease first: a model deleted or replaced while this waits for a slot
+    # keeps its file until this download has sent it.
+    async with request.app[LEASES].reading(f.file_id), request.app[DOWNLOAD_SLOTS].slot():
         return await _stream(request, doc, f, response, parts, trailer, counted=wanted is None or any(
             r.start == 0 for r in wanted))
 
 
 async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> web.StreamResponse:
-    storage, leases = request.app[STORAGE], request.app[LEASES]
+    storage = request.app[STORAGE]
     timeout = request.app[SETTINGS].download_timeout
     # A response that carries byte 0 is a download; later ranges resume one.
     if counted:
@@ -141,30 +162,29 @@ async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> w
     sent = 0
     path = storage.local_path(f) if sendfile.usable(request) else None
     try:
-        async with leases.reading(f.file_id):
-            for preamble, offset, count in parts:
-                if preamble:
-                    await response.write(preamble)
-                if not count:
-                    continue
-                if path is not None:
-                    sent += await sendfile.send_range(request, writer, path, offset, count, timeout)
-                    continue
-                pieces = storage.read_file(f, offset, count)
-                if storage.read_ahead:
-                    pieces = prefetch(pieces, storage.read_ahead)
-                # aclosing: whichever way the loop ends, the reader (and its
-                # database cursor) is closed now, not when collected.
-                async with aclosing(pieces):
-                    async for piece in pieces:
-                        # A client that stops reading holds a cursor: give up
-                        # on it after DOWNLOAD_TIMEOUT without progress.
-                        async with asyncio.timeout(timeout):
-                            await response.write(piece)
-                        sent += len(piece)
-            if trailer:
-                await response.write(trailer)
-            await response.write_eof()
+        for preamble, offset, count in parts:
+            if preamble:
+                await response.write(preamble)
+            if not count:
+                continue
+            if path is not None:
+                sent += await sendfile.send_range(request, writer, path, offset, count, timeout)
+                continue
+            pieces = storage.read_file(f, offset, count)
+            if storage.read_ahead:
+                pieces = prefetch(pieces, storage.read_ahead)
+            # aclosing: whichever way the loop ends, the reader (and its
+            # database cursor) is closed now, not when collected.
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    # A client that stops reading holds a cursor: give up
+                    # on it after DOWNLOAD_TIMEOUT without progress.
+                    async with asyncio.timeout(timeout):
+                        await response.write(piece)
+                    sent += len(piece)
+        if trailer:
+            await response.write(trailer)
+        await response.write_eof()
     except (ConnectionResetError, ConnectionError) as e:
         # The client went away; the reader is already closed.
         log.debug("client left download of %s: %s", doc["id"], e)

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import orjson
-from aiohttp import HttpVersion10, web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import preconditions
@@ -65,11 +65,48 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
+# Expect: 100-continue. aiohttp answers it before any middleware runs, which
+# would invite the body of a request about to be refused (no key, rate
+# limited, no such model, too large). Routes that take a body use
+# ``defer_expect`` instead, and the handler calls ``invite_body`` once every
+# check has passed, right before it reads.
+_INVITED = web.RequestKey("body_invited", bool)
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    return request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
+
+
+async def defer_expect(request: web.Request) -> web.StreamResponse | None:
+    """A route's expect handler: 417 for an unknown expectation, else nothing yet."""
+    expect = request.headers.get("Expect", "")
+    if request.version >= HttpVersion11 and expect.lower() != "100-continue":
+        # Middlewares do not run on this path, so build the error body here.
+        response = error_response(417, "expectation_failed", f"unsupported Expect: {expect[:100]!r}")
+        response.force_close()
+        return response
+    return None
+
+
+async def invite_body(request: web.Request) -> None:
+    """Send ``100 Continue`` if the client waits for it; call right before reading the body."""
+    if _expects_continue(request) and not request.get(_INVITED):
+        request[_INVITED] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The interim answer is not part of the response's size.
+        request.writer.output_size = 0
+
+
+def _body_not_invited(request: web.BaseRequest) -> bool:
+    return _expects_continue(request) and not request.get(_INVITED)
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, refusing bodies over MAX_JSON_SIZE."""
     limit = request.app[SETTINGS].max_json_size
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large", f"JSON body is larger than {limit} bytes")
+    await invite_body(request)
     return parse_json_object(await read_limited(request.content.read, "JSON body", limit))
 
 
@@ -113,6 +150,15 @@ _HTTP_CODES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    response = await _errors_answered(request, handler)
+    if response.status >= 400 and _body_not_invited(request) and not response.prepared:
+        # The client is still holding its body back: it will not send it
+        # now, so this connection cannot carry another request.
+        response.force_close()
+    return response
+
+
+async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
     try:
         if request.version < HttpVersion10:
             # aiohttp's C parser takes a request line without a version as

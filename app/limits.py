@@ -1,7 +1,9 @@
 """Protection against overload: rate limits, a download cap, draining at shutdown.
 
 - RATE_LIMIT / DOWNLOAD_RATE_LIMIT: token buckets per client (API key name
-  when there is one, else the client address), 429 with Retry-After.
+  when the request presents a valid one, else the client address), 429 with
+  Retry-After. They run before authentication, so failed authentications
+  use up the address's tokens too, and so do /metrics and /health/detailed.
 - MAX_CONCURRENT_DOWNLOADS: downloads beyond the cap wait up to
   DOWNLOAD_QUEUE_SECONDS for a slot, then get 503 with Retry-After, instead of
   exhausting memory or database connections.
@@ -22,6 +24,11 @@ from aiohttp import web
 from .auth import caller_name
 from .config import Rate
 from .http import ApiError
+
+# Liveness is never rate limited: load balancers and probes poll it from one
+# address each, and a 429 there would read as "instance down".
+UNLIMITED_PATHS = ("/health",)
+
 
 class TokenBuckets:
     """One bucket per client key; capacity ``count``, refilled evenly over ``seconds``.
@@ -53,7 +60,10 @@ class TokenBuckets:
 
 
 def is_download(request: web.Request) -> bool:
-    return request.method in ("GET", "HEAD") and request.path.endswith("/download")
+    # HEAD moves no file bytes and costs what any metadata read costs (RATE_LIMIT
+    # covers it); counting it would charge every pull twice, since clients
+    # probe (or revalidate a cached copy) with a HEAD first.
+    return request.method == "GET" and request.path.endswith("/download")
 
 
 def client_key(request: web.Request) -> str:
@@ -61,13 +71,13 @@ def client_key(request: web.Request) -> str:
     return f"key:{name}" if name else f"addr:{request.remote}"
 
 
-def rate_limit_middleware(general: Rate | None, downloads: Rate | None, open_paths: tuple[str, ...]):
+def rate_limit_middleware(general: Rate | None, downloads: Rate | None):
     general_buckets = TokenBuckets(general) if general else None
     download_buckets = TokenBuckets(downloads) if downloads else None
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if request.path not in open_paths:
+        if request.path not in UNLIMITED_PATHS:
             key = client_key(request)
             for buckets, what in ((general_buckets, "RATE_LIMIT"),
                                   (download_buckets if is_download(request) else None, "DOWNLOAD_RATE_LIMIT")):
@@ -89,12 +99,15 @@ class DownloadSlots:
         self.limit = limit
         self.queue_seconds = queue_seconds
         self._sem = asyncio.Semaphore(limit) if limit else None
+        # Downloads queued for a slot right now.
+        self.waiting = 0
 
     @asynccontextmanager
     async def slot(self):
         if self._sem is None:
             yield
             return
+        self.waiting += 1
         try:
             async with asyncio.timeout(self.queue_seconds):
                 await self._sem.acquire()
@@ -102,6 +115,8 @@ class DownloadSlots:
             raise ApiError(503, "too_many_downloads",
                            f"{self.limit} downloads are already running here; retry shortly",
                            {"Retry-After": str(max(1, math.ceil(self.queue_seconds)))}) from None
+        finally:
+            self.waiting -= 1
         try:
             yield
         finally:

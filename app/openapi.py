@@ -29,6 +29,7 @@ from typing import Any
 from . import auth, ranges, validation, versions
 from .config import Settings, format_size
 from .handlers.batch import MAX_IDS, OPERATIONS
+from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
 
 OPENAPI_VERSION = "3.1.0"
@@ -101,6 +102,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "payload_too_large": (413, "a JSON body (or a multipart 'metadata' part) is over MAX_JSON_SIZE"),
     "file_too_large": (413, "the file is over MAX_FILE_SIZE"),
     "range_not_satisfiable": (416, f"no requested range overlaps the file, or more than {ranges.MAX_RANGES} ranges"),
+    "expectation_failed": (417, "an Expect header other than 100-continue"),
     "checksum_mismatch": (422, "the received content's SHA-256 differs from the declared one"),
     "rate_limited": (429, "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After"),
     "internal_error": (500, "an unexpected failure (logged server-side; no details are sent)"),
@@ -112,7 +114,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
 
 _REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
             405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
-            416: "Range not satisfiable", 422: "Unprocessable content", 429: "Too many requests",
+            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content", 429: "Too many requests",
             500: "Internal error", 503: "Service unavailable"}
 
 
@@ -924,8 +926,8 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
             responses_["401"] = cross("Unauthorized", 401, "unauthorized", head, ("WWWAuthenticate",))
             if scope != "read":
                 responses_["403"] = cross("Forbidden", 403, "forbidden", head)
-        is_download = method in ("get", "head") and path.endswith("/download")
-        if guarded and (settings.rate_limit or (settings.download_rate_limit and is_download)):
+        is_download = method == "get" and path.endswith("/download")
+        if path not in UNLIMITED_PATHS and (settings.rate_limit or (settings.download_rate_limit and is_download)):
             responses_["429"] = cross("RateLimited", 429, "rate_limited", head, ("RetryAfter",))
         operation["responses"] = dict(sorted(responses_.items()))
 

@@ -64,8 +64,18 @@ def evaluate(headers, etag: str, last_modified: datetime) -> int | None:
     return None
 
 
-def if_range_allows(headers, etag: str, last_modified: datetime) -> bool:
-    """Whether a Range header may be honoured, given If-Range (section 13.1.5)."""
+def same_second(a: datetime, b: datetime) -> bool:
+    """Whether two times have the same HTTP-date (whole seconds)."""
+    return a.replace(microsecond=0) == b.replace(microsecond=0)
+
+
+def if_range_allows(headers, etag: str, last_modified: datetime, date_is_strong: bool = True) -> bool:
+    """Whether a Range header may be honoured, given If-Range (section 13.1.5).
+
+    ``date_is_strong``: whether the server knows no other content had the same
+    Last-Modified second (section 8.8.2.2); a weak date never matches, and the
+    whole representation is sent instead.
+    """
     value = headers.get("If-Range")
     if value is None:
         return True
@@ -73,4 +83,4 @@ def if_range_allows(headers, etag: str, last_modified: datetime) -> bool:
     if value.startswith('"') or value.startswith("W/"):
         return value == etag  # strong comparison; a weak tag never matches
     since = parse_http_date(value)
-    return since is not None and since == last_modified.replace(microsecond=0)
+    return date_is_strong and since is not None and since == last_modified.replace(microsecond=0)

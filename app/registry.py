@@ -25,9 +25,12 @@ _NUMBERING_ATTEMPTS = 8
 _name_locks = KeyedLocks()
 
 
-async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
-    docs = await storage.models_named(name)
+def latest(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(docs, key=lambda d: versions.key(d["version"]), default=None)
+
+
+async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
+    return latest(await storage.models_named(name))
 
 
 async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None = None) -> dict[str, Any]:

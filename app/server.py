@@ -25,15 +25,19 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     # Metrics outermost, so they see the status the error middleware chose.
     drain = limits.Drain()
     middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware, drain.middleware()]
+    keys = ()
     if settings.enable_auth:
         keys = auth.load_keys(settings.api_keys_file, settings.api_keys)
         if not keys:
             raise ConfigError("ENABLE_AUTH=true needs keys in API_KEYS_FILE or API_KEYS")
-        middlewares.append(auth.middleware(keys, settings.auth_open_paths))
+    # Rate limits before authentication, so failed attempts are counted too.
     if settings.rate_limit or settings.download_rate_limit:
-        middlewares.append(limits.rate_limit_middleware(settings.rate_limit, settings.download_rate_limit,
-                                                        settings.auth_open_paths))
+        middlewares.append(limits.rate_limit_middleware(settings.rate_limit, settings.download_rate_limit))
+    if keys:
+        middlewares.append(auth.middleware(settings.auth_open_paths))
     app = web.Application(middlewares=middlewares)
+    if keys:
+        app[auth.KEYS] = keys
     app[DRAIN] = drain
     app[DOWNLOAD_SLOTS] = limits.DownloadSlots(settings.max_concurrent_downloads, settings.download_queue_seconds)
     app.on_response_prepare.append(logs.echo_request_id)

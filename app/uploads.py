@@ -22,7 +22,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 
 from . import clock
 from .config import Settings, format_size
-from .http import ApiError, error_response, read_limited
+from .http import ApiError, read_limited
 from .storage.base import FileWriter, Storage, StoredFile
 
 # Multipart bodies carry boundaries (and, at registration, a metadata part of
@@ -51,27 +51,6 @@ def body_limit(request: web.Request, settings: Settings) -> int:
 def check_declared_length(request: web.Request, settings: Settings) -> None:
     if request.content_length is not None and request.content_length > body_limit(request, settings):
         raise too_large(settings.max_file_size)
-
-
-def expect_handler(settings: Settings):
-    """Answer ``Expect: 100-continue`` with 413 when the declared body is too large.
-
-    curl sends that header with large uploads and waits: refusing here spares
-    the client sending hundreds of MB only to have them thrown away.
-    """
-
-    async def handler(request: web.Request):
-        if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
-            return None
-        try:
-            check_declared_length(request, settings)
-        except ApiError as e:
-            # Middlewares do not run on this path, so build the error body here.
-            return error_response(e.status, e.code, e.message, {"Connection": "close"})
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-
-    return handler
 
 
 @contextmanager

@@ -47,7 +47,14 @@ def _bad(field: str, message: str) -> ApiError:
 MAX_NESTING = 32
 
 
+# BSON integers are signed 64-bit; a larger one (JSON allows it) cannot be
+# stored by MongoDB, so it is refused on both backends alike.
+_INT64 = range(-(2**63), 2**63)
+
+
 def _check_keys(value: Any, path: str, depth: int = 1) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        raise _bad(path, "integers must be between -2**63 and 2**63-1 (64-bit); send larger numbers as strings")
     if isinstance(value, (dict, list)) and depth > MAX_NESTING:
         raise _bad(path.split(".")[0].split("[")[0], f"must not nest objects or lists more than {MAX_NESTING} deep")
     if isinstance(value, dict):
@@ -217,6 +224,15 @@ def _str_param(params: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+def _search_text(params: Mapping[str, str]) -> str | None:
+    text = _str_param(params, "q")
+    # MongoDB's regex engine refuses a pattern with a NUL, which the embedded
+    # backend would search for: refused here, both answer alike.
+    if text is not None and "\x00" in text:
+        raise ApiError(400, "invalid_parameter", "q must not contain a NUL character")
+    return text
+
+
 def limit_param(params: Mapping[str, str], max_page_size: int) -> int:
     return _int_param(params, "limit", min(10, max_page_size), 1, max_page_size)
 
@@ -251,7 +267,7 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
         algorithm=_str_param(params, "algorithm"),
         status=status,
         tags=tags,
-        text=_str_param(params, "q"),
+        text=_search_text(params),
         min_accuracy=min_accuracy,
         created_by=_str_param(params, "created_by"),
         sort_field=field,

@@ -12,8 +12,15 @@ def download_url(model_id: str) -> str:
     return f"/api/v1/models/{model_id}/download"
 
 
+# Stored in file_metadata when the model's previous file was uploaded in the
+# same second: its Last-Modified then names two contents (see downloads).
+# Bookkeeping for the download validators, not shown.
+LAST_MODIFIED_SHARED = "last_modified_shared"
+
+
 def file_metadata(fm: dict[str, Any]) -> dict[str, Any]:
-    return {**fm, "uploaded_at": iso(fm["uploaded_at"])}
+    shown = {k: v for k, v in fm.items() if k != LAST_MODIFIED_SHARED}
+    return {**shown, "uploaded_at": iso(fm["uploaded_at"])}
 
 
 def full(doc: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ import dataclasses
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from app import auth
@@ -41,6 +42,8 @@ async def test_missing_and_unknown_keys_are_401_with_a_challenge(authed):
 async def test_scopes(authed):
     # read: GET and HEAD only
     assert (await authed.get("/api/v1/models", headers=h(READ))).status == 200
+    for key in (READ, WRITE, ADMIN):
+        assert (await authed.head("/api/v1/models", headers=h(key))).status == 200, key
     resp = await authed.post("/api/v1/models", json={"name": "m", "algorithm": "a"}, headers=h(READ))
     assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
 
@@ -56,21 +59,64 @@ async def test_scopes(authed):
     batch = {"operation": "delete", "ids": [model_id]}
     assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(WRITE))).status == 403
     assert (await authed.get(f"/api/v1/models/{model_id}/download", headers=h(READ))).status == 200
+    for key in (READ, WRITE, ADMIN):
+        for path in (f"/api/v1/models/{model_id}", f"/api/v1/models/{model_id}/download"):
+            assert (await authed.head(path, headers=h(key))).status == 200, (key, path)
 
     # admin: everything
     assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(ADMIN))).status == 200
     assert (await authed.get(f"/api/v1/models/{model_id}", headers=h(ADMIN))).status == 404
 
 
-async def test_created_by_defaults_to_the_key_name(authed):
-    resp = await authed.post("/api/v1/models", json={"name": "m", "algorithm": "a"}, headers=h(WRITE))
-    model_id = (await resp.json())["model_id"]
-    doc = await (await authed.get(f"/api/v1/models/{model_id}", headers=h(READ))).json()
-    assert doc["created_by"] == "trainer"
-    resp = await authed.post("/api/v1/models", json={"name": "n", "algorithm": "a", "created_by": "someone"},
-                             headers=h(WRITE))
+async def created_by_of(authed, resp):
+    assert resp.status == 201, await resp.text()
     doc = await (await authed.get(f"/api/v1/models/{(await resp.json())['model_id']}", headers=h(READ))).json()
-    assert doc["created_by"] == "someone"
+    return doc["created_by"]
+
+
+async def test_created_by_is_the_key_name_unless_an_admin_sets_it(authed):
+    post = authed.post
+    assert await created_by_of(authed, await post("/api/v1/models", json={"name": "m", "algorithm": "a"},
+                                                  headers=h(WRITE))) == "trainer"
+    assert await created_by_of(authed, await post("/api/v1/models", json={"name": "m", "algorithm": "a",
+                                                                          "created_by": "trainer"},
+                                                  headers=h(WRITE))) == "trainer"
+    resp = await post("/api/v1/models", json={"name": "m", "algorithm": "a", "created_by": "someone"},
+                      headers=h(WRITE))
+    assert resp.status == 403 and "created_by" in (await resp.json())["error"]["message"]
+    form = aiohttp.FormData()
+    form.add_field("metadata", '{"name": "m", "algorithm": "a", "created_by": "someone"}',
+                   content_type="application/json")
+    form.add_field("file", b"x" * 100, filename="m.bin")
+    assert (await post("/api/v1/models", data=form, headers=h(WRITE))).status == 403
+    listed = await (await authed.get("/api/v1/models", headers=h(READ))).json()
+    assert listed["pagination"]["total"] == 2  # the refused ones left nothing
+
+    # An admin may record another creator (an import, a migration).
+    resp = await post("/api/v1/models", json={"name": "imported", "algorithm": "a", "created_by": "someone"},
+                      headers=h(ADMIN))
+    imported = (await resp.json())["model_id"]
+    assert await created_by_of(authed, resp) == "someone"
+
+    # A new version is the caller's, whoever made the one it comes from.
+    versions = f"/api/v1/models/{imported}/versions"
+    assert await created_by_of(authed, await post(versions, json={}, headers=h(WRITE))) == "trainer"
+    resp = await post(versions, json={"created_by": "someone"}, headers=h(WRITE))
+    assert resp.status == 403
+    assert await created_by_of(authed, await post(versions, json={"created_by": "someone"},
+                                                  headers=h(ADMIN))) == "someone"
+    # An update cannot change it at all.
+    resp = await authed.put(f"/api/v1/models/{imported}", json={"created_by": "trainer"}, headers=h(ADMIN))
+    assert resp.status == 400
+
+
+async def test_the_bearer_scheme_is_case_insensitive(authed):
+    # RFC 9110 section 11.1: auth-scheme names are case-insensitive.
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        resp = await authed.get("/api/v1/models", headers={"Authorization": f"{scheme} {READ}"})
+        assert resp.status == 200, scheme
+    resp = await authed.get("/api/v1/models", headers={"Authorization": f"Basic {READ}"})
+    assert resp.status == 401
 
 
 async def test_health_and_metrics_stay_open(authed):

@@ -42,7 +42,7 @@ async def test_rate_limit_answers_429_with_retry_after(aiohttp_client, settings)
     assert resp.status == 429
     assert int(resp.headers["Retry-After"]) >= 1
     assert (await resp.json())["error"]["code"] == "rate_limited"
-    # /health and /metrics are not limited.
+    # /health is not limited (load balancers poll it); /metrics is (test_security_requests).
     assert (await client.get("/health")).status == 200
 
 

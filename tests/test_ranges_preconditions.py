@@ -109,3 +109,11 @@ def test_if_range():
     earlier = preconditions.http_date(MODIFIED - timedelta(seconds=5))
     assert not preconditions.if_range_allows({"If-Range": earlier}, ETAG, MODIFIED)
     assert not preconditions.if_range_allows({"If-Range": "garbage"}, ETAG, MODIFIED)
+
+
+def test_if_range_with_a_weak_date_never_matches():
+    # RFC 9110 13.1.5: a date that is not a strong validator makes the condition false.
+    same = preconditions.http_date(MODIFIED)
+    assert not preconditions.if_range_allows({"If-Range": same}, ETAG, MODIFIED, date_is_strong=False)
+    assert preconditions.if_range_allows({"If-Range": '"abc"'}, ETAG, MODIFIED, date_is_strong=False)
+    assert preconditions.if_range_allows({}, ETAG, MODIFIED, date_is_strong=False)

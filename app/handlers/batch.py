@@ -13,7 +13,7 @@ from collections import Counter
 from aiohttp import web
 
 from .. import clock, registry, validation
-from ..http import ApiError, json_response, read_json_object
+from ..http import ApiError, defer_expect, json_response, read_json_object
 from ..keys import LEASES, STORAGE
 
 MAX_IDS = 1000
@@ -86,4 +86,4 @@ async def batch(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_post("/api/v1/models/batch", batch)
+    app.router.add_post("/api/v1/models/batch", batch, expect_handler=defer_expect)

@@ -7,8 +7,8 @@ import math
 from aiohttp import web
 
 from .. import clock, registry, validation, versions, views
-from ..http import ApiError, cacheable_json, json_response, read_json_object
-from ..auth import caller_name
+from ..http import ApiError, cacheable_json, defer_expect, json_response, read_json_object
+from ..auth import caller_name, is_admin
 from ..keys import LEASES, SETTINGS, STORAGE
 
 PREFIX = "/api/v1/models"
@@ -67,11 +67,19 @@ async def register(request: web.Request) -> web.Response:
 
 
 def with_caller(request: web.Request, fields: dict) -> dict:
-    """created_by defaults to the name of the API key that made the request."""
+    """created_by is the name of the API key that made the request.
+
+    Only an admin key may record someone else (an import, a migration); any
+    other key naming another creator is refused, not silently corrected.
+    """
     caller = caller_name(request)
-    if caller and "created_by" not in fields:
-        return {**fields, "created_by": caller}
-    return fields
+    if caller is None:
+        return fields
+    claimed = fields.get("created_by", caller)
+    if claimed != caller and not is_admin(request):
+        raise ApiError(403, "forbidden",
+                       f"created_by: only an admin key may set it to another name than this key's ({caller!r})")
+    return {**fields, "created_by": claimed}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -124,17 +132,23 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def named_model_or_404(request: web.Request) -> dict:
     """The latest version of {name}, or the one ``?version=`` asks for."""
+    return (await named_models_or_404(request))[0]
+
+
+async def named_models_or_404(request: web.Request) -> tuple[dict, list[dict]]:
+    """``named_model_or_404``'s model, and the versions the URL may also have named:
+    every version of the name for "the latest", none for a pinned ``?version=``."""
     name = validation.model_name(request.match_info["name"])
     wanted = validation.version_param(request.query.get("version"))
-    storage = request.app[STORAGE]
+    docs = await request.app[STORAGE].models_named(name)
     if wanted is None:
-        doc = await registry.latest_of(storage, name)
+        doc = registry.latest(docs)
     else:
-        doc = next((d for d in await storage.models_named(name) if d["version"] == wanted), None)
+        doc = next((d for d in docs if d["version"] == wanted), None)
     if doc is None:
         what = f"{name} {wanted}" if wanted else name
         raise ApiError(404, "not_found", f"no model named {what}")
-    return doc
+    return doc, (docs if wanted is None else [])
 
 
 async def by_name(request: web.Request) -> web.Response:
@@ -144,12 +158,12 @@ async def by_name(request: web.Request) -> web.Response:
 def setup(app: web.Application) -> None:
     r = app.router
     # Fixed paths before {id}, which would otherwise swallow them.
-    r.add_post(PREFIX, register)
+    r.add_post(PREFIX, register, expect_handler=defer_expect)
     r.add_get(PREFIX, list_models)
     r.add_get(f"{PREFIX}/search", list_models)
     r.add_get(PREFIX + "/by-name/{name}", by_name)
     r.add_get(PREFIX + "/{id}", get_model)
-    r.add_put(PREFIX + "/{id}", update_model)
+    r.add_put(PREFIX + "/{id}", update_model, expect_handler=defer_expect)
     r.add_delete(PREFIX + "/{id}", delete_model)
-    r.add_post(PREFIX + "/{id}/versions", create_version)
+    r.add_post(PREFIX + "/{id}/versions", create_version, expect_handler=defer_expect)
     r.add_get(PREFIX + "/{id}/versions", list_versions)
