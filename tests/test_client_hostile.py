@@ -253,6 +253,41 @@ async def test_a_304_naming_a_hostile_version_is_refused(aiohttp_server, place):
     assert tree(place) == before
 
 
+async def test_a_hostile_model_id_in_json_is_refused_before_it_becomes_a_path(aiohttp_server, place):
+    seen: list[tuple[str, str]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path))
+        return web.json_response({"model_id": "../../admin"}, status=201)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    url = await serve(aiohttp_server, app)
+    src = place / "out" / "m.bin"
+    src.write_bytes(b"weights")
+    async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST) as client:
+        with pytest.raises(ProtocolError) as e:
+            await client.push(src, name="x", algorithm="y")
+    assert "'../../admin'" in str(e.value)
+    assert seen == [("POST", "/api/v1/models")]  # no upload to, or delete of, a path it made up
+
+
+async def test_pull_into_a_cache_refuses_a_hostile_name_in_json(aiohttp_server, place):
+    liar = Liar()
+    app = liar.app()
+
+    async def model(request: web.Request) -> web.Response:
+        return web.json_response({"id": ID, "name": "..", "version": "v1.0"})
+
+    app.router.add_get("/api/v1/models/{id}", model)
+    url = await serve(aiohttp_server, app)
+    before = tree(place)
+    code, out, err = await run_cli(url, "pull", ID, "--cache-dir", str(place / "cache"), cwd=place / "out")
+    assert code == 1 and "'..'" in err, (code, err)
+    assert tree(place) == before
+    assert [m for m, *_ in liar.seen] == []
+
+
 # -- 2. the API key stays with the configured origin ------------------------
 
 
@@ -293,7 +328,7 @@ async def test_a_redirect_to_another_port_is_refused_and_the_key_stays(aiohttp_s
         with pytest.raises(ProtocolError):
             await client.probe(ID)
         with pytest.raises(ProtocolError):
-            await client._json("GET", "/api/v1/models/moved")  # same origin, then another
+            await client.get_model("moved")  # same origin, then another
     assert recorder.keys == []  # refused: nothing at all went to the other origin
     assert own_keys and all(k == KEY for k in own_keys)
 
@@ -311,7 +346,7 @@ async def test_a_same_origin_redirect_is_followed_with_the_key(aiohttp_server):
     app.router.add_get("/api/v1/models/{id}", model)
     url = await serve(aiohttp_server, app)
     async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, KEY, retry=FAST) as client:
-        assert (await client._json("GET", "/api/v1/models/old")) == {"id": ID}
+        assert (await client.get_model("old")) == {"id": ID}
     assert keys == [KEY, KEY]
 
 
