@@ -345,5 +345,5 @@ async def test_download_cut_mid_body_continues_from_where_it_stopped(aiohttp_ser
     async with AsyncModelServiceClient(str(server.make_url("")), retry=FAST_RETRIES) as client:
         result = await client.download("b" * 24, tmp_path)
     assert seen == ["bytes=0-2999999", "bytes=1000000-2999999"]
-    assert result.path == tmp_path / "evil.bin"  # the server's name, without its directories
+    assert result.path == tmp_path / "fake-v1.0"  # the server's name is not a plain file name
     assert result.path.read_bytes() == data and result.bytes_transferred == 3_000_000

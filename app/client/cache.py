@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .download import DownloadResult, RemoteFile, Unchanged, download_file
-from .errors import ConnectionFailed, ServerError
+from . import rules
+from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file
+from .errors import ConnectionFailed, ProtocolError, ServerError
 from .lock import FileLock
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,8 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("app.client.cache")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-_VERSION_RE = re.compile(r"^v\d+\.\d+$")
 LATEST = "latest"
 
 
@@ -66,14 +64,25 @@ class _Ref:
         os.replace(tmp, self.path)
 
 
-def _cached_file(root: Path, ref: dict[str, Any] | None) -> Path | None:
-    """The file a ref points to, if it is still exactly as it was when verified."""
-    if not ref:
+def _ref_path(root: Path, ref: dict[str, Any] | None) -> Path | None:
+    """Where a ref says its file is, if its version and file name pass the rules (else it was not written
+    by this client, and its parts are not made into a path)."""
+    if not ref or not rules.is_version(ref.get("version")) or not rules.is_file_name(ref.get("filename")):
         return None
     try:
-        path = root / ref["version"] / ref["filename"]
+        return rules.inside(rules.inside(root, ref["version"]), ref["filename"])
+    except ProtocolError:
+        return None
+
+
+def _cached_file(root: Path, ref: dict[str, Any] | None) -> Path | None:
+    """The file a ref points to, if it is still exactly as it was when verified."""
+    path = _ref_path(root, ref)
+    if path is None:
+        return None
+    try:
         st = path.stat()
-    except (KeyError, TypeError, OSError):
+    except OSError:
         return None
     if st.st_size != ref.get("size") or st.st_mtime_ns != ref.get("mtime_ns"):
         return None
@@ -101,10 +110,10 @@ def _ref_for(remote: RemoteFile, path: Path) -> dict[str, Any]:
 async def fetch(client: "AsyncModelServiceClient", name: str, version: str | None,
                 cache_dir: str | os.PathLike[str] | None, *, parallel: int | None = None,
                 limit_rate: float | None = None, progress=None, allow_stale: bool = False) -> DownloadResult:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"not a model name: {name!r}")
-    if version is not None and not _VERSION_RE.match(version):
-        raise ValueError(f"version must look like v1.2, got {version!r}")
+    if not rules.is_name(name):
+        raise ValueError(f"not a model name ({rules.NAME_RULE}): {name!r}")
+    if version is not None and not rules.is_version(version):
+        raise ValueError(f"version must be {rules.VERSION_RULE}, got {version!r}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = root / name
     root.mkdir(parents=True, exist_ok=True)
@@ -132,15 +141,17 @@ async def fetch(client: "AsyncModelServiceClient", name: str, version: str | Non
             wanted.save(other)
             return _result_from_ref(path, other, cached=True)
 
-        folder = root / remote.version
+        check_space(root, remote.size)
+        folder = rules.inside(root, remote.version)
         folder.mkdir(exist_ok=True)
-        result = await download_file(client, remote, folder / remote.filename,
+        previous = _ref_path(root, by_version.load())
+        # The cache's own file: replaced when it changed on the server or on disk.
+        result = await download_file(client, remote, rules.inside(folder, remote.filename),
                                      reprobe=lambda: _reprobe(client, remote),
-                                     parallel=parallel, limit_rate=limit_rate, progress=progress)
-        # A re-uploaded file may have had another name: keep one file per version.
-        for stale in folder.iterdir():
-            if stale != result.path and not stale.name.endswith((".part", ".part.json")):
-                stale.unlink(missing_ok=True)
+                                     parallel=parallel, limit_rate=limit_rate, progress=progress, overwrite=True)
+        # A re-uploaded file may have had another name: remove the one this cache put there, nothing else.
+        if previous is not None and previous != result.path:
+            previous.unlink(missing_ok=True)
         new_ref = _ref_for(remote, result.path)
         by_version.save(new_ref)
         if version is None:
@@ -150,9 +161,9 @@ async def fetch(client: "AsyncModelServiceClient", name: str, version: str | Non
 
 def _adopt(root: Path, latest: _Ref, ref: dict[str, Any], cached: Path, now: Unchanged) -> DownloadResult:
     """The latest version is new but its file is the cached one: file it under the new version, no download."""
-    folder = root / now.version
+    folder = rules.inside(root, now.version)  # checked against the version rule when the 304 was read
     folder.mkdir(exist_ok=True)
-    path = folder / cached.name
+    path = rules.inside(folder, cached.name)
     if not (path.exists() and path.samefile(cached)):
         tmp = folder / (cached.name + ".part")
         tmp.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from . import rules
 from .progress import ProgressBar, format_bytes
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CHECKSUM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -24,7 +25,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CHECKSUM, EXIT_INTERRUPTED
 _USAGE_CODES = {"validation_error", "invalid_id", "invalid_parameter", "invalid_json", "unknown_field",
                 "immutable_field", "invalid_filename", "invalid_checksum"}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*[bB]?\s*$")
-_VERSION_RE = re.compile(r"^v\d+\.\d+$")
 
 
 # -- argument types ----------------------------------------------------------
@@ -63,8 +63,8 @@ def _param(value: str) -> tuple[str, Any]:
 
 
 def _version(value: str) -> str:
-    if not _VERSION_RE.match(value):
-        raise argparse.ArgumentTypeError(f"version must look like v1.2, got {value!r}")
+    if not rules.is_version(value):
+        raise argparse.ArgumentTypeError(f"version must be {rules.VERSION_RULE}, got {value!r}")
     return value
 
 
@@ -220,25 +220,25 @@ def _push(client, args: argparse.Namespace) -> int:
 
 
 def _pull(client, args: argparse.Namespace) -> int:
-    from .core import is_model_id
-
     bar = _progress(args, f"pull {args.model}")
     try:
         if args.cache_dir is not None:
             if args.output is not None:
                 raise _Usage("--cache-dir and -o/--output do not go together (the file stays in the cache)")
             name, version = args.model, args.version
-            if version is None and is_model_id(name):
+            if version is None and rules.is_model_id(name):
                 try:
                     doc = client.get_model(name)
-                    name, version = doc["name"], doc["version"]
                 except Exception:
-                    pass  # not an id after all: a name made of 24 hex digits
+                    doc = None  # not an id after all: a name made of 24 hex digits
+                if doc is not None:
+                    name, version = rules.name(doc.get("name"), "name"), rules.version(doc.get("version"), "version")
             result = client.fetch_result(name, version, args.cache_dir, parallel=args.parallel,
                                          limit_rate=args.limit_rate, progress=bar)
         else:
             result = client.download(args.model, args.output or ".", args.version, parallel=args.parallel,
-                                     limit_rate=args.limit_rate, progress=bar, resume=not args.no_resume)
+                                     limit_rate=args.limit_rate, progress=bar, resume=not args.no_resume,
+                                     overwrite=args.force)
     finally:
         if bar:
             bar.close()
@@ -271,10 +271,9 @@ def _list(client, args: argparse.Namespace) -> int:
 
 
 def _show(client, args: argparse.Namespace) -> int:
-    from .core import is_model_id
     from .errors import NotFound
 
-    if args.version is None and is_model_id(args.model):
+    if args.version is None and rules.is_model_id(args.model):
         try:
             doc = client.get_model(args.model)
         except NotFound:
@@ -383,7 +382,9 @@ def add_client_commands(subparsers) -> None:
 
     p = add("pull", _pull, "download a model's file, verified against its sha256")
     p.add_argument("model", metavar="ID_OR_NAME", help="model id, or a name (its latest version)")
-    p.add_argument("-o", "--output", help="file or directory to write (default: the server's file name here)")
+    p.add_argument("-o", "--output", help="file or directory to write (default: the server's file name here, "
+                   "or NAME-VERSION if that is hidden or not a plain file name)")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists (else it is left alone)")
     p.add_argument("--version", type=_version, help="this version of the name rather than the latest")
     p.add_argument("--parallel", type=_positive_int, metavar="N",
                    help="fetch in N ranges at once (default: 4 for files over 64 MB, else 1)")

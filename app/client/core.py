@@ -14,25 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
 import orjson
+from yarl import URL
 
-from . import cache, download as dl
+from . import cache, download as dl, rules
 from .errors import ChecksumMismatch, ConnectionFailed, ModelServiceError, NotFound, ProtocolError, error_for
 from .retry import TRANSIENT_ERRORS, TRANSIENT_STATUSES, RetryPolicy, retry_after
 
 DEFAULT_URL = "http://localhost:8084"
 API = "/api/v1/models"
 USER_AGENT = "tensorfleet-model-client/0.1"
-_ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
+MAX_JSON = 64 * 1024 * 1024  # a JSON answer larger than this is not held in memory, whatever the server sends
 
 
-def is_model_id(value: str) -> bool:
-    return bool(_ID_RE.match(value))
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    return url.scheme, url.host, url.port  # the port is the scheme's default when not given
 
 
 def _query(filters: Mapping[str, Any]) -> dict[str, str]:
@@ -59,6 +59,12 @@ class AsyncModelServiceClient:
     ``X-API-Key``. ``request_count`` counts the HTTP requests sent, retries
     included. Use as ``async with AsyncModelServiceClient() as client: ...``
     or call ``close()``.
+
+    Requests go only to the origin of ``base_url`` (scheme, host and port),
+    and so does the API key. A redirect to the same origin is followed; a
+    redirect to any other origin is refused with ``ProtocolError`` (nothing,
+    key or not, is sent there): point ``base_url`` at the new place if the
+    service has really moved.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
@@ -68,6 +74,7 @@ class AsyncModelServiceClient:
         if "://" not in base_url:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
+        self._origin = _origin(URL(self.base_url))
         self.api_key = api_key if api_key is not None else (os.environ.get("MODEL_SERVICE_API_KEY") or None)
         self.retry = retry or RetryPolicy()
         self.request_count = 0
@@ -79,11 +86,23 @@ class AsyncModelServiceClient:
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"User-Agent": self._user_agent}
-            if self.api_key:
-                headers["X-API-Key"] = self.api_key
-            self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout, auto_decompress=False)
+            # Not a session header: aiohttp would carry it along a redirect to any host.
+            self._session = aiohttp.ClientSession(headers={"User-Agent": self._user_agent}, timeout=self._timeout,
+                                                  auto_decompress=False, middlewares=(self._own_origin_only,))
         return self._session
+
+    async def _own_origin_only(self, req: aiohttp.ClientRequest, handler) -> aiohttp.ClientResponse:
+        """Every request, redirects included, passes here: to the configured origin, with the key; else refused."""
+        self._check_origin(req.url)
+        if self.api_key:
+            req.headers["X-API-Key"] = self.api_key
+        return await handler(req)
+
+    def _check_origin(self, url: URL) -> None:
+        if _origin(url) != self._origin:
+            raise ProtocolError(f"refused to send a request to {url}: this client talks only to {self.base_url} "
+                                "(a redirect there, or a URL from the server, leads elsewhere); if the service "
+                                "has moved, configure the client with its new URL")
 
     async def close(self) -> None:
         if self._session is not None:
@@ -97,7 +116,10 @@ class AsyncModelServiceClient:
         await self.close()
 
     def _url(self, path: str) -> str:
-        return path if "://" in path else self.base_url + path
+        if "://" in path:
+            self._check_origin(URL(path))
+            return path
+        return self.base_url + path
 
     async def _send(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                     headers: Mapping[str, str] | None = None, body: Any = None,
@@ -127,6 +149,9 @@ class AsyncModelServiceClient:
                                            f"{type(e).__name__}: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt))
                 continue
+            except aiohttp.ClientResponseError as e:
+                # Not HTTP aiohttp will read (e.g. a NUL in a header), or endless redirects.
+                raise ProtocolError(f"{method} {url}: {e.message}") from e
             if resp.status in TRANSIENT_STATUSES and not last and (idempotent or resp.status == 429):
                 wait = self.retry.delay(attempt, retry_after(resp.headers))
                 resp.release()
@@ -155,7 +180,7 @@ class AsyncModelServiceClient:
         async with resp:
             if resp.status not in ok:
                 raise await self._error(resp)
-            raw = await resp.read()
+            raw = await _read_json_body(resp)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -170,7 +195,7 @@ class AsyncModelServiceClient:
     async def register_model(self, metadata: Mapping[str, Any] | None = None, **fields: Any) -> str:
         """Register a model (name, algorithm, metrics, ...) and return its id."""
         answer = await self._json("POST", API, json={**(metadata or {}), **fields})
-        return answer["model_id"]
+        return rules.model_id(answer.get("model_id"), "model_id")
 
     async def upload(self, model_id: str, path: str | os.PathLike[str], *, filename: str | None = None,
                      progress: dl.Progress | None = None) -> dict:
@@ -188,7 +213,7 @@ class AsyncModelServiceClient:
         async with resp:
             if resp.status not in (200, 201):
                 raise await self._error(resp)
-            answer = orjson.loads(await resp.read())
+            answer = orjson.loads(await _read_json_body(resp))
         fm = answer["file_metadata"]
         if fm.get("checksum") != f"sha256:{sha256}":
             raise ChecksumMismatch(f"the service stored checksum {fm.get('checksum')}, not sha256:{sha256}",
@@ -241,11 +266,13 @@ class AsyncModelServiceClient:
     async def list_versions(self, name: str) -> list[dict]:
         """Every version of ``name``, newest first."""
         doc = await self.latest(name)
-        return (await self._json("GET", f"{API}/{doc['id']}/versions"))["versions"]
+        model_id = rules.model_id(doc.get("id"), "id")
+        return (await self._json("GET", f"{API}/{model_id}/versions"))["versions"]
 
     async def create_version(self, model_id: str, **changes: Any) -> str:
         """A new version from ``model_id`` with ``changes``; the new model's id."""
-        return (await self._json("POST", f"{API}/{model_id}/versions", json=changes))["model_id"]
+        answer = await self._json("POST", f"{API}/{model_id}/versions", json=changes)
+        return rules.model_id(answer.get("model_id"), "model_id")
 
     async def update_model(self, model_id: str, **fields: Any) -> dict:
         """Change hyperparameters, metrics, dataset_info, tags, status or description; the updated model."""
@@ -270,7 +297,7 @@ class AsyncModelServiceClient:
         A 24-hex string is tried as an id first, then as a name.
         """
         candidates = []
-        if version is None and is_model_id(id_or_name):
+        if version is None and rules.is_model_id(id_or_name):
             candidates.append((f"{API}/{id_or_name}", None))
         candidates.append((f"{API}/by-name/{id_or_name}", {"version": version} if version else None))
         headers = {"If-None-Match": if_none_match} if if_none_match else None
@@ -305,20 +332,24 @@ class AsyncModelServiceClient:
 
     async def download(self, id_or_name: str, path: str | os.PathLike[str], version: str | None = None, *,
                        parallel: int | None = None, limit_rate: float | None = None,
-                       progress: dl.Progress | None = None, resume: bool = True) -> dl.DownloadResult:
+                       progress: dl.Progress | None = None, resume: bool = True,
+                       overwrite: bool = False) -> dl.DownloadResult:
         """Download a model's file (by id, or the latest/``version`` of a name) to ``path``.
 
-        ``path`` may be a directory: the file keeps the server's file name. The
-        file appears at the target only once its sha256 matches the server's
-        (else ChecksumMismatch). An interrupted download resumes from its
-        ``.part`` file; files over 64 MB come in ``parallel`` ranges (default 4).
-        ``limit_rate`` caps the speed in bytes per second.
+        ``path`` may be a directory: the file keeps the server's file name if
+        that is a plain, visible file name, else it is ``<name>-<version>``. An
+        existing file is never replaced unless ``overwrite`` (FileExistsError).
+        The file appears at the target only once its sha256 matches the
+        server's (else ChecksumMismatch). An interrupted download resumes from
+        its ``.part`` file; files over 64 MB come in ``parallel`` ranges
+        (default 4). ``limit_rate`` caps the speed in bytes per second. A file
+        larger than the free space there is refused (InsufficientSpace).
         """
         _, remote = await self.probe(id_or_name, version)
-        assert remote is not None
+        assert isinstance(remote, dl.RemoteFile)
         target = Path(path)
         if target.is_dir():
-            target = target / remote.filename
+            target = rules.inside(target, remote.filename)
         elif not target.parent.is_dir():
             raise FileNotFoundError(f"no such directory: {target.parent}")
 
@@ -326,7 +357,7 @@ class AsyncModelServiceClient:
             return (await self.probe(remote.model_id))[1]
 
         return await dl.download_file(self, remote, target, reprobe=reprobe, parallel=parallel,
-                                      limit_rate=limit_rate, progress=progress, resume=resume)
+                                      limit_rate=limit_rate, progress=progress, resume=resume, overwrite=overwrite)
 
     async def fetch_result(self, name: str, version: str | None = None,
                            cache_dir: str | os.PathLike[str] | None = None, *, parallel: int | None = None,
@@ -350,6 +381,20 @@ class AsyncModelServiceClient:
         """
         return (await self.fetch_result(name, version, cache_dir, parallel=parallel, limit_rate=limit_rate,
                                         progress=progress, allow_stale=allow_stale)).path
+
+
+async def _read_json_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, or ProtocolError once it proves larger than MAX_JSON (declared or sent)."""
+    too_big = ProtocolError(f"{resp.method} {resp.url}: the answer is larger than {MAX_JSON} bytes",
+                            status=resp.status)
+    if resp.content_length is not None and resp.content_length > MAX_JSON:
+        raise too_big
+    body = bytearray()
+    async for block in resp.content.iter_any():
+        body += block
+        if len(body) > MAX_JSON:
+            raise too_big
+    return bytes(body)
 
 
 async def _file_body(path: Path, size: int, progress: dl.Progress | None) -> AsyncIterator[bytes]:

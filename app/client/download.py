@@ -5,7 +5,9 @@ is both an inter-process lock (two downloads to one target take turns) and
 the resume state: the file's ETag and size, and how far each range got. Only
 once the whole file hashes to the server's ``X-File-Checksum`` is it synced
 and renamed onto the target, so the target is either absent, the previous
-file, or the complete verified new one.
+file, or the complete verified new one. Only a caller that asked for it
+(``overwrite``) has an existing target replaced: else the new file is hard-linked
+into place, which fails rather than replace a file that appeared meanwhile.
 
 Every request is a ``Range`` request with ``If-Range: <etag>``: if the file
 changes on the server between two requests, the server answers 200 instead of
@@ -23,11 +25,13 @@ the last few pieces are hashed already.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +40,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import aiohttp
 import orjson
 
-from .errors import ChecksumMismatch, ConnectionFailed, ModelServiceError, ProtocolError
+from . import rules
+from .errors import ChecksumMismatch, ConnectionFailed, InsufficientSpace, ModelServiceError, ProtocolError
 from .lock import FileLock
 from .retry import TRANSIENT_ERRORS
 
@@ -49,7 +54,8 @@ MiB = 1024 * 1024
 PARALLEL_THRESHOLD = 64 * 1000 * 1000  # files over 64 MB are fetched in ranges by default
 DEFAULT_PARALLEL = 4
 MIN_SEGMENT = 1 * MiB
-MAX_SEGMENT = 16 * MiB  # a piece of a parallel download
+MAX_SEGMENT = 16 * MiB  # a piece of a parallel download, unless that would make more than MAX_PIECES
+MAX_PIECES = 1024  # the resume state and the piece list stay small however large the file says it is
 MAX_PARALLEL = 32
 HASH_BLOCK = 8 * MiB
 BLOCK = 1 * MiB
@@ -83,13 +89,14 @@ class RemoteFile:
         etag = h.get("ETag", "")
         if not checksum.startswith("sha256:") or not etag or "X-Model-Id" not in h:
             raise ProtocolError(f"{resp.method} {resp.url} answered without ETag, X-File-Checksum or X-Model-Id")
-        if resp.content_length is None:
-            raise ProtocolError(f"{resp.method} {resp.url} answered without Content-Length")
-        model_id = h["X-Model-Id"]
-        name = h.get("X-Model-Name", model_id)
-        version = h.get("X-Model-Version", "")
+        if resp.content_length is None or resp.content_length < 0:
+            raise ProtocolError(f"{resp.method} {resp.url} answered without a valid Content-Length")
+        # Each of these becomes part of a URL or a path: the service's own rules, or nothing.
+        model_id = rules.model_id(h["X-Model-Id"], "X-Model-Id")
+        name = rules.name(h.get("X-Model-Name"), "X-Model-Name")
+        version = rules.version(h.get("X-Model-Version"), "X-Model-Version")
         cd = resp.content_disposition
-        filename = safe_filename(cd.filename if cd is not None else None) or f"{name}-{version}.bin"
+        filename = rules.file_name(cd.filename if cd is not None else None, name, version)
         return cls(model_id=model_id, name=name, version=version, size=resp.content_length,
                    sha256=checksum.removeprefix("sha256:").lower(), etag=etag, filename=filename,
                    url=f"{base_url}/api/v1/models/{model_id}/download")
@@ -108,17 +115,10 @@ class Unchanged:
 
     @classmethod
     def from_response(cls, resp) -> "Unchanged":
-        return cls(model_id=resp.headers.get("X-Model-Id"), version=resp.headers.get("X-Model-Version"))
-
-
-def safe_filename(name: str | None) -> str | None:
-    """The last path component of a server-supplied name, or None if it has none."""
-    if not name:
-        return None
-    base = os.path.basename(name.replace("\\", "/")).strip()
-    if base in ("", ".", "..") or any(ord(c) < 32 for c in base):
-        return None
-    return base
+        h = resp.headers
+        model_id, version = h.get("X-Model-Id"), h.get("X-Model-Version")
+        return cls(model_id=None if model_id is None else rules.model_id(model_id, "X-Model-Id"),
+                   version=None if version is None else rules.version(version, "X-Model-Version"))
 
 
 @dataclass
@@ -158,13 +158,15 @@ class Segment:
 
 
 def split(size: int, parallel: int) -> list[Segment]:
-    """One segment for one connection; else pieces of at most MAX_SEGMENT, at least one per connection."""
+    """One segment for one connection; else pieces of at most MAX_SEGMENT (larger only to keep to
+    MAX_PIECES), at least one per connection."""
     if size == 0:
         return []
     if parallel <= 1:
         return [Segment(0, size)]
     n = max(1, min(parallel, MAX_PARALLEL, math.ceil(size / MIN_SEGMENT)))
-    step = min(MAX_SEGMENT, math.ceil(size / n / (64 * 1024)) * 64 * 1024)  # boundaries on 64 KiB
+    step = max(min(MAX_SEGMENT, math.ceil(size / n)), math.ceil(size / MAX_PIECES))
+    step = math.ceil(step / (64 * 1024)) * 64 * 1024  # boundaries on 64 KiB
     return [Segment(s, min(s + step, size)) for s in range(0, size, step)]
 
 
@@ -248,17 +250,26 @@ async def download_file(
     limit_rate: float | None = None,
     progress: Progress | None = None,
     resume: bool = True,
+    overwrite: bool = False,
 ) -> DownloadResult:
-    """Download ``remote`` to ``target``; see the module docstring."""
+    """Download ``remote`` to ``target``; see the module docstring.
+
+    An existing ``target`` is replaced only with ``overwrite``; else, or if the
+    file is larger than the free space there, nothing is written at all.
+    """
     target = Path(target)
     part, state_path = part_paths(target)
+    client._url(remote.url)  # refuses a URL off the client's origin before anything is written
+    if not overwrite:
+        refuse_existing(target)
+    check_space(target.parent, remote.size, part)
     lock = FileLock(state_path)
     await lock.acquire()
     succeeded = False
     try:
         fresh_only = not resume
         for restart in range(RESTARTS + 1):
-            job = _Job(client, remote, target, part, lock, parallel, limit_rate, progress)
+            job = _Job(client, remote, target, part, lock, parallel, limit_rate, progress, overwrite)
             try:
                 result = await job.run(fresh_only)
                 succeeded = True
@@ -279,10 +290,48 @@ async def download_file(
         lock.release(unlink=succeeded or not part.exists())
 
 
+def refuse_existing(target: Path) -> None:
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "exists already and was left as it is "
+                              "(overwrite=True, or --force on the command line, replaces it)", str(target))
+
+
+def check_space(folder: Path, size: int, part: Path | None = None) -> None:
+    """Refuse a declared ``size`` larger than the free space in ``folder`` (counting a partial file there)."""
+    free = shutil.disk_usage(folder).free
+    try:
+        free += part.stat().st_size if part is not None else 0
+    except FileNotFoundError:
+        pass
+    if size > free:
+        raise InsufficientSpace(f"the server says the file is {size} bytes, but {folder} has {free} bytes free; "
+                                "nothing was downloaded")
+
+
+def _place(part: Path, target: Path, overwrite: bool) -> None:
+    """Rename the verified file onto ``target``; without ``overwrite``, never over a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(part, target)
+        return
+    try:
+        os.link(part, target)  # fails if target exists, atomically
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "appeared during the download and was left as it is; "
+                              f"the download is in {part}", str(target)) from None
+    except OSError:
+        # No hard links on this file system: the check and the rename are two steps.
+        refuse_existing(target)
+        os.replace(part, target)
+        return
+    part.unlink()
+
+
 class _Job:
     def __init__(self, client, remote: RemoteFile, target: Path, part: Path, lock: FileLock,
-                 parallel: int | None, limit_rate: float | None, progress: Progress | None) -> None:
+                 parallel: int | None, limit_rate: float | None, progress: Progress | None,
+                 overwrite: bool) -> None:
         self.client = client
+        self.overwrite = overwrite
         self.remote = remote
         self.target = target
         self.part = part
@@ -409,7 +458,7 @@ class _Job:
         finally:
             os.close(self.fd)
             self.fd = None
-        os.replace(self.part, self.target)
+        _place(self.part, self.target, self.overwrite)
         await asyncio.to_thread(_fsync_dir, self.target.parent)
         return DownloadResult(
             path=self.target, model_id=r.model_id, name=r.name, version=r.version, size=r.size,
@@ -494,7 +543,8 @@ class _Job:
                 raise _ContentChanged()
             if resp.status != 200:
                 raise await self.client._error(resp)
-            body = await resp.read()
+            # One byte is enough to know the file is not empty; more is for nobody.
+            body = await resp.content.read(1)
             self.transferred += len(body)
             if body:
                 raise _ContentChanged()

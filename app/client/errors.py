@@ -117,6 +117,12 @@ class ProtocolError(ModelServiceError):
     default_code = "protocol_error"
 
 
+class InsufficientSpace(ModelServiceError):
+    """The file the server describes is larger than the free space where it would be written."""
+
+    default_code = "insufficient_space"
+
+
 _BY_STATUS: dict[int, type[ModelServiceError]] = {
     400: BadRequest,
     401: Unauthorized,
