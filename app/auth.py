@@ -107,9 +107,18 @@ def identify(keys: tuple[ApiKey, ...], key: str) -> ApiKey | None:
 
 
 def middleware(keys: tuple[ApiKey, ...], open_paths: tuple[str, ...]):
+    from .ui import session as ui  # imported here: the UI's session module imports this one
+
     @web.middleware
     async def auth_middleware(request: web.Request, handler):
         if request.path in open_paths or (request.method == "OPTIONS" and "Origin" in request.headers):
+            return await handler(request)
+        if ui.owns(request.path):
+            # A browser signs in once and then sends a session cookie, not a key;
+            # the UI's pages check the scope themselves and show sign-in without one.
+            identity = ui.session_identity(request)
+            if identity is not None:
+                request[IDENTITY] = identity
             return await handler(request)
         key = presented_key(request)
         if key is None:
@@ -125,6 +134,10 @@ def middleware(keys: tuple[ApiKey, ...], open_paths: tuple[str, ...]):
         return await handler(request)
 
     return auth_middleware
+
+
+def allows(identity: ApiKey, scope: str) -> bool:
+    return _LEVEL[identity.scope] >= _LEVEL[scope]
 
 
 def caller_name(request: web.Request) -> str | None:
