@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -22,6 +23,7 @@ def setup(app: web.Application) -> None:
     app[pages.KEYS] = keys
     app[SESSIONS] = Sessions(settings.ui_session_secret, keys)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                               auto_reload=False,
                                filters=pages.FILTERS)
     env.globals["PREFIX"] = PREFIX
     r = app.router
@@ -39,4 +41,4 @@ def setup(app: web.Application) -> None:
     r.add_post(PREFIX + "/models/{id}/delete", pages.delete)
     r.add_static(PREFIX + "/static", HERE / "static", name="ui-static", append_version=True)
     # ?v=<hash of the file>: a changed stylesheet is a new URL, never a stale cache.
-    env.globals["asset"] = lambda name: str(app.router["ui-static"].url_for(filename=name))
+    env.globals["asset"] = functools.cache(lambda name: str(app.router["ui-static"].url_for(filename=name)))
