@@ -33,12 +33,15 @@ def _unavailable() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(request, tmp_path_factory):
     problem = _unavailable()
     if problem:
         if IN_CI:
             pytest.fail(problem, pytrace=False)
-        print("\n" + "!" * 78 + "\nSKIPPING UI BROWSER TESTS: " + problem + "\n" + "!" * 78)
+        # Past the output capture, on the terminal itself: a skipped browser suite must be seen.
+        banner = "\n" + "!" * 78 + "\nSKIPPING UI BROWSER TESTS: " + problem + "\n" + "!" * 78
+        with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            print(banner, flush=True)
         pytest.skip(problem)
     work = tmp_path_factory.mktemp("ui")
     svc = LiveService({"DATA_DIR": str(work / "data"), "MONGODB_URL": "", "ENABLE_AUTH": "true",

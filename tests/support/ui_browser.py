@@ -28,11 +28,12 @@ UI_API_KEYS = ",".join(f"{key}:{scope}:{scope}-user" for scope, key in KEYS.item
 
 
 def chromium_path() -> str | None:
-    """Debian's Chromium, or CHROMIUM if set; None when there is none."""
-    for candidate in (os.environ.get("CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """CHROMIUM if set, else Debian's Chromium; None when that is not there."""
+    wanted = os.environ.get("CHROMIUM")
+    if wanted is not None:
+        return wanted if os.access(wanted, os.X_OK) else None
+    found = shutil.which("chromium") or "/usr/bin/chromium"
+    return found if os.access(found, os.X_OK) else None
 
 
 def launch(playwright):
