@@ -103,6 +103,11 @@ async def test_model_page_shows_metadata_versions_and_files(client):
     assert resp.status == 200 and await resp.read() == body
     missing = await client.get("/ui/models/" + "0" * 24)
     assert missing.status == 404 and "no model with id" in await missing.text()
+    nowhere = await client.get("/ui/nowhere/<b>")
+    assert nowhere.status == 404 and nowhere.content_type == "text/html"
+    assert "There is no page at /ui/nowhere/&lt;b&gt;." in await nowhere.text()
+    form_only = await client.get(f"/ui/models/{second}/status")
+    assert form_only.status == 405 and form_only.headers["Allow"] == "POST"
 
 
 async def test_user_values_are_escaped(client):

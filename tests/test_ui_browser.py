@@ -292,3 +292,20 @@ def test_no_serious_accessibility_violations(browser, service, viewport):
         assert found == {}
     finally:
         context.close()
+
+
+def test_everything_but_copying_works_without_javascript(browser, service):
+    context = browser.new_context(viewport=PHONE, base_url=service.url, java_script_enabled=False)
+    try:
+        page = context.new_page()
+        model_id = service.ids["sentiment"]
+        sign_in(page, "write", "/ui?q=sentiment")
+        assert rows(page) == ["sentiment"]
+        page.click("table.models a")
+        assert urlsplit(page.url).path == f"/ui/models/{model_id}"
+        assert page.locator("button[data-copy]").first.is_hidden()  # nothing to click that cannot work
+        page.fill("#new-tags", "nlp, no-js")
+        page.click("form:has(#new-tags) button")
+        assert page.locator("dl.facts .tag").all_inner_texts() == ["nlp", "no-js"]
+    finally:
+        context.close()

@@ -40,5 +40,7 @@ def setup(app: web.Application) -> None:
     r.add_get(PREFIX + "/models/{id}/delete", pages.confirm_delete)
     r.add_post(PREFIX + "/models/{id}/delete", pages.delete)
     r.add_static(PREFIX + "/static", HERE / "static", name="ui-static", append_version=True)
+    # Last: any other /ui path is a page of its own (HTML, behind sign-in), not the API's JSON 404.
+    r.add_get(PREFIX + "/{tail:.*}", pages.not_found)
     # ?v=<hash of the file>: a changed stylesheet is a new URL, never a stale cache.
     env.globals["asset"] = functools.cache(lambda name: str(app.router["ui-static"].url_for(filename=name)))

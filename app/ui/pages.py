@@ -266,6 +266,19 @@ async def statistics(request: web.Request, visit: Visit) -> web.Response:
     })
 
 
+@page()
+async def not_found(request: web.Request, visit: Visit) -> web.Response:
+    own = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not own:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        # A form's POST-only path asked with GET: 405, as anywhere else.
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise ApiError(404, "not_found", f"There is no page at {request.path}.")
+
+
 async def sign_in_form(request: web.Request) -> web.StreamResponse:
     visit = Visit(request)
     if not visit.auth:

@@ -63,7 +63,7 @@ class Sessions:
         try:
             data = self._signer.loads(raw, max_age=MAX_AGE)
             session = Session(str(data["s"]), str(data["c"]), data.get("k"))
-        except (BadSignature, KeyError, TypeError, ValueError):
+        except (BadSignature, AttributeError, KeyError, TypeError, ValueError):
             return None
         if session.sid in self._ended:
             return None
