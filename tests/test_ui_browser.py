@@ -191,8 +191,10 @@ def test_model_page_metadata_versions_and_download(page, service, tmp_path):
     assert sha256_of(saved) == sha256_of(Path(service.ids["churn2_path"]))
     assert sha256_of(saved) == page.locator("table.files code.hash").inner_text()
 
+    assert page.locator("p.notice").count() == 0  # v2.0 is the latest
     page.click("ol.timeline a:text('v1.1')")
     assert urlsplit(page.url).path == f"/ui/models/{service.ids['churn1']}"
+    assert page.locator("p.notice").inner_text() == "The latest version of churn is v2.0."
     with page.expect_download() as info:
         page.click("a.button.primary")
     info.value.save_as(tmp_path / "v11.pkl")
