@@ -81,8 +81,14 @@ def sign_in(page, scope: str = "read", path: str = "/ui") -> None:
     page.goto(path)
     assert urlsplit(page.url).path == "/ui/sign-in"
     page.fill("#api_key", KEYS[scope])
-    page.click("form.signin button[type=submit]")
-    page.wait_for_selector(".who")
+    follow(page, "form.signin button[type=submit]")
+    assert page.locator(".who").count() == 1
+
+
+def follow(page, selector: str) -> None:
+    """Click what loads a new page, and wait until it has loaded."""
+    with page.expect_navigation():
+        page.click(selector)
 
 
 def rows(page) -> list[str]:
@@ -98,18 +104,18 @@ def test_sign_in_wrong_key_and_sign_out(page, service):
     assert urlsplit(page.url).path == "/ui/sign-in"
     assert page.locator("table").count() == 0
     page.fill("#api_key", "not-a-key")
-    page.click("form.signin button[type=submit]")
+    follow(page, "form.signin button[type=submit]")
     assert page.locator("#problem").inner_text() == "That API key is not valid."
     assert page.locator("table").count() == 0
 
     page.fill("#api_key", KEYS["read"])
-    page.click("form.signin button[type=submit]")
+    follow(page, "form.signin button[type=submit]")
     assert urlsplit(page.url).path == "/ui"
     assert "read-user" in page.locator(".who").inner_text()
     cookie = next(c for c in page.context.cookies() if c["name"] == "tfms_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and KEYS["read"] not in cookie["value"]
 
-    page.click(".who button")
+    follow(page, ".who button")
     assert urlsplit(page.url).path == "/ui/sign-in"
     page.goto("/ui/statistics")
     assert urlsplit(page.url).path == "/ui/sign-in"
@@ -125,13 +131,13 @@ def test_search_and_filters_change_the_table_and_the_url(page, service):
     sign_in(page)
     assert len(rows(page)) == 11
     page.fill("#q", "churn")
-    page.click(".filters button[type=submit]")
+    follow(page, ".filters button[type=submit]")
     assert query_of(page)["q"] == ["churn"]
     assert rows(page) == ["churn"] * 3
 
     page.goto("/ui")
     page.select_option("#status", "deprecated")
-    page.click(".filters button[type=submit]")
+    follow(page, ".filters button[type=submit]")
     assert query_of(page)["status"] == ["deprecated"]
     assert rows(page) == ["demand-forecast"]
 
@@ -139,14 +145,14 @@ def test_search_and_filters_change_the_table_and_the_url(page, service):
     page.fill("#tags", "nlp")
     page.fill("#min_accuracy", "0.9")
     page.select_option("#sort", "-metrics.accuracy")
-    page.click(".filters button[type=submit]")
+    follow(page, ".filters button[type=submit]")
     q = query_of(page)
     assert q["tags"] == ["nlp"] and q["min_accuracy"] == ["0.9"] and q["sort"] == ["-metrics.accuracy"]
     assert rows(page) == ["spam-filter"]
 
     page.goto("/ui")
     page.fill("#algorithm", "random_forest")
-    page.click(".filters button[type=submit]")
+    follow(page, ".filters button[type=submit]")
     assert rows(page) == ["churn"] * 3
     # The URL is the view: opened afresh, it shows the same rows and form.
     page.goto(page.url)
@@ -158,20 +164,20 @@ def test_pagination(page, service):
     first = rows(page)
     assert first == ["churn", "churn", "churn", "demand-forecast"]
     assert page.locator(".count").inner_text() == "1–4 of 11 model versions"
-    page.click("a[rel=next]")
+    follow(page, "a[rel=next]")
     assert query_of(page)["page"] == ["2"] and query_of(page)["sort"] == ["name"]
     second = rows(page)
     assert second == ["fraud-detector", "image-classifier", "legacy-ranker", "price-model"]
-    page.click("a[rel=next]")
+    follow(page, "a[rel=next]")
     assert rows(page) == ["sentiment", "spam-filter", "xss-test"]
     assert page.locator("a[rel=next]").count() == 0
-    page.click("a[rel=prev]")
+    follow(page, "a[rel=prev]")
     assert rows(page) == second
 
 
 def test_model_page_metadata_versions_and_download(page, service, tmp_path):
     sign_in(page, "read", "/ui?q=churn&sort=-created_at")
-    page.click("table.models tbody tr:first-child a")
+    follow(page, "table.models tbody tr:first-child a")
     assert urlsplit(page.url).path == f"/ui/models/{service.ids['churn2']}"
     assert page.locator("h1").inner_text().split() == ["churn", "v2.0", "active"]
     facts = page.locator("dl.facts").inner_text()
@@ -192,7 +198,7 @@ def test_model_page_metadata_versions_and_download(page, service, tmp_path):
     assert sha256_of(saved) == page.locator("table.files code.hash").inner_text()
 
     assert page.locator("p.notice").count() == 0  # v2.0 is the latest
-    page.click("ol.timeline a:text('v1.1')")
+    follow(page, "ol.timeline a:text('v1.1')")
     assert urlsplit(page.url).path == f"/ui/models/{service.ids['churn1']}"
     assert page.locator("p.notice").inner_text() == "The latest version of churn is v2.0."
     with page.expect_download() as info:
@@ -202,6 +208,8 @@ def test_model_page_metadata_versions_and_download(page, service, tmp_path):
 
 
 def test_copy_buttons_copy_the_exact_commands(page, service):
+    from playwright.sync_api import expect
+
     page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=service.url)
     model_id = service.ids["churn2"]
     sign_in(page, "read", f"/ui/models/{model_id}")
@@ -212,7 +220,7 @@ def test_copy_buttons_copy_the_exact_commands(page, service):
     for element, command in expected.items():
         button = page.locator(f"button[data-copy={element}]")
         button.click()
-        assert button.inner_text() == "Copied"
+        expect(button).to_have_text("Copied")  # once the clipboard's promise has resolved
         assert page.evaluate("navigator.clipboard.readText()") == command
 
 
@@ -224,16 +232,16 @@ def test_write_actions_follow_the_scope_and_the_csrf_token(page, service):
     resp = page.request.post(f"/ui/models/{model_id}/status", form={"status": "archived", "csrf": token},
                              max_redirects=0)
     assert resp.status == 403 and "this action needs write" in resp.text()
-    page.click(".who button")
+    follow(page, ".who button")
 
     sign_in(page, "write", f"/ui/models/{model_id}")
     assert page.locator("a.button.danger").count() == 0  # delete is for admin
     page.select_option("#new-status", "deprecated")
-    page.click("form:has(#new-status) button")
+    follow(page, "form:has(#new-status) button")
     assert urlsplit(page.url).path == f"/ui/models/{model_id}"
     assert page.locator("h1 .status").inner_text() == "deprecated"
     page.fill("#new-tags", "pricing, reviewed")
-    page.click("form:has(#new-tags) button")
+    follow(page, "form:has(#new-tags) button")
     assert page.locator("dl.facts .tag").all_inner_texts() == ["pricing", "reviewed"]
 
     resp = page.request.post(f"/ui/models/{model_id}/status", form={"status": "archived"}, max_redirects=0)
@@ -247,9 +255,9 @@ def test_write_actions_follow_the_scope_and_the_csrf_token(page, service):
 def test_admin_deletes_after_confirming(page, service):
     model_id = service.ids["legacy-ranker"]
     sign_in(page, "admin", f"/ui/models/{model_id}")
-    page.click("a.button.danger")
+    follow(page, "a.button.danger")
     assert page.locator("h1").inner_text() == "Delete legacy-ranker v1.0?"
-    page.click("button.danger")
+    follow(page, "button.danger")
     assert page.locator(".notice").inner_text() == "Deleted legacy-ranker v1.0."
     assert "legacy-ranker" not in rows(page)
     assert page.goto(f"/ui/models/{model_id}").status == 404
@@ -281,7 +289,7 @@ def test_no_serious_accessibility_violations(browser, service, viewport):
         for name, path in pages.items():
             if name == "models":
                 page.fill("#api_key", KEYS["admin"])
-                page.click("form.signin button[type=submit]")
+                follow(page, "form.signin button[type=submit]")
             page.goto(path)
             assert re.sub(r"\?.*", "", urlsplit(page.url).path) == urlsplit(path).path, name
             violations = axe.run(page).response["violations"]
@@ -303,11 +311,11 @@ def test_everything_but_copying_works_without_javascript(browser, service):
         model_id = service.ids["sentiment"]
         sign_in(page, "write", "/ui?q=sentiment")
         assert rows(page) == ["sentiment"]
-        page.click("table.models a")
+        follow(page, "table.models a")
         assert urlsplit(page.url).path == f"/ui/models/{model_id}"
         assert page.locator("button[data-copy]").first.is_hidden()  # nothing to click that cannot work
         page.fill("#new-tags", "nlp, no-js")
-        page.click("form:has(#new-tags) button")
+        follow(page, "form:has(#new-tags) button")
         assert page.locator("dl.facts .tag").all_inner_texts() == ["nlp", "no-js"]
     finally:
         context.close()
