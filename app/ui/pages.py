@@ -155,7 +155,7 @@ class Row:
     """One line of the models table, formatted here: attribute lookups on a dict cost
     Jinja an exception each, and this table is the page that has to stay fast."""
 
-    id: str
+    url: str
     name: str
     version: str
     algorithm: str
@@ -170,7 +170,7 @@ class Row:
     @classmethod
     def of(cls, doc: dict) -> "Row":
         fm = doc.get("file_metadata")
-        return cls(doc["id"], doc["name"], doc["version"], doc["algorithm"], doc["status"], doc.get("tags", []),
+        return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"], doc.get("tags", []),
                    key_metric(doc.get("metrics", {})), size(fm["size_bytes"]) if fm else "",
                    doc.get("download_count", 0), doc["created_at"].isoformat(), when(doc["created_at"]))
 
