@@ -170,9 +170,10 @@ class Row:
     @classmethod
     def of(cls, doc: dict) -> "Row":
         fm = doc.get("file_metadata")
+        iso = doc["created_at"].isoformat()  # UTC, as storage hands every timestamp over
         return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"], doc.get("tags", []),
                    key_metric(doc.get("metrics", {})), size(fm["size_bytes"]) if fm else "",
-                   doc.get("download_count", 0), doc["created_at"].isoformat(), when(doc["created_at"]))
+                   doc.get("download_count", 0), iso, f"{iso[:10]} {iso[11:16]} UTC")
 
 
 FILTERS = {"when": when, "number": number, "size": size, "show": show}
