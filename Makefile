@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-quick bench bench-quick bench-pull bench-tools mongo-server clean
+.PHONY: run test test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,7 @@ run: $(STAMP)
 # first use (tests/support/mongo_server.py); set MONGODB_URL to use a real MongoDB.
 test: $(STAMP)
 	-@$(MAKE) --no-print-directory bench-tools
+	-@$(MAKE) --no-print-directory ui-browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Inner loop: embedded backend only, no slow tests.
@@ -43,6 +44,21 @@ bench-tools:
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v aria2c >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk aria2 >/dev/null; } || \
 	  { echo "bench needs nginx, wrk and aria2c: apt-get install nginx-light wrk aria2" >&2; exit 1; }
+
+# Chromium from Debian for the web UI's browser tests and screenshots (Playwright
+# drives it; no browser can be downloaded). Installed when missing and running as root.
+ui-browser:
+	@command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "the UI browser tests need Chromium: apt-get install chromium" >&2; exit 1; }
+
+# The web UI's render time against the JSON API, 10,000 models (bench/ui.py).
+bench-ui: $(STAMP)
+	$(BIN)/python -m bench.ui $(BENCH_ARGS)
+
+# docs/ui/*.png, shown in the README.
+ui-screenshots: $(STAMP) ui-browser
+	$(BIN)/python -m bench.ui_screenshots
 
 mongo-server: $(STAMP)
 	$(BIN)/python -c "from tests.support.mongo_server import build; print(build())"

@@ -115,20 +115,34 @@ def identify(keys: tuple[ApiKey, ...], key: str) -> ApiKey | None:
 
 
 def identity(request: web.Request) -> ApiKey | None:
-    """The key the request presents, if it is a known one (worked out once per request)."""
+    """The known key behind the request, if any (worked out once per request).
+
+    A key in the request's headers; on the UI's pages, the key its session
+    cookie was signed in with (a browser signs in once, then sends no key).
+    """
     if IDENTITY not in request:
+        from .ui import session as ui  # imported here: the UI's session module imports this one
+
         keys = request.app.get(KEYS)
-        key = presented_key(request) if keys else None
-        request[IDENTITY] = identify(keys, key) if key is not None else None
+        who = None
+        if keys and ui.owns(request.path):
+            who = ui.session_identity(request)
+        elif keys and (key := presented_key(request)) is not None:
+            who = identify(keys, key)
+        request[IDENTITY] = who
     return request[IDENTITY]
 
 
 def middleware(open_paths: tuple[str, ...]):
     """401 without a known key, 403 when its scope is too small; needs ``app[KEYS]``."""
+    from .ui import session as ui
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler):
         if request.path in open_paths or (request.method == "OPTIONS" and "Origin" in request.headers):
+            return await handler(request)
+        if ui.owns(request.path):
+            # The UI's pages check the scope themselves and show sign-in without one.
             return await handler(request)
         if presented_key(request) is None:
             raise ApiError(401, "unauthorized", "an API key is required (X-API-Key or Authorization: Bearer)",
@@ -142,6 +156,10 @@ def middleware(open_paths: tuple[str, ...]):
         return await handler(request)
 
     return auth_middleware
+
+
+def allows(identity: ApiKey, scope: str) -> bool:
+    return _LEVEL[identity.scope] >= _LEVEL[scope]
 
 
 def caller_name(request: web.Request) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -124,6 +125,9 @@ class Settings:
     max_header_size: int = 8190
     max_url_length: int = 8190
     max_json_size: int = 2**20
+    # Signs the web UI's session cookies (app/ui/session.py). Unset: a random
+    # one per start-up, shared by the workers, so sessions end at a restart.
+    ui_session_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     @property
     def storage_kind(self) -> str:
@@ -161,6 +165,7 @@ class Settings:
             max_header_size=_int(env, "MAX_HEADER_SIZE", cls.max_header_size, 1024, 1_048_576),
             max_url_length=_int(env, "MAX_URL_LENGTH", cls.max_url_length, 256, 1_048_576),
             max_json_size=_size(env, "MAX_JSON_SIZE", cls.max_json_size),
+            ui_session_secret=_session_secret(env),
         )
 
     def describe(self) -> str:
@@ -281,3 +286,13 @@ def _origins(env):
 
 def _redact(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _session_secret(env):
+    value = _raw(env, "UI_SESSION_SECRET")
+    if not value:
+        return secrets.token_urlsafe(32)
+    # Whoever guesses it can forge a session of any key: as strong as a key.
+    if len(value) < 32:
+        raise ConfigError(f"UI_SESSION_SECRET must be at least 32 characters, got {len(value)}")
+    return value

@@ -33,6 +33,20 @@ async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
     return latest(await storage.models_named(name))
 
 
+async def versions_of(storage: Storage, name: str) -> list[dict[str, Any]]:
+    """Every version of a name, newest first."""
+    docs = await storage.models_named(name)
+    docs.sort(key=lambda d: versions.key(d["version"]), reverse=True)
+    return docs
+
+
+async def update(storage: Storage, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """Set validated fields (none: just read); the model as it is now, None if there is none."""
+    if not fields:
+        return await storage.get_model(model_id)
+    return await storage.update_model(model_id, {**fields, "updated_at": clock.now()})
+
+
 async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None = None) -> dict[str, Any]:
     """Insert a model built from validated fields, numbering its version.
 

@@ -107,3 +107,14 @@ def test_gridfs_chunk_size_and_workers():
             Settings.from_env({"GRIDFS_CHUNK_SIZE": bad})
     with pytest.raises(ConfigError, match="WORKERS"):
         Settings.from_env({"WORKERS": "0"})
+
+
+def test_ui_session_secret():
+    # Unset: a fresh random secret each start-up (sessions end at a restart).
+    assert len(Settings.from_env({}).ui_session_secret) >= 32
+    assert Settings.from_env({}).ui_session_secret != Settings.from_env({}).ui_session_secret
+    secret = "s" * 40
+    assert Settings.from_env({"UI_SESSION_SECRET": secret}).ui_session_secret == secret
+    assert secret not in repr(Settings.from_env({"UI_SESSION_SECRET": secret}))
+    with pytest.raises(ConfigError, match="^UI_SESSION_SECRET must be at least 32 characters, got 5$"):
+        Settings.from_env({"UI_SESSION_SECRET": "short"})

@@ -158,8 +158,15 @@ def test_mongodb_url_comes_from_a_secret(env):
     assert not ref.get("optional", False), "without the Secret the pod must not start on the embedded backend"
 
 
+def test_ui_session_secret_comes_from_a_secret(env):
+    # Every replica must sign the UI's cookies alike.
+    secret = env["UI_SESSION_SECRET"]
+    assert "value" not in secret
+    assert secret["valueFrom"]["secretKeyRef"]["name"] == "model-service-ui"
+
+
 def test_other_settings(env):
-    values = {name: e.get("value") for name, e in env.items() if name != "MONGODB_URL"}
+    values = {name: e.get("value") for name, e in env.items() if name not in ("MONGODB_URL", "UI_SESSION_SECRET")}
     assert values["MONGODB_DB"] == "tensorfleet"
     assert values["WORKERS"] == "1"
     assert values["LOG_LEVEL"] in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}

@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from . import analytics, batch, docs, files, health, metrics, models
+from .. import ui
 
 
 def setup_routes(app: web.Application) -> None:
@@ -14,3 +15,4 @@ def setup_routes(app: web.Application) -> None:
     batch.setup(app)
     files.setup(app)
     models.setup(app)
+    ui.setup(app)

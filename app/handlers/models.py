@@ -6,7 +6,7 @@ import math
 
 from aiohttp import web
 
-from .. import clock, registry, validation, versions, views
+from .. import registry, validation, views
 from ..http import ApiError, cacheable_json, defer_expect, json_response, read_json_object
 from ..auth import caller_name, is_admin
 from ..keys import LEASES, SETTINGS, STORAGE
@@ -98,11 +98,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def update_model(request: web.Request) -> web.Response:
     model_id = request_model_id(request)
     fields = validation.update(await read_json_object(request))
-    storage = request.app[STORAGE]
-    if fields:
-        doc = await storage.update_model(model_id, {**fields, "updated_at": clock.now()})
-    else:
-        doc = await storage.get_model(model_id)
+    doc = await registry.update(request.app[STORAGE], model_id, fields)
     if doc is None:
         raise _not_found(model_id)
     return json_response({"success": True, "message": "Model updated successfully", "model": views.full(doc)})
@@ -125,8 +121,7 @@ async def create_version(request: web.Request) -> web.Response:
 
 async def list_versions(request: web.Request) -> web.Response:
     source = await model_or_404(request)
-    docs = await request.app[STORAGE].models_named(source["name"])
-    docs.sort(key=lambda d: versions.key(d["version"]), reverse=True)
+    docs = await registry.versions_of(request.app[STORAGE], source["name"])
     return json_response({"name": source["name"], "versions": [views.summary(d) for d in docs]})
 
 

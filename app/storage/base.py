@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, AsyncIterator
 
@@ -95,6 +95,8 @@ class RegistryStats:
     model_bytes: int  # per model, a shared file counted for each model
     added_since: int  # models created at or after `since_added`
     downloads_since: int  # downloads in hourly buckets at or after `since_downloads`
+    # Those downloads per hour (the hour's start, UTC); hours without any are absent.
+    downloads_by_hour: dict[datetime, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

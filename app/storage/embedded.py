@@ -420,10 +420,11 @@ class EmbeddedStorage(Storage):
             "SELECT coalesce(sum(length), 0) FROM files WHERE file_id IN (SELECT file_id FROM models)"
         ).fetchone()[0]
         added = db.execute("SELECT count(*) FROM models WHERE created_at >= ?", (iso(since_added),)).fetchone()[0]
-        recent = db.execute(
-            "SELECT coalesce(sum(count), 0) FROM download_hours WHERE hour >= ?", (iso(since_downloads),)
-        ).fetchone()[0]
-        return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added, recent)
+        by_hour = {parse_iso(hour): n for hour, n in db.execute(
+            "SELECT hour, count FROM download_hours WHERE hour >= ?", (iso(since_downloads),)
+        )}
+        return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added,
+                             sum(by_hour.values()), by_hour)
 
     async def statistics(self, since_added: datetime, since_downloads: datetime) -> RegistryStats:
         return await self._run(self._statistics, since_added, since_downloads)

@@ -345,9 +345,7 @@ class MongoStorage(Storage):
             ], "n"),
             self.models.count_documents({"file_metadata.file_id": {"$exists": True}}),
             self.models.count_documents({"created_at": {"$gte": since_added}}),
-            self._aggregate_one(self.downloads, [
-                {"$match": {"_id": {"$gte": since_downloads}}}, {"$group": {"_id": None, "n": {"$sum": "$count"}}},
-            ], "n"),
+            self.downloads.find({"_id": {"$gte": since_downloads}}).to_list(None),
         )
         by_algorithm: dict[str, int] = {}
         by_status: dict[str, int] = {}
@@ -355,7 +353,9 @@ class MongoStorage(Storage):
             a, st = g["_id"]["a"], g["_id"]["s"]
             by_algorithm[a] = by_algorithm.get(a, 0) + g["n"]
             by_status[st] = by_status.get(st, 0) + g["n"]
-        return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added, recent)
+        by_hour = {h["_id"]: h["count"] for h in recent}
+        return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added,
+                             sum(by_hour.values()), by_hour)
 
     # -- files -----------------------------------------------------------
     def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:
