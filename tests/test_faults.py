@@ -15,7 +15,7 @@ from pymongo import monitoring
 from app.keys import STORAGE
 from app.server import create_app
 from app.storage.mongo import MongoStorage
-from tests.transfer_helpers import leftovers
+from tests.transfer_helpers import leftovers, upload_under_way
 
 
 class CursorWatch(monitoring.CommandListener):
@@ -114,13 +114,17 @@ async def test_client_leaving_mid_upload_leaves_nothing(watched):
             block = os.urandom(1024 * 1024)
             writer.write(block if declared else b"%x\r\n%s\r\n" % (len(block), block))
             await writer.drain()
-        await asyncio.sleep(0.3)  # the service has stored some of it
+        # Leave only once the service has stored some of it: that is what must go.
+        deadline = time.monotonic() + 10
+        while not await upload_under_way(storage, before) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await upload_under_way(storage, before), "nothing of the upload reached the store"
         writer.transport.abort()
 
-    deadline = time.monotonic() + 10
-    while await leftovers(storage) != before and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await leftovers(storage) == before
+        deadline = time.monotonic() + 10
+        while await leftovers(storage) != before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await leftovers(storage) == before, "declared" if declared else "chunked"
     assert await settle_tasks(baseline) <= baseline
     doc = await storage.get_model(model_id)
     assert "file_metadata" not in doc

@@ -54,6 +54,19 @@ async def leftovers(storage) -> dict[str, Any]:
     return {"tmp": tmp, "blobs": blobs}
 
 
+async def upload_under_way(storage, before: dict[str, Any]) -> bool:
+    """Whether an unfinished upload has put some of its bytes in the store since ``before`` (leftovers)."""
+    if storage.kind == "mongodb":
+        return await storage.chunks.count_documents({}) > before["chunks"]
+    for p in Path(storage.tmp_dir).iterdir():
+        try:
+            if p.name not in before["tmp"] and p.stat().st_size > 0:
+                return True
+        except FileNotFoundError:
+            pass  # removed while we looked
+    return False
+
+
 async def content_stored(storage, file_id: str, sha256: str) -> bool:
     """Whether the store still holds this file's content (any trace of it)."""
     if storage.kind == "mongodb":
