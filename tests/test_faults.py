@@ -131,9 +131,7 @@ async def test_client_leaving_mid_upload_leaves_nothing(watched):
 
 
 @pytest.mark.parametrize("backend", ["mongodb"])
-async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mongo):
-    if mongo.server is None:
-        pytest.skip("needs the repo's own MongoDB test server to stop")
+async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mongo_server):
     storage = client.app[STORAGE]
     resp = await client.post("/api/v1/models", json={"name": "m", "algorithm": "a"})
     model_id = (await resp.json())["model_id"]
@@ -143,14 +141,14 @@ async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mong
         for i in range(40):
             yield os.urandom(1024 * 1024)
             if i == 12:  # three write batches are in the database by now
-                await asyncio.to_thread(mongo.server.stop)
+                await asyncio.to_thread(mongo_server.stop)
 
     try:
         resp = await client.put(f"/api/v1/models/{model_id}/upload", data=body())
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "storage_unavailable"
     finally:
-        mongo.server.start()
+        mongo_server.start()
     # The chunks written before the stop go once the database is back.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
