@@ -585,11 +585,15 @@ class _EmbeddedWriter(FileWriter):
         self._file = None
         # Network reads arrive in small pieces; one thread hop per MiB, not per piece.
         self._buffer = bytearray()
+        self._flushing: asyncio.Future | None = None
 
     async def _write(self, data: bytes) -> None:
         self._buffer += data
         if len(self._buffer) >= _READ_SIZE:
-            await asyncio.to_thread(self._write_buffer)
+            # Shielded: a cancelled upload stops waiting, but the thread writes on,
+            # and _cancel must wait for it before it discards the file under it.
+            self._flushing = asyncio.ensure_future(asyncio.to_thread(self._write_buffer))
+            await asyncio.shield(self._flushing)
 
     def _write_buffer(self) -> None:
         if self._file is None:
@@ -614,6 +618,11 @@ class _EmbeddedWriter(FileWriter):
             raise
 
     async def _cancel(self) -> None:
+        if self._flushing is not None:
+            await asyncio.wait([self._flushing])
+            if not self._flushing.cancelled():
+                self._flushing.exception()  # retrieved: the upload already failed for its own reason
+
         def discard() -> None:
             self._buffer.clear()
             if self._file is not None:
