@@ -494,6 +494,7 @@ class _GridFSWriter(FileWriter):
         self._pending: list[dict[str, Any]] = []
         self._n = 0
         self._batch = max(1, _WRITE_BATCH_BYTES // chunk_size)
+        self._inflight: asyncio.Task | None = None
 
     def _cut_chunks(self, final: bool) -> None:
         cs = self.chunk_size
@@ -506,7 +507,13 @@ class _GridFSWriter(FileWriter):
     async def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            await _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True))
+            # Shielded: an insert the server has already received completes
+            # even if this request is cancelled (the client left), so _cancel
+            # can wait for it. Cancelling it would only stop our waiting, and a
+            # late insert landing after _cancel's delete would leave orphan chunks.
+            self._inflight = asyncio.ensure_future(
+                _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True)))
+            await asyncio.shield(self._inflight)
 
     async def _write(self, data: bytes) -> None:
         self._buffer += data
@@ -554,6 +561,10 @@ class _GridFSWriter(FileWriter):
     async def _cancel(self) -> None:
         self._buffer.clear()
         self._pending.clear()
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.wait([self._inflight])
+            if not self._inflight.cancelled():
+                self._inflight.exception()  # retrieved: only that no chunk lands after the delete matters
         try:
             await self._store.chunks.delete_many({"files_id": self._files_id})
         except PyMongoError as e:
