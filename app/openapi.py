@@ -432,6 +432,8 @@ def parameters(settings: Settings) -> Json:
                        {"type": "string", "maxLength": 200}),
         "MinAccuracy": _query("min_accuracy", "only models whose metrics.accuracy is at least this (empty means "
                                               "no filter)", {"anyOf": [{"type": "number"}, {"const": ""}]}),
+        "LatestOnly": _query("latest", "true: only each name's latest version (one row per name)",
+                             {"type": "string", "enum": ["true", "false", ""], "default": "false"}),
         "CreatedBy": _query("created_by", "only models created by this user", {"type": "string", "maxLength": 200}),
         "Range": _request_header(
             "Range", f"bytes=a-b, bytes=a- or bytes=-n, comma-separated (at most {ranges.MAX_RANGES}); overlapping "
@@ -647,7 +649,7 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
 def paths(settings: Settings) -> Json:
     max_file = f"MAX_FILE_SIZE ({format_size(settings.max_file_size)}, {settings.max_file_size} bytes)"
     model_id = [p("ModelId")]
-    listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"),
+    listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"), p("LatestOnly"),
                       p("CreatedBy"), p("Sort"), p("Page"), p("Limit")]
     listing = op("listModels", "models", "List and search models", {
         "200": answer("one page of models", "ModelList"),

@@ -19,7 +19,7 @@ from .http import ApiError
 from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, algorithm_label
-from .storage.base import DuplicateModel, Storage
+from .storage.base import DuplicateModel, ModelQuery, Storage
 
 _NUMBERING_ATTEMPTS = 8
 _name_locks = KeyedLocks()
@@ -31,6 +31,36 @@ def latest(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
     return latest(await storage.models_named(name))
+
+
+# Stored on each model: whether a higher version of its name exists. Listings
+# of latest versions filter on it: a plain field filter works on any MongoDB
+# wire server, where grouping by name would need $group with $first.
+SUPERSEDED = "superseded"
+_SETTLE_ATTEMPTS = 8
+
+
+async def settle_latest(storage: Storage, name: str) -> bool:
+    """Mark every version of ``name`` superseded except the highest.
+
+    Called after every registration and deletion, by whichever process made
+    it; made of single-document writes only. Marking a lower version
+    superseded is always right once a higher one exists, so concurrent
+    registrations cannot undo each other. Un-marking (the latest was deleted)
+    can race a new registration: the state is read again after writing, and
+    the loop ends only once a read finds nothing to change. Whether anything changed.
+    """
+    changed = False
+    for _ in range(_SETTLE_ATTEMPTS):
+        docs = await storage.models_named(name)
+        top = latest(docs)
+        changes = [(d["id"], d is not top) for d in docs if bool(d.get(SUPERSEDED)) != (d is not top)]
+        if not changes:
+            break
+        changed = True
+        for model_id, superseded in changes:
+            await storage.update_model(model_id, {SUPERSEDED: superseded})
+    return changed
 
 
 async def versions_of(storage: Storage, name: str) -> list[dict[str, Any]]:
@@ -92,6 +122,7 @@ async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | Non
         try:
             await storage.insert_model(doc)
             REGISTRATIONS.labels(algorithm_label(doc["algorithm"])).inc()
+            await settle_latest(storage, doc["name"])
             return doc
         except DuplicateModel:
             if explicit:
@@ -109,9 +140,32 @@ def new_version_fields(source: dict[str, Any], updates: dict[str, Any]) -> dict[
     return {**base, **updates}
 
 
+async def settle_all_latest(storage: Storage, page: int = 500) -> int:
+    """settle_latest for every name with several versions (or a stale mark); how many names changed.
+
+    For stores written before the mark existed; ``model-service gc`` runs it.
+    """
+    counts: dict[str, int] = {}
+    marked: set[str] = set()
+    skip = 0
+    while True:
+        docs, _ = await storage.find_models(ModelQuery(sort_field="name", sort_desc=False, skip=skip, limit=page))
+        for d in docs:
+            counts[d["name"]] = counts.get(d["name"], 0) + 1
+            if d.get(SUPERSEDED):
+                marked.add(d["name"])
+        if len(docs) < page:
+            break
+        skip += page
+    return sum([await settle_latest(storage, name)
+                for name in sorted(n for n, c in counts.items() if c > 1 or n in marked)])
+
+
 async def delete(storage: Storage, leases: FileLeases, model_id: str) -> dict[str, Any] | None:
     """Delete a model and release its file (kept while another model shares it)."""
     doc = await storage.delete_model(model_id)
     if doc is not None and doc.get("file_metadata"):
         await leases.release(doc["file_metadata"]["file_id"])
+    if doc is not None and not doc.get(SUPERSEDED):
+        await settle_latest(storage, doc["name"])
     return doc

@@ -215,6 +215,13 @@ def _int_param(params: Mapping[str, str], name: str, default: int, lo: int, hi: 
     return value
 
 
+def _bool_param(params: Mapping[str, str], name: str) -> bool:
+    raw = params.get(name, "")
+    if raw not in ("", "true", "false"):
+        raise ApiError(400, "invalid_parameter", f"{name} must be true or false, got {raw[:40]!r}")
+    return raw == "true"
+
+
 def _str_param(params: Mapping[str, str], name: str) -> str | None:
     raw = params.get(name)
     if raw is None or raw == "":
@@ -270,6 +277,7 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
         text=_search_text(params),
         min_accuracy=min_accuracy,
         created_by=_str_param(params, "created_by"),
+        latest_only=_bool_param(params, "latest"),
         sort_field=field,
         sort_desc=desc,
         skip=(page - 1) * limit,

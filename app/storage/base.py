@@ -76,6 +76,9 @@ class ModelQuery:
     min_accuracy: float | None = None
     created_by: str | None = None
     created_before: datetime | None = None
+    # Only each name's latest version (models the registry has not marked
+    # superseded: see registry.settle_latest).
+    latest_only: bool = False
     # "created_at", "name", "download_count" or "metrics.<name>"
     sort_field: str = "created_at"
     sort_desc: bool = True

@@ -360,6 +360,8 @@ class EmbeddedStorage(Storage):
                 " OR EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE icontains(value, ?)))"
             )
             params.extend([q.text] * 4)
+        if q.latest_only:
+            clauses.append("coalesce(json_extract(doc, '$.superseded'), 0) = 0")
         if q.min_accuracy is not None:
             # test_accuracy when the model reports it, plain accuracy otherwise.
             clauses.append(

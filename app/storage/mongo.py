@@ -290,6 +290,8 @@ class MongoStorage(Storage):
             f["created_at"] = {"$lt": q.created_before}
         if q.tags:
             f["tags"] = {"$in": list(q.tags)}
+        if q.latest_only:
+            f["superseded"] = {"$ne": True}
         and_: list[dict[str, Any]] = []
         if q.text is not None:
             rx = {"$regex": re.escape(q.text), "$options": "i"}
