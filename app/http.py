@@ -19,7 +19,7 @@ from . import preconditions
 from .keys import SETTINGS
 from .logs import request_id
 from .metrics import STORAGE_ERRORS
-from .storage.base import StorageUnavailable
+from .storage.base import StorageUnavailable, ValueRefused
 
 log = logging.getLogger("app.http")
 
@@ -168,6 +168,8 @@ async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.code, e.message, e.headers)
+    except ValueRefused as e:
+        return error_response(400, "validation_error", f"the model store cannot hold this value: {e}")
     except StorageUnavailable as e:
         STORAGE_ERRORS.labels("request").inc()
         log.warning("storage unavailable during %s %s: %s", request.method, request.path, e,

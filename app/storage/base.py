@@ -57,6 +57,13 @@ class StorageUnavailable(StorageError):
     """The database cannot be reached right now (answer 503)."""
 
 
+class ValueRefused(StorageError):
+    """The database cannot store a value the API accepted (answer 400).
+
+    FerretDB, for one, stores no list directly inside a list, which MongoDB does.
+    """
+
+
 class DuplicateModel(StorageError):
     """A model with the same (name, version) already exists."""
 

@@ -44,6 +44,7 @@ from .base import (
     StorageError,
     StorageUnavailable,
     StoredFile,
+    ValueRefused,
 )
 
 # Chunks per insert_many: large enough to amortise round trips, small enough
@@ -120,6 +121,9 @@ def _unavailable(e: BaseException) -> StorageUnavailable | None:
     return None
 
 
+_BAD_VALUE = 2  # the server's error code for a value it will not take
+
+
 def _guard(fn):
     """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable."""
 
@@ -127,6 +131,8 @@ def _guard(fn):
         try:
             return await _retry_busy(lambda: fn(*args, **kwargs))
         except PyMongoError as e:
+            if isinstance(e, OperationFailure) and e.code == _BAD_VALUE:
+                raise ValueRefused((e.details or {}).get("errmsg") or str(e)) from e
             raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
     wrapper.__name__ = fn.__name__
