@@ -1,4 +1,4 @@
-"""The Python client (app.client) against the service as a real process, on both backends.
+"""The Python client (tensorfleet_client) against the service as a real process, on both backends.
 
 Plus a few tests against a small fake service for what the real one never
 does on demand: 429/503 with Retry-After, and a response cut off mid-body.
@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from app.client import (
+from tensorfleet_client import (
     AsyncModelServiceClient,
     BadRequest,
     ChecksumMismatch,
@@ -25,7 +25,7 @@ from app.client import (
     RetryPolicy,
     ServiceUnavailable,
 )
-from app.client import download as dl
+from tensorfleet_client import download as dl
 from tests.client_helpers import live, sha256_of, unique, write_random  # noqa: F401  (live is a fixture)
 
 FAST_RETRIES = RetryPolicy(attempts=4, backoff=0.01)
@@ -157,7 +157,7 @@ async def test_file_replaced_between_requests_starts_over(live, tmp_path):
         await client.upload(model_id, new)
 
         since = live.log_offset()
-        result = await dl.download_file(client, stale, target, reprobe=lambda: _probe(client, model_id))
+        result = await dl.download_file(client.transport, stale, target)
     # The resumed range was refused (200, not 206) and the new file fetched whole.
     # (Sorted: the log has each request when its response ends, and the
     # refused one, abandoned by the client, can end after the other.)
@@ -165,10 +165,6 @@ async def test_file_replaced_between_requests_starts_over(live, tmp_path):
     assert sorted(gets) == [200, 206]
     assert result.sha256 == new_digest and result.resumed_bytes == 0
     assert sha256_of(target) == new_digest
-
-
-async def _probe(client, model_id):
-    return (await client.probe(model_id))[1]
 
 
 @pytest.mark.parametrize("parallel", [1, 2])
