@@ -167,6 +167,32 @@ async def test_file_replaced_between_requests_starts_over(live, tmp_path):
     assert sha256_of(target) == new_digest
 
 
+async def test_two_downloads_to_one_target_take_turns(live, tmp_path):
+    """The second waits on the first's lock file instead of writing into its .part; nothing is left after."""
+    src = tmp_path / "src.bin"
+    digest = write_random(src, 3_000_000)
+    target = tmp_path / "out.bin"
+    async with AsyncModelServiceClient(live.url) as client:
+        model_id = await client.push(src, name=unique("turns"), algorithm="x")
+        halfway = asyncio.Event()
+
+        def progress(done: int, total: int) -> None:
+            if done >= 1_000_000:
+                halfway.set()
+
+        first = asyncio.create_task(client.download(model_id, target, limit_rate=2_000_000, progress=progress))
+        await asyncio.wait_for(halfway.wait(), 30)
+        assert target.with_name("out.bin.part.lock").exists()
+        second = await client.download(model_id, target, overwrite=True)
+        assert first.done()
+        first = first.result()
+    # Each took the whole file from the network: the second did not resume from the first's bytes.
+    assert (first.resumed_bytes, first.bytes_transferred) == (0, 3_000_000)
+    assert (second.resumed_bytes, second.bytes_transferred) == (0, 3_000_000)
+    assert sha256_of(target) == digest
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("parallel", [1, 2])
 async def test_tampered_file_raises_checksum_mismatch_and_leaves_nothing(live, tmp_path, parallel):
     src = tmp_path / "src.bin"
