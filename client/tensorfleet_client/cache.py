@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from filelock import AsyncFileLock
-
 from . import rules
-from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file, probe
+from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file, file_lock, probe
 from .errors import ConnectionFailed, ProtocolError, ServerError
 from .transport import Transport
 
@@ -116,7 +114,7 @@ async def fetch(transport: Transport, name: str, version: str | None,
     root = root / name
     root.mkdir(parents=True, exist_ok=True)
 
-    async with AsyncFileLock(root / ".lock"):
+    async with file_lock(root / ".lock"):
         wanted = _Ref(root, version or LATEST)
         ref = wanted.load()
         cached = _cached_file(root, ref)

@@ -219,6 +219,15 @@ def part_paths(target: Path) -> tuple[Path, Path, Path]:
             target.with_name(target.name + ".part.lock"))
 
 
+def file_lock(path: Path) -> AsyncFileLock:
+    """An inter-process lock on ``path`` (flock): the kernel drops it when its holder dies, however it dies.
+
+    No soft-lock fallback where the file system has no flock: a marker file
+    outlives a killed holder and would keep every later caller waiting.
+    """
+    return AsyncFileLock(path, fallback_to_soft=False)
+
+
 def sha256_file(path: Path) -> "hashlib._Hash":
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -307,7 +316,7 @@ async def download_file(
     if not overwrite:
         refuse_existing(target)
     check_space(target.parent, remote.size, part)
-    lock = AsyncFileLock(lock_path)
+    lock = file_lock(lock_path)
     await lock.acquire()
     succeeded = False
     try:
