@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tensorfleet_client.cli import add_client_commands
+
 from . import logs
-from .client.cli import add_client_commands
 from .config import ConfigError, Settings
 from .maintenance import add_maintenance_commands
 from .storage import StorageUnavailable
