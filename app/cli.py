@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tensorfleet_client.cli import add_client_commands
-
 from . import logs
 from .config import ConfigError, Settings
 from .maintenance import add_maintenance_commands
@@ -79,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="who uses the key (becomes created_by)")
     create.add_argument("--scope", required=True, choices=("read", "write", "admin"))
     create.set_defaults(func=_keys_create)
-    add_client_commands(sub)
+    try:
+        from tensorfleet_client.cli import add_client_commands
+    except ImportError:  # the server alone: serve, cleanup and gc still work
+        pass
+    else:
+        add_client_commands(sub)
     add_maintenance_commands(sub)
     return parser
 
