@@ -9,6 +9,7 @@ from aiohttp import web
 from .. import clock, validation, views
 from ..http import json_response
 from ..keys import SETTINGS, STORAGE
+from ..schemas import ModelTop
 from ..storage.base import ModelQuery, RegistryStats, Storage
 
 PREFIX = "/api/v1/models"
@@ -45,7 +46,7 @@ async def statistics(request: web.Request) -> web.Response:
 async def _top(request: web.Request, sort_field: str) -> web.Response:
     limit = validation.limit_param(request.query, request.app[SETTINGS].max_page_size)
     docs, _ = await request.app[STORAGE].find_models(ModelQuery(sort_field=sort_field, sort_desc=True, limit=limit))
-    return json_response({"models": [views.summary(d) for d in docs]})
+    return json_response(ModelTop(models=[views.summary(d) for d in docs]))
 
 
 async def popular(request: web.Request) -> web.Response:
