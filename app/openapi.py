@@ -157,6 +157,10 @@ TIMESTAMP = msgspec.json.schema(shapes.Timestamp)
 COUNT = {"type": "integer", "minimum": 0}
 
 
+# What a use of a leaf type may add to it without being another type.
+_ANNOTATIONS = frozenset({"title", "description", "examples", "default"})
+
+
 def _leaf_refs(schema: Any, leaves: dict[str, Json], own: str | None = None) -> Any:
     """``schema`` with each inlined named leaf type (see schemas.NAMED) turned into a $ref to its
     component; what the use adds to the leaf (a description) stays beside the $ref."""
@@ -164,9 +168,10 @@ def _leaf_refs(schema: Any, leaves: dict[str, Json], own: str | None = None) -> 
         return [_leaf_refs(s, leaves, own) for s in schema]
     if not isinstance(schema, dict):
         return schema
+    constraints = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
     for name, leaf in leaves.items():
-        if name != own and all(schema.get(k) == v for k, v in leaf.items()):
-            return {**ref(name), **{k: v for k, v in schema.items() if k not in leaf}}
+        if name != own and constraints == {k: v for k, v in leaf.items() if k not in _ANNOTATIONS}:
+            return {**ref(name), **{k: v for k, v in schema.items() if k in _ANNOTATIONS and leaf.get(k) != v}}
     return {k: _leaf_refs(v, leaves, own) for k, v in schema.items()}
 
 
@@ -186,7 +191,6 @@ def generated_schemas(settings: Settings) -> Json:
 
 
 def schemas(settings: Settings) -> Json:
-    statuses = list(shapes.STATUSES)
     ids = {
         "type": "array", "minItems": 1, "maxItems": MAX_IDS,
         "items": {"description": "a model id; anything that is not 24 hexadecimal characters (including a "
@@ -194,52 +198,6 @@ def schemas(settings: Settings) -> Json:
     }
     return {
         **generated_schemas(settings),
-        "Statistics": closed({
-            "total_models": COUNT,
-            "algorithms": {"type": "object", "additionalProperties": COUNT,
-                           "description": "models per algorithm, most common first"},
-            "status_distribution": closed({s: COUNT for s in statuses}),
-            "total_downloads": COUNT,
-            "storage_usage": closed({
-                "total_size_bytes": {**COUNT, "description": "stored content, a file shared by models counted once"},
-                "total_size_gb": {"type": "number", "minimum": 0},
-                "average_model_size_mb": {"type": "number", "minimum": 0},
-            }),
-            "recent_activity": closed({"models_added_last_7_days": COUNT, "downloads_last_24_hours": COUNT}),
-            "timestamp": TIMESTAMP,
-        }),
-        "Health": closed({
-            "status": {"enum": ["healthy", "unhealthy"]},
-            "service": {"const": "model-service"},
-            "storage": {"enum": ["embedded", "mongodb"]},
-            "mongodb_connected": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
-            "gridfs_available": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
-            "total_models": {**nullable(COUNT), "description": "null when the store did not answer"},
-            "timestamp": TIMESTAMP,
-            "error": {"type": "string", "description": "why the store is unhealthy, when it is"},
-            "draining": {"const": True, "description": "present while the instance shuts down (then 503)"},
-        }, required=["status", "service", "storage", "mongodb_connected", "gridfs_available", "total_models",
-                     "timestamp"]),
-        "CheckResult": {"type": "string", "minLength": 1,
-                        "description": "'healthy', or the reason the check failed"},
-        "DetailedHealth": closed({
-            "status": {"enum": ["healthy", "unhealthy"], "description": "unhealthy when any check is not healthy"},
-            "service": {"const": "model-service"},
-            "storage": {"enum": ["embedded", "mongodb"]},
-            "checks": closed({
-                "storage": {**ref("CheckResult"), "description": "the store answers a ping"},
-                "files": {**ref("CheckResult"), "description": "GridFS or the data folder is readable and writable"},
-                "disk_space": {**ref("CheckResult"), "description": "free space above HEALTH_MIN_FREE_DISK, where known"},
-                "model_registry": {**ref("CheckResult"),
-                                   "description": "a sample of the newest models with files point at stored content"},
-                "shutdown": {"type": "string", "description": "present (never healthy) while the instance drains"},
-            }, required=["storage", "files", "disk_space", "model_registry"]),
-            "total_models": {**nullable(COUNT), "description": "null when the store is unhealthy"},
-            "active_models": nullable(COUNT),
-            "storage_usage": nullable(closed({"total_size_bytes": COUNT})),
-            "timestamp": TIMESTAMP,
-            "disk_free_bytes": {**nullable(COUNT), "description": "null where the backend cannot tell"},
-        }),
         "BatchIds": ids,
         "BatchRequest": {
             "description": f"One operation over at most {MAX_IDS} models. The body is checked as a whole first "
@@ -252,13 +210,6 @@ def schemas(settings: Settings) -> Json:
                         "tags": ref("Tags")}, title="add_tags / remove_tags"),
             ],
         },
-        "BatchAnswer": closed({
-            "operation": {"enum": list(OPERATIONS)},
-            "results": {"type": "array", "maxItems": MAX_IDS, "description": "one per requested id, in order",
-                        "items": closed({"id": {"type": "string"},
-                                         "result": {"enum": ["ok", "not_found", "invalid_id"]}})},
-            "summary": closed({"ok": COUNT, "not_found": COUNT, "invalid_id": COUNT}),
-        }),
     }
 
 

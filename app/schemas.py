@@ -17,7 +17,7 @@ import math
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType, defstruct
 
 from . import versions
 
@@ -94,8 +94,7 @@ Version = Annotated[str, Meta(pattern=versions.PATTERN, description="vMAJOR.MINO
 Tags = Annotated[list[Text(MAX_TAG)], Meta(max_length=MAX_TAGS)]
 Metrics = Annotated[dict[str, int | float], Meta(
     description="metric name to number", examples=[{"accuracy": 0.9234, "f1_score": 0.9038}],
-    extra_json_schema={"propertyNames": {"$ref": "#/components/schemas/SafeKey"},
-                       "additionalProperties": {"type": "number"}})]
+    extra_json_schema={"propertyNames": {"$ref": "#/components/schemas/SafeKey"}})]
 # Arbitrary JSON: the library checks it is an object; check_json_value the rest.
 SafeJsonObject = Annotated[dict[str, Any], Meta(
     description="any JSON object whose keys, at every depth, neither start with '$' nor contain '.'",
@@ -108,10 +107,12 @@ Timestamp = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.
 Count = Annotated[int, Meta(ge=0)]
 DownloadPath = Annotated[str, Meta(pattern=r"^/api/v1/models/[0-9a-f]{24}/download$")]
 Checksum = Annotated[str, Meta(pattern="^sha256:[0-9a-f]{64}$")]
+CheckResult = Annotated[str, Meta(min_length=1, description="'healthy', or the reason the check failed")]
 
 # Components of their own, referenced wherever the type appears.
 NAMED: dict[str, Any] = {"ObjectId": ObjectId, "ModelName": ModelName, "Version": Version, "Status": Status,
-                         "Tags": Tags, "Metrics": Metrics, "SafeJsonObject": SafeJsonObject}
+                         "Tags": Tags, "Metrics": Metrics, "SafeJsonObject": SafeJsonObject,
+                         "CheckResult": CheckResult}
 # What SafeJsonObject refers to: JSON Schema only, enforced by check_json_value.
 SAFE_JSON_SCHEMAS: dict[str, Any] = {
     "SafeKey": {"type": "string", "pattern": r"^[^$.][^.]*$",
@@ -308,6 +309,92 @@ class Error(Struct, forbid_unknown_fields=True):
     error: ErrorDetail
 
 
+class StorageUsage(Struct, forbid_unknown_fields=True):
+    total_size_bytes: Annotated[Count, Meta(description="stored content, a file shared by models counted once")]
+    total_size_gb: Annotated[float, Meta(ge=0)]
+    average_model_size_mb: Annotated[float, Meta(ge=0)]
+
+
+class RecentActivity(Struct, forbid_unknown_fields=True):
+    models_added_last_7_days: Count
+    downloads_last_24_hours: Count
+
+
+StatusDistribution = defstruct("StatusDistribution", [(s, Count) for s in STATUSES], forbid_unknown_fields=True,
+                               module=__name__)
+
+
+class Statistics(Struct, forbid_unknown_fields=True):
+    total_models: Count
+    algorithms: Annotated[dict[str, Count], Meta(description="models per algorithm, most common first")]
+    status_distribution: StatusDistribution
+    total_downloads: Count
+    storage_usage: StorageUsage
+    recent_activity: RecentActivity
+    timestamp: Timestamp
+
+
+StorageKind = Literal["embedded", "mongodb"]
+
+
+class Health(Struct, forbid_unknown_fields=True):
+    status: Literal["healthy", "unhealthy"]
+    service: Literal["model-service"]
+    storage: StorageKind
+    mongodb_connected: Annotated[bool | None, Meta(description="null on the embedded backend")]
+    gridfs_available: Annotated[bool | None, Meta(description="null on the embedded backend")]
+    total_models: Annotated[Count | None, Meta(description="null when the store did not answer")]
+    timestamp: Timestamp
+    error: Annotated[str, Meta(description="why the store is unhealthy, when it is")] | UnsetType = UNSET
+    draining: Annotated[Literal[True], Meta(
+        description="present while the instance shuts down (then 503)")] | UnsetType = UNSET
+
+
+class Checks(Struct, forbid_unknown_fields=True):
+    storage: Annotated[CheckResult, Meta(description="the store answers a ping")]
+    files: Annotated[CheckResult, Meta(description="GridFS or the data folder is readable and writable")]
+    disk_space: Annotated[CheckResult, Meta(description="free space above HEALTH_MIN_FREE_DISK, where known")]
+    model_registry: Annotated[CheckResult, Meta(
+        description="a sample of the newest models with files point at stored content")]
+    shutdown: Annotated[str, Meta(description="present (never healthy) while the instance drains")] | UnsetType = UNSET
+
+
+class StoredBytes(Struct, forbid_unknown_fields=True):
+    total_size_bytes: Count
+
+
+class DetailedHealth(Struct, forbid_unknown_fields=True):
+    status: Annotated[Literal["healthy", "unhealthy"], Meta(description="unhealthy when any check is not healthy")]
+    service: Literal["model-service"]
+    storage: StorageKind
+    checks: Checks
+    total_models: Annotated[Count | None, Meta(description="null when the store is unhealthy")]
+    active_models: Count | None
+    storage_usage: StoredBytes | None
+    timestamp: Timestamp
+    disk_free_bytes: Annotated[Count | None, Meta(description="null where the backend cannot tell")]
+
+
+MAX_BATCH_IDS = 1000
+BatchOperation = Literal["delete", "update_status", "add_tags", "remove_tags"]
+BatchResultKind = Literal["ok", "not_found", "invalid_id"]
+
+
+class BatchResult(Struct, forbid_unknown_fields=True):
+    id: str
+    result: BatchResultKind
+
+
+BatchSummary = defstruct("BatchSummary", [(r, Count) for r in get_args(BatchResultKind)],
+                         forbid_unknown_fields=True, module=__name__)
+
+
+class BatchAnswer(Struct, forbid_unknown_fields=True):
+    operation: BatchOperation
+    results: Annotated[list[BatchResult], Meta(max_length=MAX_BATCH_IDS, description="one per requested id, in order")]
+    summary: BatchSummary
+
+
 # Response components whose JSON Schema needs more than the Struct says.
 EXTRA_SCHEMA: dict[str, dict[str, Any]] = {
     "Model": {"dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"]}},
@@ -315,4 +402,5 @@ EXTRA_SCHEMA: dict[str, dict[str, Any]] = {
 
 REQUESTS = (ModelRegistration, NewVersion, ModelUpdate)
 ANSWERS = (Error, FileMetadata, FileInfo, ModelSummary, Model, Pagination, ModelList, ModelTop, VersionList,
-           RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer)
+           RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer, Statistics, Health, DetailedHealth,
+           BatchAnswer)
