@@ -31,7 +31,7 @@ import msgspec
 from . import auth, ranges
 from . import schemas as shapes
 from .config import Settings, format_size
-from .handlers.batch import MAX_IDS, OPERATIONS
+from .handlers.batch import MAX_IDS
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
 

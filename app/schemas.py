@@ -85,18 +85,25 @@ def Text(max_len: int, description: str | None = None) -> Any:
     return Annotated[str, Meta(min_length=1, max_length=max_len, pattern=NON_BLANK, description=description)]
 
 
+ShortText = Text(MAX_SHORT)
+Description = Text(MAX_DESCRIPTION)
+Format = Text(MAX_FORMAT, "the file format, for example pkl, onnx or joblib")
+Algorithm = Text(MAX_SHORT, "free text, for example xgboost or random_forest")
 ObjectId = Annotated[str, Meta(pattern="^[0-9a-f]{24}$", description="24 lowercase hex characters",
                                examples=["6b0916141a2ae0d99912e3ac"])]
 # The pattern is what JSON Schema can say; __post_init__ also refuses names of only dots.
 ModelName = Annotated[str, Meta(pattern=NAME_RE.pattern, description=NAME_RULE)]
 Version = Annotated[str, Meta(pattern=versions.PATTERN, description="vMAJOR.MINOR, compared numerically "
                                                                     "(v1.10 > v1.9)", examples=["v1.0", "v2.3"])]
-Tags = Annotated[list[Text(MAX_TAG)], Meta(max_length=MAX_TAGS)]
+Tag = Text(MAX_TAG)
+Tags = Annotated[list[Tag], Meta(max_length=MAX_TAGS)]
 Metrics = Annotated[dict[str, int | float], Meta(
     description="metric name to number", examples=[{"accuracy": 0.9234, "f1_score": 0.9038}],
     extra_json_schema={"propertyNames": {"$ref": "#/components/schemas/SafeKey"}})]
+# A JSON object whose content the service does not interpret.
+JsonObject = dict[str, Any]
 # Arbitrary JSON: the library checks it is an object; check_json_value the rest.
-SafeJsonObject = Annotated[dict[str, Any], Meta(
+SafeJsonObject = Annotated[JsonObject, Meta(
     description="any JSON object whose keys, at every depth, neither start with '$' nor contain '.'",
     extra_json_schema={"propertyNames": {"$ref": "#/components/schemas/SafeKey"},
                        "additionalProperties": {"$ref": "#/components/schemas/SafeJsonValue"}})]
@@ -110,11 +117,11 @@ Checksum = Annotated[str, Meta(pattern="^sha256:[0-9a-f]{64}$")]
 CheckResult = Annotated[str, Meta(min_length=1, description="'healthy', or the reason the check failed")]
 
 # Components of their own, referenced wherever the type appears.
-NAMED: dict[str, Any] = {"ObjectId": ObjectId, "ModelName": ModelName, "Version": Version, "Status": Status,
-                         "Tags": Tags, "Metrics": Metrics, "SafeJsonObject": SafeJsonObject,
-                         "CheckResult": CheckResult}
+NAMED: dict[str, object] = {"ObjectId": ObjectId, "ModelName": ModelName, "Version": Version, "Status": Status,
+                            "Tags": Tags, "Metrics": Metrics, "SafeJsonObject": SafeJsonObject,
+                            "CheckResult": CheckResult}
 # What SafeJsonObject refers to: JSON Schema only, enforced by check_json_value.
-SAFE_JSON_SCHEMAS: dict[str, Any] = {
+SAFE_JSON_SCHEMAS: dict[str, object] = {
     "SafeKey": {"type": "string", "pattern": r"^[^$.][^.]*$",
                 "description": "a non-empty key that neither starts with '$' nor contains '.'"},
     "SafeJsonValue": {"anyOf": [
@@ -136,7 +143,7 @@ class ModelUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
     dataset_info: SafeJsonObject | UnsetType = UNSET
     tags: Tags | UnsetType = UNSET
     status: Annotated[Status, Meta(description="active when registering unless given")] | UnsetType = UNSET
-    description: Text(MAX_DESCRIPTION) | UnsetType = UNSET
+    description: Description | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         for field in ("hyperparameters", "metrics", "dataset_info"):
@@ -149,14 +156,11 @@ class ModelUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
                     raise ValueError(f"metrics.{k}: must be a number")
 
 
-Algorithm = Text(MAX_SHORT, "free text, for example xgboost or random_forest")
-
-
 class _Provenance(ModelUpdate, kw_only=True):
     """What a registration and a new version may set beyond the mutable fields."""
 
-    created_by: Text(MAX_SHORT) | UnsetType = UNSET
-    format: Text(MAX_FORMAT, "the file format, for example pkl, onnx or joblib") | UnsetType = UNSET
+    created_by: ShortText | UnsetType = UNSET
+    format: Format | UnsetType = UNSET
     version: Annotated[Version, Meta(description="ask for this version number (409 if it exists); "
                                                  "by default the next one is chosen")] | UnsetType = UNSET
     breaking_changes: Annotated[bool, Meta(
@@ -234,9 +238,9 @@ class Model(Struct, forbid_unknown_fields=True):
     algorithm: str
     status: Status
     description: str | None
-    hyperparameters: dict[str, Any]
+    hyperparameters: JsonObject
     metrics: dict[str, int | float]
-    dataset_info: dict[str, Any]
+    dataset_info: JsonObject
     tags: list[str]
     format: str | None
     parent_model_id: Annotated[ObjectId | None, Meta(
@@ -396,7 +400,7 @@ class BatchAnswer(Struct, forbid_unknown_fields=True):
 
 
 # Response components whose JSON Schema needs more than the Struct says.
-EXTRA_SCHEMA: dict[str, dict[str, Any]] = {
+EXTRA_SCHEMA: dict[str, dict[str, object]] = {
     "Model": {"dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"]}},
 }
 

@@ -20,7 +20,7 @@ from . import versions
 from .http import ApiError
 from .schemas import (MAX_TAG, MAX_TAGS, NAME_RULE, STATUSES, VERSION_RULE, ModelRegistration, ModelUpdate,
                       NewVersion, valid_name)
-from .storage.base import ModelQuery
+from .storage.base import ModelDocument, ModelQuery
 
 __all__ = ["STATUSES", "NAME_RULE", "valid_name", "registration", "new_version", "update", "model_id",
            "model_name", "version_param", "limit_param", "listing"]
@@ -99,20 +99,20 @@ def _convert(body: Mapping[str, Any], schema: type[Body]) -> Body:
         raise _rule(m.group("field"), m.group("sub"), m.group("what"), body) from None
 
 
-def fields(value: msgspec.Struct) -> dict[str, Any]:
+def fields(value: msgspec.Struct) -> ModelDocument:
     """The fields a body gave, as the document fields storage takes."""
-    return {k: v for k, v in msgspec.structs.asdict(value).items() if v is not msgspec.UNSET}
+    return ModelDocument(**{k: v for k, v in msgspec.structs.asdict(value).items() if v is not msgspec.UNSET})
 
 
-def registration(body: Mapping[str, Any]) -> dict[str, Any]:
+def registration(body: Mapping[str, Any]) -> ModelDocument:
     return fields(_convert(body, ModelRegistration))
 
 
-def new_version(body: Mapping[str, Any]) -> dict[str, Any]:
+def new_version(body: Mapping[str, Any]) -> ModelDocument:
     return fields(_convert(body, NewVersion))
 
 
-def update(body: Mapping[str, Any]) -> dict[str, Any]:
+def update(body: Mapping[str, Any]) -> ModelDocument:
     return fields(_convert(body, ModelUpdate))
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from .clock import iso
 from .config import format_size
 from .schemas import FileMetadata, Model, ModelSummary
-
-# The stored documents, as storage returns them (datetimes, bookkeeping fields).
-Document = dict[str, Any]
+from .storage.base import ModelDocument, StoredFileMetadata
 
 
 def download_url(model_id: str) -> str:
@@ -22,7 +18,7 @@ def download_url(model_id: str) -> str:
 LAST_MODIFIED_SHARED = "last_modified_shared"
 
 
-def file_metadata(fm: Document) -> FileMetadata:
+def file_metadata(fm: StoredFileMetadata) -> FileMetadata:
     return FileMetadata(
         file_id=fm["file_id"],
         filename=fm["filename"],
@@ -35,7 +31,7 @@ def file_metadata(fm: Document) -> FileMetadata:
     )
 
 
-def full(doc: Document) -> Model:
+def full(doc: ModelDocument) -> Model:
     model = Model(
         id=doc["id"],
         name=doc["name"],
@@ -62,7 +58,7 @@ def full(doc: Document) -> Model:
     return model
 
 
-def summary(doc: Document) -> ModelSummary:
+def summary(doc: ModelDocument) -> ModelSummary:
     fm = doc.get("file_metadata")
     return ModelSummary(
         id=doc["id"],
