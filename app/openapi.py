@@ -7,8 +7,10 @@ with the application's router in both directions, and validates real responses
 against the schemas, and schemathesis is meant to run against it. So every
 schema here states what the service really sends and accepts:
 
-- limits come from the code (validation rules, ranges.MAX_RANGES, the batch size)
-  and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE, MAX_JSON_SIZE);
+- ``components.schemas`` is generated from the Structs of ``app.schemas``, the
+  same declarations validation converts bodies into and handlers answer with;
+- limits come from the code (those declarations, ranges.MAX_RANGES, the batch
+  size) and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE, MAX_JSON_SIZE);
 - each error response lists the exact ``error.code`` values the route can
   answer with that status, as an ``enum`` in its schema and as ``x-error-codes``;
 - response objects are closed (``additionalProperties: false``) where the
