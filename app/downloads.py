@@ -17,7 +17,7 @@ import secrets
 import socket
 import struct
 from contextlib import aclosing
-from typing import Any, Iterable
+from typing import Iterable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -25,13 +25,13 @@ from aiohttp import web
 from . import clock, metrics, preconditions, ranges, sendfile, views
 from .http import ApiError, error_response
 from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
-from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
+from .storage.base import FileMissing, ModelDocument, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
 
 
-def stored_file(doc: dict[str, Any]) -> StoredFile:
+def stored_file(doc: ModelDocument) -> StoredFile:
     fm = doc.get("file_metadata")
     if not fm:
         raise ApiError(404, "no_file", f"model {doc['id']} has no file uploaded yet")
@@ -53,7 +53,7 @@ def content_disposition(filename: str) -> str:
     return value
 
 
-def file_headers(doc: dict[str, Any], f: StoredFile) -> dict[str, str]:
+def file_headers(doc: ModelDocument, f: StoredFile) -> dict[str, str]:
     digest = base64.b64encode(bytes.fromhex(f.sha256)).decode()
     return {
         "Content-Type": "application/octet-stream",
@@ -77,7 +77,7 @@ _NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Check
                          "X-Model-Id", "X-Model-Name", "X-Model-Version")
 
 
-def date_is_strong(doc: dict[str, Any], others: Iterable[dict[str, Any]] = ()) -> bool:
+def date_is_strong(doc: ModelDocument, others: Iterable[ModelDocument] = ()) -> bool:
     """Whether the file's Last-Modified names only this content (RFC 9110 section 8.8.2.2).
 
     Not when the model's previous file was uploaded in the same second, nor,
@@ -94,8 +94,8 @@ def date_is_strong(doc: dict[str, Any], others: Iterable[dict[str, Any]] = ()) -
     )
 
 
-async def send(request: web.Request, doc: dict[str, Any],
-               others: Iterable[dict[str, Any]] = ()) -> web.StreamResponse:
+async def send(request: web.Request, doc: ModelDocument,
+               others: Iterable[ModelDocument] = ()) -> web.StreamResponse:
     f = stored_file(doc)
     headers = file_headers(doc, f)
     etag = headers["ETag"]

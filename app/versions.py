@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-_VERSION_RE = re.compile(r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$")
+# The JSON Schema pattern of a version (schemas.Version); fullmatch decides here.
+PATTERN = r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$"
+_VERSION_RE = re.compile(PATTERN)
 
 FIRST = "v1.0"
 

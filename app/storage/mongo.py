@@ -38,6 +38,7 @@ from .base import (
     DuplicateModel,
     FileMissing,
     FileWriter,
+    ModelDocument,
     ModelQuery,
     RegistryStats,
     Storage,
@@ -68,7 +69,7 @@ def _oid(value: str) -> ObjectId | None:
         return None
 
 
-def _to_mongo(doc: dict[str, Any]) -> dict[str, Any]:
+def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
     out = {k: v for k, v in doc.items() if k != "id"}
     out["_id"] = ObjectId(doc["id"])
     if doc.get("parent_model_id"):
@@ -78,7 +79,7 @@ def _to_mongo(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_mongo(raw: dict[str, Any]) -> dict[str, Any]:
+def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
     doc = dict(raw)
     doc["id"] = str(doc.pop("_id"))
     if isinstance(doc.get("parent_model_id"), ObjectId):
@@ -228,22 +229,22 @@ class MongoStorage(Storage):
 
     # -- metadata --------------------------------------------------------
     @_guard
-    async def insert_model(self, doc: dict[str, Any]) -> None:
+    async def insert_model(self, doc: ModelDocument) -> None:
         try:
             await self.models.insert_one(_to_mongo(doc))
         except DuplicateKeyError as e:
             raise DuplicateModel(f"{doc['name']} {doc['version']} already exists") from e
 
     @_guard
-    async def get_model(self, model_id: str) -> dict[str, Any] | None:
+    async def get_model(self, model_id: str) -> ModelDocument | None:
         oid = _oid(model_id)
         raw = await self.models.find_one({"_id": oid}) if oid else None
         return _from_mongo(raw) if raw else None
 
     @_guard
     async def update_model(
-        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
-    ) -> dict[str, Any] | None:
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+    ) -> ModelDocument | None:
         oid = _oid(model_id)
         if oid is None:
             return None
@@ -278,7 +279,7 @@ class MongoStorage(Storage):
             await self.downloads.delete_many({"_id": {"$lt": hour - DOWNLOAD_HISTORY}})
 
     @_guard
-    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+    async def delete_model(self, model_id: str) -> ModelDocument | None:
         oid = _oid(model_id)
         raw = await self.models.find_one_and_delete({"_id": oid}) if oid else None
         return _from_mongo(raw) if raw else None
@@ -312,7 +313,7 @@ class MongoStorage(Storage):
         return f
 
     @_guard
-    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+    async def find_models(self, query: ModelQuery) -> tuple[list[ModelDocument], int]:
         f = self._filter(query)
         direction = DESCENDING if query.sort_desc else ASCENDING
         cursor = self.models.find(f, sort=[(query.sort_field, direction), ("_id", direction)],
@@ -322,7 +323,7 @@ class MongoStorage(Storage):
         return docs, total
 
     @_guard
-    async def models_named(self, name: str) -> list[dict[str, Any]]:
+    async def models_named(self, name: str) -> list[ModelDocument]:
         return [_from_mongo(d) async for d in self.models.find({"name": name})]
 
     @_guard
