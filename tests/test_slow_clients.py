@@ -219,3 +219,51 @@ def test_unread_pipelined_range_requests_cost_no_cpu(request, tmp_path):
         assert health_ok(svc)
         log = svc.log()
         assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# 14. gc never collects an upload in progress
+# ---------------------------------------------------------------------------
+
+def _gc(svc_env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "app", "gc", *args], cwd=REPO, env={**os.environ, **svc_env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+async def test_gc_leaves_a_live_stalled_upload_alone(request, backend, tmp_path):
+    with service_on(request, backend, tmp_path, "gclive", BODY_TIMEOUT="300") as (svc, data_dir, mongo, db):
+        env = {"DATA_DIR": str(data_dir), "MONGODB_URL": mongo.url if mongo else "", "MONGODB_DB": db or "x"}
+        model_id = register(svc)
+        data = os.urandom(10 * MIB)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        try:
+            writer.write(request_bytes("PUT", f"{MODELS}/{model_id}/upload", [], content_length=len(data))
+                         + data[:5 * MIB])
+            await writer.drain()
+            await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state")
+            held = temp_state(data_dir, mongo, db)
+            # An age of 0 makes every temp file and chunk old enough: only liveness can spare them.
+            report = await asyncio.to_thread(_gc, env, "--min-age", "0s")
+            assert temp_state(data_dir, mongo, db) >= held, f"gc removed a live upload's data:\n{report}"
+            writer.write(data[5 * MIB:])
+            await writer.drain()
+            got, _ = await read_until_closed(reader, 30)
+        finally:
+            writer.transport.abort()
+        (answer,) = parse_responses(got)
+        assert answer.status == 201, answer
+        with urllib.request.urlopen(f"{svc.url}{MODELS}/{model_id}/download", timeout=30) as r:
+            assert hashlib.sha256(r.read()).hexdigest() == hashlib.sha256(data).hexdigest()
+        # What a crashed upload leaves is still collected.
+        if mongo is None:
+            stray = data_dir / "tmp" / "crashed.part"
+            stray.write_bytes(b"x" * 1000)
+        else:
+            from bson import ObjectId
+            with mongo.sync_client() as c:
+                c[db]["models.chunks"].insert_one({"files_id": ObjectId(), "n": 0, "data": b"x" * 1000})
+        assert temp_state(data_dir, mongo, db) == 1000
+        await asyncio.to_thread(_gc, env, "--min-age", "0s")
+        assert temp_state(data_dir, mongo, db) == 0
