@@ -146,6 +146,56 @@ def fd_limit(soft: int):
 
 
 # ---------------------------------------------------------------------------
+# 7. Multipart bodies that cost unbounded parsing
+# ---------------------------------------------------------------------------
+
+def _empty_parts(n: int) -> tuple[bytes, bytes]:
+    return raw_multipart([(b'Content-Disposition: form-data; name="x"', b"")] * n)
+
+
+def _long_preamble() -> tuple[bytes, bytes]:
+    body, ctype = raw_multipart([(b'Content-Disposition: form-data; name="file"; filename="m"', b"x")])
+    return b"\r\n" * 1_150_000 + body, ctype
+
+
+def _nested() -> tuple[bytes, bytes]:
+    inner, inner_type = raw_multipart([(b'Content-Disposition: form-data; name="x"', b"")] * 3, b"inner")
+    return raw_multipart([(b"Content-Type: " + inner_type, inner)])
+
+
+@pytest.mark.parametrize("body, code", [
+    (_empty_parts(40_000), "too_many_parts"),
+    (_long_preamble(), "invalid_multipart"),
+    (_nested(), "invalid_multipart"),
+], ids=["40000 empty parts", "2 MB preamble", "nested multipart"])
+async def test_costly_multipart_bodies_are_400_without_holding_the_loop(request, tmp_path, body, code):
+    body, ctype = body
+    with service_on(request, "embedded", tmp_path, "parts") as (svc, data_dir, _, _):
+        model_id = register(svc)
+        for path in (MODELS, f"{MODELS}/{model_id}/upload"):
+            before = cpu_seconds(svc)
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(request_bytes("POST", path, [("Content-Type", ctype)], body))
+            health = asyncio.create_task(asyncio.to_thread(_timed_health, svc))
+            data, _ = await read_until_closed(reader, 30)
+            writer.transport.abort()
+            health_seconds = await health
+            used = cpu_seconds(svc) - before
+            print(f"\n{path}: {len(body)} bytes cost {used:.2f} CPU s; /health took {health_seconds:.3f} s")
+            assert used < 1.0
+            assert health_seconds < 0.5
+            (answer,) = parse_responses(data)
+            assert answer.status == 400 and error_code(answer) == code, answer
+        assert not list((data_dir / "tmp").iterdir())
+
+
+def _timed_health(svc) -> float:
+    t = time.monotonic()
+    assert health_ok(svc, timeout=30)
+    return time.monotonic() - t
+
+
+# ---------------------------------------------------------------------------
 # 8. Downloads to clients that do not read: no busy wait, no 500 when they leave
 # ---------------------------------------------------------------------------
 
