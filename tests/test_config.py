@@ -107,3 +107,24 @@ def test_gridfs_chunk_size_and_workers():
             Settings.from_env({"GRIDFS_CHUNK_SIZE": bad})
     with pytest.raises(ConfigError, match="WORKERS"):
         Settings.from_env({"WORKERS": "0"})
+
+
+_CONNECTION_LIMITS = {
+    # variable: (attribute, default, a valid value, values refused)
+    "HEADER_TIMEOUT": ("header_timeout", 10, 3, ("0", "soon", "3601")),
+    "BODY_TIMEOUT": ("body_timeout", 60, 5, ("0", "-1", "1.5")),
+    "KEEPALIVE_TIMEOUT": ("keepalive_timeout", 75, 30, ("0", "forever")),
+    "MAX_CONNECTIONS": ("max_connections", 1000, 50, ("0", "many", "1000001")),
+    "MAX_CONCURRENT_UPLOADS": ("max_concurrent_uploads", 32, 0, ("-1", "lots")),
+    "MAX_UPLOADS_PER_CLIENT": ("max_uploads_per_client", 8, 2, ("-3", "two")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONNECTION_LIMITS))
+def test_connection_limits_defaults_values_and_refusals(name):
+    attr, default, valid, refused = _CONNECTION_LIMITS[name]
+    assert getattr(Settings.from_env({}), attr) == default
+    assert getattr(Settings.from_env({name: str(valid)}), attr) == valid
+    for bad in refused:
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: bad})

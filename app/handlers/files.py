@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .. import downloads, metrics, registry, uploads, validation
 from ..http import ApiError, json_response, parse_json_object
-from ..keys import LEASES, SETTINGS, STORAGE
+from ..keys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..locks import KeyedLocks
 from ..views import file_metadata
 from .models import PREFIX, created, model_or_404, named_model_or_404, with_caller
@@ -16,9 +16,15 @@ from .models import PREFIX, created, model_or_404, named_model_or_404, with_call
 
 async def _receive(request: web.Request) -> uploads.Received:
     """Stream the request's file (raw body or multipart ``file`` part) into the store."""
-    settings, storage = request.app[SETTINGS], request.app[STORAGE]
+    settings = request.app[SETTINGS]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
+    with request.app[UPLOAD_SLOTS].slot(request):
+        return await _store_body(request, sha256)
+
+
+async def _store_body(request: web.Request, sha256: str | None) -> uploads.Received:
+    settings, storage = request.app[SETTINGS], request.app[STORAGE]
     if request.content_type.startswith("multipart/"):
         received, _ = await uploads.receive_multipart(request, storage, settings, sha256)
         if received is None:
@@ -86,10 +92,11 @@ async def register_with_file(request: web.Request) -> web.Response:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
-    received, fields = await uploads.receive_multipart(
-        request, storage, settings, sha256,
-        parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
-    )
+    with request.app[UPLOAD_SLOTS].slot(request):
+        received, fields = await uploads.receive_multipart(
+            request, storage, settings, sha256,
+            parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
+        )
     if received is None:
         raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
     try:
