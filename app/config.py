@@ -130,7 +130,7 @@ class Settings:
     keepalive_timeout: float = 75.0
     max_connections: int = 1000
     max_concurrent_uploads: int = 32
-    max_uploads_per_client: int = 8
+    max_uploads_per_client: int = 16
 
     @property
     def storage_kind(self) -> str:

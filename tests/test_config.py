@@ -116,7 +116,7 @@ _CONNECTION_LIMITS = {
     "KEEPALIVE_TIMEOUT": ("keepalive_timeout", 75, 30, ("0", "forever")),
     "MAX_CONNECTIONS": ("max_connections", 1000, 50, ("0", "many", "1000001")),
     "MAX_CONCURRENT_UPLOADS": ("max_concurrent_uploads", 32, 0, ("-1", "lots")),
-    "MAX_UPLOADS_PER_CLIENT": ("max_uploads_per_client", 8, 2, ("-3", "two")),
+    "MAX_UPLOADS_PER_CLIENT": ("max_uploads_per_client", 16, 2, ("-3", "two")),
 }
 
 
