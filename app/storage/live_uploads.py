@@ -43,6 +43,10 @@ class LiveUploads:
         if files_id not in self._mine:
             return
         self._mine.discard(files_id)
+        if not self._mine and self._heartbeat is not None:
+            # No task outlives the uploads it refreshes.
+            self._heartbeat.cancel()
+            self._heartbeat = None
         try:
             await self._records.delete_one({"_id": files_id})
         except PyMongoError as e:
@@ -57,7 +61,7 @@ class LiveUploads:
         return (await self._records.delete_many({"seen_at": {"$lte": now() - STALE_AFTER}})).deleted_count
 
     async def _beat(self) -> None:
-        while self._mine:
+        while True:
             await asyncio.sleep(HEARTBEAT)
             try:
                 await self._records.update_many({"_id": {"$in": list(self._mine)}}, {"$set": {"seen_at": now()}})
