@@ -131,6 +131,7 @@ class Settings:
     max_connections: int = 1000
     max_concurrent_uploads: int = 32
     max_uploads_per_client: int = 16
+    upload_queue_seconds: float = 10.0
 
     @property
     def storage_kind(self) -> str:
@@ -174,6 +175,7 @@ class Settings:
             max_connections=_int(env, "MAX_CONNECTIONS", cls.max_connections, 1, 1_000_000),
             max_concurrent_uploads=_int(env, "MAX_CONCURRENT_UPLOADS", cls.max_concurrent_uploads, 0, 100_000),
             max_uploads_per_client=_int(env, "MAX_UPLOADS_PER_CLIENT", cls.max_uploads_per_client, 0, 100_000),
+            upload_queue_seconds=_int(env, "UPLOAD_QUEUE_SECONDS", int(cls.upload_queue_seconds), 0, 3600),
         )
 
     def describe(self) -> str:

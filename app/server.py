@@ -37,7 +37,8 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app = web.Application(middlewares=middlewares)
     app[DRAIN] = drain
     app[DOWNLOAD_SLOTS] = limits.DownloadSlots(settings.max_concurrent_downloads, settings.download_queue_seconds)
-    app[UPLOAD_SLOTS] = upload_slots.UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
+    app[UPLOAD_SLOTS] = upload_slots.UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client,
+                                                   settings.upload_queue_seconds)
     app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)

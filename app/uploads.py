@@ -23,7 +23,6 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 from . import clock
 from .config import Settings, format_size
 from .http import ApiError, error_response, read_limited
-from .keys import UPLOAD_SLOTS
 from .storage.base import FileWriter, Storage, StoredFile
 
 # Multipart bodies carry boundaries (and, at registration, a metadata part of
@@ -66,8 +65,6 @@ def expect_handler(settings: Settings):
             return None
         try:
             check_declared_length(request, settings)
-            # Middlewares (auth) have not run yet, so the per-client cap waits for the handler.
-            request.app[UPLOAD_SLOTS].check_total()
         except ApiError as e:
             # Middlewares do not run on this path, so build the error body here.
             return error_response(e.status, e.code, e.message, {**(e.headers or {}), "Connection": "close"})

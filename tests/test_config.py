@@ -117,6 +117,7 @@ _CONNECTION_LIMITS = {
     "MAX_CONNECTIONS": ("max_connections", 1000, 50, ("0", "many", "1000001")),
     "MAX_CONCURRENT_UPLOADS": ("max_concurrent_uploads", 32, 0, ("-1", "lots")),
     "MAX_UPLOADS_PER_CLIENT": ("max_uploads_per_client", 16, 2, ("-3", "two")),
+    "UPLOAD_QUEUE_SECONDS": ("upload_queue_seconds", 10, 0, ("-1", "3601", "soon")),
 }
 
 

@@ -19,7 +19,7 @@ async def _receive(request: web.Request) -> uploads.Received:
     settings = request.app[SETTINGS]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
-    with request.app[UPLOAD_SLOTS].slot(request):
+    async with request.app[UPLOAD_SLOTS].slot(request):
         return await _store_body(request, sha256)
 
 
@@ -92,7 +92,7 @@ async def register_with_file(request: web.Request) -> web.Response:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
-    with request.app[UPLOAD_SLOTS].slot(request):
+    async with request.app[UPLOAD_SLOTS].slot(request):
         received, fields = await uploads.receive_multipart(
             request, storage, settings, sha256,
             parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
