@@ -67,7 +67,7 @@ def expect_handler(settings: Settings):
             check_declared_length(request, settings)
         except ApiError as e:
             # Middlewares do not run on this path, so build the error body here.
-            return error_response(e.status, e.code, e.message, {**(e.headers or {}), "Connection": "close"})
+            return error_response(e.status, e.code, e.message, {"Connection": "close"})
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
