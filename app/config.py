@@ -128,6 +128,14 @@ class Settings:
     # Signs the web UI's session cookies (app/ui/session.py). Unset: a random
     # one per start-up, shared by the workers, so sessions end at a restart.
     ui_session_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    # Connection-level limits (slow and stalled clients); every one is in the README.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 1000
+    max_concurrent_uploads: int = 32
+    max_uploads_per_client: int = 16
+    upload_queue_seconds: float = 10.0
 
     @property
     def storage_kind(self) -> str:
@@ -166,6 +174,13 @@ class Settings:
             max_url_length=_int(env, "MAX_URL_LENGTH", cls.max_url_length, 256, 1_048_576),
             max_json_size=_size(env, "MAX_JSON_SIZE", cls.max_json_size),
             ui_session_secret=_session_secret(env),
+            header_timeout=_int(env, "HEADER_TIMEOUT", int(cls.header_timeout), 1, 3600),
+            body_timeout=_int(env, "BODY_TIMEOUT", int(cls.body_timeout), 1, 86_400),
+            keepalive_timeout=_int(env, "KEEPALIVE_TIMEOUT", int(cls.keepalive_timeout), 1, 86_400),
+            max_connections=_int(env, "MAX_CONNECTIONS", cls.max_connections, 1, 1_000_000),
+            max_concurrent_uploads=_int(env, "MAX_CONCURRENT_UPLOADS", cls.max_concurrent_uploads, 0, 100_000),
+            max_uploads_per_client=_int(env, "MAX_UPLOADS_PER_CLIENT", cls.max_uploads_per_client, 0, 100_000),
+            upload_queue_seconds=_int(env, "UPLOAD_QUEUE_SECONDS", int(cls.upload_queue_seconds), 0, 3600),
         )
 
     def describe(self) -> str:

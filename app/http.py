@@ -47,6 +47,16 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class BodyTimeout(TimeoutError):
+    """The client stopped sending a request body the service was waiting for (BODY_TIMEOUT).
+
+    Raised into whatever reads the body (app/connections.py sets it on the
+    request's payload), so an upload unwinds as on any other failure and its
+    partial file is discarded. A TimeoutError, so aiohttp's lingering read of an
+    unfinished body treats it as the end of that body.
+    """
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=_encode(data),
@@ -154,9 +164,15 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    408: "request_timeout",
     414: "uri_too_long",
     431: "headers_too_large",
 }
+
+
+def code_for_status(status: int) -> str:
+    """The error code of a bare HTTP status (one aiohttp or the connection layer chose)."""
+    return _HTTP_CODES.get(status, "http_error")
 
 
 @web.middleware
@@ -190,7 +206,7 @@ async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = _HTTP_CODES.get(e.status, "http_error")
+        code = code_for_status(e.status)
         message = e.reason
         if e.status == 404:
             message = f"no route for {request.path}"
@@ -198,6 +214,10 @@ async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
             message = f"method {request.method} is not allowed on {request.path}"
         headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
         return error_response(e.status, code, message, headers or None)
+    except BodyTimeout as e:
+        log.info("request body stalled in %s %s: %s", request.method, request.path, e,
+                 extra={"request_id": request_id(request)})
+        return error_response(408, "request_timeout", str(e), {"Connection": "close"})
     except HttpProcessingError as e:
         # The body broke HTTP framing (shorter than its Content-Length, a bad
         # chunk): the client's fault, and whatever was stored is already undone.

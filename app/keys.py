@@ -11,3 +11,4 @@ STORAGE = web.AppKey("storage", Storage)
 LEASES = web.AppKey("leases", FileLeases)
 DRAIN = web.AppKey("drain", object)  # limits.Drain
 DOWNLOAD_SLOTS = web.AppKey("download_slots", object)  # limits.DownloadSlots
+UPLOAD_SLOTS = web.AppKey("upload_slots", object)  # upload_slots.UploadSlots

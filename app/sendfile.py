@@ -47,22 +47,24 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
     Raises FileMissing if the file is gone or shorter than that, TimeoutError
     after ``timeout`` seconds without progress, ConnectionError if the client left.
     """
-    transport = request.transport
     loop = asyncio.get_running_loop()
     # Headers (and any multipart preamble) first, all the way out of the
     # transport's buffer, so the file's bytes follow them in order.
     send_headers = getattr(writer, "send_headers", None)
     if send_headers is not None:
         send_headers()
-    async with asyncio.timeout(timeout):
-        while transport.get_write_buffer_size():
-            await asyncio.sleep(0.0005)
+    transport = await _flushed(request, writer, timeout)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as e:
         raise FileMissing(f"content at {path} is missing") from e
     sock = transport.get_extra_info("socket")
-    out = os.dup(sock.fileno())
+    try:
+        out = os.dup(sock.fileno())
+    except OSError as e:
+        # The transport closed its socket: the client left.
+        os.close(fd)
+        raise ConnectionResetError("the client closed the connection") from e
     sent = 0
     _cork(sock, True)
     try:
@@ -83,6 +85,31 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
         os.close(out)
         os.close(fd)
     return sent
+
+
+async def _flushed(request: web.Request, writer, timeout: float) -> asyncio.Transport:
+    """The request's transport, once everything it had buffered is on the wire.
+
+    Waits without polling: with a high-water mark of zero the transport pauses
+    its protocol while a single byte is buffered and resumes it once none is,
+    which is what aiohttp's ``drain()`` waits for. Raises ConnectionResetError
+    when the client has gone, TimeoutError after ``timeout`` seconds.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client closed the connection")
+    if transport.get_write_buffer_size():
+        high, low = transport.get_write_buffer_limits()[::-1]
+        transport.set_write_buffer_limits(high=0)
+        try:
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
+        if transport.is_closing() or request.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+    return transport
 
 
 def _cork(sock, on: bool) -> None:

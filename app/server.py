@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 
 import aiohttp_cors
 from aiohttp import web
 
-from . import auth, limits, logs
+from . import auth, connections, limits, logs, upload_slots
 from .config import ConfigError, Settings
 from .handlers import setup_routes
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
-from .keys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
+from .keys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .leases import FileLeases
 from .storage import Storage, make_storage
 
@@ -40,6 +41,8 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
         app[auth.KEYS] = keys
     app[DRAIN] = drain
     app[DOWNLOAD_SLOTS] = limits.DownloadSlots(settings.max_concurrent_downloads, settings.download_queue_seconds)
+    app[UPLOAD_SLOTS] = upload_slots.UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client,
+                                                   settings.upload_queue_seconds)
     app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
@@ -108,19 +111,25 @@ def serve_one(settings: Settings) -> None:
 
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
-    app_runner = web.AppRunner(
-        app,
+    handler_args = dict(
         access_log=logging.getLogger("app.access"),
         access_log_class=logs.AccessLogger,
-        # The drain below already waited for requests in flight.
-        shutdown_timeout=1.0,
         max_line_size=settings.max_url_length,
         max_field_size=settings.max_header_size,
+        keepalive_timeout=settings.keepalive_timeout,
     )
+    # The drain below already waited for requests in flight.
+    app_runner = web.AppRunner(app, shutdown_timeout=1.0, **handler_args)
     await app_runner.setup()
     try:
-        site = web.TCPSite(app_runner, settings.host, settings.port, reuse_port=settings.workers > 1)
+        guard = connections.ConnectionGuard(connections.connection_limit(settings.max_connections),
+                                            settings.header_timeout, settings.body_timeout)
+        site = connections.GuardedSite(app_runner, settings.host, settings.port, reuse_port=settings.workers > 1,
+                                       guard=guard, handler_args=handler_args)
         await site.start()
+        if guard.limit < settings.max_connections:
+            log.warning("serving at most %d connections, not MAX_CONNECTIONS=%d: the file descriptor limit is %d",
+                        guard.limit, settings.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         log.info("model-service listening on http://%s:%d", settings.host, settings.port)
         await _wait_for_signal()
         # Turn new requests away (503; /health says draining) and let the ones

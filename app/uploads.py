@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
@@ -131,6 +131,37 @@ async def store_stream(
 # What may follow a multipart body's closing boundary (an epilogue) before the
 # body is refused.
 _MAX_EPILOGUE = 64 * 1024
+# The API needs two parts (metadata and file); a few unknown ones are read past,
+# more are refused: each costs parsing on the event loop, and 40,000 empty parts
+# (2 MB) once held the loop for seconds.
+MAX_PARTS = 4
+# What may come before the first boundary (a preamble, which clients do not send).
+_MAX_PREAMBLE = 1024
+
+
+class _BoundedMultipartReader(MultipartReader):
+    """aiohttp's reader, except that it refuses a long preamble.
+
+    aiohttp skips the preamble line by line without limit: 2 MB of empty lines
+    held the event loop for seconds, since lines already buffered are read
+    without a pause.
+    """
+
+    async def _read_until_first_boundary(self) -> None:
+        seen = 0
+        while True:
+            line = await self._readline()
+            if line == b"":
+                raise ValueError(f"could not find the starting boundary {self._boundary!r}")
+            seen += len(line)
+            line = line.rstrip()
+            if line == self._boundary:
+                return
+            if line == self._boundary + b"--":
+                self._at_eof = True
+                return
+            if seen > _MAX_PREAMBLE:
+                raise ValueError(f"more than {_MAX_PREAMBLE} bytes before the first boundary")
 
 
 async def receive_multipart(
@@ -148,8 +179,17 @@ async def receive_multipart(
     async with storage.file_writer(settings.gridfs_chunk_size) as writer:
         file_part = None
         with multipart_errors():
-            reader = await request.multipart()
+            reader = _BoundedMultipartReader(request.headers, request.content,
+                                             max_field_size=request.protocol.max_field_size,
+                                             max_headers=request.protocol.max_headers)
+            parts = 0
             async for part in reader:
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise ApiError(400, "too_many_parts",
+                                   f"a multipart body may have at most {MAX_PARTS} parts ('metadata' and 'file')")
+                if isinstance(part, MultipartReader):
+                    raise ApiError(400, "invalid_multipart", "a part may not itself be a multipart body")
                 if part.name == "file" and file_part is None:
                     file_part = (clean_filename(part.filename) or "",
                                  part.headers.get("Content-Type", "application/octet-stream"))

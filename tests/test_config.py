@@ -118,3 +118,25 @@ def test_ui_session_secret():
     assert secret not in repr(Settings.from_env({"UI_SESSION_SECRET": secret}))
     with pytest.raises(ConfigError, match="^UI_SESSION_SECRET must be at least 32 characters, got 5$"):
         Settings.from_env({"UI_SESSION_SECRET": "short"})
+
+
+_CONNECTION_LIMITS = {
+    # variable: (attribute, default, a valid value, values refused)
+    "HEADER_TIMEOUT": ("header_timeout", 10, 3, ("0", "soon", "3601")),
+    "BODY_TIMEOUT": ("body_timeout", 60, 5, ("0", "-1", "1.5")),
+    "KEEPALIVE_TIMEOUT": ("keepalive_timeout", 75, 30, ("0", "forever")),
+    "MAX_CONNECTIONS": ("max_connections", 1000, 50, ("0", "many", "1000001")),
+    "MAX_CONCURRENT_UPLOADS": ("max_concurrent_uploads", 32, 0, ("-1", "lots")),
+    "MAX_UPLOADS_PER_CLIENT": ("max_uploads_per_client", 16, 2, ("-3", "two")),
+    "UPLOAD_QUEUE_SECONDS": ("upload_queue_seconds", 10, 0, ("-1", "3601", "soon")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONNECTION_LIMITS))
+def test_connection_limits_defaults_values_and_refusals(name):
+    attr, default, valid, refused = _CONNECTION_LIMITS[name]
+    assert getattr(Settings.from_env({}), attr) == default
+    assert getattr(Settings.from_env({name: str(valid)}), attr) == valid
+    for bad in refused:
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: bad})

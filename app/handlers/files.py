@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import downloads, metrics, preconditions, registry, uploads, validation
 from ..http import ApiError, defer_expect, invite_body, json_response, parse_json_object
-from ..keys import LEASES, SETTINGS, STORAGE
+from ..keys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..locks import KeyedLocks
 from ..schemas import FileInfo, UploadAnswer
 from ..views import LAST_MODIFIED_SHARED, file_metadata
@@ -18,10 +18,17 @@ from .models import PREFIX, created, model_or_404, named_models_or_404, with_cal
 
 async def _receive(request: web.Request) -> uploads.Received:
     """Stream the request's file (raw body or multipart ``file`` part) into the store."""
-    settings, storage = request.app[SETTINGS], request.app[STORAGE]
+    settings = request.app[SETTINGS]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
-    await invite_body(request)
+    # The body is invited (100 Continue) only once the upload has a slot.
+    async with request.app[UPLOAD_SLOTS].slot(request):
+        await invite_body(request)
+        return await _store_body(request, sha256)
+
+
+async def _store_body(request: web.Request, sha256: str | None) -> uploads.Received:
+    settings, storage = request.app[SETTINGS], request.app[STORAGE]
     if request.content_type.startswith("multipart/"):
         received, _ = await uploads.receive_multipart(request, storage, settings, sha256)
         if received is None:
@@ -96,11 +103,12 @@ async def register_with_file(request: web.Request) -> web.Response:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     uploads.check_declared_length(request, settings)
     sha256 = uploads.expected_checksum(request)
-    await invite_body(request)
-    received, fields = await uploads.receive_multipart(
-        request, storage, settings, sha256,
-        parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
-    )
+    async with request.app[UPLOAD_SLOTS].slot(request):
+        await invite_body(request)
+        received, fields = await uploads.receive_multipart(
+            request, storage, settings, sha256,
+            parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
+        )
     if received is None:
         raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
     try:

@@ -10,6 +10,7 @@ file or nothing, and a crash leaves at most a temp file that ``gc`` removes.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
 import shutil
@@ -527,7 +528,8 @@ class EmbeddedStorage(Storage):
         def strays() -> list[tuple[str, Path]]:
             found = []
             for p in self.tmp_dir.iterdir():
-                # A temp file still being written has a fresh mtime.
+                # A temp file still being written is locked, and the newest ones are spared even
+                # before their writer has locked them.
                 if p.is_file() and p.stat().st_mtime < horizon:
                     found.append(("temp file", p))
             for p in self.blob_dir.glob("*/*"):
@@ -536,10 +538,16 @@ class EmbeddedStorage(Storage):
             return found
 
         for what, path in await asyncio.to_thread(strays):
-            size = path.stat().st_size
-            if not dry_run:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue  # committed or cancelled meanwhile
+            if what == "temp file":
+                if not await asyncio.to_thread(_remove_unless_locked, path, dry_run):
+                    continue
+            elif not dry_run:
                 # Recheck under the SQLite thread: a commit may have just registered it.
-                if what != "temp file" and await self._run(
+                if await self._run(
                     lambda: self._db.execute("SELECT 1 FROM files WHERE sha256 = ?", (path.name,)).fetchone()
                 ):
                     continue
@@ -601,6 +609,9 @@ class _EmbeddedWriter(FileWriter):
     def _write_buffer(self) -> None:
         if self._file is None:
             self._file = open(self._path, "xb")
+            # Held until the file is renamed into blobs/ or removed: `gc`, another
+            # process, leaves a locked temp file alone however old it is.
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
         self._file.write(self._buffer)
         self._buffer.clear()
 
@@ -608,17 +619,19 @@ class _EmbeddedWriter(FileWriter):
         self._write_buffer()
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
 
     async def _commit(self) -> StoredFile:
         try:
             await asyncio.to_thread(self._finish_file)
-            return await self._store._run(
+            stored = await self._store._run(
                 self._store._register_blob, self._path, self.sha256, self.size, self.chunk_size
             )
         except BaseException:
             await self._cancel()
             raise
+        # Closed (and unlocked) only now that it has left tmp/.
+        await asyncio.to_thread(self._file.close)
+        return stored
 
     async def _cancel(self) -> None:
         if self._flushing is not None:
@@ -628,11 +641,30 @@ class _EmbeddedWriter(FileWriter):
 
         def discard() -> None:
             self._buffer.clear()
+            # Removed before it is closed, which would unlock it for gc.
+            self._path.unlink(missing_ok=True)
             if self._file is not None:
                 self._file.close()
-            self._path.unlink(missing_ok=True)
 
         await asyncio.to_thread(discard)
+
+
+def _remove_unless_locked(path: Path, dry_run: bool) -> bool:
+    """Remove a temp file no writer holds (or say it could be removed); False if one does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # an upload in progress
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -31,6 +31,7 @@ from pymongo.errors import (
 )
 
 from ..clock import now
+from .live_uploads import LiveUploads
 from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
@@ -164,6 +165,7 @@ class MongoStorage(Storage):
         self.downloads = self.db["download_hours"]
         self._content_lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task] = set()
+        self.live_uploads = LiveUploads(self.db[f"{bucket}.uploads_in_progress"])
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -194,6 +196,7 @@ class MongoStorage(Storage):
         # A last chance for pending cleanups whose database is already back.
         for task in list(self._cleanups):
             task.cancel()
+        self.live_uploads.close()
         await self.client.close()
 
     async def ping(self) -> None:
@@ -409,8 +412,11 @@ class MongoStorage(Storage):
         # commit, or one still running. Chunk ids are made when they are
         # written, so a running upload's newest chunk is always young.
         stored = set(await self.files.distinct("_id"))
-        for files_id in await self.chunks.distinct("files_id"):
-            if files_id in stored:
+        orphans = set(await self.chunks.distinct("files_id")) - stored
+        # Read after the chunks: a writer records itself before its first chunk.
+        writing = await self.live_uploads.live()
+        for files_id in orphans:
+            if files_id in writing:
                 continue
             newest = await self.chunks.find_one({"files_id": files_id}, {"_id": 1}, sort=[("n", DESCENDING)])
             if newest is None or newest["_id"].generation_time > cutoff:
@@ -419,6 +425,8 @@ class MongoStorage(Storage):
             if not dry_run:
                 await self.chunks.delete_many({"files_id": files_id})
             report.append(f"{count} orphan chunks of files_id {files_id} (upload never committed)")
+        if not dry_run:
+            await self.live_uploads.forget_stale()
         return report
 
     def remove_chunks_later(self, files_id: ObjectId) -> None:
@@ -515,6 +523,9 @@ class _GridFSWriter(FileWriter):
 
     async def _flush(self) -> None:
         if self._pending:
+            if self._n == len(self._pending):
+                # The first chunks: gc must know they belong to a live upload.
+                await self._store.live_uploads.add(self._files_id)
             batch, self._pending = self._pending, []
             # Shielded: an insert the server has already received completes
             # even if this request is cancelled (the client left), so _cancel
@@ -566,6 +577,8 @@ class _GridFSWriter(FileWriter):
             if (unavailable := _unavailable(e)) is not None:
                 raise unavailable from e
             raise
+        finally:
+            await store.live_uploads.remove(self._files_id)
 
     async def _cancel(self) -> None:
         self._buffer.clear()
@@ -583,3 +596,4 @@ class _GridFSWriter(FileWriter):
             log.warning("upload %s cancelled while MongoDB is unreachable (%s); removing its chunks later",
                         self._files_id, e.__class__.__name__)
             self._store.remove_chunks_later(self._files_id)
+        await self._store.live_uploads.remove(self._files_id)
