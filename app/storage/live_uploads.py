@@ -33,6 +33,10 @@ class LiveUploads:
         self._mine: set[ObjectId] = set()
         self._heartbeat: asyncio.Task | None = None
 
+    async def create_index(self) -> None:
+        """At start-up, which also creates the collection: not in the middle of an upload."""
+        await self._records.create_index("seen_at")
+
     async def add(self, files_id: ObjectId) -> None:
         await self._records.insert_one({"_id": files_id, "seen_at": now()})
         self._mine.add(files_id)

@@ -191,6 +191,7 @@ class MongoStorage(Storage):
         # Unique, so two concurrent commits of the same content keep one copy;
         # sparse, so files other tools wrote without our metadata do not collide.
         await self.files.create_index("metadata.sha256", unique=True, sparse=True)
+        await self.live_uploads.create_index()
 
     async def close(self) -> None:
         # A last chance for pending cleanups whose database is already back.
