@@ -42,7 +42,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from app.keys import DRAIN, STORAGE
-from app.validation import MAX_NESTING
+from app.schemas import MAX_NESTING
 from app.server import create_app
 from tests.api_helpers import snapshot
 from tests.support.live_service import LiveService
