@@ -20,7 +20,8 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import ConfigError
-from .http import ApiError
+from . import errors
+from .errors import ApiError
 
 SCOPES = ("read", "write", "admin")
 _LEVEL = {s: i for i, s in enumerate(SCOPES)}
@@ -145,14 +146,14 @@ def middleware(open_paths: tuple[str, ...]):
             # The UI's pages check the scope themselves and show sign-in without one.
             return await handler(request)
         if presented_key(request) is None:
-            raise ApiError(401, "unauthorized", "an API key is required (X-API-Key or Authorization: Bearer)",
+            raise ApiError(errors.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)",
                            _CHALLENGE)
         who = identity(request)
         if who is None:
-            raise ApiError(401, "unauthorized", "unknown API key", _CHALLENGE)
+            raise ApiError(errors.UNAUTHORIZED, "unknown API key", _CHALLENGE)
         needed = required_scope(request)
         if _LEVEL[who.scope] < _LEVEL[needed]:
-            raise ApiError(403, "forbidden", f"this key has scope {who.scope!r}; {needed!r} is needed")
+            raise ApiError(errors.FORBIDDEN, f"this key has scope {who.scope!r}; {needed!r} is needed")
         return await handler(request)
 
     return auth_middleware

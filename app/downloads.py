@@ -20,8 +20,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, metrics, preconditions, ranges, sendfile, views
-from .http import ApiError, error_response
+from . import clock, errors, metrics, preconditions, ranges, sendfile, views
+from .errors import ApiError
+from .http import error_response
 from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
@@ -32,7 +33,7 @@ log = logging.getLogger("app.downloads")
 def stored_file(doc: dict[str, Any]) -> StoredFile:
     fm = doc.get("file_metadata")
     if not fm:
-        raise ApiError(404, "no_file", f"model {doc['id']} has no file uploaded yet")
+        raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
     return StoredFile(fm["file_id"], fm["size_bytes"], fm["checksum"].removeprefix("sha256:"),
                       fm["chunk_size"], fm["uploaded_at"])
 
@@ -102,7 +103,7 @@ async def send(request: web.Request, doc: dict[str, Any],
     if decided == preconditions.NOT_MODIFIED:
         return web.Response(status=304, headers={k: headers[k] for k in _NOT_MODIFIED_HEADERS})
     if decided == preconditions.PRECONDITION_FAILED:
-        return error_response(412, "precondition_failed", "the file does not match the request's preconditions",
+        return error_response(errors.PRECONDITION_FAILED, "the file does not match the request's preconditions",
                               {"ETag": etag})
 
     wanted = None
@@ -112,7 +113,7 @@ async def send(request: web.Request, doc: dict[str, Any],
         try:
             wanted = ranges.parse(request.headers.get("Range"), f.size)
         except ranges.Unsatisfiable as e:
-            return error_response(416, "range_not_satisfiable", f"{e} (file size {f.size})",
+            return error_response(errors.RANGE_NOT_SATISFIABLE, f"{e} (file size {f.size})",
                                   {"Content-Range": f"bytes */{f.size}", "Accept-Ranges": "bytes"})
 
     # The body as (preamble, offset, count) pieces of file, then a trailer.

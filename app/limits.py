@@ -23,7 +23,8 @@ from aiohttp import web
 
 from .auth import caller_name
 from .config import Rate
-from .http import ApiError
+from . import errors
+from .errors import ApiError
 
 # Liveness is never rate limited: load balancers and probes poll it from one
 # address each, and a 429 there would read as "instance down".
@@ -85,7 +86,7 @@ def rate_limit_middleware(general: Rate | None, downloads: Rate | None):
                     continue
                 wait = buckets.take(key)
                 if wait:
-                    raise ApiError(429, "rate_limited", f"too many requests ({what}); retry in {math.ceil(wait)} s",
+                    raise ApiError(errors.RATE_LIMITED, f"too many requests ({what}); retry in {math.ceil(wait)} s",
                                    {"Retry-After": str(math.ceil(wait))})
         return await handler(request)
 
@@ -112,7 +113,7 @@ class DownloadSlots:
             async with asyncio.timeout(self.queue_seconds):
                 await self._sem.acquire()
         except TimeoutError:
-            raise ApiError(503, "too_many_downloads",
+            raise ApiError(errors.TOO_MANY_DOWNLOADS,
                            f"{self.limit} downloads are already running here; retry shortly",
                            {"Retry-After": str(max(1, math.ceil(self.queue_seconds)))}) from None
         finally:
@@ -141,7 +142,7 @@ class Drain:
         async def drain_middleware(request: web.Request, handler):
             # Health endpoints answer for themselves (503, "draining").
             if self.draining and not request.path.startswith("/health"):
-                raise ApiError(503, "shutting_down", "the service is shutting down; retry on another instance",
+                raise ApiError(errors.SHUTTING_DOWN, "the service is shutting down; retry on another instance",
                                {"Retry-After": "1", "Connection": "close"})
             self.in_flight += 1
             try:

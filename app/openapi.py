@@ -26,8 +26,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from . import auth, ranges, validation, versions
+from . import auth, errors, ranges, validation, versions
 from .config import Settings, format_size
+from .errors import ErrorCode
 from .handlers.batch import MAX_IDS, OPERATIONS
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
@@ -72,74 +73,39 @@ def json_content(schema: Json, example: Any = None) -> Json:
 BINARY = {"type": "string", "format": "binary"}
 
 
-# --------------------------------------------------------------------------- error codes
+# --------------------------------------------------------------------------- error responses
 
-# Every error.code the service answers with, its status and what it means.
-# ``error_response`` refuses codes missing here, so the table stays complete.
-ERROR_CODES: dict[str, tuple[int, str]] = {
-    "invalid_id": (400, "a model id path segment is not 24 hexadecimal characters"),
-    "invalid_json": (400, "the body is not a JSON object (empty, malformed, or another JSON type)"),
-    "validation_error": (400, "a field or name breaks a rule; the message names the field and the rule"),
-    "immutable_field": (400, "the body sets a field the server owns (id, name, version, created_at, ...)"),
-    "unknown_field": (400, "the body has a field the operation does not take"),
-    "invalid_parameter": (400, "a query parameter is out of range or malformed"),
-    "invalid_checksum": (400, "X-Checksum-Sha256 / ?sha256= is not 64 hexadecimal characters"),
-    "invalid_filename": (400, "the upload's file name has control characters, no name part, or over 255 bytes"),
-    "missing_file": (400, "a multipart body has no 'file' part"),
-    "bad_request": (400, "the request broke HTTP itself: no HTTP version, or a body shorter than its "
-                         "Content-Length or with a malformed chunk"),
-    "client_closed_request": (499, "logged only: the client left while its body was being read (nginx's 499)"),
-    "invalid_multipart": (400, "a multipart body that cannot be parsed (no boundary, a malformed part header)"),
-    "missing_metadata": (400, "a multipart registration has no 'metadata' part"),
-    "unauthorized": (401, "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate"),
-    "forbidden": (403, "the API key's scope does not allow this operation"),
-    "not_found": (404, "no model with that id, name or version (also: no route for the path)"),
-    "no_file": (404, "the model exists but has no file uploaded yet"),
-    "method_not_allowed": (405, "the path exists but not with this method (Allow lists the methods)"),
-    "version_exists": (409, "a model with this name and the requested version already exists"),
-    "version_conflict": (409, "too many concurrent registrations of the name to number a new version"),
-    "precondition_failed": (412, "If-Match / If-Unmodified-Since did not hold"),
-    "payload_too_large": (413, "a JSON body (or a multipart 'metadata' part) is over MAX_JSON_SIZE"),
-    "file_too_large": (413, "the file is over MAX_FILE_SIZE"),
-    "range_not_satisfiable": (416, f"no requested range overlaps the file, or more than {ranges.MAX_RANGES} ranges"),
-    "expectation_failed": (417, "an Expect header other than 100-continue"),
-    "checksum_mismatch": (422, "the received content's SHA-256 differs from the declared one"),
-    "rate_limited": (429, "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After"),
-    "internal_error": (500, "an unexpected failure (logged server-side; no details are sent)"),
-    "storage_unavailable": (503, "the database or data folder is unreachable; retry after Retry-After seconds"),
-    "shutting_down": (503, "the instance is draining after SIGTERM; retry (on another instance)"),
-    "too_many_downloads": (503, "MAX_CONCURRENT_DOWNLOADS bodies are streaming here and no slot freed within "
-                                "DOWNLOAD_QUEUE_SECONDS; retry after Retry-After"),
-}
-
+# Each code's status and meaning are declared in app/errors.py; these are the statuses' names.
 _REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
             405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
             416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content", 429: "Too many requests",
             500: "Internal error", 503: "Service unavailable"}
 
 
-def error_response(status: int, *codes: str, headers: Json | None = None, body: bool = True) -> Json:
-    """A response in the one error shape whose ``error.code`` is one of ``codes``.
+def error_response(*codes: ErrorCode, headers: Json | None = None, body: bool = True) -> Json:
+    """A response in the one error shape whose ``error.code`` is one of ``codes`` (all of one status).
 
     ``body=False`` is for HEAD, which sends the same status and headers without content.
     """
-    for code in codes:
-        if ERROR_CODES[code][0] != status:
-            raise ValueError(f"error code {code} is a {ERROR_CODES[code][0]}, not a {status}")
+    status = codes[0].status
+    for e in codes:
+        if e.status != status:
+            raise ValueError(f"error code {e.code} is a {e.status}, not a {status}")
+    names = [e.code for e in codes]
     out: Json = {
-        "description": f"{_REASONS[status]}: " + "; ".join(f"`{c}` ({ERROR_CODES[c][1]})" for c in codes),
-        "x-error-codes": list(codes),
+        "description": f"{_REASONS[status]}: " + "; ".join(f"`{e.code}` ({e.description})" for e in codes),
+        "x-error-codes": names,
     }
     if headers:
         out["headers"] = headers
     if body:
-        schema = {"allOf": [ref("Error"), {"properties": {"error": {"properties": {"code": {"enum": list(codes)}}}}}]}
-        out["content"] = json_content(schema, {"error": {"code": codes[0], "message": ERROR_CODES[codes[0]][1]}})
+        schema = {"allOf": [ref("Error"), {"properties": {"error": {"properties": {"code": {"enum": names}}}}}]}
+        out["content"] = json_content(schema, {"error": {"code": names[0], "message": codes[0].description}})
     return out
 
 
 # Codes that a whole group of inputs can produce, combined per operation below.
-BODY_CODES = ("invalid_json", "validation_error", "immutable_field", "unknown_field")
+BODY_CODES = (errors.INVALID_JSON, errors.VALIDATION_ERROR, errors.IMMUTABLE_FIELD, errors.UNKNOWN_FIELD)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -510,24 +476,23 @@ def header_refs(*names: str) -> Json:
 
 # --------------------------------------------------------------------------- shared responses
 
-def _download_busy_codes(settings: Settings) -> tuple[str, ...]:
-    return ("too_many_downloads",) if settings.max_concurrent_downloads else ()
+def _download_busy_codes(settings: Settings) -> tuple[ErrorCode, ...]:
+    return (errors.TOO_MANY_DOWNLOADS,) if settings.max_concurrent_downloads else ()
 
 
 def responses(settings: Settings) -> Json:
     retry = header_refs("RetryAfter")
     return {
         # Every operation but /health's can meet a draining instance; most also reach the store.
-        "Unavailable": error_response(503, "storage_unavailable", "shutting_down", headers=retry),
-        "ShuttingDown": error_response(503, "shutting_down", headers=retry),
-        "DownloadUnavailable": error_response(
-            503, "storage_unavailable", "shutting_down", *_download_busy_codes(settings), headers=retry),
-        "InvalidModelId": error_response(400, "invalid_id"),
-        "ModelNotFound": error_response(404, "not_found"),
-        "InvalidParameter": error_response(400, "invalid_parameter"),
-        "JsonTooLarge": error_response(413, "payload_too_large"),
-        "VersionConflict": error_response(409, "version_exists", "version_conflict"),
-        "ChecksumMismatch": error_response(422, "checksum_mismatch"),
+        "Unavailable": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=retry),
+        "ShuttingDown": error_response(errors.SHUTTING_DOWN, headers=retry),
+        "DownloadUnavailable": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, *_download_busy_codes(settings), headers=retry),
+        "InvalidModelId": error_response(errors.INVALID_ID),
+        "ModelNotFound": error_response(errors.NOT_FOUND),
+        "InvalidParameter": error_response(errors.INVALID_PARAMETER),
+        "JsonTooLarge": error_response(errors.PAYLOAD_TOO_LARGE),
+        "VersionConflict": error_response(errors.VERSION_EXISTS, errors.VERSION_CONFLICT),
+        "ChecksumMismatch": error_response(errors.CHECKSUM_MISMATCH),
     }
 
 
@@ -591,8 +556,8 @@ def json_request(schema_name: str, description: str) -> Json:
     return {"required": True, "description": description, "content": json_content(ref(schema_name))}
 
 
-def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[str, ...],
-                  not_found: tuple[str, ...]) -> Json:
+def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[ErrorCode, ...],
+                  not_found: tuple[ErrorCode, ...]) -> Json:
     """GET and HEAD of a model file, as downloads.send serves them."""
     conditional = [p("IfMatch"), p("IfUnmodifiedSince"), p("IfNoneMatch"), p("IfModifiedSince")]
     description = (
@@ -618,20 +583,20 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
         },
         "304": {"description": "If-None-Match / If-Modified-Since matched: no body",
                 "headers": header_refs(*_NOT_MODIFIED_HEADERS)},
-        "400": error_response(400, *bad_request),
-        "404": error_response(404, *not_found),
-        "412": error_response(412, "precondition_failed", headers=header_refs("ETag")),
-        "416": error_response(416, "range_not_satisfiable", headers=header_refs("UnsatisfiedRange", "AcceptRanges")),
+        "400": error_response(*bad_request),
+        "404": error_response(*not_found),
+        "412": error_response(errors.PRECONDITION_FAILED, headers=header_refs("ETag")),
+        "416": error_response(errors.RANGE_NOT_SATISFIABLE, headers=header_refs("UnsatisfiedRange", "AcceptRanges")),
         "503": shared("DownloadUnavailable"),
     }
     head_responses = {
         "200": {"description": "the headers a GET without Range would send", "headers": header_refs(*_FILE_HEADERS)},
         "304": get_responses["304"],
-        "400": error_response(400, *bad_request, body=False),
-        "404": error_response(404, *not_found, body=False),
-        "412": error_response(412, "precondition_failed", headers=header_refs("ETag"), body=False),
+        "400": error_response(*bad_request, body=False),
+        "404": error_response(*not_found, body=False),
+        "412": error_response(errors.PRECONDITION_FAILED, headers=header_refs("ETag"), body=False),
         # HEAD stops before taking a download slot, so never too_many_downloads.
-        "503": error_response(503, "storage_unavailable", "shutting_down", headers=header_refs("RetryAfter"),
+        "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=header_refs("RetryAfter"),
                               body=False),
     }
     return {
@@ -664,7 +629,7 @@ def paths(settings: Settings) -> Json:
         "GetModel", "UpdateModel", "UploadModelFile", "ListVersions", "CreateVersion", "DeleteModel"))
     json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
 
-    def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[str, ...]) -> Json:
+    def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
         """GET of a model document (http.cacheable_json): ETag, Cache-Control: no-cache, 304."""
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
@@ -672,7 +637,7 @@ def paths(settings: Settings) -> Json:
                           links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel")
                           if op_id == "getModel" else None),
             "304": {"description": "If-None-Match matched the document's ETag: no body", "headers": cache_headers},
-            "400": error_response(400, *bad),
+            "400": error_response(*bad),
             "404": shared("ModelNotFound"),
             "503": shared("Unavailable"),
         }, params=params + [p("IfNoneMatchDocument")],
@@ -695,10 +660,10 @@ def paths(settings: Settings) -> Json:
     upload = op("uploadModelFile", "files", "Upload or replace the model's file", {
         "201": answer("stored and attached; the model's previous file is released unless another model shares it",
                       "UploadAnswer", follow=links("DownloadModel", "ModelFileInfo", "GetModel")),
-        "400": error_response(400, "invalid_id", "invalid_checksum", "invalid_filename", "missing_file",
-                              "invalid_multipart"),
+        "400": error_response(errors.INVALID_ID, errors.INVALID_CHECKSUM, errors.INVALID_FILENAME, errors.MISSING_FILE,
+                              errors.INVALID_MULTIPART),
         "404": shared("ModelNotFound"),
-        "413": error_response(413, "file_too_large"),
+        "413": error_response(errors.FILE_TOO_LARGE),
         "422": shared("ChecksumMismatch"),
         "503": shared("Unavailable"),
     }, params=model_id + [
@@ -737,11 +702,11 @@ def paths(settings: Settings) -> Json:
             "get": listing,
             "post": op("registerModel", "models", "Register a model (optionally with its file)", {
                 "201": created,
-                "400": error_response(400, *BODY_CODES, "missing_metadata", "missing_file", "invalid_filename",
-                                      "invalid_multipart",
-                                      "invalid_checksum"),
+                "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
+                                      errors.INVALID_MULTIPART,
+                                      errors.INVALID_CHECKSUM),
                 "409": shared("VersionConflict"),
-                "413": error_response(413, "payload_too_large", "file_too_large"),
+                "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
                 "422": shared("ChecksumMismatch"),
                 "503": shared("Unavailable"),
             }, description=(
@@ -779,22 +744,22 @@ def paths(settings: Settings) -> Json:
         }, params=[p("Limit")])},
         MODELS + "/batch": {"post": op("batchModels", "models", "One operation over many models", {
             "200": answer("what happened to each id; a bad or unknown id never fails the batch", "BatchAnswer"),
-            "400": error_response(400, "invalid_json", "unknown_field", "validation_error"),
+            "400": error_response(errors.INVALID_JSON, errors.UNKNOWN_FIELD, errors.VALIDATION_ERROR),
             "413": shared("JsonTooLarge"),
             "503": shared("Unavailable"),
         }, body=json_request("BatchRequest", "delete, update_status (with status), add_tags or remove_tags "
                                              "(with tags). " + json_limit))},
         MODELS + "/by-name/{name}": {"get": cacheable_document(
             "getModelByName", "The latest version of a name (or ?version=)", [p("ModelName"), p("Version")],
-            ("validation_error", "invalid_parameter"))},
+            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER))},
         MODELS + "/by-name/{name}/download": _download_ops(
             "downloadModelByName", "Download the latest version's file (or ?version=)",
-            [p("ModelName"), p("Version")], ("validation_error", "invalid_parameter"), ("not_found", "no_file")),
+            [p("ModelName"), p("Version")], (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER), (errors.NOT_FOUND, errors.NO_FILE)),
         MODELS + "/{id}": {
-            "get": cacheable_document("getModel", "The full model document", model_id, ("invalid_id",)),
+            "get": cacheable_document("getModel", "The full model document", model_id, (errors.INVALID_ID,)),
             "put": op("updateModel", "models", "Update the mutable fields", {
                 "200": answer("updated", "UpdateAnswer"),
-                "400": error_response(400, "invalid_id", *BODY_CODES),
+                "400": error_response(errors.INVALID_ID, *BODY_CODES),
                 "404": shared("ModelNotFound"),
                 "413": shared("JsonTooLarge"),
                 "503": shared("Unavailable"),
@@ -816,7 +781,7 @@ def paths(settings: Settings) -> Json:
             }, params=model_id),
             "post": op("createVersion", "models", "A new version made from this one", {
                 "201": created,
-                "400": error_response(400, "invalid_id", *BODY_CODES),
+                "400": error_response(errors.INVALID_ID, *BODY_CODES),
                 "404": shared("ModelNotFound"),
                 "409": shared("VersionConflict"),
                 "413": shared("JsonTooLarge"),
@@ -827,11 +792,11 @@ def paths(settings: Settings) -> Json:
         },
         MODELS + "/{id}/upload": {"post": {**upload, "operationId": "uploadModelFilePost"}, "put": upload},
         MODELS + "/{id}/download": _download_ops(
-            "downloadModel", "Download the model's file", model_id, ("invalid_id",), ("not_found", "no_file")),
+            "downloadModel", "Download the model's file", model_id, (errors.INVALID_ID,), (errors.NOT_FOUND, errors.NO_FILE)),
         MODELS + "/{id}/info": {"get": op("modelFileInfo", "files", "The file's metadata, without the body", {
             "200": answer("the file's metadata", "FileInfo"),
             "400": shared("InvalidModelId"),
-            "404": error_response(404, "not_found", "no_file"),
+            "404": error_response(errors.NOT_FOUND, errors.NO_FILE),
             "503": shared("Unavailable"),
         }, params=model_id)},
     }
@@ -840,7 +805,7 @@ def paths(settings: Settings) -> Json:
 # --------------------------------------------------------------------------- the document
 
 def _description(settings: Settings) -> str:
-    rows = "\n".join(f"| `{code}` | {status} | {meaning} |" for code, (status, meaning) in ERROR_CODES.items())
+    rows = "\n".join(f"| `{e.code}` | {e.status} | {e.description} |" for e in errors.REGISTRY.values())
     if settings.enable_auth:
         access = ("API keys are required (ENABLE_AUTH=true): `X-API-Key: <key>` or `Authorization: Bearer <key>`, "
                   "except on " + ", ".join(f"`{p}`" for p in settings.auth_open_paths) + ". Scopes nest: "
@@ -906,14 +871,14 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
             "BearerKey": {"type": "http", "scheme": "bearer", "description": "the same API key as a bearer token"},
         }
         doc["security"] = [{"ApiKey": []}, {"BearerKey": []}]
-        shared_responses["Unauthorized"] = error_response(401, "unauthorized", headers=header_refs("WWWAuthenticate"))
-        shared_responses["Forbidden"] = error_response(403, "forbidden")
+        shared_responses["Unauthorized"] = error_response(errors.UNAUTHORIZED, headers=header_refs("WWWAuthenticate"))
+        shared_responses["Forbidden"] = error_response(errors.FORBIDDEN)
     if settings.rate_limit or settings.download_rate_limit:
-        shared_responses["RateLimited"] = error_response(429, "rate_limited", headers=header_refs("RetryAfter"))
+        shared_responses["RateLimited"] = error_response(errors.RATE_LIMITED, headers=header_refs("RetryAfter"))
 
-    def cross(name: str, status: int, code: str, head: bool, hdrs: tuple[str, ...] = ()) -> Json:
+    def cross(name: str, error: ErrorCode, head: bool, hdrs: tuple[str, ...] = ()) -> Json:
         # HEAD answers have no body, so they cannot share the JSON responses.
-        return error_response(status, code, headers=header_refs(*hdrs), body=False) if head else shared(name)
+        return error_response(error, headers=header_refs(*hdrs), body=False) if head else shared(name)
 
     for path, method, operation in _operations(doc):
         head, responses_ = method == "head", operation["responses"]
@@ -923,12 +888,12 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
         elif settings.enable_auth:
             scope = auth.required_scope(SimpleNamespace(method=method.upper(), path=path))
             operation["x-required-scope"] = scope
-            responses_["401"] = cross("Unauthorized", 401, "unauthorized", head, ("WWWAuthenticate",))
+            responses_["401"] = cross("Unauthorized", errors.UNAUTHORIZED, head, ("WWWAuthenticate",))
             if scope != "read":
-                responses_["403"] = cross("Forbidden", 403, "forbidden", head)
+                responses_["403"] = cross("Forbidden", errors.FORBIDDEN, head)
         is_download = method == "get" and path.endswith("/download")
         if path not in UNLIMITED_PATHS and (settings.rate_limit or (settings.download_rate_limit and is_download)):
-            responses_["429"] = cross("RateLimited", 429, "rate_limited", head, ("RetryAfter",))
+            responses_["429"] = cross("RateLimited", errors.RATE_LIMITED, head, ("RetryAfter",))
         operation["responses"] = dict(sorted(responses_.items()))
 
     request_id = {REQUEST_ID_HEADER: ref("XRequestId", "headers")}

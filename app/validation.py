@@ -12,8 +12,8 @@ import math
 import re
 from typing import Any, Mapping
 
-from . import versions
-from .http import ApiError
+from . import errors, versions
+from .errors import ApiError
 from .storage.base import ModelQuery
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -39,7 +39,7 @@ def valid_name(name: str) -> bool:
 
 
 def _bad(field: str, message: str) -> ApiError:
-    return ApiError(400, "validation_error", f"{field}: {message}")
+    return ApiError(errors.VALIDATION_ERROR, f"{field}: {message}")
 
 
 # Objects and lists inside user-supplied fields nest at most this deep: deeper
@@ -130,9 +130,9 @@ def _status(body: Mapping[str, Any]) -> str | None:
 def _reject_unknown(body: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for field in body:
         if field in IMMUTABLE_FIELDS and field not in allowed:
-            raise ApiError(400, "immutable_field", f"{field}: cannot be set or changed")
+            raise ApiError(errors.IMMUTABLE_FIELD, f"{field}: cannot be set or changed")
         if field not in allowed:
-            raise ApiError(400, "unknown_field", f"{field}: unknown field (allowed: {', '.join(allowed)})")
+            raise ApiError(errors.UNKNOWN_FIELD, f"{field}: unknown field (allowed: {', '.join(allowed)})")
 
 
 def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,19 +183,19 @@ def update(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def model_id(value: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{24}", value):
-        raise ApiError(400, "invalid_id", f"model id must be 24 hexadecimal characters, got {value[:40]!r}")
+        raise ApiError(errors.INVALID_ID, f"model id must be 24 hexadecimal characters, got {value[:40]!r}")
     return value.lower()
 
 
 def model_name(value: str) -> str:
     if not valid_name(value):
-        raise ApiError(400, "validation_error", f"name {NAME_RULE}")
+        raise ApiError(errors.VALIDATION_ERROR, f"name {NAME_RULE}")
     return value
 
 
 def version_param(value: str | None) -> str | None:
     if value is not None and not versions.is_valid(value):
-        raise ApiError(400, "invalid_parameter", "version must look like vMAJOR.MINOR, for example v2.1")
+        raise ApiError(errors.INVALID_PARAMETER, "version must look like vMAJOR.MINOR, for example v2.1")
     return value
 
 
@@ -209,9 +209,9 @@ def _int_param(params: Mapping[str, str], name: str, default: int, lo: int, hi: 
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be a whole number, got {raw[:40]!r}") from None
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be a whole number, got {raw[:40]!r}") from None
     if not lo <= value <= hi:
-        raise ApiError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}, got {value}")
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be between {lo} and {hi}, got {value}")
     return value
 
 
@@ -220,7 +220,7 @@ def _str_param(params: Mapping[str, str], name: str) -> str | None:
     if raw is None or raw == "":
         return None
     if len(raw) > 200:
-        raise ApiError(400, "invalid_parameter", f"{name} must be at most 200 characters")
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be at most 200 characters")
     return raw
 
 
@@ -229,7 +229,7 @@ def _search_text(params: Mapping[str, str]) -> str | None:
     # MongoDB's regex engine refuses a pattern with a NUL, which the embedded
     # backend would search for: refused here, both answer alike.
     if text is not None and "\x00" in text:
-        raise ApiError(400, "invalid_parameter", "q must not contain a NUL character")
+        raise ApiError(errors.INVALID_PARAMETER, "q must not contain a NUL character")
     return text
 
 
@@ -246,12 +246,12 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
     desc = sort.startswith("-")
     field = sort[1:] if desc else sort
     if not (field in _SORT_PLAIN or (field.startswith("metrics.") and _METRIC_NAME_RE.fullmatch(field[8:]))):
-        raise ApiError(400, "invalid_parameter",
+        raise ApiError(errors.INVALID_PARAMETER,
                        "sort must be created_at, name, download_count or metrics.<name>, optionally prefixed with '-'")
 
     status = _str_param(params, "status")
     if status is not None and status not in STATUSES:
-        raise ApiError(400, "invalid_parameter", f"status must be one of {', '.join(STATUSES)}")
+        raise ApiError(errors.INVALID_PARAMETER, f"status must be one of {', '.join(STATUSES)}")
 
     min_accuracy = None
     if params.get("min_accuracy") not in (None, ""):
@@ -260,7 +260,7 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
         except ValueError:
             min_accuracy = math.nan
         if not math.isfinite(min_accuracy):
-            raise ApiError(400, "invalid_parameter", "min_accuracy must be a number")
+            raise ApiError(errors.INVALID_PARAMETER, "min_accuracy must be a number")
 
     tags = tuple(t.strip() for t in params.get("tags", "").split(",") if t.strip())
     query = ModelQuery(

@@ -12,8 +12,9 @@ from collections import Counter
 
 from aiohttp import web
 
-from .. import clock, registry, validation
-from ..http import ApiError, defer_expect, json_response, read_json_object
+from .. import clock, errors, registry, validation
+from ..errors import ApiError
+from ..http import defer_expect, json_response, read_json_object
 from ..keys import LEASES, STORAGE
 
 MAX_IDS = 1000
@@ -25,27 +26,27 @@ def _parse(body: dict) -> tuple[str, list, dict]:
     allowed = {"operation", "ids", "status", "tags"}
     unknown = set(body) - allowed
     if unknown:
-        raise ApiError(400, "unknown_field", f"{sorted(unknown)[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+        raise ApiError(errors.UNKNOWN_FIELD, f"{sorted(unknown)[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
     operation = body.get("operation")
     if operation not in OPERATIONS:
-        raise ApiError(400, "validation_error", f"operation: must be one of {', '.join(OPERATIONS)}")
+        raise ApiError(errors.VALIDATION_ERROR, f"operation: must be one of {', '.join(OPERATIONS)}")
     ids = body.get("ids")
     if not isinstance(ids, list) or not ids:
-        raise ApiError(400, "validation_error", "ids: must be a non-empty list")
+        raise ApiError(errors.VALIDATION_ERROR, "ids: must be a non-empty list")
     if len(ids) > MAX_IDS:
-        raise ApiError(400, "validation_error", f"ids: at most {MAX_IDS} per batch")
+        raise ApiError(errors.VALIDATION_ERROR, f"ids: at most {MAX_IDS} per batch")
     fields: dict = {}
     if operation == "update_status":
         if "status" not in body:
-            raise ApiError(400, "validation_error", "status: is required for update_status")
+            raise ApiError(errors.VALIDATION_ERROR, "status: is required for update_status")
         fields = validation.update({"status": body["status"]})
     elif operation in ("add_tags", "remove_tags"):
         if "tags" not in body:
-            raise ApiError(400, "validation_error", f"tags: is required for {operation}")
+            raise ApiError(errors.VALIDATION_ERROR, f"tags: is required for {operation}")
         fields = validation.update({"tags": body["tags"]})
     extra = {"status", "tags"} & set(body) - set(fields)
     if extra:
-        raise ApiError(400, "validation_error", f"{sorted(extra)[0]}: not used by {operation}")
+        raise ApiError(errors.VALIDATION_ERROR, f"{sorted(extra)[0]}: not used by {operation}")
     return operation, ids, fields
 
 

@@ -6,8 +6,9 @@ import math
 
 from aiohttp import web
 
-from .. import downloads, metrics, preconditions, registry, uploads, validation
-from ..http import ApiError, defer_expect, invite_body, json_response, parse_json_object
+from .. import downloads, errors, metrics, preconditions, registry, uploads, validation
+from ..errors import ApiError
+from ..http import defer_expect, invite_body, json_response, parse_json_object
 from ..keys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import LAST_MODIFIED_SHARED, file_metadata
@@ -23,7 +24,7 @@ async def _receive(request: web.Request) -> uploads.Received:
     if request.content_type.startswith("multipart/"):
         received, _ = await uploads.receive_multipart(request, storage, settings, sha256)
         if received is None:
-            raise ApiError(400, "missing_file", "multipart body has no 'file' part")
+            raise ApiError(errors.MISSING_FILE, "multipart body has no 'file' part")
         return received
     filename = uploads.raw_body_filename(request)
     stored = await uploads.store_stream(storage, request.content.iter_any(), settings, sha256)
@@ -61,7 +62,7 @@ async def attach(request: web.Request, doc: dict, received: uploads.Received) ->
     if previous is None:
         # The model was deleted while its file was uploading.
         await storage.release_file(received.stored.file_id)
-        raise ApiError(404, "not_found", f"no model with id {doc['id']}")
+        raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")
     old = previous.get("file_metadata")
     if old and old["file_id"] != fm["file_id"]:
         await request.app[LEASES].release(old["file_id"])
@@ -100,7 +101,7 @@ async def register_with_file(request: web.Request) -> web.Response:
         parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
     )
     if received is None:
-        raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
+        raise ApiError(errors.MISSING_FILE, "multipart registration needs a 'file' part")
     try:
         fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"), fields["name"])
         doc = await registry.create(storage, fields)

@@ -6,8 +6,9 @@ import math
 
 from aiohttp import web
 
-from .. import registry, validation, views
-from ..http import ApiError, cacheable_json, defer_expect, json_response, read_json_object
+from .. import errors, registry, validation, views
+from ..errors import ApiError
+from ..http import cacheable_json, defer_expect, json_response, read_json_object
 from ..auth import caller_name, is_admin
 from ..keys import LEASES, SETTINGS, STORAGE
 
@@ -15,7 +16,7 @@ PREFIX = "/api/v1/models"
 
 
 def _not_found(model_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no model with id {model_id}")
+    return ApiError(errors.NOT_FOUND, f"no model with id {model_id}")
 
 
 def request_model_id(request: web.Request) -> str:
@@ -77,7 +78,7 @@ def with_caller(request: web.Request, fields: dict) -> dict:
         return fields
     claimed = fields.get("created_by", caller)
     if claimed != caller and not is_admin(request):
-        raise ApiError(403, "forbidden",
+        raise ApiError(errors.FORBIDDEN,
                        f"created_by: only an admin key may set it to another name than this key's ({caller!r})")
     return {**fields, "created_by": claimed}
 
@@ -142,7 +143,7 @@ async def named_models_or_404(request: web.Request) -> tuple[dict, list[dict]]:
         doc = next((d for d in docs if d["version"] == wanted), None)
     if doc is None:
         what = f"{name} {wanted}" if wanted else name
-        raise ApiError(404, "not_found", f"no model named {what}")
+        raise ApiError(errors.NOT_FOUND, f"no model named {what}")
     return doc, (docs if wanted is None else [])
 
 
