@@ -23,7 +23,7 @@ from aiohttp import web
 from . import clock, errors, metrics, preconditions, ranges, sendfile, views
 from .errors import ApiError
 from .http import error_response
-from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
+from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
@@ -72,7 +72,7 @@ def file_headers(doc: dict[str, Any], f: StoredFile) -> dict[str, str]:
 # Headers a 304 repeats (RFC 9110 section 15.4.5), so caches can refresh.
 # X-Model-* too: a by-name poller learns which version it has, even when a
 # new version with identical content became the latest.
-_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest",
+NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest",
                          "X-Model-Id", "X-Model-Name", "X-Model-Version")
 
 
@@ -101,7 +101,7 @@ async def send(request: web.Request, doc: dict[str, Any],
 
     decided = preconditions.evaluate(request.headers, etag, f.uploaded_at)
     if decided == preconditions.NOT_MODIFIED:
-        return web.Response(status=304, headers={k: headers[k] for k in _NOT_MODIFIED_HEADERS})
+        return web.Response(status=304, headers={k: headers[k] for k in NOT_MODIFIED_HEADERS})
     if decided == preconditions.PRECONDITION_FAILED:
         return error_response(errors.PRECONDITION_FAILED, "the file does not match the request's preconditions",
                               {"ETag": etag})

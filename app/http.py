@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import errors, preconditions
 from .errors import ApiError, ErrorCode
-from .keys import SETTINGS
+from .appkeys import SETTINGS
 from .logs import request_id
 from .metrics import STORAGE_ERRORS
 from .storage.base import StorageUnavailable

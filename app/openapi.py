@@ -26,7 +26,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from . import auth, errors, ranges, validation, versions
+from . import auth, downloads, errors, ranges, validation, versions
 from .config import Settings, format_size
 from .errors import ErrorCode
 from .handlers.batch import MAX_IDS, OPERATIONS
@@ -218,7 +218,7 @@ def schemas(settings: Settings) -> Json:
         "ObjectId": {"type": "string", "pattern": "^[0-9a-f]{24}$", "description": "24 lowercase hex characters",
                      "examples": ["6b0916141a2ae0d99912e3ac"]},
         "ModelName": {"type": "string", "pattern": validation.NAME_RE.pattern, "description": validation.NAME_RULE},
-        "Version": {"type": "string", "pattern": versions._VERSION_RE.pattern,
+        "Version": {"type": "string", "pattern": versions.VERSION_RE.pattern,
                     "description": "vMAJOR.MINOR, compared numerically (v1.10 > v1.9)", "examples": ["v1.0", "v2.3"]},
         "Status": {"type": "string", "enum": statuses},
         "SafeKey": {"type": "string", "pattern": r"^[^$.][^.]*$",
@@ -458,8 +458,6 @@ def headers() -> Json:
 # The headers every file response (200, 206, HEAD) carries.
 _FILE_HEADERS = ("ETag", "LastModified", "AcceptRanges", "ContentDisposition", "XModelId", "XModelName",
                  "XModelAlgorithm", "XModelVersion", "XFileChecksum", "ReprDigest", "ContentLength")
-# What a 304 repeats (RFC 9110 15.4.5), see downloads._NOT_MODIFIED_HEADERS.
-_NOT_MODIFIED_HEADERS = ("ETag", "LastModified", "AcceptRanges", "XFileChecksum", "ReprDigest")
 _HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
                  "WWWAuthenticate": "WWW-Authenticate", "XRequestId": REQUEST_ID_HEADER,
                  "LastModified": "Last-Modified", "AcceptRanges": "Accept-Ranges",
@@ -468,6 +466,11 @@ _HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
                  "XModelName": "X-Model-Name", "XModelAlgorithm": "X-Model-Algorithm",
                  "XModelVersion": "X-Model-Version", "XFileChecksum": "X-File-Checksum",
                  "ReprDigest": "Repr-Digest", "RetryAfter": "Retry-After"}
+
+
+# What a 304 repeats (RFC 9110 15.4.5): the headers downloads.send repeats, by component name.
+_NOT_MODIFIED_HEADERS = tuple({_HEADER_NAMES.get(n, n): n for n in _FILE_HEADERS}[h]
+                              for h in downloads.NOT_MODIFIED_HEADERS)
 
 
 def header_refs(*names: str) -> Json:

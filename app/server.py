@@ -10,10 +10,11 @@ from aiohttp import web
 
 from . import auth, limits, logs
 from .config import ConfigError, Settings
+from .drain import Drain
 from .handlers import setup_routes
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
-from .keys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
+from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
 from .leases import FileLeases
 from .storage import Storage, make_storage
 
@@ -23,7 +24,7 @@ log = logging.getLogger("app")
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
     # Metrics outermost, so they see the status the error middleware chose.
-    drain = limits.Drain()
+    drain = Drain()
     middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware, drain.middleware()]
     keys = ()
     if settings.enable_auth:

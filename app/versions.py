@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
 
-_VERSION_RE = re.compile(r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$")
+VERSION_RE = re.compile(r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$")
 
 FIRST = "v1.0"
 
 
 def parse(version: str) -> tuple[int, int] | None:
-    m = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
+    m = VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -22,10 +21,6 @@ def is_valid(version: str) -> bool:
 def key(version: str) -> tuple[int, int]:
     parsed = parse(version)
     return parsed if parsed is not None else (-1, -1)
-
-
-def latest(versions: Iterable[str]) -> str | None:
-    return max(versions, key=key, default=None)
 
 
 def bump(version: str, breaking: bool) -> str:

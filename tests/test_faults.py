@@ -12,7 +12,7 @@ import time
 import pytest
 from pymongo import monitoring
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 from app.server import create_app
 from app.storage.mongo import MongoStorage
 from tests.transfer_helpers import leftovers

@@ -41,7 +41,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from app.keys import DRAIN, STORAGE
+from app.appkeys import DRAIN, STORAGE
 from app.server import create_app
 from tests.api_helpers import snapshot
 from tests.support.live_service import LiveService

@@ -17,11 +17,12 @@ import referencing
 import referencing.jsonschema
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
-from app import errors, openapi
+from app import downloads, errors, openapi
 from app.config import Rate, Settings
 from app.errors import ApiError
+from app.logs import REQUEST_ID_HEADER
 from app.handlers.docs import DOCUMENT
-from app.keys import SETTINGS
+from app.appkeys import SETTINGS
 from app.server import create_app
 from app.ui import session as ui_session
 from tests.api_helpers import MODELS, register, unused_id
@@ -92,6 +93,13 @@ def test_documented_error_codes_keep_their_status(doc):
                     assert errors.REGISTRY[code].status == int(status), (method, path, code)
                     checked += 1
     assert checked > 50
+
+
+def test_download_304_documents_every_header_it_repeats(doc):
+    for template in (MODELS + "/{id}/download", MODELS + "/by-name/{name}/download"):
+        for method in ("get", "head"):
+            documented = set(doc["paths"][template][method]["responses"]["304"]["headers"])
+            assert documented - {REQUEST_ID_HEADER} == set(downloads.NOT_MODIFIED_HEADERS), (method, template)
 
 
 def test_limits_follow_the_settings():

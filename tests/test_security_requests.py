@@ -16,7 +16,7 @@ import pytest
 
 from app import auth
 from app.config import Rate
-from app.keys import DOWNLOAD_SLOTS, STORAGE
+from app.appkeys import DOWNLOAD_SLOTS, STORAGE
 from app.server import create_app
 from tests.support.live_service import LiveService
 from tests.transfer_helpers import (

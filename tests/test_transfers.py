@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from bson import ObjectId
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 from app.server import create_app
 from tests.transfer_helpers import (
     CS,

@@ -128,7 +128,7 @@ async def test_statistics_page_counts_downloads_per_hour(client):
     for _ in range(2):
         assert (await client.get(f"{MODELS}/{model_id}/download")).status == 200
     from app.handlers.analytics import registry_statistics
-    from app.keys import STORAGE
+    from app.appkeys import STORAGE
 
     stats = await registry_statistics(client.app[STORAGE])
     this_hour = clock.now().replace(minute=0, second=0, microsecond=0)

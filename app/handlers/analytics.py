@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .. import clock, validation, views
 from ..http import json_response
-from ..keys import SETTINGS, STORAGE
+from ..appkeys import SETTINGS, STORAGE
 from ..storage.base import ModelQuery, RegistryStats, Storage
 
 PREFIX = "/api/v1/models"

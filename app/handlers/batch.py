@@ -15,7 +15,7 @@ from aiohttp import web
 from .. import clock, errors, registry, validation
 from ..errors import ApiError
 from ..http import defer_expect, json_response, read_json_object
-from ..keys import LEASES, STORAGE
+from ..appkeys import LEASES, STORAGE
 
 MAX_IDS = 1000
 OPERATIONS = ("delete", "update_status", "add_tags", "remove_tags")

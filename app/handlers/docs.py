@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .. import openapi
 from ..http import json_response
-from ..keys import SETTINGS
+from ..appkeys import SETTINGS
 
 DOCUMENT = web.AppKey("openapi_document", dict)
 PAGE = web.AppKey("openapi_page", str)

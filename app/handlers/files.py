@@ -9,7 +9,7 @@ from aiohttp import web
 from .. import downloads, errors, metrics, preconditions, registry, uploads, validation
 from ..errors import ApiError
 from ..http import defer_expect, invite_body, json_response, parse_json_object
-from ..keys import LEASES, SETTINGS, STORAGE
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import LAST_MODIFIED_SHARED, file_metadata
 from .models import PREFIX, created, model_or_404, named_models_or_404, with_caller

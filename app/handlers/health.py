@@ -10,7 +10,7 @@ from aiohttp import web
 from .. import clock
 from ..config import format_size
 from ..http import json_response
-from ..keys import DRAIN, SETTINGS, STORAGE
+from ..appkeys import DRAIN, SETTINGS, STORAGE
 from ..storage.base import ModelQuery, StorageError, StorageUnavailable
 from ..downloads import stored_file
 from .analytics import registry_statistics

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from .. import metrics
-from ..keys import STORAGE
+from ..appkeys import STORAGE
 from ..storage.base import StorageError
 from .analytics import registry_statistics
 

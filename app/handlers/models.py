@@ -10,7 +10,7 @@ from .. import errors, registry, validation, views
 from ..errors import ApiError
 from ..http import cacheable_json, defer_expect, json_response, read_json_object
 from ..auth import caller_name, is_admin
-from ..keys import LEASES, SETTINGS, STORAGE
+from ..appkeys import LEASES, SETTINGS, STORAGE
 
 PREFIX = "/api/v1/models"
 

@@ -22,7 +22,7 @@ from ..config import format_size
 from ..handlers import analytics, files
 from ..handlers.models import model_or_404
 from ..errors import ApiError
-from ..keys import LEASES, SETTINGS, STORAGE
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..storage.base import ModelQuery
 from . import charts
 from .session import PREFIX, SESSIONS, Session, current
