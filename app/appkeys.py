@@ -11,3 +11,5 @@ STORAGE = web.AppKey("storage", Storage)
 LEASES = web.AppKey("leases", FileLeases)
 DRAIN = web.AppKey("drain", object)  # drain.Drain
 DOWNLOAD_SLOTS = web.AppKey("download_slots", object)  # limits.DownloadSlots
+# (method, path template) to the API key scope the route needs, from routes.API.
+ROUTE_SCOPES = web.AppKey("route_scopes", dict)

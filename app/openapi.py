@@ -17,24 +17,24 @@ schema here states what the service really sends and accepts:
   in the document only when the running settings turn it on.
 
 Layout: shared schemas, parameters, headers and error responses first, then
-one small builder per operation, then the cross-cutting additions (auth, rate
-limits, request ids) and ``build``.
+one small builder per operation (``operations``; the route table app/routes.py
+says at which path and method each is served, and with which API key scope),
+then the cross-cutting additions (auth, rate limits, request ids) and ``build``.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-from . import auth, downloads, errors, ranges, validation, versions
+from . import downloads, errors, ranges, routes, validation, versions
 from .config import Settings, format_size
+from .urls import MODEL_DOWNLOAD, MODELS
 from .errors import ErrorCode
 from .handlers.batch import MAX_IDS, OPERATIONS
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
 
 OPENAPI_VERSION = "3.1.0"
-MODELS = "/api/v1/models"
 
 Json = dict[str, Any]
 
@@ -136,7 +136,7 @@ TIMESTAMP = {
     "examples": ["2026-11-27T05:32:57.226Z"],
 }
 COUNT = {"type": "integer", "minimum": 0}
-API_PATH = {"type": "string", "pattern": r"^/api/v1/models/[0-9a-f]{24}/download$"}
+API_PATH = {"type": "string", "pattern": "^" + MODEL_DOWNLOAD.replace("{id}", "[0-9a-f]{24}") + "$"}
 
 
 def schemas(settings: Settings) -> Json:
@@ -560,7 +560,7 @@ def json_request(schema_name: str, description: str) -> Json:
 
 
 def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[ErrorCode, ...],
-                  not_found: tuple[ErrorCode, ...]) -> Json:
+                  not_found: tuple[ErrorCode, ...]) -> tuple[Json, Json]:
     """GET and HEAD of a model file, as downloads.send serves them."""
     conditional = [p("IfMatch"), p("IfUnmodifiedSince"), p("IfNoneMatch"), p("IfModifiedSince")]
     description = (
@@ -602,17 +602,35 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
         "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=header_refs("RetryAfter"),
                               body=False),
     }
-    return {
-        "get": op(op_id, "files", summary, get_responses, description=description,
-                  params=params + [p("Range"), p("IfRange")] + conditional),
-        "head": op(op_id + "Head", "files", summary + " (headers only)", head_responses,
-                   description="The headers GET would send, without the body. Range is ignored, and a HEAD "
-                               "never counts as a download.",
-                   params=params + conditional),
-    }
+    return (
+        op(op_id, "files", summary, get_responses, description=description,
+           params=params + [p("Range"), p("IfRange")] + conditional),
+        op(op_id + "Head", "files", summary + " (headers only)", head_responses,
+           description="The headers GET would send, without the body. Range is ignored, and a HEAD "
+                       "never counts as a download.",
+           params=params + conditional),
+    )
+
+
+def _by_id(*operations_: Json) -> dict[str, Json]:
+    return {o["operationId"]: o for o in operations_}
 
 
 def paths(settings: Settings) -> Json:
+    """Each route of routes.API with its operation; HEAD where aiohttp's automatic one is documented."""
+    ops = operations(settings)
+    out: Json = {}
+    for route in routes.API:
+        for method, op_id in route.methods():
+            if op_id is not None:
+                out.setdefault(route.path, {})[method.lower()] = ops.pop(op_id)
+    if ops:
+        raise ValueError(f"operations with no route in routes.API: {sorted(ops)}")
+    return out
+
+
+def operations(settings: Settings) -> dict[str, Json]:
+    """Every API operation by operationId; routes.API says where each one is served."""
     max_file = f"MAX_FILE_SIZE ({format_size(settings.max_file_size)}, {settings.max_file_size} bytes)"
     model_id = [p("ModelId")]
     listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"),
@@ -675,134 +693,128 @@ def paths(settings: Settings) -> Json:
                                                "attachment; filename=\"...\""),
     ], body=upload_body)
 
-    return {
-        "/health": {"get": op("health", "operations", "Liveness: does the service answer and reach its store", {
+    return _by_id(
+        op("health", "operations", "Liveness: does the service answer and reach its store", {
             "200": answer("healthy", "Health"),
             "503": answer("unhealthy: the store did not answer (see error), or the instance is draining", "Health"),
-        })},
-        "/health/detailed": {"get": op("healthDetailed", "operations", "Readiness: storage, files, disk and registry", {
+        }),
+        op("healthDetailed", "operations", "Readiness: storage, files, disk and registry", {
             "200": answer("every check is healthy", "DetailedHealth"),
             "503": answer("at least one check failed (or the instance is draining); each check says why",
                           "DetailedHealth"),
-        })},
-        "/metrics": {"get": op("metrics", "operations", "Prometheus metrics", {
+        }),
+        op("metrics", "operations", "Prometheus metrics", {
             "200": {"description": "Prometheus text exposition format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},
             "503": shared("ShuttingDown"),
         }, description="Counters and histograms for downloads, uploads, registrations and requests; registry "
                        "gauges are read from the database at scrape time (a storage failure leaves them as they "
-                       "were and is counted, the scrape still answers 200). Sums over all workers.")},
-        "/api/v1/openapi.json": {"get": op("openapi", "operations", "This OpenAPI 3.1 document", {
+                       "were and is counted, the scrape still answers 200). Sums over all workers."),
+        op("openapi", "operations", "This OpenAPI 3.1 document", {
             "200": {"description": "the document", "content": json_content(
                 {"type": "object", "required": ["openapi", "info", "paths"]})},
             "503": shared("ShuttingDown"),
-        })},
-        "/docs": {"get": op("docs", "operations", "This API as a static HTML page (no external resources)", {
+        }),
+        op("docs", "operations", "This API as a static HTML page (no external resources)", {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
             "503": shared("ShuttingDown"),
-        })},
-        MODELS: {
-            "get": listing,
-            "post": op("registerModel", "models", "Register a model (optionally with its file)", {
-                "201": created,
-                "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
-                                      errors.INVALID_MULTIPART,
-                                      errors.INVALID_CHECKSUM),
-                "409": shared("VersionConflict"),
-                "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
-                "422": shared("ChecksumMismatch"),
-                "503": shared("Unavailable"),
-            }, description=(
-                "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
-                "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
-                "object and a 'file' part, in either order; the model is created only once both arrived intact. "
-                "The first version of a name is v1.0; registering the name again makes the next version with "
-                "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
-                "multipart file only. " + json_limit),
-                params=[p("ChecksumHeader"), p("ChecksumQuery")],
-                body={"required": True, "content": {
-                    **json_content(ref("ModelRegistration")),
-                    "multipart/form-data": {
-                        "schema": {"type": "object", "required": ["metadata", "file"],
-                                   "properties": {"metadata": ref("ModelRegistration"), "file": BINARY}},
-                        "encoding": {"metadata": {"contentType": "application/json"},
-                                     "file": {"contentType": "application/octet-stream"}},
-                    },
-                }}),
-        },
-        MODELS + "/search": {"get": {**listing, "operationId": "searchModels",
-                                     "summary": "List and search models (the same as GET /api/v1/models)"}},
-        MODELS + "/statistics": {"get": statistics},
-        "/api/v1/statistics": {"get": {**statistics, "operationId": "registryStatisticsAlias",
-                                       "summary": "Registry statistics (alias of /api/v1/models/statistics)"}},
-        MODELS + "/popular": {"get": op("popularModels", "analytics", "Most downloaded models", {
+        }),
+        listing,
+        op("registerModel", "models", "Register a model (optionally with its file)", {
+            "201": created,
+            "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
+                                  errors.INVALID_MULTIPART,
+                                  errors.INVALID_CHECKSUM),
+            "409": shared("VersionConflict"),
+            "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
+            "422": shared("ChecksumMismatch"),
+            "503": shared("Unavailable"),
+        }, description=(
+            "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
+            "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
+            "object and a 'file' part, in either order; the model is created only once both arrived intact. "
+            "The first version of a name is v1.0; registering the name again makes the next version with "
+            "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
+            "multipart file only. " + json_limit),
+            params=[p("ChecksumHeader"), p("ChecksumQuery")],
+            body={"required": True, "content": {
+                **json_content(ref("ModelRegistration")),
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["metadata", "file"],
+                               "properties": {"metadata": ref("ModelRegistration"), "file": BINARY}},
+                    "encoding": {"metadata": {"contentType": "application/json"},
+                                 "file": {"contentType": "application/octet-stream"}},
+                },
+            }}),
+        {**listing, "operationId": "searchModels", "summary": f"List and search models (the same as GET {MODELS})"},
+        statistics,
+        {**statistics, "operationId": "registryStatisticsAlias",
+         "summary": f"Registry statistics (alias of {MODELS}/statistics)"},
+        op("popularModels", "analytics", "Most downloaded models", {
             "200": answer("models by download count, highest first", "ModelTop"),
             "400": shared("InvalidParameter"),
             "503": shared("Unavailable"),
-        }, params=[p("Limit")])},
-        MODELS + "/recent": {"get": op("recentModels", "analytics", "Newest models", {
+        }, params=[p("Limit")]),
+        op("recentModels", "analytics", "Newest models", {
             "200": answer("models by creation time, newest first", "ModelTop"),
             "400": shared("InvalidParameter"),
             "503": shared("Unavailable"),
-        }, params=[p("Limit")])},
-        MODELS + "/batch": {"post": op("batchModels", "models", "One operation over many models", {
+        }, params=[p("Limit")]),
+        op("batchModels", "models", "One operation over many models", {
             "200": answer("what happened to each id; a bad or unknown id never fails the batch", "BatchAnswer"),
             "400": error_response(errors.INVALID_JSON, errors.UNKNOWN_FIELD, errors.VALIDATION_ERROR),
             "413": shared("JsonTooLarge"),
             "503": shared("Unavailable"),
         }, body=json_request("BatchRequest", "delete, update_status (with status), add_tags or remove_tags "
-                                             "(with tags). " + json_limit))},
-        MODELS + "/by-name/{name}": {"get": cacheable_document(
+                                             "(with tags). " + json_limit)),
+        cacheable_document(
             "getModelByName", "The latest version of a name (or ?version=)", [p("ModelName"), p("Version")],
-            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER))},
-        MODELS + "/by-name/{name}/download": _download_ops(
-            "downloadModelByName", "Download the latest version's file (or ?version=)",
-            [p("ModelName"), p("Version")], (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER), (errors.NOT_FOUND, errors.NO_FILE)),
-        MODELS + "/{id}": {
-            "get": cacheable_document("getModel", "The full model document", model_id, (errors.INVALID_ID,)),
-            "put": op("updateModel", "models", "Update the mutable fields", {
-                "200": answer("updated", "UpdateAnswer"),
-                "400": error_response(errors.INVALID_ID, *BODY_CODES),
-                "404": shared("ModelNotFound"),
-                "413": shared("JsonTooLarge"),
-                "503": shared("Unavailable"),
-            }, params=model_id, body=json_request("ModelUpdate", "hyperparameters, metrics, dataset_info, tags, "
-                                                                 "status, description. " + json_limit)),
-            "delete": op("deleteModel", "models", "Delete a model and (unless shared) its file", {
-                "200": answer("deleted", "DeleteAnswer"),
-                "400": shared("InvalidModelId"),
-                "404": shared("ModelNotFound"),
-                "503": shared("Unavailable"),
-            }, params=model_id),
-        },
-        MODELS + "/{id}/versions": {
-            "get": op("listVersions", "models", "Every version of the model's name, newest first", {
-                "200": answer("the versions", "VersionList"),
-                "400": shared("InvalidModelId"),
-                "404": shared("ModelNotFound"),
-                "503": shared("Unavailable"),
-            }, params=model_id),
-            "post": op("createVersion", "models", "A new version made from this one", {
-                "201": created,
-                "400": error_response(errors.INVALID_ID, *BODY_CODES),
-                "404": shared("ModelNotFound"),
-                "409": shared("VersionConflict"),
-                "413": shared("JsonTooLarge"),
-                "503": shared("Unavailable"),
-            }, params=model_id, body=json_request(
-                "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
-                              "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
-        },
-        MODELS + "/{id}/upload": {"post": {**upload, "operationId": "uploadModelFilePost"}, "put": upload},
-        MODELS + "/{id}/download": _download_ops(
-            "downloadModel", "Download the model's file", model_id, (errors.INVALID_ID,), (errors.NOT_FOUND, errors.NO_FILE)),
-        MODELS + "/{id}/info": {"get": op("modelFileInfo", "files", "The file's metadata, without the body", {
+            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER)),
+        *_download_ops(
+            "downloadModelByName", "Download the latest version's file (or ?version=)", [p("ModelName"), p("Version")],
+            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER), (errors.NOT_FOUND, errors.NO_FILE)),
+        cacheable_document("getModel", "The full model document", model_id, (errors.INVALID_ID,)),
+        op("updateModel", "models", "Update the mutable fields", {
+            "200": answer("updated", "UpdateAnswer"),
+            "400": error_response(errors.INVALID_ID, *BODY_CODES),
+            "404": shared("ModelNotFound"),
+            "413": shared("JsonTooLarge"),
+            "503": shared("Unavailable"),
+        }, params=model_id, body=json_request("ModelUpdate", "hyperparameters, metrics, dataset_info, tags, "
+                                                             "status, description. " + json_limit)),
+        op("deleteModel", "models", "Delete a model and (unless shared) its file", {
+            "200": answer("deleted", "DeleteAnswer"),
+            "400": shared("InvalidModelId"),
+            "404": shared("ModelNotFound"),
+            "503": shared("Unavailable"),
+        }, params=model_id),
+        op("listVersions", "models", "Every version of the model's name, newest first", {
+            "200": answer("the versions", "VersionList"),
+            "400": shared("InvalidModelId"),
+            "404": shared("ModelNotFound"),
+            "503": shared("Unavailable"),
+        }, params=model_id),
+        op("createVersion", "models", "A new version made from this one", {
+            "201": created,
+            "400": error_response(errors.INVALID_ID, *BODY_CODES),
+            "404": shared("ModelNotFound"),
+            "409": shared("VersionConflict"),
+            "413": shared("JsonTooLarge"),
+            "503": shared("Unavailable"),
+        }, params=model_id, body=json_request(
+            "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
+                          "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
+        {**upload, "operationId": "uploadModelFilePost"},
+        upload,
+        *_download_ops("downloadModel", "Download the model's file", model_id, (errors.INVALID_ID,),
+                       (errors.NOT_FOUND, errors.NO_FILE)),
+        op("modelFileInfo", "files", "The file's metadata, without the body", {
             "200": answer("the file's metadata", "FileInfo"),
             "400": shared("InvalidModelId"),
             "404": error_response(errors.NOT_FOUND, errors.NO_FILE),
             "503": shared("Unavailable"),
-        }, params=model_id)},
-    }
+        }, params=model_id),
+    )
 
 
 # --------------------------------------------------------------------------- the document
@@ -883,13 +895,14 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
         # HEAD answers have no body, so they cannot share the JSON responses.
         return error_response(error, headers=header_refs(*hdrs), body=False) if head else shared(name)
 
+    scopes = routes.scopes()
     for path, method, operation in _operations(doc):
         head, responses_ = method == "head", operation["responses"]
         guarded = path not in open_paths
         if settings.enable_auth and not guarded:
             operation["security"] = []
         elif settings.enable_auth:
-            scope = auth.required_scope(SimpleNamespace(method=method.upper(), path=path))
+            scope = scopes[(method.upper(), path)]
             operation["x-required-scope"] = scope
             responses_["401"] = cross("Unauthorized", errors.UNAUTHORIZED, head, ("WWWAuthenticate",))
             if scope != "read":

@@ -11,11 +11,11 @@ from aiohttp import web
 from . import auth, limits, logs
 from .config import ConfigError, Settings
 from .drain import Drain
-from .handlers import setup_routes
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
 from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
 from .leases import FileLeases
+from .routes import setup_routes
 from .storage import Storage, make_storage
 
 log = logging.getLogger("app")

@@ -6,10 +6,7 @@ from typing import Any
 
 from .clock import iso
 from .config import format_size
-
-
-def download_url(model_id: str) -> str:
-    return f"/api/v1/models/{model_id}/download"
+from .urls import download_url
 
 
 # Stored in file_metadata when the model's previous file was uploaded in the

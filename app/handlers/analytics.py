@@ -11,8 +11,6 @@ from ..http import json_response
 from ..appkeys import SETTINGS, STORAGE
 from ..storage.base import ModelQuery, RegistryStats, Storage
 
-PREFIX = "/api/v1/models"
-
 
 async def registry_statistics(storage: Storage) -> RegistryStats:
     now = clock.now()
@@ -55,10 +53,3 @@ async def popular(request: web.Request) -> web.Response:
 async def recent(request: web.Request) -> web.Response:
     return await _top(request, "created_at")
 
-
-def setup(app: web.Application) -> None:
-    r = app.router
-    r.add_get(PREFIX + "/statistics", statistics)
-    r.add_get("/api/v1/statistics", statistics)
-    r.add_get(PREFIX + "/popular", popular)
-    r.add_get(PREFIX + "/recent", recent)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .. import clock, errors, registry, validation
 from ..errors import ApiError
-from ..http import defer_expect, json_response, read_json_object
+from ..http import json_response, read_json_object
 from ..appkeys import LEASES, STORAGE
 
 MAX_IDS = 1000
@@ -85,6 +85,3 @@ async def batch(request: web.Request) -> web.Response:
         "summary": {k: summary.get(k, 0) for k in ("ok", "not_found", "invalid_id")},
     })
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_post("/api/v1/models/batch", batch, expect_handler=defer_expect)

@@ -35,11 +35,10 @@ async def docs_page(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    """Build the document and its page once, for this application's settings."""
     document = openapi.build(app[SETTINGS])
     app[DOCUMENT] = document
     app[PAGE] = render(document)
-    app.router.add_get("/api/v1/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs_page)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -6,13 +6,13 @@ import math
 
 from aiohttp import web
 
-from .. import downloads, errors, metrics, preconditions, registry, uploads, validation
+from .. import downloads, errors, metrics, preconditions, registry, uploads, urls, validation
 from ..errors import ApiError
-from ..http import defer_expect, invite_body, json_response, parse_json_object
+from ..http import invite_body, json_response, parse_json_object
 from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import LAST_MODIFIED_SHARED, file_metadata
-from .models import PREFIX, created, model_or_404, named_models_or_404, with_caller
+from .models import created, model_or_404, named_models_or_404, with_caller
 
 
 async def _receive(request: web.Request) -> uploads.Received:
@@ -130,14 +130,6 @@ async def info(request: web.Request) -> web.Response:
         "model_id": doc["id"],
         **file_metadata(fm),
         "chunk_count": math.ceil(f.size / f.chunk_size),
-        "download_url": f"{PREFIX}/{doc['id']}/download",
+        "download_url": urls.download_url(doc["id"]),
     })
 
-
-def setup(app: web.Application) -> None:
-    r = app.router
-    r.add_get(PREFIX + "/by-name/{name}/download", download_by_name)
-    for method in ("POST", "PUT"):
-        r.add_route(method, PREFIX + "/{id}/upload", upload, expect_handler=defer_expect)
-    r.add_get(PREFIX + "/{id}/download", download)
-    r.add_get(PREFIX + "/{id}/info", info)

@@ -118,7 +118,3 @@ async def detailed(request: web.Request) -> web.Response:
         body["disk_free_bytes"] = None
     return json_response(body, 200 if body["status"] == "healthy" else 503)
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/health/detailed", detailed)

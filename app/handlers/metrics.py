@@ -48,6 +48,3 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     response.headers["Content-Type"] = content_type
     return response
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/metrics", metrics_endpoint)

@@ -6,13 +6,11 @@ import math
 
 from aiohttp import web
 
-from .. import errors, registry, validation, views
+from .. import errors, registry, urls, validation, views
 from ..errors import ApiError
-from ..http import cacheable_json, defer_expect, json_response, read_json_object
+from ..http import cacheable_json, json_response, read_json_object
 from ..auth import caller_name, is_admin
 from ..appkeys import LEASES, SETTINGS, STORAGE
-
-PREFIX = "/api/v1/models"
 
 
 def _not_found(model_id: str) -> ApiError:
@@ -50,10 +48,10 @@ def created(doc: dict) -> web.Response:
             "message": "Model registered successfully",
             "model_id": doc["id"],
             "version": doc["version"],
-            "download_url": views.download_url(doc["id"]),
+            "download_url": urls.download_url(doc["id"]),
         },
         status=201,
-        headers={"Location": f"{PREFIX}/{doc['id']}"},
+        headers={"Location": urls.model_url(doc["id"])},
     )
 
 
@@ -150,16 +148,3 @@ async def named_models_or_404(request: web.Request) -> tuple[dict, list[dict]]:
 async def by_name(request: web.Request) -> web.Response:
     return cacheable_json(request, views.full(await named_model_or_404(request)))
 
-
-def setup(app: web.Application) -> None:
-    r = app.router
-    # Fixed paths before {id}, which would otherwise swallow them.
-    r.add_post(PREFIX, register, expect_handler=defer_expect)
-    r.add_get(PREFIX, list_models)
-    r.add_get(f"{PREFIX}/search", list_models)
-    r.add_get(PREFIX + "/by-name/{name}", by_name)
-    r.add_get(PREFIX + "/{id}", get_model)
-    r.add_put(PREFIX + "/{id}", update_model, expect_handler=defer_expect)
-    r.add_delete(PREFIX + "/{id}", delete_model)
-    r.add_post(PREFIX + "/{id}/versions", create_version, expect_handler=defer_expect)
-    r.add_get(PREFIX + "/{id}/versions", list_versions)
