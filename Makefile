@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
+.PHONY: run test lint test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,14 @@ run: $(STAMP)
 
 # Everything, both backends. The FerretDB test server builds itself with Go on
 # first use (tests/support/mongo_server.py); set MONGODB_URL to use a real MongoDB.
-test: $(STAMP)
+test: $(STAMP) lint
 	-@$(MAKE) --no-print-directory bench-tools
 	-@$(MAKE) --no-print-directory ui-browser
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# ruff (pyproject.toml); any finding fails `make test` before a test runs.
+lint: $(STAMP)
+	$(BIN)/ruff check
 
 # Inner loop: embedded backend only, no slow tests.
 test-quick: $(STAMP)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import errors
 from .appkeys import ROUTE_SCOPES
 from .config import ConfigError
-from . import errors
 from .errors import ApiError
 
 SCOPES = ("read", "write", "admin")

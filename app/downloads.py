@@ -21,9 +21,9 @@ from urllib.parse import quote
 from aiohttp import web
 
 from . import clock, errors, metrics, preconditions, ranges, sendfile, views
+from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import error_response
-from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .storage.base import FileMissing, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 

@@ -16,8 +16,8 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import errors, preconditions
-from .errors import ApiError, ErrorCode
 from .appkeys import SETTINGS
+from .errors import ApiError, ErrorCode
 from .logs import request_id
 from .metrics import STORAGE_ERRORS
 from .storage.base import StorageUnavailable

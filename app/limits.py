@@ -19,9 +19,9 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from . import errors
 from .auth import caller_name
 from .config import Rate
-from . import errors
 from .errors import ApiError
 
 # Liveness is never rate limited: load balancers and probes poll it from one

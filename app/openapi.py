@@ -28,11 +28,11 @@ from typing import Any
 
 from . import downloads, errors, ranges, routes, validation, versions
 from .config import Settings, format_size
-from .urls import MODEL_DOWNLOAD, MODELS
 from .errors import ErrorCode
 from .handlers.batch import MAX_IDS, OPERATIONS
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
+from .urls import MODEL_DOWNLOAD, MODELS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -78,8 +78,8 @@ BINARY = {"type": "string", "format": "binary"}
 # Each code's status and meaning are declared in app/errors.py; these are the statuses' names.
 _REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
             405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
-            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content", 429: "Too many requests",
-            500: "Internal error", 503: "Service unavailable"}
+            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content",
+            429: "Too many requests", 500: "Internal error", 503: "Service unavailable"}
 
 
 def error_response(*codes: ErrorCode, headers: Json | None = None, body: bool = True) -> Json:
@@ -322,7 +322,8 @@ def schemas(settings: Settings) -> Json:
             "checks": closed({
                 "storage": {**ref("CheckResult"), "description": "the store answers a ping"},
                 "files": {**ref("CheckResult"), "description": "GridFS or the data folder is readable and writable"},
-                "disk_space": {**ref("CheckResult"), "description": "free space above HEALTH_MIN_FREE_DISK, where known"},
+                "disk_space": {**ref("CheckResult"),
+                               "description": "free space above HEALTH_MIN_FREE_DISK, where known"},
                 "model_registry": {**ref("CheckResult"),
                                    "description": "a sample of the newest models with files point at stored content"},
                 "shutdown": {"type": "string", "description": "present (never healthy) while the instance drains"},
@@ -489,7 +490,8 @@ def responses(settings: Settings) -> Json:
         # Every operation but /health's can meet a draining instance; most also reach the store.
         "Unavailable": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=retry),
         "ShuttingDown": error_response(errors.SHUTTING_DOWN, headers=retry),
-        "DownloadUnavailable": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, *_download_busy_codes(settings), headers=retry),
+        "DownloadUnavailable": error_response(
+            errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, *_download_busy_codes(settings), headers=retry),
         "InvalidModelId": error_response(errors.INVALID_ID),
         "ModelNotFound": error_response(errors.NOT_FOUND),
         "InvalidParameter": error_response(errors.INVALID_PARAMETER),

@@ -9,11 +9,11 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import auth, limits, logs
+from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
 from .config import ConfigError, Settings
 from .drain import Drain
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
-from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE
 from .leases import FileLeases
 from .routes import setup_routes
 from .storage import Storage, make_storage

@@ -8,7 +8,6 @@ from .clock import iso
 from .config import format_size
 from .urls import download_url
 
-
 # Stored in file_metadata when the model's previous file was uploaded in the
 # same second: its Last-Modified then names two contents (see downloads).
 # Bookkeeping for the download validators, not shown.

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["ratio"] > args.target:
             failures.append(f"{row['case']}: the page costs {row['ratio']:.2f}x its JSON (target {args.target}x)")
     lines = [f"# Web UI render time, {args.models} models, embedded backend, median of {args.rounds} rounds", "",
-             "JSON for a model version is GET {id} plus GET {id}/versions, the two calls that carry what the page shows.",
+             "JSON for a model version is GET {id} plus GET {id}/versions, "
+             "the two calls that carry what the page shows.",
              "",
              "| case | page, server ms | JSON, server ms | page / JSON | page, client ms | JSON, client ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]

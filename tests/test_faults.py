@@ -172,9 +172,9 @@ async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mong
 def test_sigkill_mid_upload_then_restart_is_consistent_and_gc_cleans(tmp_path):
     import subprocess
     import sys
+    import urllib.request
 
     import orjson
-    import urllib.request
 
     from tests.support.live_service import LiveService
     from tests.support.mongo_server import REPO

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+
 import aiohttp
 import jsonschema
 import pytest
@@ -18,11 +19,11 @@ import referencing.jsonschema
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
 from app import downloads, errors, openapi
+from app.appkeys import SETTINGS
 from app.config import Rate, Settings
 from app.errors import ApiError
-from app.logs import REQUEST_ID_HEADER
 from app.handlers.docs import DOCUMENT
-from app.appkeys import SETTINGS
+from app.logs import REQUEST_ID_HEADER
 from app.server import create_app
 from app.ui import session as ui_session
 from tests.api_helpers import MODELS, register, unused_id

@@ -20,7 +20,6 @@ from tests.support.live_service import LiveService
 from tests.support.ui_browser import DESKTOP, KEYS, PHONE, UI_API_KEYS, chromium_path, seed
 
 
-
 def _unavailable() -> str | None:
     try:
         import axe_playwright_python  # noqa: F401

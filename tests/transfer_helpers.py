@@ -227,8 +227,8 @@ def check_ranges_response(status: int, headers, body: bytes, data: bytes,
         spans.append((first, last))
     for a, b in requested:
         for pos in {a, b, (a + b) // 2}:
-            assert any(f <= pos <= l for f, l in spans), f"requested byte {pos} missing from {spans}"
+            assert any(first <= pos <= last for first, last in spans), f"requested byte {pos} missing from {spans}"
     # Nothing far outside what was asked for (coalescing may fill small gaps only).
-    for f, l in spans:
-        assert any(f <= b and a <= l for a, b in requested), f"span {f}-{l} was not requested"
+    for first, last in spans:
+        assert any(first <= b and a <= last for a, b in requested), f"span {first}-{last} was not requested"
     return spans

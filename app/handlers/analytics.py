@@ -7,8 +7,8 @@ from datetime import timedelta
 from aiohttp import web
 
 from .. import clock, validation, views
-from ..http import json_response
 from ..appkeys import SETTINGS, STORAGE
+from ..http import json_response
 from ..storage.base import ModelQuery, RegistryStats, Storage
 
 

@@ -13,9 +13,9 @@ from collections import Counter
 from aiohttp import web
 
 from .. import clock, errors, registry, validation
+from ..appkeys import LEASES, STORAGE
 from ..errors import ApiError
 from ..http import json_response, read_json_object
-from ..appkeys import LEASES, STORAGE
 
 MAX_IDS = 1000
 OPERATIONS = ("delete", "update_status", "add_tags", "remove_tags")
@@ -26,7 +26,8 @@ def _parse(body: dict) -> tuple[str, list, dict]:
     allowed = {"operation", "ids", "status", "tags"}
     unknown = set(body) - allowed
     if unknown:
-        raise ApiError(errors.UNKNOWN_FIELD, f"{sorted(unknown)[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+        raise ApiError(errors.UNKNOWN_FIELD,
+                       f"{sorted(unknown)[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
     operation = body.get("operation")
     if operation not in OPERATIONS:
         raise ApiError(errors.VALIDATION_ERROR, f"operation: must be one of {', '.join(OPERATIONS)}")

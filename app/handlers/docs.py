@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from .. import openapi
-from ..http import json_response
 from ..appkeys import SETTINGS
+from ..http import json_response
 
 DOCUMENT = web.AppKey("openapi_document", dict)
 PAGE = web.AppKey("openapi_page", str)

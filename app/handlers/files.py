@@ -7,9 +7,9 @@ import math
 from aiohttp import web
 
 from .. import downloads, errors, metrics, preconditions, registry, uploads, urls, validation
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..errors import ApiError
 from ..http import invite_body, json_response, parse_json_object
-from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..locks import KeyedLocks
 from ..views import LAST_MODIFIED_SHARED, file_metadata
 from .models import created, model_or_404, named_models_or_404, with_caller

@@ -8,11 +8,11 @@ import logging
 from aiohttp import web
 
 from .. import clock
-from ..config import format_size
-from ..http import json_response
 from ..appkeys import DRAIN, SETTINGS, STORAGE
-from ..storage.base import ModelQuery, StorageError, StorageUnavailable
+from ..config import format_size
 from ..downloads import stored_file
+from ..http import json_response
+from ..storage.base import ModelQuery, StorageError, StorageUnavailable
 from .analytics import registry_statistics
 
 log = logging.getLogger("app.health")

@@ -7,10 +7,10 @@ import math
 from aiohttp import web
 
 from .. import errors, registry, urls, validation, views
+from ..appkeys import LEASES, SETTINGS, STORAGE
+from ..auth import caller_name, is_admin
 from ..errors import ApiError
 from ..http import cacheable_json, json_response, read_json_object
-from ..auth import caller_name, is_admin
-from ..appkeys import LEASES, SETTINGS, STORAGE
 
 
 def _not_found(model_id: str) -> ApiError:

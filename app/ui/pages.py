@@ -18,11 +18,11 @@ from aiohttp import web
 from multidict import MultiDict
 
 from .. import auth, clock, errors, registry, validation
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..config import format_size
+from ..errors import ApiError
 from ..handlers import analytics, files
 from ..handlers.models import model_or_404
-from ..errors import ApiError
-from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..storage.base import ModelQuery
 from . import charts
 from .session import PREFIX, SESSIONS, Session, current
@@ -171,7 +171,8 @@ class Row:
     def of(cls, doc: dict) -> "Row":
         fm = doc.get("file_metadata")
         iso = doc["created_at"].isoformat()  # UTC, as storage hands every timestamp over
-        return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"], doc.get("tags", []),
+        return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"],
+                   doc.get("tags", []),
                    key_metric(doc.get("metrics", {})), size(fm["size_bytes"]) if fm else "",
                    doc.get("download_count", 0), iso, f"{iso[:10]} {iso[11:16]} UTC")
 
