@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _keys_create(args: argparse.Namespace) -> int:
     from . import auth
 
-    if not auth._NAME_RE.fullmatch(args.name):
+    if not auth.KEY_NAME_RE.fullmatch(args.name):
         print("model-service: --name must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'", file=sys.stderr)
         return 2
     key = auth.new_key()

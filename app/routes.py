@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import auth, ui
-from .appkeys import ROUTE_SCOPES
+from . import auth, openapi, ui
+from .appkeys import ROUTE_SCOPES, SETTINGS
 from .handlers import analytics, batch, docs, files, health, metrics, models
 from .http import defer_expect
 from .urls import API as API_PREFIX
-from .urls import MODEL, MODEL_DOWNLOAD, MODELS
+from .urls import MODEL, MODEL_DOWNLOAD, MODELS, OPENAPI_JSON
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,7 +48,7 @@ class Route:
 API: tuple[Route, ...] = (
     Route("GET", "/health", health.health, "read", "health"),
     Route("GET", "/health/detailed", health.detailed, "read", "healthDetailed"),
-    Route("GET", API_PREFIX + "/openapi.json", docs.openapi_json, "read", "openapi"),
+    Route("GET", OPENAPI_JSON, docs.openapi_json, "read", "openapi"),
     Route("GET", "/docs", docs.docs_page, "read", "docs"),
     Route("GET", "/metrics", metrics.metrics_endpoint, "read", "metrics"),
     Route("GET", MODELS + "/statistics", analytics.statistics, "read", "registryStatistics"),
@@ -83,7 +83,7 @@ def setup_routes(app: web.Application) -> None:
     unknown = {route.scope for route in API} - set(auth.SCOPES)
     if unknown:
         raise ValueError(f"routes.API names scopes auth does not know: {sorted(unknown)}")
-    docs.setup(app)
+    docs.setup(app, openapi.build(app[SETTINGS]))
     app[ROUTE_SCOPES] = scopes()
     for route in API:
         extra = {"expect_handler": defer_expect} if route.body else {}

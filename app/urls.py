@@ -6,6 +6,7 @@ and renderers can make URLs without importing the table (which imports them).
 """
 
 API = "/api/v1"
+OPENAPI_JSON = API + "/openapi.json"
 MODELS = API + "/models"
 MODEL = MODELS + "/{id}"
 MODEL_DOWNLOAD = MODEL + "/download"

@@ -683,7 +683,7 @@ _WORDS = ("churn", "fraud", "vision", "ranker", "speech")
 _ALGOS = ("random_forest", "xgboost", "cnn", "transformer", "logistic_regression")
 
 
-def _model_body(i: int) -> dict:
+def model_body(i: int) -> dict:
     word = _WORDS[i % len(_WORDS)]
     return {
         "name": f"bench-{i:05d}-{word}",
@@ -707,7 +707,7 @@ def _seed(ctx: Context, store: Store, svc: procs.Service, n: int) -> list[str]:
     through_api = n if store.backend == "embedded" else min(n, 200)
     t0 = time.monotonic()
     result, _ = procs.run_client({"job": "seed", "url": svc.url, "concurrency": 16,
-                                  "models": [_model_body(i) for i in range(through_api)]}, None)
+                                  "models": [model_body(i) for i in range(through_api)]}, None)
     ids = result.get("ids") or []
     if result.get("job_error") or result.get("errors") or None in ids:
         raise RuntimeError(f"seeding failed: {result.get('job_error') or result.get('errors')}")
@@ -725,7 +725,7 @@ def _seed(ctx: Context, store: Store, svc: procs.Service, n: int) -> list[str]:
 
             batch = []
             for i in range(through_api, n):
-                body = _model_body(i)
+                body = model_body(i)
                 doc = {**template, **body, "_id": ObjectId(), "created_at": base + timedelta(milliseconds=i),
                        "updated_at": base + timedelta(milliseconds=i)}
                 batch.append(doc)

@@ -33,7 +33,7 @@ from app import registry
 from app.config import Settings
 from app.server import create_app
 from app.storage import make_storage
-from bench.run import _model_body
+from bench.run import model_body
 from tests.support.mongo_server import REPO
 
 RESULTS = REPO / "bench" / "results"
@@ -46,10 +46,10 @@ async def _fill(data_dir: Path, n: int) -> str:
     await storage.open()
     try:
         for i in range(n):
-            await storage.insert_model(registry.model_document(_model_body(i), "v1.0"))
+            await storage.insert_model(registry.model_document(model_body(i), "v1.0"))
         parent = None
         for minor in range(5):
-            fields = {**_model_body(1), "name": "churn-ui-bench"}
+            fields = {**model_body(1), "name": "churn-ui-bench"}
             doc = await registry.create(storage, fields, parent_id=parent)
             parent = doc["id"]
         async with storage.file_writer() as w:
