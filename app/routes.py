@@ -42,36 +42,38 @@ class Route:
         return [(self.method, self.operation)]
 
 
-# In registration order. aiohttp tries the templates with the longest fixed
-# prefix first (.../statistics before .../{id}, .../by-name/{name} before
-# .../{id}/info), and this order only among those sharing a prefix.
+# In the order of the OpenAPI document (and the /docs page). The router's order
+# does not decide anything here: aiohttp tries the templates with the longest
+# fixed prefix first (.../statistics before .../{id}), and no two templates
+# sharing a prefix match the same path.
 API: tuple[Route, ...] = (
     Route("GET", "/health", health.health, "read", "health"),
     Route("GET", "/health/detailed", health.detailed, "read", "healthDetailed"),
+    Route("GET", "/metrics", metrics.metrics_endpoint, "read", "metrics"),
     Route("GET", OPENAPI_JSON, docs.openapi_json, "read", "openapi"),
     Route("GET", "/docs", docs.docs_page, "read", "docs"),
-    Route("GET", "/metrics", metrics.metrics_endpoint, "read", "metrics"),
+    Route("GET", MODELS, models.list_models, "read", "listModels"),
+    Route("POST", MODELS, models.register, "write", "registerModel", body=True),
+    Route("GET", MODELS + "/search", models.list_models, "read", "searchModels"),
     Route("GET", MODELS + "/statistics", analytics.statistics, "read", "registryStatistics"),
     Route("GET", API_PREFIX + "/statistics", analytics.statistics, "read", "registryStatisticsAlias"),
     Route("GET", MODELS + "/popular", analytics.popular, "read", "popularModels"),
     Route("GET", MODELS + "/recent", analytics.recent, "read", "recentModels"),
     Route("POST", MODELS + "/batch", batch.batch, "admin", "batchModels", body=True),
+    Route("GET", MODELS + "/by-name/{name}", models.by_name, "read", "getModelByName"),
     Route("GET", MODELS + "/by-name/{name}/download", files.download_by_name, "read", "downloadModelByName",
           head="downloadModelByNameHead"),
+    Route("GET", MODEL, models.get_model, "read", "getModel"),
+    Route("PUT", MODEL, models.update_model, "write", "updateModel", body=True),
+    Route("DELETE", MODEL, models.delete_model, "admin", "deleteModel"),
+    Route("GET", MODEL + "/versions", models.list_versions, "read", "listVersions"),
+    Route("POST", MODEL + "/versions", models.create_version, "write", "createVersion", body=True),
     Route("POST", MODEL + "/upload", files.upload, "write", "uploadModelFilePost", body=True),
     Route("PUT", MODEL + "/upload", files.upload, "write", "uploadModelFile", body=True),
     Route("GET", MODEL_DOWNLOAD, files.download, "read", "downloadModel", head="downloadModelHead"),
     Route("GET", MODEL + "/info", files.info, "read", "modelFileInfo"),
-    Route("POST", MODELS, models.register, "write", "registerModel", body=True),
-    Route("GET", MODELS, models.list_models, "read", "listModels"),
-    Route("GET", MODELS + "/search", models.list_models, "read", "searchModels"),
-    Route("GET", MODELS + "/by-name/{name}", models.by_name, "read", "getModelByName"),
-    Route("GET", MODEL, models.get_model, "read", "getModel"),
-    Route("PUT", MODEL, models.update_model, "write", "updateModel", body=True),
-    Route("DELETE", MODEL, models.delete_model, "admin", "deleteModel"),
-    Route("POST", MODEL + "/versions", models.create_version, "write", "createVersion", body=True),
-    Route("GET", MODEL + "/versions", models.list_versions, "read", "listVersions"),
 )
+
 
 def scopes() -> dict[tuple[str, str], str]:
     """(method, path template) to the scope it needs, HEADs included."""
