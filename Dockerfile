@@ -11,8 +11,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /srv/model-service
 
 COPY pyproject.toml setup.cfg README.md ./
+COPY client ./client
 COPY app ./app
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ./client . \
     && groupadd --system --gid 10001 modelsvc \
     && useradd --system --no-log-init --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin modelsvc \
     && mkdir -p /data \

@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test lint test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
 
-$(STAMP): setup.cfg pyproject.toml
+# The client is its own distribution (client/); the server's CLI needs it, so both go in one pip command.
+$(STAMP): setup.cfg pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[test,bench]'
+	$(BIN)/pip install --quiet --editable ./client --editable '.[test,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)

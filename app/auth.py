@@ -26,7 +26,7 @@ from .errors import ApiError
 
 SCOPES = ("read", "write", "admin")
 _LEVEL = {s: i for i, s in enumerate(SCOPES)}
-KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="model-service", charset="UTF-8"'}
 
@@ -56,12 +56,16 @@ def new_key() -> str:
     return "tfms_" + secrets.token_urlsafe(32)
 
 
+def valid_key_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None
+
+
 def _entry(digest_hex: str, scope: str, name: str, where: str) -> ApiKey:
     if not _HEX_RE.fullmatch(digest_hex):
         raise ConfigError(f"{where}: the first field must be the key's sha256 (64 lowercase hex digits)")
     if scope not in _LEVEL:
         raise ConfigError(f"{where}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if not KEY_NAME_RE.fullmatch(name):
+    if not valid_key_name(name):
         raise ConfigError(f"{where}: name must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'")
     return ApiKey(bytes.fromhex(digest_hex), scope, name)
 

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from . import logs
-from .client.cli import add_client_commands
 from .config import ConfigError, Settings
 from .maintenance import add_maintenance_commands
 from .storage import StorageUnavailable
@@ -47,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _keys_create(args: argparse.Namespace) -> int:
     from . import auth
 
-    if not auth.KEY_NAME_RE.fullmatch(args.name):
+    if not auth.valid_key_name(args.name):
         print("model-service: --name must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'", file=sys.stderr)
         return 2
     key = auth.new_key()
@@ -78,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="who uses the key (becomes created_by)")
     create.add_argument("--scope", required=True, choices=("read", "write", "admin"))
     create.set_defaults(func=_keys_create)
-    add_client_commands(sub)
+    try:
+        from tensorfleet_client.cli import add_client_commands
+    except ImportError:  # the server alone: serve, cleanup and gc still work
+        pass
+    else:
+        add_client_commands(sub)
     add_maintenance_commands(sub)
     return parser
 

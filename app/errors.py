@@ -55,7 +55,8 @@ INVALID_ID = declare("invalid_id", 400, "a model id path segment is not 24 hexad
 INVALID_JSON = declare("invalid_json", 400,
                         "the body is not a JSON object (empty, malformed, or another JSON type)")
 VALIDATION_ERROR = declare("validation_error", 400,
-                            "a field or name breaks a rule; the message names the field and the rule")
+                            "a field or name breaks a rule (the message names the field and the rule), or "
+                            "the database refuses a value")
 IMMUTABLE_FIELD = declare("immutable_field", 400,
                            "the body sets a field the server owns (id, name, version, created_at, ...)")
 UNKNOWN_FIELD = declare("unknown_field", 400, "the body has a field the operation does not take")

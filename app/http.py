@@ -1,6 +1,7 @@
 """JSON in and out, and the one error shape every failure takes.
 
-Every JSON body goes through orjson. Every error, including aiohttp's own 404
+JSON bodies are read with orjson and written with msgspec, which encodes the
+answers of ``schemas`` (and plain data) directly. Every error, including aiohttp's own 404
 and 405 and anything unexpected, leaves as
 ``{"error": {"code": ..., "message": ...}}`` with the matching status.
 """
@@ -11,6 +12,7 @@ import hashlib
 import logging
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -20,13 +22,25 @@ from .appkeys import SETTINGS
 from .errors import ApiError, ErrorCode
 from .logs import request_id
 from .metrics import STORAGE_ERRORS
-from .storage.base import StorageUnavailable
+from .storage.base import StorageUnavailable, ValueRefused
 
 log = logging.getLogger("app.http")
 
+
+def _plain(value: object) -> object:
+    # MongoDB hands 64-bit integers back as bson.Int64, an int subclass msgspec
+    # does not encode by itself; only values msgspec cannot encode come here.
+    if isinstance(value, int):
+        return int(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__} as JSON")
+
+
+_encode = msgspec.json.Encoder(enc_hook=_plain).encode
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=orjson.dumps(data),
+        body=_encode(data),
         status=status,
         content_type="application/json",
         headers=headers,
@@ -39,7 +53,7 @@ def cacheable_json(request: web.Request, data: Any) -> web.Response:
     Pollers (inference servers checking for a new version) then cost one
     small request and no body.
     """
-    body = orjson.dumps(data)
+    body = _encode(data)
     etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
     # no-cache: reuse only after revalidating, which is what the ETag is for.
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
@@ -155,6 +169,8 @@ async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         return error_response(e.error, e.message, e.headers)
+    except ValueRefused as e:
+        return error_response(errors.VALIDATION_ERROR, f"the model store cannot hold this value: {e}")
     except StorageUnavailable as e:
         STORAGE_ERRORS.labels("request").inc()
         log.warning("storage unavailable during %s %s: %s", request.method, request.path, e,

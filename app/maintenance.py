@@ -65,6 +65,10 @@ async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -
 
 
 async def _gc(storage, min_age: timedelta, dry_run: bool) -> int:
+    if not dry_run:
+        # Models registered before versions were marked superseded.
+        if settled := await registry.settle_all_latest(storage):
+            print(f"marked the latest version of {settled} name(s)")
     lines = await storage.collect_garbage(min_age, dry_run)
     for line in lines:
         print(f"{'would remove' if dry_run else 'removed'} {line}")

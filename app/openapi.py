@@ -7,8 +7,10 @@ with the application's router in both directions, and validates real responses
 against the schemas, and schemathesis is meant to run against it. So every
 schema here states what the service really sends and accepts:
 
-- limits come from the code (validation rules, ranges.MAX_RANGES, the batch size)
-  and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE, MAX_JSON_SIZE);
+- ``components.schemas`` is generated from the Structs of ``app.schemas``, the
+  same declarations validation converts bodies into and handlers answer with;
+- limits come from the code (those declarations, ranges.MAX_RANGES, the batch
+  size) and from the running settings (MAX_FILE_SIZE, MAX_PAGE_SIZE, MAX_JSON_SIZE);
 - each error response lists the exact ``error.code`` values the route can
   answer with that status, as an ``enum`` in its schema and as ``x-error-codes``;
 - response objects are closed (``additionalProperties: false``) where the
@@ -26,13 +28,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import downloads, errors, ranges, routes, validation, versions
+import msgspec
+
+from . import downloads, errors, ranges, routes
+from . import schemas as shapes
 from .config import Settings, format_size
 from .errors import ErrorCode
-from .handlers.batch import MAX_IDS, OPERATIONS
+from .handlers.batch import MAX_IDS
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
-from .urls import MODEL_DOWNLOAD, MODELS
+from .urls import MODELS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -110,230 +115,57 @@ BODY_CODES = (errors.INVALID_JSON, errors.VALIDATION_ERROR, errors.IMMUTABLE_FIE
 
 # --------------------------------------------------------------------------- schemas
 
-# The service refuses blank strings (Python's str.strip() leaves nothing). ECMA-262's
-# \s, which JSON Schema patterns use, lacks \x1c-\x1f and \x85, which Python strips.
-NON_BLANK = r"[^\s\x1c-\x1f\x85]"
 # What uploads.clean_filename accepts: no control characters, and a last path
-# component (after / or \) that is neither empty, "." nor "..". Empty means "not given".
+# component (after / or \\) that is neither empty, "." nor "..". Empty means "not given".
 _NAME_CHAR = r"[^/\\\x00-\x1f\x7f]"
 FILENAME = (r"^$|^(?:[^\x00-\x1f\x7f]*[/\\])?(?:[^./\\\x00-\x1f\x7f]|\.[^./\\\x00-\x1f\x7f]|\.\."
             + _NAME_CHAR + ")" + _NAME_CHAR + "*$")
 SHA256_VALUE = r"^\s*(?:sha256:)?[0-9a-fA-F]{64}\s*$"
-
-
-def _string(max_len: int, description: str | None = None) -> Json:
-    s: Json = {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": NON_BLANK}
-    if description:
-        s["description"] = description
-    return s
-
-
-TIMESTAMP = {
-    "type": "string",
-    "format": "date-time",
-    "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
-    "description": "ISO-8601 UTC with milliseconds and a Z",
-    "examples": ["2026-11-27T05:32:57.226Z"],
-}
+TIMESTAMP = msgspec.json.schema(shapes.Timestamp)
 COUNT = {"type": "integer", "minimum": 0}
-API_PATH = {"type": "string", "pattern": "^" + MODEL_DOWNLOAD.replace("{id}", "[0-9a-f]{24}") + "$"}
+
+
+# What a use of a leaf type may add to it without being another type.
+_ANNOTATIONS = frozenset({"title", "description", "examples", "default"})
+
+
+def _leaf_refs(schema: Any, leaves: dict[str, Json], own: str | None = None) -> Any:
+    """``schema`` with each inlined named leaf type (see schemas.NAMED) turned into a $ref to its
+    component; what the use adds to the leaf (a description) stays beside the $ref."""
+    if isinstance(schema, list):
+        return [_leaf_refs(s, leaves, own) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    constraints = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+    for name, leaf in leaves.items():
+        if name != own and constraints == {k: v for k, v in leaf.items() if k not in _ANNOTATIONS}:
+            return {**ref(name), **{k: v for k, v in schema.items() if k in _ANNOTATIONS and leaf.get(k) != v}}
+    return {k: _leaf_refs(v, leaves, own) for k, v in schema.items()}
+
+
+def generated_schemas(settings: Settings) -> Json:
+    """components.schemas of the Structs in ``schemas``, with the limits the settings set."""
+    template = "#/components/schemas/{name}"
+    _, structs = msgspec.json.schema_components(shapes.REQUESTS + shapes.ANSWERS, ref_template=template)
+    leaves = {name: msgspec.json.schema(t, ref_template=template) for name, t in shapes.NAMED.items()}
+    out = {name: _leaf_refs(schema, leaves, name) for name, schema in {**leaves, **structs}.items()}
+    for name, extra in shapes.EXTRA_SCHEMA.items():
+        out[name].update(extra)
+    for name in ("FileMetadata", "FileInfo"):
+        out[name]["properties"]["size_bytes"]["maximum"] = settings.max_file_size
+    out["Pagination"]["properties"]["limit"]["maximum"] = settings.max_page_size
+    out["ModelTop"]["properties"]["models"]["maxItems"] = settings.max_page_size
+    return {**out, **shapes.SAFE_JSON_SCHEMAS}
 
 
 def schemas(settings: Settings) -> Json:
-    statuses = list(validation.STATUSES)
-    file_metadata_props = {
-        "file_id": ref("ObjectId"),
-        "filename": {"type": "string", "description": "as uploaded (last path component), else <name>-<version>"},
-        "size_bytes": {**COUNT, "maximum": settings.max_file_size},
-        "checksum": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
-        "format": {"type": ["string", "null"],
-                   "description": "the model's format, else the file name's extension, else null"},
-        "content_type": {"type": "string", "description": "the Content-Type the file was uploaded with"},
-        "chunk_size": {"type": "integer", "minimum": 1},
-        "uploaded_at": TIMESTAMP,
-    }
-    model_fields = {
-        "name": ref("ModelName"),
-        "algorithm": _string(validation._MAX_SHORT, "free text, for example xgboost or random_forest"),
-        "hyperparameters": ref("SafeJsonObject"),
-        "metrics": ref("Metrics"),
-        "dataset_info": ref("SafeJsonObject"),
-        "tags": ref("Tags"),
-        "status": {**ref("Status"), "description": "active when registering unless given"},
-        "description": _string(validation._MAX_DESCRIPTION),
-        "created_by": _string(validation._MAX_SHORT),
-        "format": _string(50, "the file format, for example pkl, onnx or joblib"),
-        "version": {**ref("Version"), "description": "ask for this version number (409 if it exists); "
-                                                    "by default the next one is chosen"},
-        "breaking_changes": {"type": "boolean", "default": False,
-                             "description": "number the automatic version vMAJOR+1.0 instead of vMAJOR.MINOR+1"},
-    }
-    summary_props = {
-        "id": ref("ObjectId"),
-        "name": ref("ModelName"),
-        "version": ref("Version"),
-        "algorithm": {"type": "string"},
-        "status": ref("Status"),
-        "tags": {"type": "array", "items": {"type": "string"}},
-        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
-        "created_by": {"type": ["string", "null"]},
-        "created_at": TIMESTAMP,
-        "download_count": COUNT,
-        "size_bytes": {**nullable(COUNT), "description": "the file's size; null while the model has no file"},
-    }
-    model_props = {
-        "id": ref("ObjectId"),
-        "name": ref("ModelName"),
-        "version": ref("Version"),
-        "algorithm": {"type": "string"},
-        "status": ref("Status"),
-        "description": {"type": ["string", "null"]},
-        "hyperparameters": {"type": "object"},
-        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
-        "dataset_info": {"type": "object"},
-        "tags": {"type": "array", "items": {"type": "string"}},
-        "format": {"type": ["string", "null"]},
-        "parent_model_id": {**nullable(ref("ObjectId")),
-                            "description": "the version this one was made from (the name's previous latest)"},
-        "created_by": {"type": ["string", "null"]},
-        "created_at": TIMESTAMP,
-        "updated_at": TIMESTAMP,
-        "download_count": COUNT,
-        "download_url": API_PATH,
-        "file_metadata": {**ref("FileMetadata"), "description": "present once a file is uploaded"},
-        "model_size": {"type": "string", "description": "human-readable file size (decimal units), with file_metadata",
-                       "examples": ["45.7 MB"]},
-    }
     ids = {
         "type": "array", "minItems": 1, "maxItems": MAX_IDS,
         "items": {"description": "a model id; anything that is not 24 hexadecimal characters (including a "
                                  "non-string) is answered per item as invalid_id, not as a 400"},
     }
     return {
-        "Error": {
-            "description": "The one shape every failure takes, whatever the status.",
-            **closed({"error": closed({"code": {"type": "string", "minLength": 1},
-                                       "message": {"type": "string", "minLength": 1}})}),
-        },
-        "ObjectId": {"type": "string", "pattern": "^[0-9a-f]{24}$", "description": "24 lowercase hex characters",
-                     "examples": ["6b0916141a2ae0d99912e3ac"]},
-        "ModelName": {"type": "string", "pattern": validation.NAME_RE.pattern, "description": validation.NAME_RULE},
-        "Version": {"type": "string", "pattern": versions.VERSION_RE.pattern,
-                    "description": "vMAJOR.MINOR, compared numerically (v1.10 > v1.9)", "examples": ["v1.0", "v2.3"]},
-        "Status": {"type": "string", "enum": statuses},
-        "SafeKey": {"type": "string", "pattern": r"^[^$.][^.]*$",
-                    "description": "a non-empty key that neither starts with '$' nor contains '.'"},
-        "SafeJsonValue": {"anyOf": [
-            {"type": ["string", "number", "boolean", "null"]},
-            {"type": "array", "items": ref("SafeJsonValue")},
-            ref("SafeJsonObject"),
-        ]},
-        "SafeJsonObject": {
-            "type": "object",
-            "description": "any JSON object whose keys, at every depth, neither start with '$' nor contain '.'",
-            "propertyNames": ref("SafeKey"),
-            "additionalProperties": ref("SafeJsonValue"),
-        },
-        "Metrics": {"type": "object", "propertyNames": ref("SafeKey"), "additionalProperties": {"type": "number"},
-                    "description": "metric name to number", "examples": [{"accuracy": 0.9234, "f1_score": 0.9038}]},
-        "Tags": {"type": "array", "maxItems": validation._MAX_TAGS, "items": _string(100)},
-        "ModelRegistration": {
-            "description": "POST /api/v1/models (as JSON, or as the multipart 'metadata' part).",
-            **closed(model_fields, required=["name", "algorithm"]),
-        },
-        "NewVersion": {
-            "description": "Fields that differ from the source model; everything else is inherited.",
-            **closed({k: v for k, v in model_fields.items() if k in validation.VERSION_FIELDS}, required=[]),
-        },
-        "ModelUpdate": {
-            "description": "The mutable fields; each one given replaces the stored value.",
-            **closed({k: v for k, v in model_fields.items() if k in validation.MUTABLE_FIELDS}, required=[]),
-        },
-        "FileMetadata": closed(file_metadata_props),
-        "FileInfo": closed({
-            "model_id": ref("ObjectId"),
-            **file_metadata_props,
-            "chunk_count": COUNT,
-            "download_url": API_PATH,
-        }),
-        "ModelSummary": {"description": "A model in lists.", **closed(summary_props)},
-        "Model": {
-            "description": "The full model document.",
-            **closed(model_props, required=[k for k in model_props if k not in ("file_metadata", "model_size")]),
-            "dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"]},
-        },
-        "Pagination": closed({
-            "page": {"type": "integer", "minimum": 1},
-            "limit": {"type": "integer", "minimum": 1, "maximum": settings.max_page_size},
-            "total": COUNT,
-            "pages": COUNT,
-        }),
-        "ModelList": closed({"models": {"type": "array", "items": ref("ModelSummary")},
-                             "pagination": ref("Pagination")}),
-        "ModelTop": closed({"models": {"type": "array", "items": ref("ModelSummary"),
-                                       "maxItems": settings.max_page_size}}),
-        "VersionList": closed({"name": ref("ModelName"), "versions": {
-            "type": "array", "items": ref("ModelSummary"), "minItems": 1, "description": "newest first"}}),
-        "RegistrationAnswer": closed({
-            "success": {"const": True},
-            "message": {"const": "Model registered successfully"},
-            "model_id": ref("ObjectId"),
-            "version": ref("Version"),
-            "download_url": API_PATH,
-        }),
-        "UploadAnswer": closed({"success": {"const": True}, "model_id": ref("ObjectId"),
-                                "file_metadata": ref("FileMetadata")}),
-        "UpdateAnswer": closed({"success": {"const": True}, "message": {"const": "Model updated successfully"},
-                                "model": ref("Model")}),
-        "DeleteAnswer": closed({"success": {"const": True}, "message": {"const": "Model deleted successfully"},
-                                "deleted_id": ref("ObjectId")}),
-        "Statistics": closed({
-            "total_models": COUNT,
-            "algorithms": {"type": "object", "additionalProperties": COUNT,
-                           "description": "models per algorithm, most common first"},
-            "status_distribution": closed({s: COUNT for s in statuses}),
-            "total_downloads": COUNT,
-            "storage_usage": closed({
-                "total_size_bytes": {**COUNT, "description": "stored content, a file shared by models counted once"},
-                "total_size_gb": {"type": "number", "minimum": 0},
-                "average_model_size_mb": {"type": "number", "minimum": 0},
-            }),
-            "recent_activity": closed({"models_added_last_7_days": COUNT, "downloads_last_24_hours": COUNT}),
-            "timestamp": TIMESTAMP,
-        }),
-        "Health": closed({
-            "status": {"enum": ["healthy", "unhealthy"]},
-            "service": {"const": "model-service"},
-            "storage": {"enum": ["embedded", "mongodb"]},
-            "mongodb_connected": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
-            "gridfs_available": {"type": ["boolean", "null"], "description": "null on the embedded backend"},
-            "total_models": {**nullable(COUNT), "description": "null when the store did not answer"},
-            "timestamp": TIMESTAMP,
-            "error": {"type": "string", "description": "why the store is unhealthy, when it is"},
-            "draining": {"const": True, "description": "present while the instance shuts down (then 503)"},
-        }, required=["status", "service", "storage", "mongodb_connected", "gridfs_available", "total_models",
-                     "timestamp"]),
-        "CheckResult": {"type": "string", "minLength": 1,
-                        "description": "'healthy', or the reason the check failed"},
-        "DetailedHealth": closed({
-            "status": {"enum": ["healthy", "unhealthy"], "description": "unhealthy when any check is not healthy"},
-            "service": {"const": "model-service"},
-            "storage": {"enum": ["embedded", "mongodb"]},
-            "checks": closed({
-                "storage": {**ref("CheckResult"), "description": "the store answers a ping"},
-                "files": {**ref("CheckResult"), "description": "GridFS or the data folder is readable and writable"},
-                "disk_space": {**ref("CheckResult"),
-                               "description": "free space above HEALTH_MIN_FREE_DISK, where known"},
-                "model_registry": {**ref("CheckResult"),
-                                   "description": "a sample of the newest models with files point at stored content"},
-                "shutdown": {"type": "string", "description": "present (never healthy) while the instance drains"},
-            }, required=["storage", "files", "disk_space", "model_registry"]),
-            "total_models": {**nullable(COUNT), "description": "null when the store is unhealthy"},
-            "active_models": nullable(COUNT),
-            "storage_usage": nullable(closed({"total_size_bytes": COUNT})),
-            "timestamp": TIMESTAMP,
-            "disk_free_bytes": {**nullable(COUNT), "description": "null where the backend cannot tell"},
-        }),
+        **generated_schemas(settings),
         "BatchIds": ids,
         "BatchRequest": {
             "description": f"One operation over at most {MAX_IDS} models. The body is checked as a whole first "
@@ -346,13 +178,6 @@ def schemas(settings: Settings) -> Json:
                         "tags": ref("Tags")}, title="add_tags / remove_tags"),
             ],
         },
-        "BatchAnswer": closed({
-            "operation": {"enum": list(OPERATIONS)},
-            "results": {"type": "array", "maxItems": MAX_IDS, "description": "one per requested id, in order",
-                        "items": closed({"id": {"type": "string"},
-                                         "result": {"enum": ["ok", "not_found", "invalid_id"]}})},
-            "summary": closed({"ok": COUNT, "not_found": COUNT, "invalid_id": COUNT}),
-        }),
     }
 
 
@@ -380,7 +205,7 @@ def parameters(settings: Settings) -> Json:
         "ModelId": {"name": "id", "in": "path", "required": True,
                     "description": "the model's id (24 hex characters; upper case is accepted)",
                     "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{24}$"}},
-        "ModelName": {"name": "name", "in": "path", "required": True, "description": validation.NAME_RULE,
+        "ModelName": {"name": "name", "in": "path", "required": True, "description": shapes.NAME_RULE,
                       "schema": ref("ModelName")},
         "Version": _query("version", "this version of the name instead of the latest", ref("Version")),
         "Page": _query("page", "page number", {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 1}),
@@ -399,6 +224,8 @@ def parameters(settings: Settings) -> Json:
                        {"type": "string", "maxLength": 200}),
         "MinAccuracy": _query("min_accuracy", "only models whose metrics.accuracy is at least this (empty means "
                                               "no filter)", {"anyOf": [{"type": "number"}, {"const": ""}]}),
+        "LatestOnly": _query("latest", "true: only each name's latest version (one row per name)",
+                             {"type": "string", "enum": ["true", "false", ""], "default": "false"}),
         "CreatedBy": _query("created_by", "only models created by this user", {"type": "string", "maxLength": 200}),
         "Range": _request_header(
             "Range", f"bytes=a-b, bytes=a- or bytes=-n, comma-separated (at most {ranges.MAX_RANGES}); overlapping "
@@ -635,7 +462,7 @@ def operations(settings: Settings) -> dict[str, Json]:
     """Every API operation by operationId; routes.API says where each one is served."""
     max_file = f"MAX_FILE_SIZE ({format_size(settings.max_file_size)}, {settings.max_file_size} bytes)"
     model_id = [p("ModelId")]
-    listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"),
+    listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"), p("LatestOnly"),
                       p("CreatedBy"), p("Sort"), p("Page"), p("Limit")]
     listing = op("listModels", "models", "List and search models", {
         "200": answer("one page of models", "ModelList"),

@@ -10,7 +10,6 @@ which numbers again.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from bson import ObjectId
 
@@ -19,35 +18,65 @@ from .errors import ApiError
 from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, algorithm_label
-from .storage.base import DuplicateModel, Storage
+from .storage.base import DuplicateModel, ModelDocument, ModelQuery, Storage
 
 _NUMBERING_ATTEMPTS = 8
 _name_locks = KeyedLocks()
 
 
-def latest(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+def latest(docs: list[ModelDocument]) -> ModelDocument | None:
     return max(docs, key=lambda d: versions.key(d["version"]), default=None)
 
 
-async def latest_of(storage: Storage, name: str) -> dict[str, Any] | None:
+async def latest_of(storage: Storage, name: str) -> ModelDocument | None:
     return latest(await storage.models_named(name))
 
 
-async def versions_of(storage: Storage, name: str) -> list[dict[str, Any]]:
+# Stored on each model: whether a higher version of its name exists. Listings
+# of latest versions filter on it: a plain field filter works on any MongoDB
+# wire server, where grouping by name would need $group with $first.
+SUPERSEDED = "superseded"
+_SETTLE_ATTEMPTS = 8
+
+
+async def settle_latest(storage: Storage, name: str) -> bool:
+    """Mark every version of ``name`` superseded except the highest; whether anything changed.
+
+    Called after every registration and deletion, by whichever process made
+    it; made of single-document writes only. Marking a lower version
+    superseded is always right once a higher one exists, so concurrent
+    registrations cannot undo each other. Un-marking (the latest was deleted)
+    can race a new registration: the state is read again after writing, and
+    the loop ends only once a read finds nothing to change.
+    """
+    changed = False
+    for _ in range(_SETTLE_ATTEMPTS):
+        docs = await storage.models_named(name)
+        top = latest(docs)
+        changes = [(d["id"], d is not top) for d in docs if bool(d.get(SUPERSEDED)) != (d is not top)]
+        if not changes:
+            break
+        changed = True
+        for model_id, superseded in changes:
+            await storage.update_model(model_id, {SUPERSEDED: superseded})
+    return changed
+
+
+async def versions_of(storage: Storage, name: str) -> list[ModelDocument]:
     """Every version of a name, newest first."""
     docs = await storage.models_named(name)
     docs.sort(key=lambda d: versions.key(d["version"]), reverse=True)
     return docs
 
 
-async def update(storage: Storage, model_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+async def update(storage: Storage, model_id: str, fields: ModelDocument) -> ModelDocument | None:
     """Set validated fields (none: just read); the model as it is now, None if there is none."""
     if not fields:
         return await storage.get_model(model_id)
     return await storage.update_model(model_id, {**fields, "updated_at": clock.now()})
 
 
-async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None = None) -> dict[str, Any]:
+async def create(storage: Storage, fields: ModelDocument, parent_id: str | None = None) -> ModelDocument:
     """Insert a model built from validated fields, numbering its version.
 
     With ``parent_id`` it is a new version of that model; otherwise its parent
@@ -57,8 +86,8 @@ async def create(storage: Storage, fields: dict[str, Any], parent_id: str | None
         return await _create(storage, dict(fields), parent_id)
 
 
-def model_document(fields: dict[str, Any], version: str, parent_model_id: str | None = None,
-                   created_at: datetime | None = None) -> dict[str, Any]:
+def model_document(fields: ModelDocument, version: str, parent_model_id: str | None = None,
+                   created_at: datetime | None = None) -> ModelDocument:
     """A new model as storage holds it: defaults, the given fields, then what only the registry sets."""
     stamp = created_at or clock.now()
     return {
@@ -77,7 +106,7 @@ def model_document(fields: dict[str, Any], version: str, parent_model_id: str | 
     }
 
 
-async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | None) -> dict[str, Any]:
+async def _create(storage: Storage, fields: ModelDocument, parent_id: str | None) -> ModelDocument:
     explicit = fields.pop("version", None)
     breaking = fields.pop("breaking_changes", False)
     for _ in range(_NUMBERING_ATTEMPTS):
@@ -92,6 +121,7 @@ async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | Non
         try:
             await storage.insert_model(doc)
             REGISTRATIONS.labels(algorithm_label(doc["algorithm"])).inc()
+            await settle_latest(storage, doc["name"])
             return doc
         except DuplicateModel:
             if explicit:
@@ -101,7 +131,7 @@ async def _create(storage: Storage, fields: dict[str, Any], parent_id: str | Non
                    f"could not number a new version of {fields['name']}: too many concurrent registrations")
 
 
-def new_version_fields(source: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+def new_version_fields(source: ModelDocument, updates: ModelDocument) -> ModelDocument:
     """The source model's metadata with the request's fields replacing its own."""
     inherited = ("name", "algorithm", "hyperparameters", "metrics", "dataset_info", "tags", "status",
                  "description", "created_by", "format")
@@ -109,9 +139,32 @@ def new_version_fields(source: dict[str, Any], updates: dict[str, Any]) -> dict[
     return {**base, **updates}
 
 
-async def delete(storage: Storage, leases: FileLeases, model_id: str) -> dict[str, Any] | None:
+async def settle_all_latest(storage: Storage, page: int = 500) -> int:
+    """settle_latest for every name with several versions (or a stale mark); how many names changed.
+
+    For stores written before the mark existed; ``model-service gc`` runs it.
+    """
+    counts: dict[str, int] = {}
+    marked: set[str] = set()
+    skip = 0
+    while True:
+        docs, _ = await storage.find_models(ModelQuery(sort_field="name", sort_desc=False, skip=skip, limit=page))
+        for d in docs:
+            counts[d["name"]] = counts.get(d["name"], 0) + 1
+            if d.get(SUPERSEDED):
+                marked.add(d["name"])
+        if len(docs) < page:
+            break
+        skip += page
+    return sum([await settle_latest(storage, name)
+                for name in sorted(n for n, c in counts.items() if c > 1 or n in marked)])
+
+
+async def delete(storage: Storage, leases: FileLeases, model_id: str) -> ModelDocument | None:
     """Delete a model and release its file (kept while another model shares it)."""
     doc = await storage.delete_model(model_id)
     if doc is not None and doc.get("file_metadata"):
         await leases.release(doc["file_metadata"]["file_id"])
+    if doc is not None and not doc.get(SUPERSEDED):
+        await settle_latest(storage, doc["name"])
     return doc

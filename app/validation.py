@@ -1,184 +1,128 @@
 """Checks on what clients send: model bodies and listing parameters.
 
 Nothing is silently fixed up: a value that breaks a rule is a 400 whose message
-names the field and the rule. User-supplied objects must not have keys that
-MongoDB would read as operators (``$...``) or paths (``a.b``), and query
-parameters only ever become literal values.
+names the field and the rule. Bodies are converted into the Structs of
+``schemas`` (which also hold the rules JSON Schema cannot state: no ``$...``
+or dotted keys MongoDB would read as operators or paths, bounded nesting,
+64-bit integers); the library's errors are translated here into "field: rule".
+Query parameters only ever become literal values.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
+
+import msgspec
 
 from . import errors, versions
 from .errors import ApiError
-from .storage.base import ModelQuery
+from .schemas import (
+    MAX_TAG,
+    MAX_TAGS,
+    NAME_RULE,
+    STATUSES,
+    VERSION_RULE,
+    ModelRegistration,
+    ModelUpdate,
+    NewVersion,
+    valid_name,
+)
+from .storage.base import ModelDocument, ModelQuery
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-NAME_RULE = "must be 1-100 characters of A-Z, a-z, 0-9, '_', '.' and '-', and not only dots"
-STATUSES = ("active", "deprecated", "archived")
-MUTABLE_FIELDS = ("hyperparameters", "metrics", "dataset_info", "tags", "status", "description")
+__all__ = ["STATUSES", "NAME_RULE", "valid_name", "registration", "new_version", "update", "model_id",
+           "model_name", "version_param", "limit_param", "listing"]
+
+Body = TypeVar("Body", ModelRegistration, NewVersion, ModelUpdate)
+
+# Fields the server owns: naming one is immutable_field rather than unknown_field.
 IMMUTABLE_FIELDS = ("id", "_id", "name", "version", "created_at", "updated_at", "download_count",
                     "file_metadata", "parent_model_id", "model_size")
-CREATE_FIELDS = ("name", "algorithm", "hyperparameters", "metrics", "dataset_info", "tags", "status",
-                 "description", "created_by", "format", "version", "breaking_changes")
-# A new version may change everything its registration could, except the name.
-VERSION_FIELDS = tuple(f for f in CREATE_FIELDS if f != "name")
-
-_MAX_TAGS = 100
-_MAX_SHORT = 200
-_MAX_DESCRIPTION = 10_000
 _METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-
-
-def valid_name(name: str) -> bool:
-    # "." and ".." are path segments to every URL normaliser on the way.
-    return NAME_RE.fullmatch(name) is not None and name.strip(".") != ""
+# msgspec's "<what> - at `$.<field>...`", and its two messages about whole objects.
+_AT_RE = re.compile(r"^(?P<what>.*?)(?: - at `\$\.(?P<field>\w+)(?P<sub>[^`]*)`)?$", re.S)
+_MISSING_RE = re.compile(r"^Object missing required field `(?P<field>\w+)`$")
+_LENGTH_RE = re.compile(r"length <= (\d+)")
 
 
 def _bad(field: str, message: str) -> ApiError:
     return ApiError(errors.VALIDATION_ERROR, f"{field}: {message}")
 
 
-# Objects and lists inside user-supplied fields nest at most this deep: deeper
-# documents break JSON encoders and BSON (MongoDB refuses 100 levels).
-MAX_NESTING = 32
+def _rule(field: str, sub: str, what: str, body: Mapping[str, Any]) -> ApiError:
+    """The "field: rule" message for a library error at ``$.field<sub>``."""
+    if field == "name":
+        return _bad(field, "is required" if body[field] is None else NAME_RULE)
+    if field == "status":
+        return _bad(field, f"must be one of {', '.join(STATUSES)}")
+    if field == "version":
+        return _bad(field, VERSION_RULE)
+    if field == "breaking_changes":
+        return _bad(field, "must be true or false")
+    if field == "tags":
+        if sub:
+            return _bad(field, f"every tag must be a non-empty string of at most {MAX_TAG} characters")
+        if _LENGTH_RE.search(what):
+            return _bad(field, f"must have at most {MAX_TAGS} entries")
+        return _bad(field, "must be a list of strings")
+    if field == "metrics" and sub:
+        # msgspec does not name the key ("[...]"): the first value that is no number.
+        key = next(k for k, v in body["metrics"].items() if isinstance(v, bool) or not isinstance(v, (int, float)))
+        return _bad(f"metrics.{key}", "must be a number")
+    if field in ("hyperparameters", "metrics", "dataset_info"):
+        return _bad(field, "must be a JSON object")
+    if what.startswith("Expected `str`, got"):
+        return _bad(field, "must be a string")
+    if m := _LENGTH_RE.search(what):
+        return _bad(field, f"must be at most {m.group(1)} characters")
+    return _bad(field, "must not be empty")
 
 
-# BSON integers are signed 64-bit; a larger one (JSON allows it) cannot be
-# stored by MongoDB, so it is refused on both backends alike.
-_INT64 = range(-(2**63), 2**63)
+def _allowed(schema: type[msgspec.Struct]) -> tuple[str, ...]:
+    # The operation's own fields first (name, algorithm), then the shared ones.
+    own = tuple(schema.__annotations__)
+    return own + tuple(f for f in schema.__struct_fields__ if f not in own)
 
 
-def _check_keys(value: Any, path: str, depth: int = 1) -> None:
-    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
-        raise _bad(path, "integers must be between -2**63 and 2**63-1 (64-bit); send larger numbers as strings")
-    if isinstance(value, (dict, list)) and depth > MAX_NESTING:
-        raise _bad(path.split(".")[0].split("[")[0], f"must not nest objects or lists more than {MAX_NESTING} deep")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k.startswith("$") or "." in k:
-                raise _bad(path, f"key {k!r} must not start with '$' or contain '.'")
-            if not k:
-                raise _bad(path, "keys must not be empty")
-            _check_keys(v, f"{path}.{k}", depth + 1)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_keys(v, f"{path}[{i}]", depth + 1)
+_ALLOWED = {schema: _allowed(schema) for schema in (ModelRegistration, NewVersion, ModelUpdate)}
 
 
-def _string(body: Mapping[str, Any], field: str, max_len: int, *, required: bool = False) -> str | None:
-    if field not in body:
-        if required:
-            raise _bad(field, "is required")
-        return None
-    value = body[field]
-    if not isinstance(value, str):
-        raise _bad(field, "must be a string")
-    if not value.strip():
-        raise _bad(field, "must not be empty")
-    if len(value) > max_len:
-        raise _bad(field, f"must be at most {max_len} characters")
-    return value
-
-
-def _object(body: Mapping[str, Any], field: str) -> dict[str, Any] | None:
-    if field not in body:
-        return None
-    value = body[field]
-    if not isinstance(value, dict):
-        raise _bad(field, "must be a JSON object")
-    _check_keys(value, field)
-    return value
-
-
-def _metrics(body: Mapping[str, Any]) -> dict[str, float] | None:
-    value = _object(body, "metrics")
-    if value is None:
-        return None
-    for k, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _bad(f"metrics.{k}", "must be a number")
-    return value
-
-
-def _tags(body: Mapping[str, Any]) -> list[str] | None:
-    if "tags" not in body:
-        return None
-    value = body["tags"]
-    if not isinstance(value, list):
-        raise _bad("tags", "must be a list of strings")
-    if len(value) > _MAX_TAGS:
-        raise _bad("tags", f"must have at most {_MAX_TAGS} entries")
-    for t in value:
-        if not isinstance(t, str) or not t.strip() or len(t) > 100:
-            raise _bad("tags", "every tag must be a non-empty string of at most 100 characters")
-    return value
-
-
-def _status(body: Mapping[str, Any]) -> str | None:
-    if "status" not in body:
-        return None
-    value = body["status"]
-    if value not in STATUSES:
-        raise _bad("status", f"must be one of {', '.join(STATUSES)}")
-    return value
-
-
-def _reject_unknown(body: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+def _convert(body: Mapping[str, Any], schema: type[Body]) -> Body:
+    allowed = _ALLOWED[schema]
     for field in body:
-        if field in IMMUTABLE_FIELDS and field not in allowed:
-            raise ApiError(errors.IMMUTABLE_FIELD, f"{field}: cannot be set or changed")
         if field not in allowed:
+            if field in IMMUTABLE_FIELDS:
+                raise ApiError(errors.IMMUTABLE_FIELD, f"{field}: cannot be set or changed")
             raise ApiError(errors.UNKNOWN_FIELD, f"{field}: unknown field (allowed: {', '.join(allowed)})")
+    try:
+        return msgspec.convert(body, schema)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        if m := _MISSING_RE.match(message):
+            raise _bad(m.group("field"), "is required") from None
+        m = _AT_RE.match(message)
+        if m is None or m.group("field") is None:
+            # A rule of __post_init__, already "field: rule".
+            raise ApiError(errors.VALIDATION_ERROR, message) from None
+        raise _rule(m.group("field"), m.group("sub"), m.group("what"), body) from None
 
 
-def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The optional metadata fields shared by registration, versions and updates."""
-    out = {
-        "algorithm": _string(body, "algorithm", _MAX_SHORT),
-        "hyperparameters": _object(body, "hyperparameters"),
-        "metrics": _metrics(body),
-        "dataset_info": _object(body, "dataset_info"),
-        "tags": _tags(body),
-        "status": _status(body),
-        "description": _string(body, "description", _MAX_DESCRIPTION),
-        "created_by": _string(body, "created_by", _MAX_SHORT),
-        "format": _string(body, "format", 50),
-    }
-    if "version" in body and not versions.is_valid(body["version"]):
-        raise _bad("version", "must look like vMAJOR.MINOR, for example v1.0 or v2.3")
-    out["version"] = body.get("version")
-    if "breaking_changes" in body and not isinstance(body["breaking_changes"], bool):
-        raise _bad("breaking_changes", "must be true or false")
-    out["breaking_changes"] = body.get("breaking_changes")
-    return {k: v for k, v in out.items() if v is not None}
+def fields(value: msgspec.Struct) -> ModelDocument:
+    """The fields a body gave, as the document fields storage takes."""
+    return ModelDocument(**{k: v for k, v in msgspec.structs.asdict(value).items() if v is not msgspec.UNSET})
 
 
-def registration(body: Mapping[str, Any]) -> dict[str, Any]:
-    _reject_unknown(body, CREATE_FIELDS)
-    name = body.get("name")
-    if name is None:
-        raise _bad("name", "is required")
-    if not isinstance(name, str) or not valid_name(name):
-        raise _bad("name", NAME_RULE)
-    fields = _fields(body)
-    if "algorithm" not in fields:
-        raise _bad("algorithm", "is required")
-    fields["name"] = name
-    return fields
+def registration(body: Mapping[str, Any]) -> ModelDocument:
+    return fields(_convert(body, ModelRegistration))
 
 
-def new_version(body: Mapping[str, Any]) -> dict[str, Any]:
-    _reject_unknown(body, VERSION_FIELDS)
-    return _fields(body)
+def new_version(body: Mapping[str, Any]) -> ModelDocument:
+    return fields(_convert(body, NewVersion))
 
 
-def update(body: Mapping[str, Any]) -> dict[str, Any]:
-    _reject_unknown(body, MUTABLE_FIELDS)
-    return _fields(body)
+def update(body: Mapping[str, Any]) -> ModelDocument:
+    return fields(_convert(body, ModelUpdate))
 
 
 def model_id(value: str) -> str:
@@ -213,6 +157,13 @@ def _int_param(params: Mapping[str, str], name: str, default: int, lo: int, hi: 
     if not lo <= value <= hi:
         raise ApiError(errors.INVALID_PARAMETER, f"{name} must be between {lo} and {hi}, got {value}")
     return value
+
+
+def _bool_param(params: Mapping[str, str], name: str) -> bool:
+    raw = params.get(name, "")
+    if raw not in ("", "true", "false"):
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be true or false, got {raw[:40]!r}")
+    return raw == "true"
 
 
 def _str_param(params: Mapping[str, str], name: str) -> str | None:
@@ -270,6 +221,7 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
         text=_search_text(params),
         min_accuracy=min_accuracy,
         created_by=_str_param(params, "created_by"),
+        latest_only=_bool_param(params, "latest"),
         sort_field=field,
         sort_desc=desc,
         skip=(page - 1) * limit,

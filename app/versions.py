@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 
-VERSION_RE = re.compile(r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$")
+# The JSON Schema pattern of a version (schemas.Version); fullmatch decides here.
+PATTERN = r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$"
+_VERSION_RE = re.compile(PATTERN)
 
 FIRST = "v1.0"
 
 
 def parse(version: str) -> tuple[int, int] | None:
-    m = VERSION_RE.fullmatch(version) if isinstance(version, str) else None
+    m = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 

@@ -19,8 +19,8 @@ from app.config import Settings
 from app.server import create_app
 from app.storage import make_storage
 from tests.support.mongo_server import MongoTestServer, ServerUnavailable
+from tests.support.prerequisites import cannot_run
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 BACKENDS = ("embedded", "mongodb")
 
 
@@ -49,14 +49,23 @@ def mongo() -> Iterator[MongoTarget]:
             f"MongoDB tests need a MongoDB server: {e}\n"
             "Install Go (the test server builds itself) or set MONGODB_URL=mongodb://..."
         )
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        print("\n" + "!" * 78 + "\nSKIPPING MONGODB TESTS: " + message + "\n" + "!" * 78)
-        pytest.skip(message)
+        print("\n" + "!" * 78 + "\nNO MONGODB TESTS: " + message + "\n" + "!" * 78)
+        cannot_run(message)
     try:
         yield MongoTarget(server.url, server)
     finally:
         server.close()
+
+
+@pytest.fixture
+def mongo_server(mongo: MongoTarget) -> Iterator[MongoTestServer]:
+    """The repo's own MongoDB test server, for tests that stop it for real; running again afterwards."""
+    if mongo.server is None:
+        cannot_run("this test stops and restarts the database, which needs the repo's own MongoDB test "
+                   "server; MONGODB_URL names another server, which the tests must not stop "
+                   "(unset MONGODB_URL to run it)")
+    yield mongo.server
+    mongo.server.start()
 
 
 @pytest.fixture(scope="module")

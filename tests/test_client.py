@@ -1,4 +1,4 @@
-"""The Python client (app.client) against the service as a real process, on both backends.
+"""The Python client (tensorfleet_client) against the service as a real process, on both backends.
 
 Plus a few tests against a small fake service for what the real one never
 does on demand: 429/503 with Retry-After, and a response cut off mid-body.
@@ -14,8 +14,7 @@ import time
 import orjson
 import pytest
 from aiohttp import web
-
-from app.client import (
+from tensorfleet_client import (
     AsyncModelServiceClient,
     BadRequest,
     ChecksumMismatch,
@@ -25,7 +24,8 @@ from app.client import (
     RetryPolicy,
     ServiceUnavailable,
 )
-from app.client import download as dl
+from tensorfleet_client import download as dl
+
 from tests.client_helpers import live, sha256_of, unique, write_random  # noqa: F401  (live is a fixture)
 
 FAST_RETRIES = RetryPolicy(attempts=4, backoff=0.01)
@@ -157,7 +157,7 @@ async def test_file_replaced_between_requests_starts_over(live, tmp_path):
         await client.upload(model_id, new)
 
         since = live.log_offset()
-        result = await dl.download_file(client, stale, target, reprobe=lambda: _probe(client, model_id))
+        result = await dl.download_file(client.transport, stale, target)
     # The resumed range was refused (200, not 206) and the new file fetched whole.
     # (Sorted: the log has each request when its response ends, and the
     # refused one, abandoned by the client, can end after the other.)
@@ -167,8 +167,30 @@ async def test_file_replaced_between_requests_starts_over(live, tmp_path):
     assert sha256_of(target) == new_digest
 
 
-async def _probe(client, model_id):
-    return (await client.probe(model_id))[1]
+async def test_two_downloads_to_one_target_take_turns(live, tmp_path):
+    """The second waits on the first's lock file instead of writing into its .part; nothing is left after."""
+    src = tmp_path / "src.bin"
+    digest = write_random(src, 3_000_000)
+    target = tmp_path / "out.bin"
+    async with AsyncModelServiceClient(live.url) as client:
+        model_id = await client.push(src, name=unique("turns"), algorithm="x")
+        halfway = asyncio.Event()
+
+        def progress(done: int, total: int) -> None:
+            if done >= 1_000_000:
+                halfway.set()
+
+        first = asyncio.create_task(client.download(model_id, target, limit_rate=2_000_000, progress=progress))
+        await asyncio.wait_for(halfway.wait(), 30)
+        assert target.with_name("out.bin.part.lock").exists()
+        second = await client.download(model_id, target, overwrite=True)
+        assert first.done()
+        first = first.result()
+    # Each took the whole file from the network: the second did not resume from the first's bytes.
+    assert (first.resumed_bytes, first.bytes_transferred) == (0, 3_000_000)
+    assert (second.resumed_bytes, second.bytes_transferred) == (0, 3_000_000)
+    assert sha256_of(target) == digest
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("parallel", [1, 2])

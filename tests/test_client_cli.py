@@ -210,7 +210,8 @@ def test_progress_bar_only_on_a_terminal(live, tmp_path):
     assert proc.wait(30) == 0
     proc.stdout.close()
     text = seen.decode()
-    assert "\r" in text and "100.0%" in text and "MB/s" in text and "2.0 MB/2.0 MB" in text
+    # tqdm's line, redrawn in place: "pull <id>: 100%|####| 2.00M/2.00M [00:00<00:00, 3.99MB/s]"
+    assert "\r" in text and f"pull {model_id}: 100%" in text and "2.00M/2.00M" in text and "MB/s]" in text
 
 
 def test_stats_and_usage_errors(live, tmp_path):

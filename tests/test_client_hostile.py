@@ -21,10 +21,9 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
+from tensorfleet_client import AsyncModelServiceClient, ModelServiceError, ProtocolError, RetryPolicy, transport
+from tensorfleet_client import download as dl
 
-from app.client import AsyncModelServiceClient, ModelServiceError, ProtocolError, RetryPolicy
-from app.client import core as client_core
-from app.client import download as dl
 from tests.support.mongo_server import REPO
 
 FAST = RetryPolicy(attempts=2, backoff=0.01)
@@ -360,7 +359,7 @@ async def test_an_absolute_url_on_another_origin_is_refused(aiohttp_server, plac
         _, remote = await client.probe(ID)
         elsewhere = dataclasses.replace(remote, url=f"{other}/api/v1/models/{ID}/download")
         with pytest.raises(ProtocolError) as e:
-            await dl.download_file(client, elsewhere, place / "out" / "m.bin", reprobe=None)
+            await dl.download_file(client.transport, elsewhere, place / "out" / "m.bin")
     assert other in str(e.value)
     assert recorder.keys == []
     assert list((place / "out").iterdir()) == []
@@ -531,7 +530,7 @@ async def test_an_endless_json_answer_is_cut_off(aiohttp_server):
             await client.get_model(ID)
     assert "larger than" in str(e.value)
     # The client stopped reading soon after its limit (what the sockets buffer comes on top).
-    assert sum(sent) < 2 * client_core.MAX_JSON
+    assert sum(sent) < 2 * transport.MAX_JSON
 
 
 async def test_an_empty_file_with_an_endless_body_is_not_read_to_the_end(aiohttp_server, place):

@@ -1,12 +1,17 @@
 """Embedded backend specifics: its SQLite schema upgrades in place; only download counts skip the fsync."""
 
+import asyncio
+import os
 import sqlite3
+import threading
+from pathlib import Path
 
+import pytest
 from bson import ObjectId
 
 from app import clock, registry
 from app.storage.base import ModelQuery
-from app.storage.embedded import EmbeddedStorage
+from app.storage.embedded import EmbeddedStorage, _EmbeddedWriter
 
 
 async def test_registry_from_before_search_text_is_upgraded(tmp_path):
@@ -105,3 +110,38 @@ async def test_get_model_reads_on_the_loop_and_queues_when_sqlite_is_busy(tmp_pa
     finally:
         await store.close()
     assert store._reader is None
+
+
+async def test_an_upload_cancelled_while_its_bytes_are_being_written_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A cancelled upload task (a handler cancelled at shutdown or when its client leaves) stops
+    awaiting a write whose thread still runs; discarding under that thread must not fail or be undone."""
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    entered, release = threading.Event(), threading.Event()
+    real_write_buffer = _EmbeddedWriter._write_buffer
+
+    def slow_write_buffer(writer) -> None:
+        with memoryview(writer._buffer):  # held, as file.write holds it while the disk is slow
+            entered.set()
+            release.wait(10)
+        real_write_buffer(writer)
+
+    monkeypatch.setattr(_EmbeddedWriter, "_write_buffer", slow_write_buffer)
+
+    async def upload() -> None:
+        async with store.file_writer() as writer:
+            await writer.write(os.urandom(2 * 1024 * 1024))
+            await asyncio.sleep(60)  # never reached: cancelled while writing
+
+    try:
+        task = asyncio.create_task(upload())
+        assert await asyncio.to_thread(entered.wait, 10), "the write never started"
+        task.cancel()
+        await asyncio.sleep(0.1)  # the cancelled task discards while the write thread still runs
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert list(Path(store.tmp_dir).iterdir()) == []
+    finally:
+        release.set()
+        await store.close()

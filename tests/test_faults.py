@@ -15,7 +15,7 @@ from pymongo import monitoring
 from app.appkeys import STORAGE
 from app.server import create_app
 from app.storage.mongo import MongoStorage
-from tests.transfer_helpers import leftovers
+from tests.transfer_helpers import leftovers, upload_under_way
 
 
 class CursorWatch(monitoring.CommandListener):
@@ -114,22 +114,24 @@ async def test_client_leaving_mid_upload_leaves_nothing(watched):
             block = os.urandom(1024 * 1024)
             writer.write(block if declared else b"%x\r\n%s\r\n" % (len(block), block))
             await writer.drain()
-        await asyncio.sleep(0.3)  # the service has stored some of it
+        # Leave only once the service has stored some of it: that is what must go.
+        deadline = time.monotonic() + 10
+        while not await upload_under_way(storage, before) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await upload_under_way(storage, before), "nothing of the upload reached the store"
         writer.transport.abort()
 
-    deadline = time.monotonic() + 10
-    while await leftovers(storage) != before and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await leftovers(storage) == before
+        deadline = time.monotonic() + 10
+        while await leftovers(storage) != before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await leftovers(storage) == before, "declared" if declared else "chunked"
     assert await settle_tasks(baseline) <= baseline
     doc = await storage.get_model(model_id)
     assert "file_metadata" not in doc
 
 
 @pytest.mark.parametrize("backend", ["mongodb"])
-async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mongo):
-    if mongo.server is None:
-        pytest.skip("needs the repo's own MongoDB test server to stop")
+async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mongo_server):
     storage = client.app[STORAGE]
     resp = await client.post("/api/v1/models", json={"name": "m", "algorithm": "a"})
     model_id = (await resp.json())["model_id"]
@@ -139,14 +141,14 @@ async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mong
         for i in range(40):
             yield os.urandom(1024 * 1024)
             if i == 12:  # three write batches are in the database by now
-                await asyncio.to_thread(mongo.server.stop)
+                await asyncio.to_thread(mongo_server.stop)
 
     try:
         resp = await client.put(f"/api/v1/models/{model_id}/upload", data=body())
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "storage_unavailable"
     finally:
-        mongo.server.start()
+        mongo_server.start()
     # The chunks written before the stop go once the database is back.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

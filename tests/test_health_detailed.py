@@ -58,10 +58,8 @@ async def test_low_disk_is_unhealthy(aiohttp_client, settings):
 
 
 @pytest.mark.parametrize("backend", ["mongodb"])
-async def test_stopped_database_is_unhealthy_then_recovers(client, mongo):
-    if mongo.server is None:
-        pytest.skip("stopping the database needs the repo's own MongoDB test server")
-    mongo.server.stop()
+async def test_stopped_database_is_unhealthy_then_recovers(client, mongo_server):
+    mongo_server.stop()
     try:
         status, body = await detailed(client)
         assert status == 503
@@ -70,7 +68,7 @@ async def test_stopped_database_is_unhealthy_then_recovers(client, mongo):
         assert body["checks"]["files"] != "healthy"
         assert body["total_models"] is None
     finally:
-        mongo.server.start()
+        mongo_server.start()
     for _ in range(50):
         status, body = await detailed(client)
         if status == 200:

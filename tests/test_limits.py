@@ -92,17 +92,31 @@ def test_a_client_that_stops_reading_is_dropped(tmp_path):
         req = urllib.request.Request(service.url + "/api/v1/models", method="POST",
                                      data=orjson.dumps({"name": "m", "algorithm": "a"}))
         model_id = orjson.loads(urllib.request.urlopen(req).read())["model_id"]
+        size = 64 * 1024 * 1024
         req = urllib.request.Request(f"{service.url}/api/v1/models/{model_id}/upload", method="PUT",
-                                     data=os.urandom(64 * 1024 * 1024))
+                                     data=os.urandom(size))
         urllib.request.urlopen(req).read()
         with socket.create_connection(("127.0.0.1", service.port)) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(f"GET /api/v1/models/{model_id}/download HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            s.recv(1024)  # headers arrive; then this client stops reading
+            received = len(s.recv(1024))  # headers arrive; then this client stops reading
             deadline = time.monotonic() + 30
             while "client made no progress" not in service.log() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        assert "client made no progress for 2 s" in service.log()
+            assert "client made no progress for 2 s" in service.log()
+            # Dropped for real: reading again meets the end of the connection at once,
+            # not the rest of what the service had queued for it.
+            s.settimeout(5)
+            deadline = time.monotonic() + 5
+            try:
+                while (piece := s.recv(1024 * 1024)) and time.monotonic() < deadline:
+                    received += len(piece)
+                assert piece == b"", f"still receiving 5 s after the drop ({received} bytes so far)"
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail(f"the connection is still open after {received} bytes")
+            assert received < size // 2, f"{received} bytes arrived: the service kept sending"
     finally:
         service.stop()
 

@@ -63,16 +63,14 @@ async def test_metrics_follow_real_requests(client):
 
 
 @pytest.mark.parametrize("backend", ["mongodb"])
-async def test_storage_errors_are_counted(client, mongo):
-    if mongo.server is None:
-        pytest.skip("stopping the database needs the repo's own MongoDB test server")
+async def test_storage_errors_are_counted(client, mongo_server):
     before = await scrape(client)
-    mongo.server.stop()
+    mongo_server.stop()
     try:
         resp = await client.get("/api/v1/models")
         assert resp.status == 503
     finally:
-        mongo.server.start()
+        mongo_server.start()
     after = await scrape(client)
     assert value(after, "storage_operation_errors_total", operation="request") - \
         value(before, "storage_operation_errors_total", operation="request") >= 1

@@ -1,7 +1,8 @@
 """The MongoDB backend when the database goes away and comes back, for real.
 
-The FerretDB test server is stopped and restarted on the same port; with an
-external MONGODB_URL these tests cannot stop the server and are skipped.
+The FerretDB test server is stopped and restarted on the same port (conftest's
+``mongo_server``); with an external MONGODB_URL they cannot run: they fail
+under CI=true and are skipped elsewhere.
 """
 
 import asyncio
@@ -13,14 +14,6 @@ import time
 import pytest
 
 from tests.support.mongo_server import free_port
-
-
-@pytest.fixture
-def server(mongo):
-    if mongo.server is None:
-        pytest.skip("needs the repo's own test server to stop and restart (MONGODB_URL is set)")
-    yield mongo.server
-    mongo.server.start()  # whatever the test did, leave it running
 
 
 async def wait_for_status(client, status, timeout=30.0):
@@ -36,11 +29,11 @@ async def wait_for_status(client, status, timeout=30.0):
 
 
 @pytest.mark.parametrize("backend", ["mongodb"])
-async def test_health_goes_503_and_recovers_by_itself(client, server):
+async def test_health_goes_503_and_recovers_by_itself(client, mongo_server):
     resp = await client.post("/api/v1/models", json={"name": "before", "algorithm": "x"})
     assert resp.status == 201
 
-    server.stop()
+    mongo_server.stop()
     body = await wait_for_status(client, 503)
     assert body["status"] == "unhealthy"
     assert body["mongodb_connected"] is False and body["gridfs_available"] is False
@@ -51,7 +44,7 @@ async def test_health_goes_503_and_recovers_by_itself(client, server):
     resp = await client.post("/api/v1/models", json={"name": "during", "algorithm": "x"})
     assert resp.status == 503
 
-    server.start()
+    mongo_server.start()
     body = await wait_for_status(client, 200)
     assert body["mongodb_connected"] is True and body["total_models"] == 1
     resp = await client.post("/api/v1/models", json={"name": "after", "algorithm": "x"})

@@ -25,6 +25,8 @@ SIZE = 1000
         ("bytes=0-9,5-14", [ByteRange(0, 14)]),  # overlapping: coalesced
         ("bytes=0-9,10-19", [ByteRange(0, 19)]),  # adjacent: coalesced
         ("bytes=0-1,4-5,2-3", [ByteRange(0, 5)]),  # a later range joins two earlier ones
+        ("bytes=0-9,11-19", [ByteRange(0, 9), ByteRange(11, 19)]),  # a one-byte gap: kept apart
+        ("bytes=11-19,0-9", [ByteRange(11, 19), ByteRange(0, 9)]),
         ("bytes=0-1,2000-3000", [ByteRange(0, 1)]),  # the unsatisfiable one is dropped
         ("bytes=0-1,,5-6", [ByteRange(0, 1), ByteRange(5, 6)]),
     ],
@@ -56,6 +58,17 @@ def test_too_many_ranges_are_refused():
 def test_repeated_whole_file_ranges_cannot_amplify():
     header = "bytes=" + ",".join(["0-"] * 50)
     assert ranges.parse(header, SIZE) == [ByteRange(0, 999)]
+
+
+def test_only_overlapping_or_adjacent_ranges_are_merged():
+    """The module's promise: merging never adds a byte nobody asked for."""
+    assert ranges.coalesce([ByteRange(0, 9), ByteRange(10, 19)]) == [ByteRange(0, 19)]
+    assert ranges.coalesce([ByteRange(0, 9), ByteRange(9, 19)]) == [ByteRange(0, 19)]
+    apart = [ByteRange(0, 9), ByteRange(11, 19)]
+    assert ranges.coalesce(apart) == apart
+    assert ranges.coalesce(apart[::-1]) == apart[::-1]
+    # A range that bridges the gap merges all three.
+    assert ranges.coalesce([*apart, ByteRange(10, 10)]) == [ByteRange(0, 19)]
 
 
 def test_empty_file():

@@ -392,6 +392,58 @@ async def test_create_version_breaking_and_explicit_versions(client):
     assert await total_models(client) == count
 
 
+async def test_latest_listing_shows_each_name_once_at_its_highest_version(client):
+    first = await register(client, "rowed", metrics={"accuracy": 0.8})
+    await _tick()
+    second = await register(client, "rowed", metrics={"accuracy": 0.9})
+    await _tick()
+    lower = await register(client, "rowed", version="v0.5")  # explicit, below the latest
+    await _tick()
+    other = await register(client, "single")
+    assert await listed_ids(client, latest="true", sort="name") == [second["model_id"], other["model_id"]]
+    assert await listed_ids(client, latest="false", sort="name") == await listed_ids(client, sort="name")
+    assert len(await listed_ids(client, sort="name")) == 4
+    # Filters apply to the latest versions: the older 0.8 model does not stand in for its name.
+    assert await listed_ids(client, latest="true", min_accuracy="0.85") == [second["model_id"]]
+    assert await listed_ids(client, latest="true", min_accuracy="0.1", q="rowed") == [second["model_id"]]
+
+    # Deleting the latest makes the next highest version the name's row.
+    await json_of(await client.delete(model_url(second["model_id"])), 200)
+    assert await listed_ids(client, latest="true", q="rowed") == [first["model_id"]]
+    await json_of(await client.delete(model_url(first["model_id"])), 200)
+    assert await listed_ids(client, latest="true", q="rowed") == [lower["model_id"]]
+    # A new version from an older one is the latest as soon as it exists.
+    newer = await json_of(await client.post(model_url(lower["model_id"], "/versions"), json={}), 201)
+    assert await listed_ids(client, latest="true", q="rowed") == [newer["model_id"]]
+    # The bookkeeping is not part of the document.
+    assert "superseded" not in await get_model(client, lower["model_id"])
+
+
+async def test_latest_listing_after_concurrent_registrations_has_one_row(client):
+    results = await asyncio.gather(*(client.post(MODELS, json={"name": "racy2", "algorithm": "svm"})
+                                     for _ in range(8)))
+    assert [r.status for r in results] == [201] * 8
+    latest = await json_of(await client.get(f"{MODELS}/by-name/racy2"), 200)
+    assert await listed_ids(client, latest="true", q="racy2") == [latest["id"]]
+
+
+async def test_gc_marks_the_latest_versions_of_a_store_written_before_the_mark(client):
+    from app import registry
+
+    storage = client.server.app[STORAGE]
+    # Inserted below the registry, as a store from before the mark holds them.
+    old = [await insert_model_doc(storage, "legacy", v) for v in ("v1.0", "v1.2", "v1.1")]
+    assert sorted(await listed_ids(client, latest="true", q="legacy")) == sorted(old)
+    assert await registry.settle_all_latest(storage, page=2) == 1
+    assert await listed_ids(client, latest="true", q="legacy") == [old[1]]
+    assert await registry.settle_all_latest(storage, page=2) == 0  # nothing left to change
+
+
+async def test_latest_must_be_true_or_false(client):
+    err = await expect_error(await client.get(MODELS, params={"latest": "yes"}), 400, "latest must be true or false")
+    assert err["code"] == "invalid_parameter"
+
+
 async def test_list_versions_newest_first_for_the_whole_name(client):
     ids = {}
     for v in ("v1.0", "v1.1", "v2.0", "v1.9", "v1.10"):

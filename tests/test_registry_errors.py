@@ -23,6 +23,7 @@ from tests.api_helpers import (
     snapshot,
     unused_id,
 )
+from tests.transfer_helpers import Part, multipart
 
 ONE_MIB = 1024 * 1024
 
@@ -354,6 +355,36 @@ async def test_duplicate_explicit_version_is_409(client, seeded):
         resp = await client.post(model_url(seeded["a2"], "/versions"), json={"version": version})
         await expect_error(resp, 409)
     await assert_unchanged(client, seeded)
+
+
+# Numbers with a leading zero would rank equal to another spelling (v01.0 and
+# v1.0): two names for one version. Refused wherever a version is accepted.
+LEADING_ZEROS = ["v01.0", "v1.01", "v00.0", "v0.00", "v01.01", "v001.1"]
+
+
+@pytest.mark.parametrize("version", LEADING_ZEROS)
+async def test_a_version_with_a_leading_zero_is_refused_everywhere(client, seeded, version):
+    resp = await client.post(MODELS, json=_valid_registration(version=version))
+    await expect_error(resp, 400, "version")
+    body, ctype = multipart([Part("metadata", json.dumps(_valid_registration(version=version)).encode(),
+                                  content_type="application/json"),
+                             Part("file", b"weights", filename="m.bin")])
+    resp = await client.post(MODELS, data=body, headers={"Content-Type": ctype})
+    await expect_error(resp, 400, "version")
+    resp = await client.post(model_url(seeded["a1"], "/versions"), json={"version": version})
+    await expect_error(resp, 400, "version")
+    for path in (f"{MODELS}/by-name/seed_a", f"{MODELS}/by-name/seed_a/download"):
+        resp = await client.get(path, params={"version": version})
+        assert (await expect_error(resp, 400, "version"))["code"] == "invalid_parameter"
+        resp = await client.head(path, params={"version": version})
+        assert resp.status == 400, path
+    await assert_unchanged(client, seeded)
+    # The same requests with the number spelt without zeros are not refused.
+    plain = "v" + ".".join(str(int(n)) for n in version[1:].split("."))
+    resp = await client.get(f"{MODELS}/by-name/seed_a", params={"version": plain})
+    assert resp.status in (200, 404), await resp.text()
+    resp = await client.post(MODELS, json=_valid_registration(version=plain))
+    assert (await json_of(resp, 201))["version"] == plain
 
 
 # ---------------------------------------------------------------------------

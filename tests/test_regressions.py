@@ -46,11 +46,17 @@ async def test_empty_update_changes_nothing_and_no_stray_fields_are_stored(clien
     resp = await client.post("/api/v1/models", json={"name": "m", "algorithm": "x"})
     model_id = (await resp.json())["model_id"]
     before = await (await client.get(f"/api/v1/models/{model_id}")).json()
+    fields_before = set(await client.app[STORAGE].get_model(model_id))
     resp = await client.put(f"/api/v1/models/{model_id}", json={})
     assert resp.status == 200
     assert (await resp.json())["model"]["updated_at"] == before["updated_at"]
-    await client.post("/api/v1/models/batch", json={"operation": "update_status", "ids": [model_id],
-                                                    "status": "archived"})
-    await client.put(f"/api/v1/models/{model_id}", json={"tags": ["a"]})
+    resp = await client.post("/api/v1/models/batch", json={"operation": "update_status", "ids": [model_id],
+                                                           "status": "archived"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["results"] == [{"id": model_id, "result": "ok"}]
+    resp = await client.put(f"/api/v1/models/{model_id}", json={"tags": ["a"]})
+    assert resp.status == 200, await resp.text()
     stored = await client.app[STORAGE].get_model(model_id)
+    assert (stored["status"], stored["tags"]) == ("archived", ["a"]), "the two updates were not applied"
+    assert set(stored) == fields_before, f"stray fields stored: {set(stored) ^ fields_before}"
     assert "breaking_changes" not in stored

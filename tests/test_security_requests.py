@@ -400,3 +400,35 @@ async def test_open_health_does_not_tell_the_storage_error(aiohttp_client, setti
     resp = await client.get("/health/detailed", headers=key(READ))
     assert resp.status == 503
     assert (await resp.json())["checks"]["storage"] != "healthy"
+
+
+async def test_a_value_the_store_cannot_hold_is_a_400_not_a_500(client, backend):
+    """A list directly inside a list: MongoDB and the embedded store keep it; FerretDB refuses it.
+
+    Either it is stored and reads back exactly, or it is a 400 saying the store
+    cannot hold it, with nothing stored; never a 500.
+    """
+    nested = {"kernel": [[1, 0], [0, 1]]}
+    model_id = await register(client)
+    answers = [
+        await client.post(MODELS, json={"name": "nested", "algorithm": "a", "hyperparameters": nested}),
+        await client.put(f"{MODELS}/{model_id}", json={"hyperparameters": nested}),
+        await client.post(f"{MODELS}/{model_id}/versions", json={"hyperparameters": nested}),
+    ]
+    statuses = {resp.status for resp in answers}
+    if backend == "embedded":
+        assert statuses <= {200, 201}, statuses
+    assert statuses <= {200, 201} or statuses == {400}, statuses
+    for resp in answers:
+        body = await resp.json()
+        if resp.status == 400:
+            assert body["error"]["code"] == "validation_error"
+            assert "cannot hold this value" in body["error"]["message"], body
+    listed = await json_of(await client.get(MODELS), 200)
+    if statuses == {400}:
+        assert listed["pagination"]["total"] == 1  # only the model registered above, unchanged
+        assert (await json_of(await client.get(f"{MODELS}/{model_id}"), 200))["hyperparameters"] != nested
+    else:
+        assert all(m["id"] for m in listed["models"])
+        doc = await json_of(await client.get(f"{MODELS}/{model_id}"), 200)
+        assert doc["hyperparameters"] == nested

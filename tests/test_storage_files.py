@@ -5,6 +5,8 @@ starts at any offset; identical content is stored once and released only when
 no model refers to it.
 """
 
+import asyncio
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -73,6 +75,29 @@ async def test_error_inside_writer_block_cancels(storage):
         async with storage.file_writer() as w:
             await w.write(os.urandom(2 * CS + 5))
             raise RuntimeError("client went away")
+    assert await leftovers(storage) == before
+
+
+async def test_writer_cancelled_mid_write_leaves_nothing(storage):
+    """The request task is cancelled (the client left) while a write is under way.
+
+    On MongoDB that write may be a batch insert the server has already
+    received: the clean-up must not delete before that insert has landed.
+    """
+    before = await leftovers(storage)
+    data = os.urandom(32 * CS)  # more than a MongoDB write batch
+    for delay in (0, 0.001, 0.002, 0.005, 0.01, 0.02):
+        writer = storage.file_writer()
+        task = asyncio.ensure_future(writer.write(data))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await writer.cancel()
+        assert await leftovers(storage) == before
+    # A write the store received before the cancel would land late, if at all:
+    # give it time to show up.
+    await asyncio.sleep(1)
     assert await leftovers(storage) == before
 
 

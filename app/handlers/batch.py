@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import get_args
 
 from aiohttp import web
 
@@ -16,9 +17,10 @@ from .. import clock, errors, registry, validation
 from ..appkeys import LEASES, STORAGE
 from ..errors import ApiError
 from ..http import json_response, read_json_object
+from ..schemas import MAX_BATCH_IDS as MAX_IDS
+from ..schemas import BatchAnswer, BatchOperation, BatchResult, BatchSummary
 
-MAX_IDS = 1000
-OPERATIONS = ("delete", "update_status", "add_tags", "remove_tags")
+OPERATIONS: tuple[str, ...] = get_args(BatchOperation)
 _ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
 
 
@@ -76,13 +78,13 @@ async def batch(request: web.Request) -> web.Response:
     results = []
     for raw in ids:
         if not isinstance(raw, str) or not _ID_RE.fullmatch(raw):
-            results.append({"id": raw if isinstance(raw, str) else str(raw), "result": "invalid_id"})
+            results.append(BatchResult(id=raw if isinstance(raw, str) else str(raw), result="invalid_id"))
             continue
-        results.append({"id": raw, "result": await _apply(request, operation, raw.lower(), fields)})
-    summary = Counter(r["result"] for r in results)
-    return json_response({
-        "operation": operation,
-        "results": results,
-        "summary": {k: summary.get(k, 0) for k in ("ok", "not_found", "invalid_id")},
-    })
+        results.append(BatchResult(id=raw, result=await _apply(request, operation, raw.lower(), fields)))
+    summary = Counter(r.result for r in results)
+    return json_response(BatchAnswer(
+        operation=operation,
+        results=results,
+        summary=BatchSummary(**{k: summary.get(k, 0) for k in BatchSummary.__struct_fields__}),
+    ))
 

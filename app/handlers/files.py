@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 from aiohttp import web
 
 from .. import downloads, errors, metrics, preconditions, registry, uploads, urls, validation
@@ -11,6 +12,7 @@ from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..errors import ApiError
 from ..http import invite_body, json_response, parse_json_object
 from ..locks import KeyedLocks
+from ..schemas import FileInfo, UploadAnswer
 from ..views import LAST_MODIFIED_SHARED, file_metadata
 from .models import created, model_or_404, named_models_or_404, with_caller
 
@@ -70,7 +72,7 @@ async def attach(request: web.Request, doc: dict, received: uploads.Received) ->
 
 
 def _upload_answer(model_id: str, fm: dict) -> web.Response:
-    return json_response({"success": True, "model_id": model_id, "file_metadata": file_metadata(fm)}, status=201)
+    return json_response(UploadAnswer(success=True, model_id=model_id, file_metadata=file_metadata(fm)), status=201)
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -126,10 +128,10 @@ async def info(request: web.Request) -> web.Response:
     doc = await model_or_404(request)
     f = downloads.stored_file(doc)
     fm = doc["file_metadata"]
-    return json_response({
-        "model_id": doc["id"],
-        **file_metadata(fm),
-        "chunk_count": math.ceil(f.size / f.chunk_size),
-        "download_url": urls.download_url(doc["id"]),
-    })
+    return json_response(FileInfo(
+        **msgspec.structs.asdict(file_metadata(fm)),
+        model_id=doc["id"],
+        chunk_count=math.ceil(f.size / f.chunk_size),
+        download_url=urls.download_url(doc["id"]),
+    ))
 

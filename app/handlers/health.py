@@ -12,6 +12,7 @@ from ..appkeys import DRAIN, SETTINGS, STORAGE
 from ..config import format_size
 from ..downloads import stored_file
 from ..http import json_response
+from ..schemas import Checks, DetailedHealth, Health, StoredBytes
 from ..storage.base import ModelQuery, StorageError, StorageUnavailable
 from .analytics import registry_statistics
 
@@ -23,32 +24,32 @@ REGISTRY_SAMPLE = 20
 
 async def health(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
-    body = {
-        "status": "healthy",
-        "service": "model-service",
-        "storage": storage.kind,
+    body = Health(
+        status="healthy",
+        service="model-service",
+        storage=storage.kind,
         # Not applicable to the embedded backend, so null rather than false.
-        "mongodb_connected": None,
-        "gridfs_available": None,
-        "total_models": None,
-        "timestamp": clock.iso(clock.now()),
-    }
+        mongodb_connected=None,
+        gridfs_available=None,
+        total_models=None,
+        timestamp=clock.iso(clock.now()),
+    )
     timeout = request.app[SETTINGS].mongodb_timeout_ms / 1000
     try:
         await asyncio.wait_for(storage.ping(), timeout)
-        body["total_models"] = await asyncio.wait_for(storage.count_models(), timeout)
+        body.total_models = await asyncio.wait_for(storage.count_models(), timeout)
         ok = True
     except (StorageUnavailable, asyncio.TimeoutError) as e:
         # The reason (on MongoDB: hosts, topology) goes to the log and to the
         # keyed /health/detailed, never to this open endpoint.
         log.warning("health check: storage unhealthy: %s", str(e) or "did not answer in time")
-        body["status"] = "unhealthy"
+        body.status = "unhealthy"
         ok = False
     if storage.kind == "mongodb":
-        body["mongodb_connected"] = ok
-        body["gridfs_available"] = ok
+        body.mongodb_connected = ok
+        body.gridfs_available = ok
     if request.app[DRAIN].draining:
-        body["status"], body["draining"], ok = "unhealthy", True, False
+        body.status, body.draining, ok = "unhealthy", True, False
     return json_response(body, 200 if ok else 503)
 
 
@@ -93,28 +94,28 @@ async def detailed(request: web.Request) -> web.Response:
     checks = dict(zip(names, results))
     if request.app[DRAIN].draining:
         checks["shutdown"] = "draining: the service is shutting down"
-    body: dict = {
-        "status": "healthy" if all(r == "healthy" for r in checks.values()) else "unhealthy",
-        "service": "model-service",
-        "storage": storage.kind,
-        "checks": checks,
-        "total_models": None,
-        "active_models": None,
-        "storage_usage": None,
-        "timestamp": clock.iso(clock.now()),
-    }
+    body = DetailedHealth(
+        status="healthy" if all(r == "healthy" for r in checks.values()) else "unhealthy",
+        service="model-service",
+        storage=storage.kind,
+        checks=Checks(**checks),
+        total_models=None,
+        active_models=None,
+        storage_usage=None,
+        timestamp=clock.iso(clock.now()),
+        disk_free_bytes=None,
+    )
     if checks["storage"] == "healthy":
         try:
             stats = await asyncio.wait_for(registry_statistics(storage), timeout)
-            body["total_models"] = sum(stats.by_status.values())
-            body["active_models"] = stats.by_status.get("active", 0)
-            body["storage_usage"] = {"total_size_bytes": stats.stored_bytes}
+            body.total_models = sum(stats.by_status.values())
+            body.active_models = stats.by_status.get("active", 0)
+            body.storage_usage = StoredBytes(total_size_bytes=stats.stored_bytes)
         except (StorageError, asyncio.TimeoutError):
             pass
     try:
-        free = await asyncio.wait_for(storage.disk_free(), timeout)
-        body["disk_free_bytes"] = free
+        body.disk_free_bytes = await asyncio.wait_for(storage.disk_free(), timeout)
     except (StorageError, asyncio.TimeoutError):
-        body["disk_free_bytes"] = None
-    return json_response(body, 200 if body["status"] == "healthy" else 503)
+        pass
+    return json_response(body, 200 if body.status == "healthy" else 503)
 

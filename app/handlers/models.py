@@ -11,6 +11,7 @@ from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..auth import caller_name, is_admin
 from ..errors import ApiError
 from ..http import cacheable_json, json_response, read_json_object
+from ..schemas import DeleteAnswer, ModelList, Pagination, RegistrationAnswer, UpdateAnswer, VersionList
 
 
 def _not_found(model_id: str) -> ApiError:
@@ -43,13 +44,8 @@ async def model_or_404(request: web.Request) -> dict:
 
 def created(doc: dict) -> web.Response:
     return json_response(
-        {
-            "success": True,
-            "message": "Model registered successfully",
-            "model_id": doc["id"],
-            "version": doc["version"],
-            "download_url": urls.download_url(doc["id"]),
-        },
+        RegistrationAnswer(success=True, message="Model registered successfully", model_id=doc["id"],
+                           version=doc["version"], download_url=urls.download_url(doc["id"])),
         status=201,
         headers={"Location": urls.model_url(doc["id"])},
     )
@@ -84,10 +80,10 @@ def with_caller(request: web.Request, fields: dict) -> dict:
 async def list_models(request: web.Request) -> web.Response:
     query, page, limit = validation.listing(request.query, request.app[SETTINGS].max_page_size)
     docs, total = await request.app[STORAGE].find_models(query)
-    return json_response({
-        "models": [views.summary(d) for d in docs],
-        "pagination": {"page": page, "limit": limit, "total": total, "pages": math.ceil(total / limit)},
-    })
+    return json_response(ModelList(
+        models=[views.summary(d) for d in docs],
+        pagination=Pagination(page=page, limit=limit, total=total, pages=math.ceil(total / limit)),
+    ))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -100,14 +96,14 @@ async def update_model(request: web.Request) -> web.Response:
     doc = await registry.update(request.app[STORAGE], model_id, fields)
     if doc is None:
         raise _not_found(model_id)
-    return json_response({"success": True, "message": "Model updated successfully", "model": views.full(doc)})
+    return json_response(UpdateAnswer(success=True, message="Model updated successfully", model=views.full(doc)))
 
 
 async def delete_model(request: web.Request) -> web.Response:
     model_id = request_model_id(request)
     if await registry.delete(request.app[STORAGE], request.app[LEASES], model_id) is None:
         raise _not_found(model_id)
-    return json_response({"success": True, "message": "Model deleted successfully", "deleted_id": model_id})
+    return json_response(DeleteAnswer(success=True, message="Model deleted successfully", deleted_id=model_id))
 
 
 async def create_version(request: web.Request) -> web.Response:
@@ -121,7 +117,7 @@ async def create_version(request: web.Request) -> web.Response:
 async def list_versions(request: web.Request) -> web.Response:
     source = await model_or_404(request)
     docs = await registry.versions_of(request.app[STORAGE], source["name"])
-    return json_response({"name": source["name"], "versions": [views.summary(d) for d in docs]})
+    return json_response(VersionList(name=source["name"], versions=[views.summary(d) for d in docs]))
 
 
 async def named_model_or_404(request: web.Request) -> dict:

@@ -6,9 +6,9 @@ writer that stays invisible until ``commit`` and leaves nothing behind after
 backends (MongoDB + GridFS, embedded SQLite + a directory) implement this and
 must behave identically; the HTTP layer never knows which one it has.
 
-Model documents cross this interface as plain dicts with ``id`` as a 24-hex
-string and timestamps as timezone-aware UTC datetimes (millisecond precision,
-which is what BSON stores).
+Model documents cross this interface as plain dicts (``ModelDocument``) with
+``id`` as a 24-hex string and timestamps as timezone-aware UTC datetimes
+(millisecond precision, which is what BSON stores).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import abc
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, AsyncIterator
+from typing import AsyncIterator, TypedDict
 
 __all__ = [
     "CLAIM_GRACE",
@@ -26,6 +26,8 @@ __all__ = [
     "DuplicateModel",
     "FileMissing",
     "FileWriter",
+    "ModelDocument",
+    "StoredFileMetadata",
     "ModelQuery",
     "RegistryStats",
     "Storage",
@@ -33,6 +35,45 @@ __all__ = [
     "StorageUnavailable",
     "StoredFile",
 ]
+
+class StoredFileMetadata(TypedDict, total=False):
+    """A model's file as its document records it (shown as schemas.FileMetadata)."""
+
+    file_id: str
+    filename: str
+    size_bytes: int
+    checksum: str
+    format: str | None
+    content_type: str
+    chunk_size: int
+    uploaded_at: datetime
+    # Bookkeeping for the download validators, never shown (see views).
+    last_modified_shared: bool
+
+
+class ModelDocument(TypedDict, total=False):
+    """A model as storage holds it (shown as schemas.Model). Partial for updates:
+    ``update_model`` takes just the fields to set."""
+
+    id: str
+    name: str
+    version: str
+    algorithm: str
+    status: str
+    description: str
+    hyperparameters: dict[str, object]
+    metrics: dict[str, int | float]
+    dataset_info: dict[str, object]
+    tags: list[str]
+    format: str
+    parent_model_id: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    download_count: int
+    file_metadata: StoredFileMetadata
+    superseded: bool  # the registry's mark: a higher version of the name exists (not shown)
+
 
 # GridFS's standard chunk size; the embedded backend reports the same figure
 # so that file metadata looks alike on both.
@@ -57,6 +98,13 @@ class StorageUnavailable(StorageError):
     """The database cannot be reached right now (answer 503)."""
 
 
+class ValueRefused(StorageError):
+    """The database cannot store a value the API accepted (answer 400).
+
+    FerretDB, for one, stores no list directly inside a list, which MongoDB does.
+    """
+
+
 class DuplicateModel(StorageError):
     """A model with the same (name, version) already exists."""
 
@@ -76,6 +124,9 @@ class ModelQuery:
     min_accuracy: float | None = None
     created_by: str | None = None
     created_before: datetime | None = None
+    # Only each name's latest version (models the registry has not marked
+    # superseded: see registry.settle_latest).
+    latest_only: bool = False
     # "created_at", "name", "download_count" or "metrics.<name>"
     sort_field: str = "created_at"
     sort_desc: bool = True
@@ -195,16 +246,16 @@ class Storage(abc.ABC):
 
     # -- metadata --------------------------------------------------------
     @abc.abstractmethod
-    async def insert_model(self, doc: dict[str, Any]) -> None:
+    async def insert_model(self, doc: ModelDocument) -> None:
         """Store a new model document; DuplicateModel if (name, version) exists."""
 
     @abc.abstractmethod
-    async def get_model(self, model_id: str) -> dict[str, Any] | None: ...
+    async def get_model(self, model_id: str) -> ModelDocument | None: ...
 
     @abc.abstractmethod
     async def update_model(
-        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
-    ) -> dict[str, Any] | None:
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+    ) -> ModelDocument | None:
         """Set top-level fields (None removes one) in one atomic step.
 
         Returns the updated document, or with ``return_previous`` the document
@@ -217,15 +268,15 @@ class Storage(abc.ABC):
         """Count one download: the model's download_count, and an hourly tally."""
 
     @abc.abstractmethod
-    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+    async def delete_model(self, model_id: str) -> ModelDocument | None:
         """Remove a model document; return what was removed, None if absent."""
 
     @abc.abstractmethod
-    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+    async def find_models(self, query: ModelQuery) -> tuple[list[ModelDocument], int]:
         """One page of models matching the query, and the total that match."""
 
     @abc.abstractmethod
-    async def models_named(self, name: str) -> list[dict[str, Any]]:
+    async def models_named(self, name: str) -> list[ModelDocument]:
         """Every version of a name, in no particular order."""
 
     @abc.abstractmethod

@@ -31,6 +31,7 @@ from .base import (
     DuplicateModel,
     FileMissing,
     FileWriter,
+    ModelDocument,
     ModelQuery,
     RegistryStats,
     Storage,
@@ -85,7 +86,7 @@ _SORT_COLUMNS = {"created_at": "created_at", "name": "name", "download_count": "
 _DATETIME_FIELDS = ("created_at", "updated_at")
 
 
-def _encode_doc(doc: dict[str, Any]) -> bytes:
+def _encode_doc(doc: ModelDocument) -> bytes:
     stored = {k: v for k, v in doc.items() if k not in ("id", "download_count")}
     for key in _DATETIME_FIELDS:
         if key in stored:
@@ -97,7 +98,7 @@ def _encode_doc(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(stored)
 
 
-def _decode_row(row: sqlite3.Row) -> dict[str, Any]:
+def _decode_row(row: sqlite3.Row) -> ModelDocument:
     doc = orjson.loads(row["doc"])
     doc["id"] = row["id"]
     doc["download_count"] = row["download_count"]
@@ -117,7 +118,7 @@ def _icontains(haystack: str | None, needle: str) -> bool:
 _SEPARATOR = "\x00"
 
 
-def _search_text(doc: dict[str, Any]) -> str:
+def _search_text(doc: ModelDocument) -> str:
     """The fields `q` searches, case-folded, joined by a character no needle has."""
     fields = [doc["name"], doc.get("description") or "", doc["algorithm"], *doc.get("tags", [])]
     return _SEPARATOR + _SEPARATOR.join(f.casefold() for f in fields) + _SEPARATOR
@@ -230,7 +231,7 @@ class EmbeddedStorage(Storage):
         return (await asyncio.to_thread(shutil.disk_usage, self.root)).free
 
     # -- metadata ------------------------------------------------------------
-    def _insert(self, doc: dict[str, Any]) -> None:
+    def _insert(self, doc: ModelDocument) -> None:
         fm = doc.get("file_metadata")
         try:
             self._db.execute(
@@ -245,14 +246,14 @@ class EmbeddedStorage(Storage):
         except sqlite3.IntegrityError as e:
             raise DuplicateModel(f"{doc['name']} {doc['version']} already exists") from e
 
-    async def insert_model(self, doc: dict[str, Any]) -> None:
+    async def insert_model(self, doc: ModelDocument) -> None:
         await self._run(self._insert, doc)
 
-    def _get(self, model_id: str, db: sqlite3.Connection | None = None) -> dict[str, Any] | None:
+    def _get(self, model_id: str, db: sqlite3.Connection | None = None) -> ModelDocument | None:
         row = (db or self._db).execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
         return _decode_row(row) if row else None
 
-    async def get_model(self, model_id: str) -> dict[str, Any] | None:
+    async def get_model(self, model_id: str) -> ModelDocument | None:
         # Every download and file request starts here. A primary-key lookup
         # in WAL mode takes microseconds and never waits for a writer, so it
         # runs on the loop: handing it to the SQLite thread and back cost more
@@ -264,7 +265,7 @@ class EmbeddedStorage(Storage):
                 pass  # busy (a checkpoint, a recovery): queue like any other call
         return await self._run(self._get, model_id)
 
-    def _update(self, model_id: str, fields: dict[str, Any], return_previous: bool) -> dict[str, Any] | None:
+    def _update(self, model_id: str, fields: ModelDocument, return_previous: bool) -> ModelDocument | None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -292,8 +293,8 @@ class EmbeddedStorage(Storage):
             raise
 
     async def update_model(
-        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
-    ) -> dict[str, Any] | None:
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+    ) -> ModelDocument | None:
         return await self._run(self._update, model_id, fields, return_previous)
 
     def _record_download(self, model_id: str, at: datetime) -> None:
@@ -322,11 +323,11 @@ class EmbeddedStorage(Storage):
     async def record_download(self, model_id: str, at: datetime) -> None:
         await self._run(self._record_download, model_id, at)
 
-    def _delete(self, model_id: str) -> dict[str, Any] | None:
+    def _delete(self, model_id: str) -> ModelDocument | None:
         row = self._db.execute("DELETE FROM models WHERE id = ? RETURNING *", (model_id,)).fetchone()
         return _decode_row(row) if row else None
 
-    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+    async def delete_model(self, model_id: str) -> ModelDocument | None:
         return await self._run(self._delete, model_id)
 
     @staticmethod
@@ -360,6 +361,8 @@ class EmbeddedStorage(Storage):
                 " OR EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE icontains(value, ?)))"
             )
             params.extend([q.text] * 4)
+        if q.latest_only:
+            clauses.append("coalesce(json_extract(doc, '$.superseded'), 0) = 0")
         if q.min_accuracy is not None:
             # test_accuracy when the model reports it, plain accuracy otherwise.
             clauses.append(
@@ -370,7 +373,7 @@ class EmbeddedStorage(Storage):
             params.extend([q.min_accuracy, q.min_accuracy])
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
-    def _find(self, q: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+    def _find(self, q: ModelQuery) -> tuple[list[ModelDocument], int]:
         where, params = self._where(q)
         total = self._db.execute(f"SELECT count(*) FROM models{where}", params).fetchone()[0]
         direction = "DESC" if q.sort_desc else "ASC"
@@ -389,14 +392,14 @@ class EmbeddedStorage(Storage):
         ).fetchall()
         return [_decode_row(r) for r in rows], total
 
-    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+    async def find_models(self, query: ModelQuery) -> tuple[list[ModelDocument], int]:
         return await self._run(self._find, query)
 
-    def _named(self, name: str) -> list[dict[str, Any]]:
+    def _named(self, name: str) -> list[ModelDocument]:
         rows = self._db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchall()
         return [_decode_row(r) for r in rows]
 
-    async def models_named(self, name: str) -> list[dict[str, Any]]:
+    async def models_named(self, name: str) -> list[ModelDocument]:
         return await self._run(self._named, name)
 
     async def count_models(self) -> int:
@@ -587,11 +590,15 @@ class _EmbeddedWriter(FileWriter):
         self._file = None
         # Network reads arrive in small pieces; one thread hop per MiB, not per piece.
         self._buffer = bytearray()
+        self._flushing: asyncio.Future | None = None
 
     async def _write(self, data: bytes) -> None:
         self._buffer += data
         if len(self._buffer) >= _READ_SIZE:
-            await asyncio.to_thread(self._write_buffer)
+            # Shielded: a cancelled upload stops waiting, but the thread writes on,
+            # and _cancel must wait for it before it discards the file under it.
+            self._flushing = asyncio.ensure_future(asyncio.to_thread(self._write_buffer))
+            await asyncio.shield(self._flushing)
 
     def _write_buffer(self) -> None:
         if self._file is None:
@@ -616,6 +623,11 @@ class _EmbeddedWriter(FileWriter):
             raise
 
     async def _cancel(self) -> None:
+        if self._flushing is not None:
+            await asyncio.wait([self._flushing])
+            if not self._flushing.cancelled():
+                self._flushing.exception()  # retrieved: the upload already failed for its own reason
+
         def discard() -> None:
             self._buffer.clear()
             if self._file is not None:

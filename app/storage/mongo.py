@@ -38,12 +38,14 @@ from .base import (
     DuplicateModel,
     FileMissing,
     FileWriter,
+    ModelDocument,
     ModelQuery,
     RegistryStats,
     Storage,
     StorageError,
     StorageUnavailable,
     StoredFile,
+    ValueRefused,
 )
 
 # Chunks per insert_many: large enough to amortise round trips, small enough
@@ -67,7 +69,7 @@ def _oid(value: str) -> ObjectId | None:
         return None
 
 
-def _to_mongo(doc: dict[str, Any]) -> dict[str, Any]:
+def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
     out = {k: v for k, v in doc.items() if k != "id"}
     out["_id"] = ObjectId(doc["id"])
     if doc.get("parent_model_id"):
@@ -77,7 +79,7 @@ def _to_mongo(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_mongo(raw: dict[str, Any]) -> dict[str, Any]:
+def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
     doc = dict(raw)
     doc["id"] = str(doc.pop("_id"))
     if isinstance(doc.get("parent_model_id"), ObjectId):
@@ -120,6 +122,9 @@ def _unavailable(e: BaseException) -> StorageUnavailable | None:
     return None
 
 
+_BAD_VALUE = 2  # the server's error code for a value it will not take
+
+
 def _guard(fn):
     """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable."""
 
@@ -127,6 +132,8 @@ def _guard(fn):
         try:
             return await _retry_busy(lambda: fn(*args, **kwargs))
         except PyMongoError as e:
+            if isinstance(e, OperationFailure) and e.code == _BAD_VALUE:
+                raise ValueRefused((e.details or {}).get("errmsg") or str(e)) from e
             raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
     wrapper.__name__ = fn.__name__
@@ -222,22 +229,22 @@ class MongoStorage(Storage):
 
     # -- metadata --------------------------------------------------------
     @_guard
-    async def insert_model(self, doc: dict[str, Any]) -> None:
+    async def insert_model(self, doc: ModelDocument) -> None:
         try:
             await self.models.insert_one(_to_mongo(doc))
         except DuplicateKeyError as e:
             raise DuplicateModel(f"{doc['name']} {doc['version']} already exists") from e
 
     @_guard
-    async def get_model(self, model_id: str) -> dict[str, Any] | None:
+    async def get_model(self, model_id: str) -> ModelDocument | None:
         oid = _oid(model_id)
         raw = await self.models.find_one({"_id": oid}) if oid else None
         return _from_mongo(raw) if raw else None
 
     @_guard
     async def update_model(
-        self, model_id: str, fields: dict[str, Any], *, return_previous: bool = False
-    ) -> dict[str, Any] | None:
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+    ) -> ModelDocument | None:
         oid = _oid(model_id)
         if oid is None:
             return None
@@ -272,7 +279,7 @@ class MongoStorage(Storage):
             await self.downloads.delete_many({"_id": {"$lt": hour - DOWNLOAD_HISTORY}})
 
     @_guard
-    async def delete_model(self, model_id: str) -> dict[str, Any] | None:
+    async def delete_model(self, model_id: str) -> ModelDocument | None:
         oid = _oid(model_id)
         raw = await self.models.find_one_and_delete({"_id": oid}) if oid else None
         return _from_mongo(raw) if raw else None
@@ -290,6 +297,8 @@ class MongoStorage(Storage):
             f["created_at"] = {"$lt": q.created_before}
         if q.tags:
             f["tags"] = {"$in": list(q.tags)}
+        if q.latest_only:
+            f["superseded"] = {"$ne": True}
         and_: list[dict[str, Any]] = []
         if q.text is not None:
             rx = {"$regex": re.escape(q.text), "$options": "i"}
@@ -304,7 +313,7 @@ class MongoStorage(Storage):
         return f
 
     @_guard
-    async def find_models(self, query: ModelQuery) -> tuple[list[dict[str, Any]], int]:
+    async def find_models(self, query: ModelQuery) -> tuple[list[ModelDocument], int]:
         f = self._filter(query)
         direction = DESCENDING if query.sort_desc else ASCENDING
         cursor = self.models.find(f, sort=[(query.sort_field, direction), ("_id", direction)],
@@ -314,7 +323,7 @@ class MongoStorage(Storage):
         return docs, total
 
     @_guard
-    async def models_named(self, name: str) -> list[dict[str, Any]]:
+    async def models_named(self, name: str) -> list[ModelDocument]:
         return [_from_mongo(d) async for d in self.models.find({"name": name})]
 
     @_guard
@@ -494,6 +503,7 @@ class _GridFSWriter(FileWriter):
         self._pending: list[dict[str, Any]] = []
         self._n = 0
         self._batch = max(1, _WRITE_BATCH_BYTES // chunk_size)
+        self._inflight: asyncio.Task | None = None
 
     def _cut_chunks(self, final: bool) -> None:
         cs = self.chunk_size
@@ -506,7 +516,13 @@ class _GridFSWriter(FileWriter):
     async def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            await _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True))
+            # Shielded: an insert the server has already received completes
+            # even if this request is cancelled (the client left), so _cancel
+            # can wait for it. Cancelling it would only stop our waiting, and a
+            # late insert landing after _cancel's delete would leave orphan chunks.
+            self._inflight = asyncio.ensure_future(
+                _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True)))
+            await asyncio.shield(self._inflight)
 
     async def _write(self, data: bytes) -> None:
         self._buffer += data
@@ -554,6 +570,10 @@ class _GridFSWriter(FileWriter):
     async def _cancel(self) -> None:
         self._buffer.clear()
         self._pending.clear()
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.wait([self._inflight])
+            if not self._inflight.cancelled():
+                self._inflight.exception()  # retrieved: only that no chunk lands after the delete matters
         try:
             await self._store.chunks.delete_many({"files_id": self._files_id})
         except PyMongoError as e:

@@ -197,6 +197,9 @@ async def models(request: web.Request, visit: Visit) -> web.Response:
     params = MultiDict(request.query)
     if "limit" not in params:
         params["limit"] = str(min(PAGE_SIZE, request.app[SETTINGS].max_page_size))
+    # One row per name (its latest version) unless every version is asked for.
+    every_version = request.query.get("versions") == "all"
+    params["latest"] = "false" if every_version else "true"
     query, page_no, limit = validation.listing(params, request.app[SETTINGS].max_page_size)
     docs, total = await request.app[STORAGE].find_models(query)
     pages = max(1, math.ceil(total / limit))
@@ -205,7 +208,7 @@ async def models(request: web.Request, visit: Visit) -> web.Response:
     return visit.render("models.html", {
         "models": [Row.of(d) for d in docs],
         "total": total, "page": page_no, "pages": pages, "limit": limit,
-        "shown": shown, "statuses": validation.STATUSES, "sorts": SORTS,
+        "shown": shown, "statuses": validation.STATUSES, "sorts": SORTS, "every_version": every_version,
         "prev_url": _page_url(keep, page=page_no - 1) if page_no > 1 else None,
         "next_url": _page_url(keep, page=page_no + 1) if page_no < pages else None,
         "first": query.skip + 1 if docs else 0, "last": query.skip + len(docs),

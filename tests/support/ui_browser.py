@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from app.client import ModelServiceClient
+from tensorfleet_client import ModelServiceClient
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,8 +1,9 @@
 """Downloading one model file: resumable, optionally in parallel ranges, verified.
 
-The bytes go to ``<target>.part`` beside the target; ``<target>.part.json``
-is both an inter-process lock (two downloads to one target take turns) and
-the resume state: the file's ETag and size, and how far each range got. Only
+The bytes go to ``<target>.part`` beside the target; ``<target>.part.lock``
+makes two downloads to one target take turns (on this host), and
+``<target>.part.json`` is the resume state: the file's ETag and size, and how
+far each range got, replaced whole at each save. Only
 once the whole file hashes to the server's ``X-File-Checksum`` is it synced
 and renamed onto the target, so the target is either absent, the previous
 file, or the complete verified new one. Only a caller that asked for it
@@ -35,20 +36,25 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
+from filelock import AsyncFileLock
 
 from . import rules
-from .errors import ChecksumMismatch, ConnectionFailed, InsufficientSpace, ModelServiceError, ProtocolError
-from .lock import FileLock
-from .retry import TRANSIENT_ERRORS
+from .errors import (
+    ChecksumMismatch,
+    ConnectionFailed,
+    InsufficientSpace,
+    ModelServiceError,
+    NotFound,
+    ProtocolError,
+    error_for,
+)
+from .transport import API, TRANSIENT_ERRORS, Transport
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .core import AsyncModelServiceClient
-
-log = logging.getLogger("app.client.download")
+log = logging.getLogger("tensorfleet_client.download")
 
 MiB = 1024 * 1024
 PARALLEL_THRESHOLD = 64 * 1000 * 1000  # files over 64 MB are fetched in ranges by default
@@ -66,7 +72,6 @@ RESTARTS = 3  # times a download starts over because the file changed on the ser
 Progress = Callable[[int, int], None]
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class RemoteFile:
         filename = rules.file_name(cd.filename if cd is not None else None, name, version)
         return cls(model_id=model_id, name=name, version=version, size=resp.content_length,
                    sha256=checksum.removeprefix("sha256:").lower(), etag=etag, filename=filename,
-                   url=f"{base_url}/api/v1/models/{model_id}/download")
+                   url=f"{base_url}{API}/{model_id}/download")
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,19 @@ class _ResumedMismatch(Exception):
     """A download that reused bytes from an earlier attempt did not verify."""
 
 
-def part_paths(target: Path) -> tuple[Path, Path]:
-    return target.with_name(target.name + ".part"), target.with_name(target.name + ".part.json")
+def part_paths(target: Path) -> tuple[Path, Path, Path]:
+    """The partial file, its resume state and the lock beside ``target``."""
+    return (target.with_name(target.name + ".part"), target.with_name(target.name + ".part.json"),
+            target.with_name(target.name + ".part.lock"))
+
+
+def file_lock(path: Path) -> AsyncFileLock:
+    """An inter-process lock on ``path`` (flock): the kernel drops it when its holder dies, however it dies.
+
+    No soft-lock fallback where the file system has no flock: a marker file
+    outlives a killed holder and would keep every later caller waiting.
+    """
+    return AsyncFileLock(path, fallback_to_soft=False)
 
 
 def sha256_file(path: Path) -> "hashlib._Hash":
@@ -240,12 +256,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+async def probe(transport: Transport, id_or_name: str, version: str | None = None, *,
+                if_none_match: str | None = None) -> tuple[int, RemoteFile | Unchanged]:
+    """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, Unchanged)`` if ``if_none_match`` still holds.
+
+    A 24-hex string is tried as an id first, then as a name.
+    """
+    candidates = []
+    if version is None and rules.is_model_id(id_or_name):
+        candidates.append((f"{API}/{id_or_name}", None))
+    candidates.append((f"{API}/by-name/{id_or_name}", {"version": version} if version else None))
+    headers = {"If-None-Match": if_none_match} if if_none_match else None
+    for i, (meta_path, params) in enumerate(candidates):
+        resp = await transport.send("HEAD", meta_path + "/download", params=params, headers=headers)
+        async with resp:
+            if resp.status == 200:
+                return 200, RemoteFile.from_response(resp, transport.base_url)
+            if resp.status == 304:
+                return 304, Unchanged.from_response(resp)
+        # HEAD answers carry no body: ask the metadata endpoint what is wrong.
+        error = await _explain(transport, resp, meta_path, params)
+        if isinstance(error, NotFound) and error.code == "not_found" and i + 1 < len(candidates):
+            continue
+        if len(candidates) > 1 and isinstance(error, NotFound) and error.code == "not_found":
+            error = NotFound(f"no model with id or name {id_or_name}", status=404, code="not_found")
+        raise error
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _explain(transport: Transport, resp: aiohttp.ClientResponse, meta_path: str,
+                   params: Mapping[str, str] | None) -> ModelServiceError:
+    if resp.status in (400, 404):
+        try:
+            doc = await transport.json("GET", meta_path, params=params)
+        except ModelServiceError as e:
+            return e
+        if not doc.get("file_metadata"):
+            return NotFound(f"model {doc.get('id')} ({doc.get('name')} {doc.get('version')}) "
+                            "has no file uploaded yet", status=404, code="no_file")
+    return error_for(resp.status, None, dict(resp.headers),
+                     f"HEAD {resp.url.path} failed: {resp.status} {resp.reason}")
+
+
 async def download_file(
-    client: "AsyncModelServiceClient",
+    transport: Transport,
     remote: RemoteFile,
     target: Path,
     *,
-    reprobe: Callable[[], Awaitable[RemoteFile]],
+    reprobe: Callable[[], Awaitable[RemoteFile]] | None = None,
     parallel: int | None = None,
     limit_rate: float | None = None,
     progress: Progress | None = None,
@@ -256,20 +314,22 @@ async def download_file(
 
     An existing ``target`` is replaced only with ``overwrite``; else, or if the
     file is larger than the free space there, nothing is written at all.
+    ``reprobe`` describes the file anew once it changed on the server (by
+    default: a probe of ``remote``'s model id, whatever became of its name).
     """
     target = Path(target)
-    part, state_path = part_paths(target)
-    client._url(remote.url)  # refuses a URL off the client's origin before anything is written
+    part, state_path, lock_path = part_paths(target)
+    transport.url(remote.url)  # refuses a URL off the service's origin before anything is written
     if not overwrite:
         refuse_existing(target)
     check_space(target.parent, remote.size, part)
-    lock = FileLock(state_path)
+    lock = file_lock(lock_path)
     await lock.acquire()
     succeeded = False
     try:
         fresh_only = not resume
         for restart in range(RESTARTS + 1):
-            job = _Job(client, remote, target, part, lock, parallel, limit_rate, progress, overwrite)
+            job = _Job(transport, remote, target, part, state_path, parallel, limit_rate, progress, overwrite)
             try:
                 result = await job.run(fresh_only)
                 succeeded = True
@@ -279,15 +339,22 @@ async def download_file(
                     raise ModelServiceError(f"{remote.url}: the file kept changing during the download",
                                             code="content_changed")
                 log.info("file of model %s changed on the server; starting over", remote.model_id)
-                remote = await reprobe()
+                if reprobe is None:
+                    remote = (await probe(transport, remote.model_id))[1]
+                else:
+                    remote = await reprobe()
                 fresh_only = True
             except _ResumedMismatch:
                 log.warning("resumed download of %s did not verify; downloading it again from the start", target)
                 fresh_only = True
         raise AssertionError("unreachable")  # pragma: no cover
     finally:
-        # Keep the state beside a partial file so a later call resumes it.
-        lock.release(unlink=succeeded or not part.exists())
+        # Keep the state (and the lock) beside a partial file so a later call resumes it. Removed while
+        # still held: a download waiting on the lock finds its file unlinked and locks a new one.
+        if succeeded or not part.exists():
+            state_path.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+        await lock.release()
 
 
 def refuse_existing(target: Path) -> None:
@@ -327,15 +394,15 @@ def _place(part: Path, target: Path, overwrite: bool) -> None:
 
 
 class _Job:
-    def __init__(self, client, remote: RemoteFile, target: Path, part: Path, lock: FileLock,
+    def __init__(self, transport: Transport, remote: RemoteFile, target: Path, part: Path, state_path: Path,
                  parallel: int | None, limit_rate: float | None, progress: Progress | None,
                  overwrite: bool) -> None:
-        self.client = client
+        self.transport = transport
         self.overwrite = overwrite
         self.remote = remote
         self.target = target
         self.part = part
-        self.lock = lock
+        self.state_path = state_path
         self.parallel = parallel
         self.limiter = RateLimiter(limit_rate) if limit_rate else None
         self.progress = progress
@@ -351,8 +418,8 @@ class _Job:
     def _load_state(self) -> list[Segment] | None:
         """The segments of a matching earlier download of this file, if any."""
         try:
-            state = orjson.loads(self.lock.read() or b"null")
-        except orjson.JSONDecodeError:
+            state = orjson.loads(self.state_path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
             return None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             return None
@@ -382,7 +449,7 @@ class _Job:
 
     def _save_state(self) -> None:
         r = self.remote
-        self.lock.write(orjson.dumps({
+        self._write_state(orjson.dumps({
             "format": STATE_FORMAT,
             "model_id": r.model_id,
             "url": r.url,
@@ -392,12 +459,15 @@ class _Job:
             "segments": [[s.start, s.end, s.done] for s in self.segments],
         }))
 
+    def _write_state(self, data: bytes) -> None:
+        # Replaced whole, so a process killed mid-save leaves the previous state, not a torn one.
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.state_path)
+
     def _discard(self) -> None:
-        try:
-            self.part.unlink()
-        except FileNotFoundError:
-            pass
-        self.lock.write(b"")
+        self.part.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
 
     # -- the download ------------------------------------------------------
 
@@ -537,12 +607,12 @@ class _Job:
             raise first from None
 
     async def _fetch_empty(self) -> None:
-        resp = await self.client._send("GET", self.remote.url, headers={"If-Match": self.remote.etag})
+        resp = await self.transport.send("GET", self.remote.url, headers={"If-Match": self.remote.etag})
         async with resp:
             if resp.status == 412:
                 raise _ContentChanged()
             if resp.status != 200:
-                raise await self.client._error(resp)
+                raise await self.transport.error(resp)
             # One byte is enough to know the file is not empty; more is for nobody.
             body = await resp.content.read(1)
             self.transferred += len(body)
@@ -550,7 +620,7 @@ class _Job:
                 raise _ContentChanged()
 
     async def _fetch_segment(self, seg: Segment) -> None:
-        policy = self.client.retry
+        policy = self.transport.retry
         failures = 0
         while seg.remaining > 0:
             before = seg.done
@@ -569,12 +639,12 @@ class _Job:
     async def _fetch_range(self, seg: Segment) -> None:
         r = self.remote
         headers = {"Range": f"bytes={seg.pos}-{seg.end - 1}", "If-Range": r.etag}
-        resp = await self.client._send("GET", r.url, headers=headers)
+        resp = await self.transport.send("GET", r.url, headers=headers)
         async with resp:
             if resp.status in (200, 416):
                 raise _ContentChanged()  # If-Range did not match: a different file now
             if resp.status != 206:
-                raise await self.client._error(resp)
+                raise await self.transport.error(resp)
             if resp.headers.get("ETag") != r.etag:
                 raise _ContentChanged()
             m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))

@@ -1,8 +1,8 @@
 """What the client accepts from a server before any of it becomes part of a path.
 
 The service's own rules for model names, versions, ids and file names, kept
-here rather than imported from the server package: the client is to become a
-distribution of its own. A value from the other side of the socket that breaks
+here rather than imported from the server package: the client is a
+distribution of its own, installed without the server. A value from the other side of the socket that breaks
 them is a ``ProtocolError`` naming it, raised before anything is written; a
 path built from such values is checked again once resolved, so that a write
 provably lands in the folder it was meant for.

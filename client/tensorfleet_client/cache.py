@@ -21,19 +21,16 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from . import rules
-from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file
+from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file, file_lock, probe
 from .errors import ConnectionFailed, ProtocolError, ServerError
-from .lock import FileLock
+from .transport import Transport
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .core import AsyncModelServiceClient
-
-log = logging.getLogger("app.client.cache")
+log = logging.getLogger("tensorfleet_client.cache")
 
 LATEST = "latest"
 
@@ -107,7 +104,7 @@ def _ref_for(remote: RemoteFile, path: Path) -> dict[str, Any]:
     }
 
 
-async def fetch(client: "AsyncModelServiceClient", name: str, version: str | None,
+async def fetch(transport: Transport, name: str, version: str | None,
                 cache_dir: str | os.PathLike[str] | None, *, parallel: int | None = None,
                 limit_rate: float | None = None, progress=None, allow_stale: bool = False) -> DownloadResult:
     if not rules.is_name(name):
@@ -118,12 +115,12 @@ async def fetch(client: "AsyncModelServiceClient", name: str, version: str | Non
     root = root / name
     root.mkdir(parents=True, exist_ok=True)
 
-    async with FileLock(root / ".lock"):
+    async with file_lock(root / ".lock"):
         wanted = _Ref(root, version or LATEST)
         ref = wanted.load()
         cached = _cached_file(root, ref)
         try:
-            _, remote = await client.probe(name, version, if_none_match=ref["etag"] if cached else None)
+            _, remote = await probe(transport, name, version, if_none_match=ref["etag"] if cached else None)
         except (ConnectionFailed, ServerError) as e:
             if allow_stale and cached is not None:
                 log.warning("cannot revalidate %s (%s); using the cached copy %s", name, e, cached)
@@ -146,9 +143,8 @@ async def fetch(client: "AsyncModelServiceClient", name: str, version: str | Non
         folder.mkdir(exist_ok=True)
         previous = _ref_path(root, by_version.load())
         # The cache's own file: replaced when it changed on the server or on disk.
-        result = await download_file(client, remote, rules.inside(folder, remote.filename),
-                                     reprobe=lambda: _reprobe(client, remote),
-                                     parallel=parallel, limit_rate=limit_rate, progress=progress, overwrite=True)
+        result = await download_file(transport, remote, rules.inside(folder, remote.filename), parallel=parallel,
+                                     limit_rate=limit_rate, progress=progress, overwrite=True)
         # A re-uploaded file may have had another name: remove the one this cache put there, nothing else.
         if previous is not None and previous != result.path:
             previous.unlink(missing_ok=True)
@@ -177,7 +173,3 @@ def _adopt(root: Path, latest: _Ref, ref: dict[str, Any], cached: Path, now: Unc
     _Ref(root, now.version).save(new_ref)
     latest.save(new_ref)
     return _result_from_ref(path, new_ref, cached=True)
-
-
-async def _reprobe(client: "AsyncModelServiceClient", remote: RemoteFile) -> RemoteFile:
-    return (await client.probe(remote.model_id))[1]

@@ -1,4 +1,8 @@
-"""Client subcommands of ``model-service``: push, pull, list, show, versions, rm, stats.
+"""The client's commands: push, pull, list, show, versions, rm, stats.
+
+The server's ``model-service`` command adds them with ``add_client_commands``;
+``tensorfleet-client`` (``python -m tensorfleet_client``, ``main`` here) is the
+same commands where only the client is installed.
 
 Exit codes scripts can test: 0 ok, 1 error, 2 usage (including values the
 service rejects as invalid), 3 not found, 4 checksum mismatch, 130 interrupted.
@@ -11,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 from . import rules
-from .progress import ProgressBar, format_bytes
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CHECKSUM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -98,6 +104,15 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def format_bytes(n: float) -> str:
+    """Decimal units, as the service's sizes are: 45.7 MB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def _size(n: int | None) -> str:
     return "-" if n is None else format_bytes(n)
 
@@ -114,10 +129,28 @@ def _model_rows(models: list[dict]) -> list[list[str]]:
 _MODEL_HEADERS = ["ID", "NAME", "VERSION", "ALGORITHM", "STATUS", "SIZE", "METRICS", "CREATED"]
 
 
-def _progress(args: argparse.Namespace, label: str) -> ProgressBar | None:
+class _Bar:
+    """A tqdm bar on stderr, driven by the client's ``progress(done, total)`` callback."""
+
+    def __init__(self, label: str) -> None:
+        # The size as shutil finds it: a terminal that reports 0x0 (a bare pty) gets 80x24; tqdm would take
+        # it for no room at all and draw nothing.
+        size = shutil.get_terminal_size()
+        self._bar = tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                         ncols=size.columns, nrows=size.lines, mininterval=0.1)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)  # less than before when a download starts over
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress(args: argparse.Namespace, label: str) -> _Bar | None:
     if getattr(args, "no_progress", False) or not sys.stderr.isatty():
         return None
-    return ProgressBar(label, sys.stderr)
+    return _Bar(label)
 
 
 # -- running a command -------------------------------------------------------
@@ -128,7 +161,7 @@ class _Usage(Exception):
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:
-    print(f"model-service {args.command}: error: {message}", file=sys.stderr)
+    print(f"{args.prog} {args.command}: error: {message}", file=sys.stderr)
 
 
 def _exit_code(e: BaseException) -> int:
@@ -150,8 +183,8 @@ def _interrupt(signum, frame):
 def _command(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from .errors import ModelServiceError
-        from .retry import RetryPolicy
         from .sync import ModelServiceClient
+        from .transport import RetryPolicy
 
         # SIGTERM cleans up like Ctrl-C: a download saves where it got to.
         previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -169,7 +202,7 @@ def _command(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse
             _fail(args, str(e))
             return EXIT_USAGE if isinstance(e, ValueError) else EXIT_ERROR
         except KeyboardInterrupt:
-            print(f"\nmodel-service {args.command}: interrupted", file=sys.stderr)
+            print(f"\n{args.prog} {args.command}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
             try:
@@ -350,8 +383,11 @@ def _stats(client, args: argparse.Namespace) -> int:
 # -- registration ------------------------------------------------------------
 
 
-def add_client_commands(subparsers) -> None:
-    """Register push, pull, list, show, versions, rm and stats on an argparse subparsers object."""
+def add_client_commands(subparsers, prog: str = "model-service") -> None:
+    """Register push, pull, list, show, versions, rm and stats on an argparse subparsers object.
+
+    ``prog`` is the command's name in error messages.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="the service's URL (default: $MODEL_SERVICE_URL, else http://localhost:8084)")
     common.add_argument("--api-key", help="API key sent as X-API-Key (default: $MODEL_SERVICE_API_KEY)")
@@ -361,7 +397,7 @@ def add_client_commands(subparsers) -> None:
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, parents=[common], help=help, description=help)
-        p.set_defaults(func=_command(fn))
+        p.set_defaults(func=_command(fn), prog=prog)
         return p
 
     p = add("push", _push, "register a model and upload its file")
@@ -417,3 +453,12 @@ def add_client_commands(subparsers) -> None:
     p.add_argument("id")
 
     add("stats", _stats, "registry statistics (GET /api/v1/models/statistics)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tensorfleet-client``: the client commands alone."""
+    parser = argparse.ArgumentParser(prog="tensorfleet-client",
+                                     description="Client for the TensorFleet Model Service")
+    add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), parser.prog)
+    args = parser.parse_args(argv)
+    return args.func(args)

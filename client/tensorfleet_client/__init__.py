@@ -1,6 +1,6 @@
 """Python client for the TensorFleet Model Service.
 
-    from app.client import ModelServiceClient
+    from tensorfleet_client import ModelServiceClient
 
     with ModelServiceClient("http://models:8084") as client:
         model_id = client.push("model.pkl", name="churn", algorithm="random_forest",
@@ -11,7 +11,7 @@
 ``AsyncModelServiceClient`` is the same client for asyncio code.
 """
 
-from .core import DEFAULT_URL, AsyncModelServiceClient
+from .core import AsyncModelServiceClient
 from .download import DownloadResult, RemoteFile
 from .errors import (
     BadRequest,
@@ -30,8 +30,8 @@ from .errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from .retry import RetryPolicy
 from .sync import ModelServiceClient
+from .transport import DEFAULT_URL, RetryPolicy
 
 __all__ = [
     "DEFAULT_URL",

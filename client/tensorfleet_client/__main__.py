@@ -1,0 +1,7 @@
+"""``python -m tensorfleet_client``: the same as ``tensorfleet-client``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,262 @@
+"""The client's one implementation, on asyncio and aiohttp.
+
+``AsyncModelServiceClient`` is that implementation; ``ModelServiceClient``
+(sync.py) runs it on a private event loop, so both behave the same. Sending,
+retries and the origin rule are the transport's (transport.py); downloads and
+the cache are download.py's and cache.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping
+
+import orjson
+
+from . import cache, rules
+from . import download as dl
+from .errors import ChecksumMismatch
+from .transport import API, USER_AGENT, RetryPolicy, Transport, read_json_body
+
+
+def _query(filters: Mapping[str, Any]) -> dict[str, str]:
+    """Listing filters as query parameters: lists become comma lists, None is left out."""
+    out = {}
+    for k, v in filters.items():
+        if v is None:
+            continue
+        if k == "query":
+            k = "q"
+        if isinstance(v, (list, tuple, set)):
+            v = ",".join(str(x) for x in v)
+        elif isinstance(v, bool):
+            v = "true" if v else "false"
+        out[k] = str(v)
+    return out
+
+
+class AsyncModelServiceClient:
+    """Client for the TensorFleet Model Service.
+
+    ``base_url`` defaults to ``$MODEL_SERVICE_URL`` (else http://localhost:8084)
+    and ``api_key`` to ``$MODEL_SERVICE_API_KEY``; the key is sent as
+    ``X-API-Key``. ``request_count`` counts the HTTP requests sent, retries
+    included. Use as ``async with AsyncModelServiceClient() as client: ...``
+    or call ``close()``.
+
+    Requests go only to the origin of ``base_url`` (scheme, host and port),
+    and so does the API key. A redirect to the same origin is followed; a
+    redirect to any other origin is refused with ``ProtocolError`` (nothing,
+    key or not, is sent there): point ``base_url`` at the new place if the
+    service has really moved. ``transport`` is the session all requests go
+    through (for ``download.download_file`` and the like).
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 retry: RetryPolicy | None = None, connect_timeout: float = 30.0,
+                 read_timeout: float = 300.0, user_agent: str = USER_AGENT) -> None:
+        self.transport = Transport(base_url, api_key, retry=retry, connect_timeout=connect_timeout,
+                                   read_timeout=read_timeout, user_agent=user_agent)
+
+    @property
+    def base_url(self) -> str:
+        return self.transport.base_url
+
+    @property
+    def api_key(self) -> str | None:
+        return self.transport.api_key
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self.transport.retry
+
+    @property
+    def request_count(self) -> int:
+        return self.transport.request_count
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def __aenter__(self) -> "AsyncModelServiceClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- the registry ------------------------------------------------------
+
+    async def health(self) -> dict:
+        """The /health document (its ``status`` says healthy or unhealthy)."""
+        return await self.transport.json("GET", "/health", ok=(200, 503))
+
+    async def register_model(self, metadata: Mapping[str, Any] | None = None, **fields: Any) -> str:
+        """Register a model (name, algorithm, metrics, ...) and return its id."""
+        answer = await self.transport.json("POST", API, json={**(metadata or {}), **fields})
+        return rules.model_id(answer.get("model_id"), "model_id")
+
+    async def upload(self, model_id: str, path: str | os.PathLike[str], *, filename: str | None = None,
+                     progress: dl.Progress | None = None) -> dict:
+        """Upload a model's file (streamed, with its sha256 for the service to check); its file metadata."""
+        path = Path(path)
+        size = path.stat().st_size
+        sha256 = (await asyncio.to_thread(dl.sha256_file, path)).hexdigest()
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size),
+            "X-Checksum-Sha256": sha256,
+        }
+        resp = await self.transport.send("PUT", f"{API}/{model_id}/upload", params={"filename": filename or path.name},
+                                headers=headers, body=lambda: _file_body(path, size, progress), expect100=True)
+        async with resp:
+            if resp.status not in (200, 201):
+                raise await self.transport.error(resp)
+            answer = orjson.loads(await read_json_body(resp))
+        fm = answer["file_metadata"]
+        if fm.get("checksum") != f"sha256:{sha256}":
+            raise ChecksumMismatch(f"the service stored checksum {fm.get('checksum')}, not sha256:{sha256}",
+                                   expected=sha256, actual=fm.get("checksum"))
+        return fm
+
+    async def push(self, path: str | os.PathLike[str], *, progress: dl.Progress | None = None,
+                   **metadata: Any) -> str:
+        """Register a model and upload its file in one call; the new model's id.
+
+        If the upload fails, the registration is deleted again.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        model_id = await self.register_model(metadata)
+        try:
+            await self.upload(model_id, path, progress=progress)
+        except BaseException:
+            try:
+                await self.delete_model(model_id)
+            except Exception:
+                pass
+            raise
+        return model_id
+
+    async def get_model(self, model_id: str) -> dict:
+        return await self.transport.json("GET", f"{API}/{model_id}")
+
+    async def get_by_name(self, name: str, version: str | None = None) -> dict:
+        """The latest version of ``name``, or the given ``version``."""
+        params = {"version": version} if version else None
+        return await self.transport.json("GET", f"{API}/by-name/{name}", params=params)
+
+    async def latest(self, name: str) -> dict:
+        return await self.get_by_name(name)
+
+    async def list_models(self, **filters: Any) -> dict:
+        """One page of the listing: ``{"models": [...], "pagination": {...}}``.
+
+        Filters: algorithm, status, tags (list: any of), q (or query), min_accuracy,
+        created_by, sort (e.g. ``-metrics.accuracy``), page, limit.
+        """
+        return await self.transport.json("GET", API, params=_query(filters))
+
+    async def search_models(self, **filters: Any) -> list[dict]:
+        """The models of one page of the listing; see ``list_models`` for the filters."""
+        return (await self.list_models(**filters))["models"]
+
+    async def list_versions(self, name: str) -> list[dict]:
+        """Every version of ``name``, newest first."""
+        doc = await self.latest(name)
+        model_id = rules.model_id(doc.get("id"), "id")
+        return (await self.transport.json("GET", f"{API}/{model_id}/versions"))["versions"]
+
+    async def create_version(self, model_id: str, **changes: Any) -> str:
+        """A new version from ``model_id`` with ``changes``; the new model's id."""
+        answer = await self.transport.json("POST", f"{API}/{model_id}/versions", json=changes)
+        return rules.model_id(answer.get("model_id"), "model_id")
+
+    async def update_model(self, model_id: str, **fields: Any) -> dict:
+        """Change hyperparameters, metrics, dataset_info, tags, status or description; the updated model."""
+        return (await self.transport.json("PUT", f"{API}/{model_id}", json=fields))["model"]
+
+    async def delete_model(self, model_id: str) -> dict:
+        return await self.transport.json("DELETE", f"{API}/{model_id}")
+
+    async def file_info(self, model_id: str) -> dict:
+        return await self.transport.json("GET", f"{API}/{model_id}/info")
+
+    async def statistics(self) -> dict:
+        """GET /api/v1/models/statistics (NotFound if the service does not offer it)."""
+        return await self.transport.json("GET", f"{API}/statistics")
+
+    # -- files -------------------------------------------------------------
+
+    async def probe(self, id_or_name: str, version: str | None = None, *,
+                    if_none_match: str | None = None) -> tuple[int, dl.RemoteFile | dl.Unchanged]:
+        """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, Unchanged)`` if ``if_none_match``
+        still holds.
+
+        A 24-hex string is tried as an id first, then as a name.
+        """
+        return await dl.probe(self.transport, id_or_name, version, if_none_match=if_none_match)
+
+    async def download(self, id_or_name: str, path: str | os.PathLike[str], version: str | None = None, *,
+                       parallel: int | None = None, limit_rate: float | None = None,
+                       progress: dl.Progress | None = None, resume: bool = True,
+                       overwrite: bool = False) -> dl.DownloadResult:
+        """Download a model's file (by id, or the latest/``version`` of a name) to ``path``.
+
+        ``path`` may be a directory: the file keeps the server's file name if
+        that is a plain, visible file name, else it is ``<name>-<version>``. An
+        existing file is never replaced unless ``overwrite`` (FileExistsError).
+        The file appears at the target only once its sha256 matches the
+        server's (else ChecksumMismatch). An interrupted download resumes from
+        its ``.part`` file; files over 64 MB come in ``parallel`` ranges
+        (default 4). ``limit_rate`` caps the speed in bytes per second. A file
+        larger than the free space there is refused (InsufficientSpace).
+        """
+        _, remote = await dl.probe(self.transport, id_or_name, version)
+        assert isinstance(remote, dl.RemoteFile)
+        target = Path(path)
+        if target.is_dir():
+            target = rules.inside(target, remote.filename)
+        elif not target.parent.is_dir():
+            raise FileNotFoundError(f"no such directory: {target.parent}")
+        return await dl.download_file(self.transport, remote, target, parallel=parallel,
+                                      limit_rate=limit_rate, progress=progress, resume=resume, overwrite=overwrite)
+
+    async def fetch_result(self, name: str, version: str | None = None,
+                           cache_dir: str | os.PathLike[str] | None = None, *, parallel: int | None = None,
+                           limit_rate: float | None = None, progress: dl.Progress | None = None,
+                           allow_stale: bool = False) -> dl.DownloadResult:
+        """``fetch``, with the details: whether it was cached, bytes transferred, ..."""
+        return await cache.fetch(self.transport, name, version, cache_dir, parallel=parallel, limit_rate=limit_rate,
+                                 progress=progress, allow_stale=allow_stale)
+
+    async def fetch(self, name: str, version: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                    *, parallel: int | None = None, limit_rate: float | None = None,
+                    progress: dl.Progress | None = None, allow_stale: bool = False) -> Path:
+        """The path of a verified local copy of the model, from the cache when it is still current.
+
+        One conditional request (``If-None-Match``) revalidates a cached copy;
+        only a changed or missing file is downloaded. Processes fetching the same
+        model on one host take turns on a file lock, so it is downloaded once.
+        ``cache_dir`` defaults to ``$MODEL_SERVICE_CACHE_DIR`` or
+        ``~/.cache/tensorfleet/models``. With ``allow_stale``, a cached copy is
+        returned when the service cannot be reached.
+        """
+        return (await self.fetch_result(name, version, cache_dir, parallel=parallel, limit_rate=limit_rate,
+                                        progress=progress, allow_stale=allow_stale)).path
+
+
+async def _file_body(path: Path, size: int, progress: dl.Progress | None) -> AsyncIterator[bytes]:
+    sent = 0
+    if progress:
+        progress(0, size)
+    with open(path, "rb") as f:
+        while True:
+            block = await asyncio.to_thread(f.read, dl.BLOCK)
+            if not block:
+                return
+            sent += len(block)
+            yield block
+            if progress:
+                progress(sent, size)
