@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
+.PHONY: run test lint test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
 
 # The client is its own distribution (client/); the server's CLI needs it, so both go in one pip command.
 $(STAMP): setup.cfg pyproject.toml client/pyproject.toml
@@ -20,10 +20,14 @@ run: $(STAMP)
 
 # Everything, both backends. The FerretDB test server builds itself with Go on
 # first use (tests/support/mongo_server.py); set MONGODB_URL to use a real MongoDB.
-test: $(STAMP)
+test: $(STAMP) lint
 	-@$(MAKE) --no-print-directory bench-tools
 	-@$(MAKE) --no-print-directory ui-browser
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# ruff (pyproject.toml); any finding fails `make test` before a test runs.
+lint: $(STAMP)
+	$(BIN)/ruff check
 
 # Inner loop: embedded backend only, no slow tests.
 test-quick: $(STAMP)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import errors
+from .appkeys import ROUTE_SCOPES
 from .config import ConfigError
-from .http import ApiError
+from .errors import ApiError
 
 SCOPES = ("read", "write", "admin")
 _LEVEL = {s: i for i, s in enumerate(SCOPES)}
@@ -91,12 +93,29 @@ def load_keys(keys_file: str | None, inline: str | None) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
+# The scope a method needs where no API route says otherwise; "write" for the rest.
+_METHOD_SCOPE = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "DELETE": "admin"}
+
+
 def required_scope(request: web.Request) -> str:
-    if request.method in ("GET", "HEAD", "OPTIONS"):
-        return "read"
-    if request.method == "DELETE" or request.path.rstrip("/") == "/api/v1/models/batch":
-        return "admin"
-    return "write"
+    """The scope of the request's route in routes.API (``app[ROUTE_SCOPES]``).
+
+    A request no API route takes (a 404 or 405 follows) needs what its method
+    needs. And a request that changes something at a fixed path needs at least
+    that path's own scope, whichever route takes it: PUT .../batch (405, by way
+    of {id}) and POST .../batch/ (404) need admin, as POST .../batch does, so
+    the key check answers for them as it does for the batch.
+    """
+    scopes = request.app[ROUTE_SCOPES]
+    resource = request.match_info.route.resource
+    scope = scopes.get((request.method, resource.canonical)) if resource is not None else None
+    if scope is None:
+        scope = _METHOD_SCOPE.get(request.method, "write")
+    if _METHOD_SCOPE.get(request.method) == "read":
+        return scope
+    path = request.path.rstrip("/")
+    fixed = [s for (_, template), s in scopes.items() if template == path and "{" not in template]
+    return max([scope, *fixed], key=_LEVEL.get)
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -149,14 +168,14 @@ def middleware(open_paths: tuple[str, ...]):
             # The UI's pages check the scope themselves and show sign-in without one.
             return await handler(request)
         if presented_key(request) is None:
-            raise ApiError(401, "unauthorized", "an API key is required (X-API-Key or Authorization: Bearer)",
+            raise ApiError(errors.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)",
                            _CHALLENGE)
         who = identity(request)
         if who is None:
-            raise ApiError(401, "unauthorized", "unknown API key", _CHALLENGE)
+            raise ApiError(errors.UNAUTHORIZED, "unknown API key", _CHALLENGE)
         needed = required_scope(request)
         if _LEVEL[who.scope] < _LEVEL[needed]:
-            raise ApiError(403, "forbidden", f"this key has scope {who.scope!r}; {needed!r} is needed")
+            raise ApiError(errors.FORBIDDEN, f"this key has scope {who.scope!r}; {needed!r} is needed")
         return await handler(request)
 
     return auth_middleware

@@ -36,7 +36,8 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .http import BodyTimeout, code_for_status, error_response
+from . import errors
+from .http import BodyTimeout, status_error_response
 
 log = logging.getLogger("app.connections")
 
@@ -58,9 +59,10 @@ def connection_limit(configured: int) -> int:
     return max(1, min(configured, (soft - RESERVED_FDS) // FDS_PER_CONNECTION))
 
 
-def raw_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+def raw_error(error: errors.ErrorCode, message: str, headers: dict[str, str] | None = None) -> bytes:
     """A whole JSON error response, for a connection that has no request object to answer."""
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    status = error.status
+    body = orjson.dumps({"error": {"code": error.code, "message": message}})
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
@@ -77,10 +79,10 @@ class ConnectionGuard:
         self._open: dict[GuardedRequestHandler, None] = {}
         self._refused = 0
         self._logged_at = 0.0
-        self.busy_answer = raw_error(503, "too_many_connections",
+        self.busy_answer = raw_error(errors.TOO_MANY_CONNECTIONS,
                                      f"{limit} connections are busy here; retry shortly", {"Retry-After": "1"})
         self.head_timeout_answer = raw_error(
-            408, "request_timeout", f"the request head did not arrive within {header_timeout:g} s")
+            errors.REQUEST_TIMEOUT, f"the request head did not arrive within {header_timeout:g} s")
 
     @property
     def open(self) -> int:
@@ -232,7 +234,7 @@ class GuardedRequestHandler(RequestHandler):
             text = HTTPStatus(status).phrase.lower()
         else:
             text = " ".join(message.split())
-        response = error_response(status, code_for_status(status), text)
+        response = status_error_response(status, text)
         response.force_close()
         return response
 

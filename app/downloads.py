@@ -22,9 +22,10 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, metrics, preconditions, ranges, sendfile, views
-from .http import ApiError, error_response
-from .keys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
+from . import clock, errors, metrics, preconditions, ranges, sendfile, views
+from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
+from .errors import ApiError
+from .http import error_response
 from .storage.base import FileMissing, ModelDocument, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
@@ -34,7 +35,7 @@ log = logging.getLogger("app.downloads")
 def stored_file(doc: ModelDocument) -> StoredFile:
     fm = doc.get("file_metadata")
     if not fm:
-        raise ApiError(404, "no_file", f"model {doc['id']} has no file uploaded yet")
+        raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
     return StoredFile(fm["file_id"], fm["size_bytes"], fm["checksum"].removeprefix("sha256:"),
                       fm["chunk_size"], fm["uploaded_at"])
 
@@ -73,7 +74,7 @@ def file_headers(doc: ModelDocument, f: StoredFile) -> dict[str, str]:
 # Headers a 304 repeats (RFC 9110 section 15.4.5), so caches can refresh.
 # X-Model-* too: a by-name poller learns which version it has, even when a
 # new version with identical content became the latest.
-_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest",
+NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest",
                          "X-Model-Id", "X-Model-Name", "X-Model-Version")
 
 
@@ -102,9 +103,9 @@ async def send(request: web.Request, doc: ModelDocument,
 
     decided = preconditions.evaluate(request.headers, etag, f.uploaded_at)
     if decided == preconditions.NOT_MODIFIED:
-        return web.Response(status=304, headers={k: headers[k] for k in _NOT_MODIFIED_HEADERS})
+        return web.Response(status=304, headers={k: headers[k] for k in NOT_MODIFIED_HEADERS})
     if decided == preconditions.PRECONDITION_FAILED:
-        return error_response(412, "precondition_failed", "the file does not match the request's preconditions",
+        return error_response(errors.PRECONDITION_FAILED, "the file does not match the request's preconditions",
                               {"ETag": etag})
 
     wanted = None
@@ -114,7 +115,7 @@ async def send(request: web.Request, doc: ModelDocument,
         try:
             wanted = ranges.parse(request.headers.get("Range"), f.size)
         except ranges.Unsatisfiable as e:
-            return error_response(416, "range_not_satisfiable", f"{e} (file size {f.size})",
+            return error_response(errors.RANGE_NOT_SATISFIABLE, f"{e} (file size {f.size})",
                                   {"Content-Range": f"bytes */{f.size}", "Accept-Ranges": "bytes"})
 
     # The body as (preamble, offset, count) pieces of file, then a trailer.

@@ -17,13 +17,16 @@ import orjson
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import preconditions
-from .keys import SETTINGS
+from . import errors, preconditions
+from .appkeys import SETTINGS
+from .errors import ApiError, ErrorCode
 from .logs import request_id
 from .metrics import STORAGE_ERRORS
 from .storage.base import StorageUnavailable, ValueRefused
 
 log = logging.getLogger("app.http")
+
+
 def _plain(value: object) -> object:
     # MongoDB hands 64-bit integers back as bson.Int64, an int subclass msgspec
     # does not encode by itself; only values msgspec cannot encode come here.
@@ -33,18 +36,6 @@ def _plain(value: object) -> object:
 
 
 _encode = msgspec.json.Encoder(enc_hook=_plain).encode
-
-# The default of MAX_JSON_SIZE.
-MAX_JSON_BYTES = 1024 * 1024
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class BodyTimeout(TimeoutError):
@@ -82,7 +73,11 @@ def cacheable_json(request: web.Request, data: Any) -> web.Response:
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(error: ErrorCode, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _error_body(error.status, error.code, message, headers)
+
+
+def _error_body(status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
@@ -103,7 +98,7 @@ async def defer_expect(request: web.Request) -> web.StreamResponse | None:
     expect = request.headers.get("Expect", "")
     if request.version >= HttpVersion11 and expect.lower() != "100-continue":
         # Middlewares do not run on this path, so build the error body here.
-        response = error_response(417, "expectation_failed", f"unsupported Expect: {expect[:100]!r}")
+        response = error_response(errors.EXPECTATION_FAILED, f"unsupported Expect: {expect[:100]!r}")
         response.force_close()
         return response
     return None
@@ -126,7 +121,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, refusing bodies over MAX_JSON_SIZE."""
     limit = request.app[SETTINGS].max_json_size
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "payload_too_large", f"JSON body is larger than {limit} bytes")
+        raise ApiError(errors.PAYLOAD_TOO_LARGE, f"JSON body is larger than {limit} bytes")
     await invite_body(request)
     return parse_json_object(await read_limited(request.content.read, "JSON body", limit))
 
@@ -144,35 +139,34 @@ async def read_limited(read, what: str, limit: int) -> bytes:
             return bytes(buf)
         buf += piece
         if len(buf) > limit:
-            raise ApiError(413, "payload_too_large", f"{what} is larger than {limit} bytes")
+            raise ApiError(errors.PAYLOAD_TOO_LARGE, f"{what} is larger than {limit} bytes")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+        raise ApiError(errors.INVALID_JSON, "request body must be a JSON object")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise ApiError(400, "invalid_json", f"malformed JSON: {e}") from None
+        raise ApiError(errors.INVALID_JSON, f"malformed JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+        raise ApiError(errors.INVALID_JSON, "request body must be a JSON object")
     return data
 
 
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    408: "request_timeout",
-    414: "uri_too_long",
-    431: "headers_too_large",
-}
+# The statuses aiohttp (or the connection layer) answers on its own, as the declared errors they are.
+_STATUS_ERRORS = {e.status: e for e in (errors.BAD_REQUEST, errors.NOT_FOUND, errors.METHOD_NOT_ALLOWED,
+                                        errors.REQUEST_TIMEOUT, errors.PAYLOAD_TOO_LARGE, errors.URI_TOO_LONG,
+                                        errors.HEADERS_TOO_LARGE)}
 
 
-def code_for_status(status: int) -> str:
-    """The error code of a bare HTTP status (one aiohttp or the connection layer chose)."""
-    return _HTTP_CODES.get(status, "http_error")
+def status_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The answer to a bare HTTP status that aiohttp or the connection layer chose."""
+    if status in _STATUS_ERRORS:
+        return error_response(_STATUS_ERRORS[status], message, headers)
+    # Another status aiohttp raised on its own (a 403 from the UI's static
+    # files): no declaration fits it, so it keeps its status under a generic code.
+    return _error_body(status, "http_error", message, headers)
 
 
 @web.middleware
@@ -191,48 +185,47 @@ async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
             # aiohttp's C parser takes a request line without a version as
             # HTTP/0.9 yet reads headers and a body: refuse it rather than act
             # on a request a proxy in front may have framed differently.
-            raise ApiError(400, "bad_request", "HTTP/1.0 or later is required", {"Connection": "close"})
+            raise ApiError(errors.BAD_REQUEST, "HTTP/1.0 or later is required", {"Connection": "close"})
         return await handler(request)
     except ApiError as e:
-        return error_response(e.status, e.code, e.message, e.headers)
+        return error_response(e.error, e.message, e.headers)
     except ValueRefused as e:
-        return error_response(400, "validation_error", f"the model store cannot hold this value: {e}")
+        return error_response(errors.VALIDATION_ERROR, f"the model store cannot hold this value: {e}")
     except StorageUnavailable as e:
         STORAGE_ERRORS.labels("request").inc()
         log.warning("storage unavailable during %s %s: %s", request.method, request.path, e,
                     extra={"request_id": request_id(request)})
-        return error_response(503, "storage_unavailable", "the model store is unreachable; retry shortly",
+        return error_response(errors.STORAGE_UNAVAILABLE, "the model store is unreachable; retry shortly",
                               {"Retry-After": "5"})
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = code_for_status(e.status)
         message = e.reason
         if e.status == 404:
             message = f"no route for {request.path}"
         elif e.status == 405:
             message = f"method {request.method} is not allowed on {request.path}"
         headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
-        return error_response(e.status, code, message, headers or None)
+        return status_error_response(e.status, message, headers or None)
     except BodyTimeout as e:
         log.info("request body stalled in %s %s: %s", request.method, request.path, e,
                  extra={"request_id": request_id(request)})
-        return error_response(408, "request_timeout", str(e), {"Connection": "close"})
+        return error_response(errors.REQUEST_TIMEOUT, str(e), {"Connection": "close"})
     except HttpProcessingError as e:
         # The body broke HTTP framing (shorter than its Content-Length, a bad
         # chunk): the client's fault, and whatever was stored is already undone.
         log.info("malformed request body in %s %s: %s", request.method, request.path, e,
                  extra={"request_id": request_id(request)})
-        return error_response(400, "bad_request", f"malformed request body: {e.message}", {"Connection": "close"})
+        return error_response(errors.BAD_REQUEST, f"malformed request body: {e.message}", {"Connection": "close"})
     except ConnectionError as e:
         # The client left while we read its body; nobody is there to answer.
         # 499 (nginx's "client closed request") keeps it apart from real errors.
         log.info("client left during %s %s: %s", request.method, request.path, e,
                  extra={"request_id": request_id(request)})
-        return error_response(499, "client_closed_request", "the client closed the connection")
+        return error_response(errors.CLIENT_CLOSED_REQUEST, "the client closed the connection")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path,
                       extra={"request_id": request_id(request)})
         # The trace stays in the log; the client gets the id to quote.
-        return error_response(500, "internal_error",
+        return error_response(errors.INTERNAL_ERROR,
                               f"internal server error (request id {request_id(request)})")

@@ -1,4 +1,4 @@
-"""Protection against overload: rate limits, a download cap, draining at shutdown.
+"""Protection against overload: rate limits and a download cap (draining at shutdown is app/drain.py).
 
 - RATE_LIMIT / DOWNLOAD_RATE_LIMIT: token buckets per client (API key name
   when the request presents a valid one, else the client address), 429 with
@@ -7,8 +7,6 @@
 - MAX_CONCURRENT_DOWNLOADS: downloads beyond the cap wait up to
   DOWNLOAD_QUEUE_SECONDS for a slot, then get 503 with Retry-After, instead of
   exhausting memory or database connections.
-- Draining: after SIGTERM new requests get 503 (and /health says so) while the
-  ones in flight finish.
 """
 
 from __future__ import annotations
@@ -21,9 +19,10 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from . import errors
 from .auth import caller_name
 from .config import Rate
-from .http import ApiError
+from .errors import ApiError
 
 # Liveness is never rate limited: load balancers and probes poll it from one
 # address each, and a 429 there would read as "instance down".
@@ -85,7 +84,7 @@ def rate_limit_middleware(general: Rate | None, downloads: Rate | None):
                     continue
                 wait = buckets.take(key)
                 if wait:
-                    raise ApiError(429, "rate_limited", f"too many requests ({what}); retry in {math.ceil(wait)} s",
+                    raise ApiError(errors.RATE_LIMITED, f"too many requests ({what}); retry in {math.ceil(wait)} s",
                                    {"Retry-After": str(math.ceil(wait))})
         return await handler(request)
 
@@ -112,7 +111,7 @@ class DownloadSlots:
             async with asyncio.timeout(self.queue_seconds):
                 await self._sem.acquire()
         except TimeoutError:
-            raise ApiError(503, "too_many_downloads",
+            raise ApiError(errors.TOO_MANY_DOWNLOADS,
                            f"{self.limit} downloads are already running here; retry shortly",
                            {"Retry-After": str(max(1, math.ceil(self.queue_seconds)))}) from None
         finally:
@@ -121,32 +120,3 @@ class DownloadSlots:
             yield
         finally:
             self._sem.release()
-
-
-class Drain:
-    """Counts requests in flight; once draining, turns new ones away."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
-
-    async def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.in_flight == 0
-
-    def middleware(self):
-        @web.middleware
-        async def drain_middleware(request: web.Request, handler):
-            # Health endpoints answer for themselves (503, "draining").
-            if self.draining and not request.path.startswith("/health"):
-                raise ApiError(503, "shutting_down", "the service is shutting down; retry on another instance",
-                               {"Retry-After": "1", "Connection": "close"})
-            self.in_flight += 1
-            try:
-                return await handler(request)
-            finally:
-                self.in_flight -= 1
-
-        return drain_middleware

@@ -9,8 +9,8 @@ to the log only; clients see a plain JSON error.
 from __future__ import annotations
 
 import logging
-import re
 import random
+import re
 import sys
 import warnings
 from datetime import datetime, timezone

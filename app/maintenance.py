@@ -50,7 +50,8 @@ async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -
             break
         for doc in docs:
             size = doc["file_metadata"]["size_bytes"] if doc.get("file_metadata") else 0
-            line = f"{doc['id']} {doc['name']} {doc['version']} {doc['status']} created {clock.iso(doc['created_at'])} {size} bytes"
+            line = (f"{doc['id']} {doc['name']} {doc['version']} {doc['status']} "
+                    f"created {clock.iso(doc['created_at'])} {size} bytes")
             if dry_run:
                 print(f"would delete {line}")
             elif await registry.delete(storage, leases, doc["id"]):

@@ -19,26 +19,27 @@ schema here states what the service really sends and accepts:
   in the document only when the running settings turn it on.
 
 Layout: shared schemas, parameters, headers and error responses first, then
-one small builder per operation, then the cross-cutting additions (auth, rate
-limits, request ids) and ``build``.
+one small builder per operation (``operations``; the route table app/routes.py
+says at which path and method each is served, and with which API key scope),
+then the cross-cutting additions (auth, rate limits, request ids) and ``build``.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 
-from . import auth, ranges
+from . import downloads, errors, ranges, routes
 from . import schemas as shapes
 from .config import Settings, format_size
+from .errors import ErrorCode
 from .handlers.batch import MAX_IDS
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
+from .urls import MODELS
 
 OPENAPI_VERSION = "3.1.0"
-MODELS = "/api/v1/models"
 
 Json = dict[str, Any]
 
@@ -77,74 +78,39 @@ def json_content(schema: Json, example: Any = None) -> Json:
 BINARY = {"type": "string", "format": "binary"}
 
 
-# --------------------------------------------------------------------------- error codes
+# --------------------------------------------------------------------------- error responses
 
-# Every error.code the service answers with, its status and what it means.
-# ``error_response`` refuses codes missing here, so the table stays complete.
-ERROR_CODES: dict[str, tuple[int, str]] = {
-    "invalid_id": (400, "a model id path segment is not 24 hexadecimal characters"),
-    "invalid_json": (400, "the body is not a JSON object (empty, malformed, or another JSON type)"),
-    "validation_error": (400, "a field or name breaks a rule; the message names the field and the rule"),
-    "immutable_field": (400, "the body sets a field the server owns (id, name, version, created_at, ...)"),
-    "unknown_field": (400, "the body has a field the operation does not take"),
-    "invalid_parameter": (400, "a query parameter is out of range or malformed"),
-    "invalid_checksum": (400, "X-Checksum-Sha256 / ?sha256= is not 64 hexadecimal characters"),
-    "invalid_filename": (400, "the upload's file name has control characters, no name part, or over 255 bytes"),
-    "missing_file": (400, "a multipart body has no 'file' part"),
-    "bad_request": (400, "the request broke HTTP itself: no HTTP version, or a body shorter than its "
-                         "Content-Length or with a malformed chunk"),
-    "client_closed_request": (499, "logged only: the client left while its body was being read (nginx's 499)"),
-    "invalid_multipart": (400, "a multipart body that cannot be parsed (no boundary, a malformed part header)"),
-    "missing_metadata": (400, "a multipart registration has no 'metadata' part"),
-    "unauthorized": (401, "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate"),
-    "forbidden": (403, "the API key's scope does not allow this operation"),
-    "not_found": (404, "no model with that id, name or version (also: no route for the path)"),
-    "no_file": (404, "the model exists but has no file uploaded yet"),
-    "method_not_allowed": (405, "the path exists but not with this method (Allow lists the methods)"),
-    "version_exists": (409, "a model with this name and the requested version already exists"),
-    "version_conflict": (409, "too many concurrent registrations of the name to number a new version"),
-    "precondition_failed": (412, "If-Match / If-Unmodified-Since did not hold"),
-    "payload_too_large": (413, "a JSON body (or a multipart 'metadata' part) is over MAX_JSON_SIZE"),
-    "file_too_large": (413, "the file is over MAX_FILE_SIZE"),
-    "range_not_satisfiable": (416, f"no requested range overlaps the file, or more than {ranges.MAX_RANGES} ranges"),
-    "expectation_failed": (417, "an Expect header other than 100-continue"),
-    "checksum_mismatch": (422, "the received content's SHA-256 differs from the declared one"),
-    "rate_limited": (429, "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After"),
-    "internal_error": (500, "an unexpected failure (logged server-side; no details are sent)"),
-    "storage_unavailable": (503, "the database or data folder is unreachable; retry after Retry-After seconds"),
-    "shutting_down": (503, "the instance is draining after SIGTERM; retry (on another instance)"),
-    "too_many_downloads": (503, "MAX_CONCURRENT_DOWNLOADS bodies are streaming here and no slot freed within "
-                                "DOWNLOAD_QUEUE_SECONDS; retry after Retry-After"),
-}
-
+# Each code's status and meaning are declared in app/errors.py; these are the statuses' names.
 _REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
             405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
-            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content", 429: "Too many requests",
-            500: "Internal error", 503: "Service unavailable"}
+            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content",
+            429: "Too many requests", 500: "Internal error", 503: "Service unavailable"}
 
 
-def error_response(status: int, *codes: str, headers: Json | None = None, body: bool = True) -> Json:
-    """A response in the one error shape whose ``error.code`` is one of ``codes``.
+def error_response(*codes: ErrorCode, headers: Json | None = None, body: bool = True) -> Json:
+    """A response in the one error shape whose ``error.code`` is one of ``codes`` (all of one status).
 
     ``body=False`` is for HEAD, which sends the same status and headers without content.
     """
-    for code in codes:
-        if ERROR_CODES[code][0] != status:
-            raise ValueError(f"error code {code} is a {ERROR_CODES[code][0]}, not a {status}")
+    status = codes[0].status
+    for e in codes:
+        if e.status != status:
+            raise ValueError(f"error code {e.code} is a {e.status}, not a {status}")
+    names = [e.code for e in codes]
     out: Json = {
-        "description": f"{_REASONS[status]}: " + "; ".join(f"`{c}` ({ERROR_CODES[c][1]})" for c in codes),
-        "x-error-codes": list(codes),
+        "description": f"{_REASONS[status]}: " + "; ".join(f"`{e.code}` ({e.description})" for e in codes),
+        "x-error-codes": names,
     }
     if headers:
         out["headers"] = headers
     if body:
-        schema = {"allOf": [ref("Error"), {"properties": {"error": {"properties": {"code": {"enum": list(codes)}}}}}]}
-        out["content"] = json_content(schema, {"error": {"code": codes[0], "message": ERROR_CODES[codes[0]][1]}})
+        schema = {"allOf": [ref("Error"), {"properties": {"error": {"properties": {"code": {"enum": names}}}}}]}
+        out["content"] = json_content(schema, {"error": {"code": names[0], "message": codes[0].description}})
     return out
 
 
 # Codes that a whole group of inputs can produce, combined per operation below.
-BODY_CODES = ("invalid_json", "validation_error", "immutable_field", "unknown_field")
+BODY_CODES = (errors.INVALID_JSON, errors.VALIDATION_ERROR, errors.IMMUTABLE_FIELD, errors.UNKNOWN_FIELD)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -320,8 +286,6 @@ def headers() -> Json:
 # The headers every file response (200, 206, HEAD) carries.
 _FILE_HEADERS = ("ETag", "LastModified", "AcceptRanges", "ContentDisposition", "XModelId", "XModelName",
                  "XModelAlgorithm", "XModelVersion", "XFileChecksum", "ReprDigest", "ContentLength")
-# What a 304 repeats (RFC 9110 15.4.5), see downloads._NOT_MODIFIED_HEADERS.
-_NOT_MODIFIED_HEADERS = ("ETag", "LastModified", "AcceptRanges", "XFileChecksum", "ReprDigest")
 _HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
                  "WWWAuthenticate": "WWW-Authenticate", "XRequestId": REQUEST_ID_HEADER,
                  "LastModified": "Last-Modified", "AcceptRanges": "Accept-Ranges",
@@ -332,30 +296,35 @@ _HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
                  "ReprDigest": "Repr-Digest", "RetryAfter": "Retry-After"}
 
 
+# What a 304 repeats (RFC 9110 15.4.5): the headers downloads.send repeats, by component name.
+_NOT_MODIFIED_HEADERS = tuple({_HEADER_NAMES.get(n, n): n for n in _FILE_HEADERS}[h]
+                              for h in downloads.NOT_MODIFIED_HEADERS)
+
+
 def header_refs(*names: str) -> Json:
     return {_HEADER_NAMES.get(n, n): ref(n, "headers") for n in names}
 
 
 # --------------------------------------------------------------------------- shared responses
 
-def _download_busy_codes(settings: Settings) -> tuple[str, ...]:
-    return ("too_many_downloads",) if settings.max_concurrent_downloads else ()
+def _download_busy_codes(settings: Settings) -> tuple[ErrorCode, ...]:
+    return (errors.TOO_MANY_DOWNLOADS,) if settings.max_concurrent_downloads else ()
 
 
 def responses(settings: Settings) -> Json:
     retry = header_refs("RetryAfter")
     return {
         # Every operation but /health's can meet a draining instance; most also reach the store.
-        "Unavailable": error_response(503, "storage_unavailable", "shutting_down", headers=retry),
-        "ShuttingDown": error_response(503, "shutting_down", headers=retry),
+        "Unavailable": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=retry),
+        "ShuttingDown": error_response(errors.SHUTTING_DOWN, headers=retry),
         "DownloadUnavailable": error_response(
-            503, "storage_unavailable", "shutting_down", *_download_busy_codes(settings), headers=retry),
-        "InvalidModelId": error_response(400, "invalid_id"),
-        "ModelNotFound": error_response(404, "not_found"),
-        "InvalidParameter": error_response(400, "invalid_parameter"),
-        "JsonTooLarge": error_response(413, "payload_too_large"),
-        "VersionConflict": error_response(409, "version_exists", "version_conflict"),
-        "ChecksumMismatch": error_response(422, "checksum_mismatch"),
+            errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, *_download_busy_codes(settings), headers=retry),
+        "InvalidModelId": error_response(errors.INVALID_ID),
+        "ModelNotFound": error_response(errors.NOT_FOUND),
+        "InvalidParameter": error_response(errors.INVALID_PARAMETER),
+        "JsonTooLarge": error_response(errors.PAYLOAD_TOO_LARGE),
+        "VersionConflict": error_response(errors.VERSION_EXISTS, errors.VERSION_CONFLICT),
+        "ChecksumMismatch": error_response(errors.CHECKSUM_MISMATCH),
     }
 
 
@@ -419,8 +388,8 @@ def json_request(schema_name: str, description: str) -> Json:
     return {"required": True, "description": description, "content": json_content(ref(schema_name))}
 
 
-def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[str, ...],
-                  not_found: tuple[str, ...]) -> Json:
+def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[ErrorCode, ...],
+                  not_found: tuple[ErrorCode, ...]) -> tuple[Json, Json]:
     """GET and HEAD of a model file, as downloads.send serves them."""
     conditional = [p("IfMatch"), p("IfUnmodifiedSince"), p("IfNoneMatch"), p("IfModifiedSince")]
     description = (
@@ -446,33 +415,51 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
         },
         "304": {"description": "If-None-Match / If-Modified-Since matched: no body",
                 "headers": header_refs(*_NOT_MODIFIED_HEADERS)},
-        "400": error_response(400, *bad_request),
-        "404": error_response(404, *not_found),
-        "412": error_response(412, "precondition_failed", headers=header_refs("ETag")),
-        "416": error_response(416, "range_not_satisfiable", headers=header_refs("UnsatisfiedRange", "AcceptRanges")),
+        "400": error_response(*bad_request),
+        "404": error_response(*not_found),
+        "412": error_response(errors.PRECONDITION_FAILED, headers=header_refs("ETag")),
+        "416": error_response(errors.RANGE_NOT_SATISFIABLE, headers=header_refs("UnsatisfiedRange", "AcceptRanges")),
         "503": shared("DownloadUnavailable"),
     }
     head_responses = {
         "200": {"description": "the headers a GET without Range would send", "headers": header_refs(*_FILE_HEADERS)},
         "304": get_responses["304"],
-        "400": error_response(400, *bad_request, body=False),
-        "404": error_response(404, *not_found, body=False),
-        "412": error_response(412, "precondition_failed", headers=header_refs("ETag"), body=False),
+        "400": error_response(*bad_request, body=False),
+        "404": error_response(*not_found, body=False),
+        "412": error_response(errors.PRECONDITION_FAILED, headers=header_refs("ETag"), body=False),
         # HEAD stops before taking a download slot, so never too_many_downloads.
-        "503": error_response(503, "storage_unavailable", "shutting_down", headers=header_refs("RetryAfter"),
+        "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=header_refs("RetryAfter"),
                               body=False),
     }
-    return {
-        "get": op(op_id, "files", summary, get_responses, description=description,
-                  params=params + [p("Range"), p("IfRange")] + conditional),
-        "head": op(op_id + "Head", "files", summary + " (headers only)", head_responses,
-                   description="The headers GET would send, without the body. Range is ignored, and a HEAD "
-                               "never counts as a download.",
-                   params=params + conditional),
-    }
+    return (
+        op(op_id, "files", summary, get_responses, description=description,
+           params=params + [p("Range"), p("IfRange")] + conditional),
+        op(op_id + "Head", "files", summary + " (headers only)", head_responses,
+           description="The headers GET would send, without the body. Range is ignored, and a HEAD "
+                       "never counts as a download.",
+           params=params + conditional),
+    )
+
+
+def _by_id(*operations_: Json) -> dict[str, Json]:
+    return {o["operationId"]: o for o in operations_}
 
 
 def paths(settings: Settings) -> Json:
+    """Each route of routes.API with its operation; HEAD where aiohttp's automatic one is documented."""
+    ops = operations(settings)
+    out: Json = {}
+    for route in routes.API:
+        for method, op_id in route.methods():
+            if op_id is not None:
+                out.setdefault(route.path, {})[method.lower()] = ops.pop(op_id)
+    if ops:
+        raise ValueError(f"operations with no route in routes.API: {sorted(ops)}")
+    return out
+
+
+def operations(settings: Settings) -> dict[str, Json]:
+    """Every API operation by operationId; routes.API says where each one is served."""
     max_file = f"MAX_FILE_SIZE ({format_size(settings.max_file_size)}, {settings.max_file_size} bytes)"
     model_id = [p("ModelId")]
     listing_params = [p("Algorithm"), p("StatusFilter"), p("TagsFilter"), p("Text"), p("MinAccuracy"), p("LatestOnly"),
@@ -492,7 +479,7 @@ def paths(settings: Settings) -> Json:
         "GetModel", "UpdateModel", "UploadModelFile", "ListVersions", "CreateVersion", "DeleteModel"))
     json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
 
-    def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[str, ...]) -> Json:
+    def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
         """GET of a model document (http.cacheable_json): ETag, Cache-Control: no-cache, 304."""
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
@@ -500,7 +487,7 @@ def paths(settings: Settings) -> Json:
                           links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel")
                           if op_id == "getModel" else None),
             "304": {"description": "If-None-Match matched the document's ETag: no body", "headers": cache_headers},
-            "400": error_response(400, *bad),
+            "400": error_response(*bad),
             "404": shared("ModelNotFound"),
             "503": shared("Unavailable"),
         }, params=params + [p("IfNoneMatchDocument")],
@@ -523,10 +510,10 @@ def paths(settings: Settings) -> Json:
     upload = op("uploadModelFile", "files", "Upload or replace the model's file", {
         "201": answer("stored and attached; the model's previous file is released unless another model shares it",
                       "UploadAnswer", follow=links("DownloadModel", "ModelFileInfo", "GetModel")),
-        "400": error_response(400, "invalid_id", "invalid_checksum", "invalid_filename", "missing_file",
-                              "invalid_multipart"),
+        "400": error_response(errors.INVALID_ID, errors.INVALID_CHECKSUM, errors.INVALID_FILENAME, errors.MISSING_FILE,
+                              errors.INVALID_MULTIPART),
         "404": shared("ModelNotFound"),
-        "413": error_response(413, "file_too_large"),
+        "413": error_response(errors.FILE_TOO_LARGE),
         "422": shared("ChecksumMismatch"),
         "503": shared("Unavailable"),
     }, params=model_id + [
@@ -535,140 +522,134 @@ def paths(settings: Settings) -> Json:
                                                "attachment; filename=\"...\""),
     ], body=upload_body)
 
-    return {
-        "/health": {"get": op("health", "operations", "Liveness: does the service answer and reach its store", {
+    return _by_id(
+        op("health", "operations", "Liveness: does the service answer and reach its store", {
             "200": answer("healthy", "Health"),
             "503": answer("unhealthy: the store did not answer (see error), or the instance is draining", "Health"),
-        })},
-        "/health/detailed": {"get": op("healthDetailed", "operations", "Readiness: storage, files, disk and registry", {
+        }),
+        op("healthDetailed", "operations", "Readiness: storage, files, disk and registry", {
             "200": answer("every check is healthy", "DetailedHealth"),
             "503": answer("at least one check failed (or the instance is draining); each check says why",
                           "DetailedHealth"),
-        })},
-        "/metrics": {"get": op("metrics", "operations", "Prometheus metrics", {
+        }),
+        op("metrics", "operations", "Prometheus metrics", {
             "200": {"description": "Prometheus text exposition format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},
             "503": shared("ShuttingDown"),
         }, description="Counters and histograms for downloads, uploads, registrations and requests; registry "
                        "gauges are read from the database at scrape time (a storage failure leaves them as they "
-                       "were and is counted, the scrape still answers 200). Sums over all workers.")},
-        "/api/v1/openapi.json": {"get": op("openapi", "operations", "This OpenAPI 3.1 document", {
+                       "were and is counted, the scrape still answers 200). Sums over all workers."),
+        op("openapi", "operations", "This OpenAPI 3.1 document", {
             "200": {"description": "the document", "content": json_content(
                 {"type": "object", "required": ["openapi", "info", "paths"]})},
             "503": shared("ShuttingDown"),
-        })},
-        "/docs": {"get": op("docs", "operations", "This API as a static HTML page (no external resources)", {
+        }),
+        op("docs", "operations", "This API as a static HTML page (no external resources)", {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
             "503": shared("ShuttingDown"),
-        })},
-        MODELS: {
-            "get": listing,
-            "post": op("registerModel", "models", "Register a model (optionally with its file)", {
-                "201": created,
-                "400": error_response(400, *BODY_CODES, "missing_metadata", "missing_file", "invalid_filename",
-                                      "invalid_multipart",
-                                      "invalid_checksum"),
-                "409": shared("VersionConflict"),
-                "413": error_response(413, "payload_too_large", "file_too_large"),
-                "422": shared("ChecksumMismatch"),
-                "503": shared("Unavailable"),
-            }, description=(
-                "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
-                "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
-                "object and a 'file' part, in either order; the model is created only once both arrived intact. "
-                "The first version of a name is v1.0; registering the name again makes the next version with "
-                "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
-                "multipart file only. " + json_limit),
-                params=[p("ChecksumHeader"), p("ChecksumQuery")],
-                body={"required": True, "content": {
-                    **json_content(ref("ModelRegistration")),
-                    "multipart/form-data": {
-                        "schema": {"type": "object", "required": ["metadata", "file"],
-                                   "properties": {"metadata": ref("ModelRegistration"), "file": BINARY}},
-                        "encoding": {"metadata": {"contentType": "application/json"},
-                                     "file": {"contentType": "application/octet-stream"}},
-                    },
-                }}),
-        },
-        MODELS + "/search": {"get": {**listing, "operationId": "searchModels",
-                                     "summary": "List and search models (the same as GET /api/v1/models)"}},
-        MODELS + "/statistics": {"get": statistics},
-        "/api/v1/statistics": {"get": {**statistics, "operationId": "registryStatisticsAlias",
-                                       "summary": "Registry statistics (alias of /api/v1/models/statistics)"}},
-        MODELS + "/popular": {"get": op("popularModels", "analytics", "Most downloaded models", {
+        }),
+        listing,
+        op("registerModel", "models", "Register a model (optionally with its file)", {
+            "201": created,
+            "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
+                                  errors.INVALID_MULTIPART,
+                                  errors.INVALID_CHECKSUM),
+            "409": shared("VersionConflict"),
+            "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
+            "422": shared("ChecksumMismatch"),
+            "503": shared("Unavailable"),
+        }, description=(
+            "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
+            "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
+            "object and a 'file' part, in either order; the model is created only once both arrived intact. "
+            "The first version of a name is v1.0; registering the name again makes the next version with "
+            "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
+            "multipart file only. " + json_limit),
+            params=[p("ChecksumHeader"), p("ChecksumQuery")],
+            body={"required": True, "content": {
+                **json_content(ref("ModelRegistration")),
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["metadata", "file"],
+                               "properties": {"metadata": ref("ModelRegistration"), "file": BINARY}},
+                    "encoding": {"metadata": {"contentType": "application/json"},
+                                 "file": {"contentType": "application/octet-stream"}},
+                },
+            }}),
+        {**listing, "operationId": "searchModels", "summary": f"List and search models (the same as GET {MODELS})"},
+        statistics,
+        {**statistics, "operationId": "registryStatisticsAlias",
+         "summary": f"Registry statistics (alias of {MODELS}/statistics)"},
+        op("popularModels", "analytics", "Most downloaded models", {
             "200": answer("models by download count, highest first", "ModelTop"),
             "400": shared("InvalidParameter"),
             "503": shared("Unavailable"),
-        }, params=[p("Limit")])},
-        MODELS + "/recent": {"get": op("recentModels", "analytics", "Newest models", {
+        }, params=[p("Limit")]),
+        op("recentModels", "analytics", "Newest models", {
             "200": answer("models by creation time, newest first", "ModelTop"),
             "400": shared("InvalidParameter"),
             "503": shared("Unavailable"),
-        }, params=[p("Limit")])},
-        MODELS + "/batch": {"post": op("batchModels", "models", "One operation over many models", {
+        }, params=[p("Limit")]),
+        op("batchModels", "models", "One operation over many models", {
             "200": answer("what happened to each id; a bad or unknown id never fails the batch", "BatchAnswer"),
-            "400": error_response(400, "invalid_json", "unknown_field", "validation_error"),
+            "400": error_response(errors.INVALID_JSON, errors.UNKNOWN_FIELD, errors.VALIDATION_ERROR),
             "413": shared("JsonTooLarge"),
             "503": shared("Unavailable"),
         }, body=json_request("BatchRequest", "delete, update_status (with status), add_tags or remove_tags "
-                                             "(with tags). " + json_limit))},
-        MODELS + "/by-name/{name}": {"get": cacheable_document(
+                                             "(with tags). " + json_limit)),
+        cacheable_document(
             "getModelByName", "The latest version of a name (or ?version=)", [p("ModelName"), p("Version")],
-            ("validation_error", "invalid_parameter"))},
-        MODELS + "/by-name/{name}/download": _download_ops(
-            "downloadModelByName", "Download the latest version's file (or ?version=)",
-            [p("ModelName"), p("Version")], ("validation_error", "invalid_parameter"), ("not_found", "no_file")),
-        MODELS + "/{id}": {
-            "get": cacheable_document("getModel", "The full model document", model_id, ("invalid_id",)),
-            "put": op("updateModel", "models", "Update the mutable fields", {
-                "200": answer("updated", "UpdateAnswer"),
-                "400": error_response(400, "invalid_id", *BODY_CODES),
-                "404": shared("ModelNotFound"),
-                "413": shared("JsonTooLarge"),
-                "503": shared("Unavailable"),
-            }, params=model_id, body=json_request("ModelUpdate", "hyperparameters, metrics, dataset_info, tags, "
-                                                                 "status, description. " + json_limit)),
-            "delete": op("deleteModel", "models", "Delete a model and (unless shared) its file", {
-                "200": answer("deleted", "DeleteAnswer"),
-                "400": shared("InvalidModelId"),
-                "404": shared("ModelNotFound"),
-                "503": shared("Unavailable"),
-            }, params=model_id),
-        },
-        MODELS + "/{id}/versions": {
-            "get": op("listVersions", "models", "Every version of the model's name, newest first", {
-                "200": answer("the versions", "VersionList"),
-                "400": shared("InvalidModelId"),
-                "404": shared("ModelNotFound"),
-                "503": shared("Unavailable"),
-            }, params=model_id),
-            "post": op("createVersion", "models", "A new version made from this one", {
-                "201": created,
-                "400": error_response(400, "invalid_id", *BODY_CODES),
-                "404": shared("ModelNotFound"),
-                "409": shared("VersionConflict"),
-                "413": shared("JsonTooLarge"),
-                "503": shared("Unavailable"),
-            }, params=model_id, body=json_request(
-                "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
-                              "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
-        },
-        MODELS + "/{id}/upload": {"post": {**upload, "operationId": "uploadModelFilePost"}, "put": upload},
-        MODELS + "/{id}/download": _download_ops(
-            "downloadModel", "Download the model's file", model_id, ("invalid_id",), ("not_found", "no_file")),
-        MODELS + "/{id}/info": {"get": op("modelFileInfo", "files", "The file's metadata, without the body", {
+            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER)),
+        *_download_ops(
+            "downloadModelByName", "Download the latest version's file (or ?version=)", [p("ModelName"), p("Version")],
+            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER), (errors.NOT_FOUND, errors.NO_FILE)),
+        cacheable_document("getModel", "The full model document", model_id, (errors.INVALID_ID,)),
+        op("updateModel", "models", "Update the mutable fields", {
+            "200": answer("updated", "UpdateAnswer"),
+            "400": error_response(errors.INVALID_ID, *BODY_CODES),
+            "404": shared("ModelNotFound"),
+            "413": shared("JsonTooLarge"),
+            "503": shared("Unavailable"),
+        }, params=model_id, body=json_request("ModelUpdate", "hyperparameters, metrics, dataset_info, tags, "
+                                                             "status, description. " + json_limit)),
+        op("deleteModel", "models", "Delete a model and (unless shared) its file", {
+            "200": answer("deleted", "DeleteAnswer"),
+            "400": shared("InvalidModelId"),
+            "404": shared("ModelNotFound"),
+            "503": shared("Unavailable"),
+        }, params=model_id),
+        op("listVersions", "models", "Every version of the model's name, newest first", {
+            "200": answer("the versions", "VersionList"),
+            "400": shared("InvalidModelId"),
+            "404": shared("ModelNotFound"),
+            "503": shared("Unavailable"),
+        }, params=model_id),
+        op("createVersion", "models", "A new version made from this one", {
+            "201": created,
+            "400": error_response(errors.INVALID_ID, *BODY_CODES),
+            "404": shared("ModelNotFound"),
+            "409": shared("VersionConflict"),
+            "413": shared("JsonTooLarge"),
+            "503": shared("Unavailable"),
+        }, params=model_id, body=json_request(
+            "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
+                          "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
+        {**upload, "operationId": "uploadModelFilePost"},
+        upload,
+        *_download_ops("downloadModel", "Download the model's file", model_id, (errors.INVALID_ID,),
+                       (errors.NOT_FOUND, errors.NO_FILE)),
+        op("modelFileInfo", "files", "The file's metadata, without the body", {
             "200": answer("the file's metadata", "FileInfo"),
             "400": shared("InvalidModelId"),
-            "404": error_response(404, "not_found", "no_file"),
+            "404": error_response(errors.NOT_FOUND, errors.NO_FILE),
             "503": shared("Unavailable"),
-        }, params=model_id)},
-    }
+        }, params=model_id),
+    )
 
 
 # --------------------------------------------------------------------------- the document
 
 def _description(settings: Settings) -> str:
-    rows = "\n".join(f"| `{code}` | {status} | {meaning} |" for code, (status, meaning) in ERROR_CODES.items())
+    rows = "\n".join(f"| `{e.code}` | {e.status} | {e.description} |" for e in errors.REGISTRY.values())
     if settings.enable_auth:
         access = ("API keys are required (ENABLE_AUTH=true): `X-API-Key: <key>` or `Authorization: Bearer <key>`, "
                   "except on " + ", ".join(f"`{p}`" for p in settings.auth_open_paths) + ". Scopes nest: "
@@ -734,29 +715,30 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
             "BearerKey": {"type": "http", "scheme": "bearer", "description": "the same API key as a bearer token"},
         }
         doc["security"] = [{"ApiKey": []}, {"BearerKey": []}]
-        shared_responses["Unauthorized"] = error_response(401, "unauthorized", headers=header_refs("WWWAuthenticate"))
-        shared_responses["Forbidden"] = error_response(403, "forbidden")
+        shared_responses["Unauthorized"] = error_response(errors.UNAUTHORIZED, headers=header_refs("WWWAuthenticate"))
+        shared_responses["Forbidden"] = error_response(errors.FORBIDDEN)
     if settings.rate_limit or settings.download_rate_limit:
-        shared_responses["RateLimited"] = error_response(429, "rate_limited", headers=header_refs("RetryAfter"))
+        shared_responses["RateLimited"] = error_response(errors.RATE_LIMITED, headers=header_refs("RetryAfter"))
 
-    def cross(name: str, status: int, code: str, head: bool, hdrs: tuple[str, ...] = ()) -> Json:
+    def cross(name: str, error: ErrorCode, head: bool, hdrs: tuple[str, ...] = ()) -> Json:
         # HEAD answers have no body, so they cannot share the JSON responses.
-        return error_response(status, code, headers=header_refs(*hdrs), body=False) if head else shared(name)
+        return error_response(error, headers=header_refs(*hdrs), body=False) if head else shared(name)
 
+    scopes = routes.scopes()
     for path, method, operation in _operations(doc):
         head, responses_ = method == "head", operation["responses"]
         guarded = path not in open_paths
         if settings.enable_auth and not guarded:
             operation["security"] = []
         elif settings.enable_auth:
-            scope = auth.required_scope(SimpleNamespace(method=method.upper(), path=path))
+            scope = scopes[(method.upper(), path)]
             operation["x-required-scope"] = scope
-            responses_["401"] = cross("Unauthorized", 401, "unauthorized", head, ("WWWAuthenticate",))
+            responses_["401"] = cross("Unauthorized", errors.UNAUTHORIZED, head, ("WWWAuthenticate",))
             if scope != "read":
-                responses_["403"] = cross("Forbidden", 403, "forbidden", head)
+                responses_["403"] = cross("Forbidden", errors.FORBIDDEN, head)
         is_download = method == "get" and path.endswith("/download")
         if path not in UNLIMITED_PATHS and (settings.rate_limit or (settings.download_rate_limit and is_download)):
-            responses_["429"] = cross("RateLimited", 429, "rate_limited", head, ("RetryAfter",))
+            responses_["429"] = cross("RateLimited", errors.RATE_LIMITED, head, ("RetryAfter",))
         operation["responses"] = dict(sorted(responses_.items()))
 
     request_id = {REQUEST_ID_HEADER: ref("XRequestId", "headers")}

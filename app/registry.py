@@ -13,8 +13,8 @@ from datetime import datetime
 
 from bson import ObjectId
 
-from . import clock, versions
-from .http import ApiError
+from . import clock, errors, versions
+from .errors import ApiError
 from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, algorithm_label
@@ -125,9 +125,9 @@ async def _create(storage: Storage, fields: ModelDocument, parent_id: str | None
             return doc
         except DuplicateModel:
             if explicit:
-                raise ApiError(409, "version_exists",
+                raise ApiError(errors.VERSION_EXISTS,
                                f"{fields['name']} {version} already exists") from None
-    raise ApiError(409, "version_conflict",
+    raise ApiError(errors.VERSION_CONFLICT,
                    f"could not number a new version of {fields['name']}: too many concurrent registrations")
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from msgspec import UNSET, Meta, Struct, UnsetType, defstruct
 
-from . import versions
+from . import urls, versions
 
 # --------------------------------------------------------------------------- rules
 
@@ -112,7 +112,7 @@ Timestamp = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.
                                 examples=["2026-11-27T05:32:57.226Z"],
                                 extra_json_schema={"format": "date-time"})]
 Count = Annotated[int, Meta(ge=0)]
-DownloadPath = Annotated[str, Meta(pattern=r"^/api/v1/models/[0-9a-f]{24}/download$")]
+DownloadPath = Annotated[str, Meta(pattern="^" + urls.MODEL_DOWNLOAD.replace("{id}", "[0-9a-f]{24}") + "$")]
 Checksum = Annotated[str, Meta(pattern="^sha256:[0-9a-f]{64}$")]
 CheckResult = Annotated[str, Meta(min_length=1, description="'healthy', or the reason the check failed")]
 

@@ -10,12 +10,13 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import auth, connections, limits, logs, upload_slots
+from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .config import ConfigError, Settings
-from .handlers import setup_routes
+from .drain import Drain
 from .handlers.metrics import metrics_middleware
 from .http import error_middleware
-from .keys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .leases import FileLeases
+from .routes import setup_routes
 from .storage import Storage, make_storage
 
 log = logging.getLogger("app")
@@ -24,7 +25,7 @@ log = logging.getLogger("app")
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
     # Metrics outermost, so they see the status the error middleware chose.
-    drain = limits.Drain()
+    drain = Drain()
     middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware, drain.middleware()]
     keys = ()
     if settings.enable_auth:

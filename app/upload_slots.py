@@ -18,7 +18,8 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from .http import ApiError
+from . import errors
+from .errors import ApiError
 from .limits import client_key
 
 # Uploads take seconds to minutes; a retry sooner than this mostly finds the same.
@@ -44,11 +45,11 @@ class UploadSlots:
     def _refusal(self, key: str) -> ApiError | None:
         """Why this client cannot start an upload now, or None if it can."""
         if self.per_client and self._by_client[key] >= self.per_client:
-            return ApiError(429, "too_many_uploads",
+            return ApiError(errors.TOO_MANY_CLIENT_UPLOADS,
                             f"this client already has {self.per_client} uploads in progress "
                             "(MAX_UPLOADS_PER_CLIENT); retry when one has finished", _REFUSAL_HEADERS)
         if self.total and self._active >= self.total:
-            return ApiError(503, "too_many_uploads",
+            return ApiError(errors.TOO_MANY_UPLOADS,
                             f"{self.total} uploads are already in progress here (MAX_CONCURRENT_UPLOADS); "
                             "retry shortly", _REFUSAL_HEADERS)
         return None

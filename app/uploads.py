@@ -20,9 +20,10 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
-from . import clock
+from . import clock, errors
 from .config import Settings, format_size
-from .http import ApiError, read_limited
+from .errors import ApiError
+from .http import read_limited
 from .storage.base import FileWriter, Storage, StoredFile
 
 # Multipart bodies carry boundaries (and, at registration, a metadata part of
@@ -40,7 +41,7 @@ class Received:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "file_too_large", f"file is larger than MAX_FILE_SIZE ({format_size(limit)}, {limit} bytes)")
+    return ApiError(errors.FILE_TOO_LARGE, f"file is larger than MAX_FILE_SIZE ({format_size(limit)}, {limit} bytes)")
 
 
 def body_limit(request: web.Request, settings: Settings) -> int:
@@ -59,7 +60,7 @@ def multipart_errors():
     try:
         yield
     except (ValueError, HttpProcessingError) as e:
-        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {e}") from None
+        raise ApiError(errors.INVALID_MULTIPART, f"malformed multipart body: {e}") from None
 
 
 def expected_checksum(request: web.Request) -> str | None:
@@ -68,7 +69,7 @@ def expected_checksum(request: web.Request) -> str | None:
         return None
     m = _SHA256_RE.fullmatch(value.strip())
     if not m:
-        raise ApiError(400, "invalid_checksum", "X-Checksum-Sha256 / sha256 must be 64 hexadecimal characters")
+        raise ApiError(errors.INVALID_CHECKSUM, "X-Checksum-Sha256 / sha256 must be 64 hexadecimal characters")
     return m.group(1).lower()
 
 
@@ -77,18 +78,18 @@ def clean_filename(name: str | None) -> str | None:
     if name is None or name == "":
         return None
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ApiError(400, "invalid_filename", "filename must not contain control characters")
+        raise ApiError(errors.INVALID_FILENAME, "filename must not contain control characters")
     # Keep only the last path component, whichever separator the client used.
     base = os.path.basename(name.replace("\\", "/"))
     if base in ("", ".", ".."):
-        raise ApiError(400, "invalid_filename", f"filename {name[:100]!r} has no file name part")
+        raise ApiError(errors.INVALID_FILENAME, f"filename {name[:100]!r} has no file name part")
     try:
         encoded = base.encode()
     except UnicodeEncodeError:
         # Undecodable bytes in a header arrive as lone surrogates.
-        raise ApiError(400, "invalid_filename", "filename must be valid UTF-8") from None
+        raise ApiError(errors.INVALID_FILENAME, "filename must be valid UTF-8") from None
     if len(encoded) > 255:
-        raise ApiError(400, "invalid_filename", "filename must be at most 255 bytes")
+        raise ApiError(errors.INVALID_FILENAME, "filename must be at most 255 bytes")
     return base
 
 
@@ -97,12 +98,12 @@ def raw_body_filename(request: web.Request) -> str | None:
     if name is None and "Content-Disposition" in request.headers:
         raw = request.headers["Content-Disposition"]
         if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in raw):
-            raise ApiError(400, "invalid_filename", "Content-Disposition must not contain control characters")
+            raise ApiError(errors.INVALID_FILENAME, "Content-Disposition must not contain control characters")
         _, params = parse_content_disposition(raw)
         name = content_disposition_filename(params, "filename")
         if name is None and "filename" in raw.lower():
             # A filename was sent but cannot be read: say so, do not guess.
-            raise ApiError(400, "invalid_filename", "Content-Disposition has a filename that cannot be parsed")
+            raise ApiError(errors.INVALID_FILENAME, "Content-Disposition has a filename that cannot be parsed")
     return clean_filename(name)
 
 
@@ -115,7 +116,7 @@ async def fill(writer: FileWriter, pieces: AsyncIterator[bytes], settings: Setti
 
 async def finish(writer: FileWriter, sha256: str | None) -> StoredFile:
     if sha256 is not None and writer.sha256 != sha256:
-        raise ApiError(422, "checksum_mismatch",
+        raise ApiError(errors.CHECKSUM_MISMATCH,
                        f"uploaded content has sha256 {writer.sha256}, not {sha256} as declared")
     return await writer.commit()
 
@@ -186,10 +187,10 @@ async def receive_multipart(
             async for part in reader:
                 parts += 1
                 if parts > MAX_PARTS:
-                    raise ApiError(400, "too_many_parts",
+                    raise ApiError(errors.TOO_MANY_PARTS,
                                    f"a multipart body may have at most {MAX_PARTS} parts ('metadata' and 'file')")
                 if isinstance(part, MultipartReader):
-                    raise ApiError(400, "invalid_multipart", "a part may not itself be a multipart body")
+                    raise ApiError(errors.INVALID_MULTIPART, "a part may not itself be a multipart body")
                 if part.name == "file" and file_part is None:
                     file_part = (clean_filename(part.filename) or "",
                                  part.headers.get("Content-Type", "application/octet-stream"))
@@ -200,10 +201,10 @@ async def receive_multipart(
                 else:
                     await part.release()
             if not reader.at_eof():
-                raise ApiError(400, "invalid_multipart", "multipart body ended before its closing boundary")
+                raise ApiError(errors.INVALID_MULTIPART, "multipart body ended before its closing boundary")
             await read_limited(request.content.read, "data after the multipart body", _MAX_EPILOGUE)
         if parse_metadata is not None and metadata is None:
-            raise ApiError(400, "missing_metadata", "multipart registration needs a 'metadata' JSON part")
+            raise ApiError(errors.MISSING_METADATA, "multipart registration needs a 'metadata' JSON part")
         if file_part is None:
             return None, metadata
         stored = await finish(writer, sha256)

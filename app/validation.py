@@ -16,10 +16,19 @@ from typing import Any, Mapping, TypeVar
 
 import msgspec
 
-from . import versions
-from .http import ApiError
-from .schemas import (MAX_TAG, MAX_TAGS, NAME_RULE, STATUSES, VERSION_RULE, ModelRegistration, ModelUpdate,
-                      NewVersion, valid_name)
+from . import errors, versions
+from .errors import ApiError
+from .schemas import (
+    MAX_TAG,
+    MAX_TAGS,
+    NAME_RULE,
+    STATUSES,
+    VERSION_RULE,
+    ModelRegistration,
+    ModelUpdate,
+    NewVersion,
+    valid_name,
+)
 from .storage.base import ModelDocument, ModelQuery
 
 __all__ = ["STATUSES", "NAME_RULE", "valid_name", "registration", "new_version", "update", "model_id",
@@ -38,7 +47,7 @@ _LENGTH_RE = re.compile(r"length <= (\d+)")
 
 
 def _bad(field: str, message: str) -> ApiError:
-    return ApiError(400, "validation_error", f"{field}: {message}")
+    return ApiError(errors.VALIDATION_ERROR, f"{field}: {message}")
 
 
 def _rule(field: str, sub: str, what: str, body: Mapping[str, Any]) -> ApiError:
@@ -84,8 +93,8 @@ def _convert(body: Mapping[str, Any], schema: type[Body]) -> Body:
     for field in body:
         if field not in allowed:
             if field in IMMUTABLE_FIELDS:
-                raise ApiError(400, "immutable_field", f"{field}: cannot be set or changed")
-            raise ApiError(400, "unknown_field", f"{field}: unknown field (allowed: {', '.join(allowed)})")
+                raise ApiError(errors.IMMUTABLE_FIELD, f"{field}: cannot be set or changed")
+            raise ApiError(errors.UNKNOWN_FIELD, f"{field}: unknown field (allowed: {', '.join(allowed)})")
     try:
         return msgspec.convert(body, schema)
     except msgspec.ValidationError as e:
@@ -95,7 +104,7 @@ def _convert(body: Mapping[str, Any], schema: type[Body]) -> Body:
         m = _AT_RE.match(message)
         if m is None or m.group("field") is None:
             # A rule of __post_init__, already "field: rule".
-            raise ApiError(400, "validation_error", message) from None
+            raise ApiError(errors.VALIDATION_ERROR, message) from None
         raise _rule(m.group("field"), m.group("sub"), m.group("what"), body) from None
 
 
@@ -118,19 +127,19 @@ def update(body: Mapping[str, Any]) -> ModelDocument:
 
 def model_id(value: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{24}", value):
-        raise ApiError(400, "invalid_id", f"model id must be 24 hexadecimal characters, got {value[:40]!r}")
+        raise ApiError(errors.INVALID_ID, f"model id must be 24 hexadecimal characters, got {value[:40]!r}")
     return value.lower()
 
 
 def model_name(value: str) -> str:
     if not valid_name(value):
-        raise ApiError(400, "validation_error", f"name {NAME_RULE}")
+        raise ApiError(errors.VALIDATION_ERROR, f"name {NAME_RULE}")
     return value
 
 
 def version_param(value: str | None) -> str | None:
     if value is not None and not versions.is_valid(value):
-        raise ApiError(400, "invalid_parameter", "version must look like vMAJOR.MINOR, for example v2.1")
+        raise ApiError(errors.INVALID_PARAMETER, "version must look like vMAJOR.MINOR, for example v2.1")
     return value
 
 
@@ -144,16 +153,16 @@ def _int_param(params: Mapping[str, str], name: str, default: int, lo: int, hi: 
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be a whole number, got {raw[:40]!r}") from None
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be a whole number, got {raw[:40]!r}") from None
     if not lo <= value <= hi:
-        raise ApiError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}, got {value}")
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be between {lo} and {hi}, got {value}")
     return value
 
 
 def _bool_param(params: Mapping[str, str], name: str) -> bool:
     raw = params.get(name, "")
     if raw not in ("", "true", "false"):
-        raise ApiError(400, "invalid_parameter", f"{name} must be true or false, got {raw[:40]!r}")
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be true or false, got {raw[:40]!r}")
     return raw == "true"
 
 
@@ -162,7 +171,7 @@ def _str_param(params: Mapping[str, str], name: str) -> str | None:
     if raw is None or raw == "":
         return None
     if len(raw) > 200:
-        raise ApiError(400, "invalid_parameter", f"{name} must be at most 200 characters")
+        raise ApiError(errors.INVALID_PARAMETER, f"{name} must be at most 200 characters")
     return raw
 
 
@@ -171,7 +180,7 @@ def _search_text(params: Mapping[str, str]) -> str | None:
     # MongoDB's regex engine refuses a pattern with a NUL, which the embedded
     # backend would search for: refused here, both answer alike.
     if text is not None and "\x00" in text:
-        raise ApiError(400, "invalid_parameter", "q must not contain a NUL character")
+        raise ApiError(errors.INVALID_PARAMETER, "q must not contain a NUL character")
     return text
 
 
@@ -188,12 +197,12 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
     desc = sort.startswith("-")
     field = sort[1:] if desc else sort
     if not (field in _SORT_PLAIN or (field.startswith("metrics.") and _METRIC_NAME_RE.fullmatch(field[8:]))):
-        raise ApiError(400, "invalid_parameter",
+        raise ApiError(errors.INVALID_PARAMETER,
                        "sort must be created_at, name, download_count or metrics.<name>, optionally prefixed with '-'")
 
     status = _str_param(params, "status")
     if status is not None and status not in STATUSES:
-        raise ApiError(400, "invalid_parameter", f"status must be one of {', '.join(STATUSES)}")
+        raise ApiError(errors.INVALID_PARAMETER, f"status must be one of {', '.join(STATUSES)}")
 
     min_accuracy = None
     if params.get("min_accuracy") not in (None, ""):
@@ -202,7 +211,7 @@ def listing(params: Mapping[str, str], max_page_size: int) -> tuple[ModelQuery, 
         except ValueError:
             min_accuracy = math.nan
         if not math.isfinite(min_accuracy):
-            raise ApiError(400, "invalid_parameter", "min_accuracy must be a number")
+            raise ApiError(errors.INVALID_PARAMETER, "min_accuracy must be a number")
 
     tags = tuple(t.strip() for t in params.get("tags", "").split(",") if t.strip())
     query = ModelQuery(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
 
 # The JSON Schema pattern of a version (schemas.Version); fullmatch decides here.
 PATTERN = r"^v(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})$"
@@ -24,10 +23,6 @@ def is_valid(version: str) -> bool:
 def key(version: str) -> tuple[int, int]:
     parsed = parse(version)
     return parsed if parsed is not None else (-1, -1)
-
-
-def latest(versions: Iterable[str]) -> str | None:
-    return max(versions, key=key, default=None)
 
 
 def bump(version: str, breaking: bool) -> str:

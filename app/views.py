@@ -6,11 +6,7 @@ from .clock import iso
 from .config import format_size
 from .schemas import FileMetadata, Model, ModelSummary
 from .storage.base import ModelDocument, StoredFileMetadata
-
-
-def download_url(model_id: str) -> str:
-    return f"/api/v1/models/{model_id}/download"
-
+from .urls import download_url
 
 # Stored in file_metadata when the model's previous file was uploaded in the
 # same second: its Last-Modified then names two contents (see downloads).

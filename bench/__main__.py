@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download verification: bytes (memcmp against the source file, default) or sha256 "
                         "(hash every body; --quick's default)")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test in under 2 minutes: sizes {QUICK['sizes']} ({QUICK_FERRETDB_SIZES} for mongodb on the "
+                   help=f"smoke test in under 2 minutes: sizes {QUICK['sizes']} ({QUICK_FERRETDB_SIZES} for mongodb "
+                        "on the "
                         f"FerretDB test server), concurrency {QUICK['concurrency']}, "
                         f"1 round, {QUICK['meta_models']} models, sha256 verification; fails on any error or "
                         "unverified body, never on a speed")

@@ -317,7 +317,8 @@ async def job_upload(job: dict) -> dict:
         return rec
 
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=job.get("timeout", 900))) as s:
+    timeout = aiohttp.ClientTimeout(total=job.get("timeout", 900))
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
         tasks = [asyncio.create_task(one(s, up)) for up in job["uploads"]]
         await asyncio.sleep(0)
         t0 = _begin()

@@ -28,7 +28,6 @@ import psutil
 from tests.support.live_service import LiveService
 from tests.support.mongo_server import REPO, MongoTestServer, free_port, terminate
 
-
 # -- memory and CPU of a process tree --------------------------------------------
 
 
@@ -202,7 +201,8 @@ class Service:
             listening = 0
             for p in _tree(self.pid)[1:]:
                 try:
-                    if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in p.net_connections("tcp")):
+                    if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                           for c in p.net_connections("tcp")):
                         listening += 1
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 out.unlink(missing_ok=True)
                 started = time.perf_counter()
-                proc = subprocess.run(tools(service.url, model_id, out, args.parallel)[name], cwd=REPO, capture_output=True, text=True)
+                proc = subprocess.run(tools(service.url, model_id, out, args.parallel)[name], cwd=REPO,
+                                      capture_output=True, text=True)
                 seconds = time.perf_counter() - started
                 if proc.returncode != 0 or sha256_of(out) != digest:
                     print(f"{name}: FAILED (exit {proc.returncode}) {proc.stderr[-500:]}", file=sys.stderr)

@@ -122,7 +122,8 @@ def targets(rows: list[dict], records: list[dict], meta: dict) -> list[dict]:
             if c16:
                 v = c16[0]["metrics"]["mb_s"]["ratio"]
                 add(f"embedded >= 0.9x nginx at 16 concurrent clients ({w} worker{'s' * (w > 1)}, nginx the same)",
-                    f"{v:.2f}x ({c16[0]['metrics']['mb_s']['ours']:.0f} vs {c16[0]['metrics']['mb_s']['peer']:.0f} MB/s)",
+                    f"{v:.2f}x ({c16[0]['metrics']['mb_s']['ours']:.0f} vs "
+                    f"{c16[0]['metrics']['mb_s']['peer']:.0f} MB/s)",
                     v >= 0.9)
     if "mongodb" in backends:
         parts = [(f"{r['point']['size_mb']} MB single stream", r["metrics"]["mb_s"]["ratio"])
@@ -147,7 +148,8 @@ def targets(rows: list[dict], records: list[dict], meta: dict) -> list[dict]:
         for r in _find(rows, b, "ttfb"):
             v = r["metrics"]["ttfb_90_over_0"]["ours"]
             add(f"{b}: TTFB at 90% of the {r['point']['size_mb']} MB file <= 1.5x TTFB at offset 0",
-                f"{v:.2f}x ({r['metrics']['ttfb_at_90_ms']['ours']:.2f} vs {r['metrics']['ttfb_at_0_ms']['ours']:.2f} ms;"
+                f"{v:.2f}x ({r['metrics']['ttfb_at_90_ms']['ours']:.2f} vs "
+                f"{r['metrics']['ttfb_at_0_ms']['ours']:.2f} ms;"
                 f" peer {r['metrics']['ttfb_90_over_0']['peer']:.2f}x)", v <= 1.5)
     ours_err = sum(r["errors"] for r in records if r["side"] == "ours")
     peer_err = sum(r["errors"] for r in records if r["side"] == "peer")
@@ -289,7 +291,8 @@ def _section_tables(md: Md, rows: list[dict], backend: str, ratios: bool) -> Non
     if rows_of("single"):
         md.p("### 1. Single-stream download")
         md.p()
-        head = ["file", "downloads per round", *tput_head, "peak RSS"] + ([] if ratios else [f"CPU s/GB ours / {peer}"]) + ["errors"]
+        head = (["file", "downloads per round", *tput_head, "peak RSS"]
+                + ([] if ratios else [f"CPU s/GB ours / {peer}"]) + ["errors"])
         md.table(head, [[f"{r['point']['size_mb']} MB", str(r["point"].get("downloads", 1)), *tput_cols(r), rss(r)]
                         + ([] if ratios else [cpu(r)]) + [_err(r)] for r in rows_of("single")])
     if rows_of("concurrent"):
@@ -583,7 +586,7 @@ def _log_errors(logs: Path) -> list[str]:
         if not errors:
             continue
         first = lines[errors[0]].split(" ERROR ", 1)[1][:200]
-        cause = next((l for l in lines[errors[0] + 1:] if l and not l.startswith((" ", "Traceback"))), "")
+        cause = next((line for line in lines[errors[0] + 1:] if line and not line.startswith((" ", "Traceback"))), "")
         found.append(f"service log {log.name}: {len(errors)} ERROR line(s); first: {first}"
                      + (f" — {cause[:300]}" if cause else ""))
     return found

@@ -683,7 +683,7 @@ _WORDS = ("churn", "fraud", "vision", "ranker", "speech")
 _ALGOS = ("random_forest", "xgboost", "cnn", "transformer", "logistic_regression")
 
 
-def _model_body(i: int) -> dict:
+def model_body(i: int) -> dict:
     word = _WORDS[i % len(_WORDS)]
     return {
         "name": f"bench-{i:05d}-{word}",
@@ -707,7 +707,7 @@ def _seed(ctx: Context, store: Store, svc: procs.Service, n: int) -> list[str]:
     through_api = n if store.backend == "embedded" else min(n, 200)
     t0 = time.monotonic()
     result, _ = procs.run_client({"job": "seed", "url": svc.url, "concurrency": 16,
-                                  "models": [_model_body(i) for i in range(through_api)]}, None)
+                                  "models": [model_body(i) for i in range(through_api)]}, None)
     ids = result.get("ids") or []
     if result.get("job_error") or result.get("errors") or None in ids:
         raise RuntimeError(f"seeding failed: {result.get('job_error') or result.get('errors')}")
@@ -725,7 +725,7 @@ def _seed(ctx: Context, store: Store, svc: procs.Service, n: int) -> list[str]:
 
             batch = []
             for i in range(through_api, n):
-                body = _model_body(i)
+                body = model_body(i)
                 doc = {**template, **body, "_id": ObjectId(), "created_at": base + timedelta(milliseconds=i),
                        "updated_at": base + timedelta(milliseconds=i)}
                 batch.append(doc)
@@ -750,7 +750,8 @@ def _wrk(url: str, duration: float, connections: int, script: Path | None) -> di
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if proc.returncode != 0 or not m or not rps:
-        return {"wall": 0.0, "records": [], "job_error": f"wrk failed ({proc.returncode}): {proc.stderr[-500:]} {out[-500:]}"}
+        return {"wall": 0.0, "records": [],
+                "job_error": f"wrk failed ({proc.returncode}): {proc.stderr[-500:]} {out[-500:]}"}
     requests = int(m.group(1))
     non2xx = int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -1013,7 +1014,8 @@ def environment(ctx: Context) -> dict:
 
     cpu_model = ""
     try:
-        cpu_model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu_model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                         if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0] \
@@ -1021,7 +1023,7 @@ def environment(ctx: Context) -> dict:
     return {
         "git_head": _source_commit(),
         "source": str(REPO),
-        "git_dirty_files": len([l for l in _git("status", "--porcelain").splitlines() if l.strip()]),
+        "git_dirty_files": len([line for line in _git("status", "--porcelain").splitlines() if line.strip()]),
         "host": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu_model,
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": platform.release(), "python": platform.python_version(),

@@ -33,7 +33,7 @@ from app import registry
 from app.config import Settings
 from app.server import create_app
 from app.storage import make_storage
-from bench.run import _model_body
+from bench.run import model_body
 from tests.support.mongo_server import REPO
 
 RESULTS = REPO / "bench" / "results"
@@ -46,10 +46,10 @@ async def _fill(data_dir: Path, n: int) -> str:
     await storage.open()
     try:
         for i in range(n):
-            await storage.insert_model(registry.model_document(_model_body(i), "v1.0"))
+            await storage.insert_model(registry.model_document(model_body(i), "v1.0"))
         parent = None
         for minor in range(5):
-            fields = {**_model_body(1), "name": "churn-ui-bench"}
+            fields = {**model_body(1), "name": "churn-ui-bench"}
             doc = await registry.create(storage, fields, parent_id=parent)
             parent = doc["id"]
         async with storage.file_writer() as w:
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["ratio"] > args.target:
             failures.append(f"{row['case']}: the page costs {row['ratio']:.2f}x its JSON (target {args.target}x)")
     lines = [f"# Web UI render time, {args.models} models, embedded backend, median of {args.rounds} rounds", "",
-             "JSON for a model version is GET {id} plus GET {id}/versions, the two calls that carry what the page shows.",
+             "JSON for a model version is GET {id} plus GET {id}/versions, "
+             "the two calls that carry what the page shows.",
              "",
              "| case | page, server ms | JSON, server ms | page / JSON | page, client ms | JSON, client ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]

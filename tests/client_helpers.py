@@ -16,10 +16,9 @@ import pytest
 from bson import Binary
 
 from tests.conftest import BACKENDS
+from tests.support.files import sha256_of, write_random  # noqa: F401  (re-exported)
 from tests.support.live_service import LiveService, service_on
 from tests.support.mongo_server import REPO
-from tests.support.files import sha256_of, write_random  # noqa: F401  (re-exported)
-
 
 
 class ClientLive:

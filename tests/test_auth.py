@@ -7,7 +7,7 @@ import sys
 import aiohttp
 import pytest
 
-from app import auth
+from app import auth, openapi, routes
 from app.config import ConfigError, Settings
 from app.server import create_app
 from tests.support.mongo_server import REPO
@@ -66,6 +66,45 @@ async def test_scopes(authed):
     # admin: everything
     assert (await authed.post("/api/v1/models/batch", json=batch, headers=h(ADMIN))).status == 200
     assert (await authed.get(f"/api/v1/models/{model_id}", headers=h(ADMIN))).status == 404
+
+
+# Requests no API route takes: the key is checked first, against the scope the
+# method needs, or the fixed path's own routes' scope when that is stricter.
+UNROUTED = [
+    ("GET", "/api/v1/nowhere", READ, 404),
+    ("POST", "/api/v1/nowhere", READ, 403),
+    ("POST", "/api/v1/nowhere", WRITE, 404),
+    ("DELETE", "/api/v1/nowhere", WRITE, 403),
+    ("DELETE", "/api/v1/nowhere", ADMIN, 404),
+    ("PATCH", "/api/v1/models/0123456789abcdef01234567", WRITE, 405),
+    ("PUT", "/api/v1/models/statistics", READ, 403),
+    ("PUT", "/api/v1/models/statistics", WRITE, 405),
+    ("PUT", "/api/v1/models/batch", WRITE, 403),
+    ("PUT", "/api/v1/models/batch", ADMIN, 405),
+    ("POST", "/api/v1/models/batch/", WRITE, 403),
+    ("POST", "/api/v1/models/batch/", ADMIN, 404),
+    ("POST", "/api/v1/models/", WRITE, 404),
+    ("POST", "/health/", READ, 403),
+    ("POST", "/health/", WRITE, 404),
+]
+
+
+@pytest.mark.parametrize("method,path,key,status", UNROUTED)
+async def test_requests_no_route_takes_need_the_scope_of_their_method_or_path(authed, method, path, key, status):
+    resp = await authed.request(method, path, headers=h(key))
+    assert resp.status == status, await resp.text()
+
+
+def test_the_documented_scopes_are_the_route_tables():
+    doc = openapi.build(Settings(enable_auth=True, api_keys="k:read:n"))
+    checked = 0
+    for route in routes.API:
+        for method, op_id in route.methods():
+            operation = doc["paths"][route.path][method.lower()] if op_id is not None else {"security": []}
+            if operation.get("security") != []:  # [] on the open paths, /health and /metrics
+                assert operation["x-required-scope"] == route.scope, op_id
+                checked += 1
+    assert checked > 20
 
 
 async def created_by_of(authed, resp):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 
 BATCH = "/api/v1/models/batch"
 MISSING = "0123456789abcdef01234567"

@@ -14,7 +14,6 @@ import time
 import orjson
 import pytest
 from aiohttp import web
-
 from tensorfleet_client import (
     AsyncModelServiceClient,
     BadRequest,
@@ -26,6 +25,7 @@ from tensorfleet_client import (
     ServiceUnavailable,
 )
 from tensorfleet_client import download as dl
+
 from tests.client_helpers import live, sha256_of, unique, write_random  # noqa: F401  (live is a fixture)
 
 FAST_RETRIES = RetryPolicy(attempts=4, backoff=0.01)

@@ -21,9 +21,9 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
+from tensorfleet_client import AsyncModelServiceClient, ModelServiceError, ProtocolError, RetryPolicy, transport
+from tensorfleet_client import download as dl
 
-from tensorfleet_client import AsyncModelServiceClient, ModelServiceError, ProtocolError, RetryPolicy
-from tensorfleet_client import download as dl, transport
 from tests.support.mongo_server import REPO
 
 FAST = RetryPolicy(attempts=2, backoff=0.01)
@@ -370,7 +370,8 @@ async def test_an_absolute_url_on_another_origin_is_refused(aiohttp_server, plac
 
 async def run_cli(url: str, *args: str, cwd: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", *args, cwd=cwd, env={**os.environ, "MODEL_SERVICE_URL": url, "PYTHONPATH": str(REPO)},
+        sys.executable, "-m", "app", *args, cwd=cwd,
+        env={**os.environ, "MODEL_SERVICE_URL": url, "PYTHONPATH": str(REPO)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)

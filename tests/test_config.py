@@ -40,7 +40,8 @@ def test_format_size():
 
 def test_defaults():
     s = Settings.from_env({})
-    assert (s.host, s.port, s.mongodb_url, s.mongodb_db, s.gridfs_bucket) == ("0.0.0.0", 8084, None, "tensorfleet", "models")
+    assert (s.host, s.port, s.mongodb_url, s.mongodb_db, s.gridfs_bucket) == (
+        "0.0.0.0", 8084, None, "tensorfleet", "models")
     assert (s.data_dir, s.max_file_size, s.log_level) == ("./data", 500_000_000, "INFO")
     assert (s.enable_auth, s.max_page_size, s.cors_origins) == (False, 100, ())
     assert s.storage_kind == "embedded"

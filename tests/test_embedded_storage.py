@@ -71,7 +71,8 @@ class _Spy:
 
     def execute(self, sql, *args):
         if sql.startswith("UPDATE models SET"):
-            prefix = "UPDATE models SET download_count" if "download_count = download_count" in sql else "UPDATE models SET"
+            counting = "download_count = download_count" in sql
+            prefix = "UPDATE models SET download_count" if counting else "UPDATE models SET"
             self._seen.append((prefix, self._db.execute("PRAGMA synchronous").fetchone()[0]))
         return self._db.execute(sql, *args)
 

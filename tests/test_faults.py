@@ -12,7 +12,7 @@ import time
 import pytest
 from pymongo import monitoring
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 from app.server import create_app
 from app.storage.mongo import MongoStorage
 from tests.transfer_helpers import leftovers, upload_under_way
@@ -174,9 +174,9 @@ async def test_database_stopped_mid_upload_leaves_nothing_once_back(client, mong
 def test_sigkill_mid_upload_then_restart_is_consistent_and_gc_cleans(tmp_path):
     import subprocess
     import sys
+    import urllib.request
 
     import orjson
-    import urllib.request
 
     from tests.support.live_service import LiveService
     from tests.support.mongo_server import REPO

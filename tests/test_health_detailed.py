@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 from app.server import create_app
 
 

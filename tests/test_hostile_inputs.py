@@ -41,7 +41,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from app.keys import DRAIN, STORAGE
+from app.appkeys import DRAIN, STORAGE
 from app.schemas import MAX_NESTING
 from app.server import create_app
 from tests.api_helpers import snapshot
@@ -497,7 +497,8 @@ REGISTER_OPERATOR_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("fields,code", REGISTER_OPERATOR_BODIES, ids=[str(f)[:50] for f, _ in REGISTER_OPERATOR_BODIES])
+@pytest.mark.parametrize("fields,code", REGISTER_OPERATOR_BODIES,
+                         ids=[str(f)[:50] for f, _ in REGISTER_OPERATOR_BODIES])
 async def test_operator_in_a_registration_field_is_400(world, fields, code):
     resp = await world.client.post(MODELS, json={**_VALID, **fields})
     assert resp.status == 400, await resp.text()
@@ -807,7 +808,8 @@ async def test_accepted_odd_filenames_never_split_download_headers(client, filen
         if method == "GET":
             assert r.body == data
         cd = r.header("content-disposition")
-        m = re.fullmatch(r'attachment; filename="((?:[^"\\]|\\.)*)"(?:; filename\*=UTF-8\'\'([A-Za-z0-9%._~!$&+^`|-]+))?', cd)
+        m = re.fullmatch(r'attachment; filename="((?:[^"\\]|\\.)*)"'
+                         r"(?:; filename\*=UTF-8''([A-Za-z0-9%._~!$&+^`|-]+))?", cd)
         assert m, f"unexpected Content-Disposition {cd!r}"
 
 
@@ -1449,7 +1451,8 @@ def test_never_ending_bodies_hold_no_memory_in_a_real_process(tmp_path):
     assert statuses == [413] * 16, statuses
     # 16 stalled uploads after 16 MiB each (256 MiB sent): memory holds a bounded buffer of each
     # (about 2 MiB: the embedded writer's 1 MiB batch plus the network buffers), never the body.
-    assert grown_by_uploads < 48 * ONE_MIB, f"16 stalled uploads grew resident memory by {grown_by_uploads / 1e6:.1f} MB"
+    assert grown_by_uploads < 48 * ONE_MIB, (
+        f"16 stalled uploads grew resident memory by {grown_by_uploads / 1e6:.1f} MB")
     # Plus 16 never-ending JSON bodies, each held up to MAX_JSON_SIZE (1 MiB) before the 413.
     assert grown < 96 * ONE_MIB, f"resident memory grew by {grown / 1e6:.1f} MB"
     assert tmp_left == [], tmp_left

@@ -257,7 +257,8 @@ class Client:
                 if resp.headers.get("Content-Range") != expected_range or bytes(received) != known.data[first:last + 1]:
                     self.tally.mismatches.append(
                         f"{known.model_id}: range {first}-{last} answered {resp.headers.get('Content-Range')} "
-                        f"with {len(received)} bytes that {'do not ' if bytes(received) != known.data[first:last + 1] else ''}match")
+                        f"with {len(received)} bytes that "
+                        f"{'do not ' if bytes(received) != known.data[first:last + 1] else ''}match")
             self.tally.bytes_checked += len(received)
 
     # -- uploads -------------------------------------------------------------

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from app import logs
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 
 
 async def test_request_id_is_echoed_or_generated(client):

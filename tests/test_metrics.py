@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 

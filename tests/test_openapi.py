@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import Path
+
 import aiohttp
 import jsonschema
 import pytest
@@ -18,10 +18,12 @@ import referencing
 import referencing.jsonschema
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
-from app import openapi
+from app import downloads, errors, openapi
+from app.appkeys import SETTINGS
 from app.config import Rate, Settings
+from app.errors import ApiError
 from app.handlers.docs import DOCUMENT
-from app.keys import SETTINGS
+from app.logs import REQUEST_ID_HEADER
 from app.server import create_app
 from app.ui import session as ui_session
 from tests.api_helpers import MODELS, register, unused_id
@@ -62,18 +64,43 @@ def test_every_component_schema_is_valid_json_schema(doc):
             pytest.fail(f"components.schemas.{name}: {e.message}")
 
 
-def test_error_codes_in_the_code_are_documented():
-    """Every ``ApiError(status, "code")`` / ``error_response(status, "code")`` in the service is in the table."""
-    app_dir = Path(openapi.__file__).parent
-    pattern = re.compile(r"(?:ApiError|error_response)\(\s*(\d{3}),\s*\"([a-z_]+)\"")
-    found = {}
-    for f in [*app_dir.glob("*.py"), *app_dir.glob("handlers/*.py"), *app_dir.glob("storage/*.py")]:
-        for status, code in pattern.findall(f.read_text()):
-            found[code] = int(status)
-    assert "invalid_id" in found and "range_not_satisfiable" in found  # the scan works
-    for code, status in found.items():
-        assert code in openapi.ERROR_CODES, f"error code {code!r} ({status}) is not documented"
-        assert openapi.ERROR_CODES[code][0] == status, code
+def test_errors_are_raised_by_their_declaration():
+    """A raise names a declared error (app/errors.py); a bare status and code are refused."""
+    error = ApiError(errors.NOT_FOUND, "no model with id x")
+    assert (error.status, error.code, error.message) == (404, "not_found", "no model with id x")
+    with pytest.raises(TypeError):
+        ApiError(404, "not_found", "no model with id x")
+    with pytest.raises(ValueError, match="declared twice"):
+        errors.declare("not_found", 404, "again")
+
+
+def test_every_declared_error_is_in_the_documents_table(doc):
+    rows = {line.split("|")[1].strip(" `"): line for line in doc["info"]["description"].splitlines()
+            if line.startswith("| `")}
+    assert set(rows) == set(errors.REGISTRY)
+    for code, declared in errors.REGISTRY.items():
+        assert f"| {declared.status} | {declared.description} |" in rows[code]
+
+
+def test_documented_error_codes_keep_their_status(doc):
+    shared = doc["components"]["responses"]
+    checked = 0
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if "$ref" in response:
+                    response = shared[response["$ref"].rsplit("/", 1)[1]]
+                for code in response.get("x-error-codes", []):
+                    assert errors.REGISTRY[code].status == int(status), (method, path, code)
+                    checked += 1
+    assert checked > 50
+
+
+def test_download_304_documents_every_header_it_repeats(doc):
+    for template in (MODELS + "/{id}/download", MODELS + "/by-name/{name}/download"):
+        for method in ("get", "head"):
+            documented = set(doc["paths"][template][method]["responses"]["304"]["headers"])
+            assert documented - {REQUEST_ID_HEADER} == set(downloads.NOT_MODIFIED_HEADERS), (method, template)
 
 
 def test_limits_follow_the_settings():

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 from app.server import create_app
 from tests.api_helpers import (
     FULL_FIELDS,

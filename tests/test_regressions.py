@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 
 
 @pytest.mark.parametrize("name", ["abc\n", "abc\r\n"])

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import os
 
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 
 SIZE = 40 * 1024 * 1024 + 7  # well past what socket and client buffers hold
 

@@ -10,17 +10,25 @@ import dataclasses
 import logging
 import socket
 import time
-from email.utils import parsedate_to_datetime
 
 import pytest
 
 from app import auth
+from app.appkeys import DOWNLOAD_SLOTS, STORAGE
 from app.config import Rate
-from app.keys import DOWNLOAD_SLOTS, STORAGE
 from app.server import create_app
 from tests.support.live_service import LiveService
 from tests.transfer_helpers import (
-    MODELS, content_stored, error_code, json_of, payload, post_multipart, Part, register, sha, upload_ok,
+    MODELS,
+    Part,
+    content_stored,
+    error_code,
+    json_of,
+    payload,
+    post_multipart,
+    register,
+    sha,
+    upload_ok,
 )
 
 READ, WRITE, ADMIN = "reader-key-1", "writer-key-2", "admin-key-3"

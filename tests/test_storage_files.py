@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from app.storage import DEFAULT_CHUNK_SIZE, FileMissing
 from bson import ObjectId
 
+from app.storage import DEFAULT_CHUNK_SIZE, FileMissing
 from tests.transfer_helpers import leftovers
 
 

@@ -24,7 +24,7 @@ import pytest
 from bson import ObjectId
 
 from app import sendfile
-from app.keys import STORAGE
+from app.appkeys import STORAGE
 from app.server import create_app
 from tests.transfer_helpers import (
     CS,

@@ -61,7 +61,8 @@ class Live:
 
     def upload(self, model_id: str, path: Path) -> dict:
         out = subprocess.run(
-            ["curl", "-sS", "--fail-with-body", "-T", str(path), f"{self.url}/api/v1/models/{model_id}/upload?filename={path.name}"],
+            ["curl", "-sS", "--fail-with-body", "-T", str(path),
+             f"{self.url}/api/v1/models/{model_id}/upload?filename={path.name}"],
             capture_output=True, check=True, timeout=300,
         )
         return orjson.loads(out.stdout)

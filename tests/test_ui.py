@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+
 import pytest
 
 from app import clock
@@ -127,8 +128,8 @@ async def test_statistics_page_counts_downloads_per_hour(client):
     assert (await client.put(f"{MODELS}/{model_id}/upload", data=b"x" * 10)).status == 201
     for _ in range(2):
         assert (await client.get(f"{MODELS}/{model_id}/download")).status == 200
+    from app.appkeys import STORAGE
     from app.handlers.analytics import registry_statistics
-    from app.keys import STORAGE
 
     stats = await registry_statistics(client.app[STORAGE])
     this_hour = clock.now().replace(minute=0, second=0, microsecond=0)

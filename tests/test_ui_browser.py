@@ -14,11 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.support.prerequisites import IN_CI, cannot_run
 from tests.support.files import sha256_of
 from tests.support.live_service import LiveService
+from tests.support.prerequisites import IN_CI, cannot_run
 from tests.support.ui_browser import DESKTOP, KEYS, PHONE, UI_API_KEYS, chromium_path, seed
-
 
 
 def _unavailable() -> str | None:

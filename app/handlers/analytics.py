@@ -7,12 +7,10 @@ from datetime import timedelta
 from aiohttp import web
 
 from .. import clock, validation, views
+from ..appkeys import SETTINGS, STORAGE
 from ..http import json_response
-from ..keys import SETTINGS, STORAGE
 from ..schemas import ModelTop, RecentActivity, Statistics, StatusDistribution, StorageUsage
 from ..storage.base import ModelQuery, RegistryStats, Storage
-
-PREFIX = "/api/v1/models"
 
 
 async def registry_statistics(storage: Storage) -> RegistryStats:
@@ -57,10 +55,3 @@ async def popular(request: web.Request) -> web.Response:
 async def recent(request: web.Request) -> web.Response:
     return await _top(request, "created_at")
 
-
-def setup(app: web.Application) -> None:
-    r = app.router
-    r.add_get(PREFIX + "/statistics", statistics)
-    r.add_get("/api/v1/statistics", statistics)
-    r.add_get(PREFIX + "/popular", popular)
-    r.add_get(PREFIX + "/recent", recent)

@@ -13,10 +13,12 @@ from typing import get_args
 
 from aiohttp import web
 
-from .. import clock, registry, validation
-from ..http import ApiError, defer_expect, json_response, read_json_object
-from ..keys import LEASES, STORAGE
-from ..schemas import MAX_BATCH_IDS as MAX_IDS, BatchAnswer, BatchOperation, BatchResult, BatchSummary
+from .. import clock, errors, registry, validation
+from ..appkeys import LEASES, STORAGE
+from ..errors import ApiError
+from ..http import json_response, read_json_object
+from ..schemas import MAX_BATCH_IDS as MAX_IDS
+from ..schemas import BatchAnswer, BatchOperation, BatchResult, BatchSummary
 
 OPERATIONS: tuple[str, ...] = get_args(BatchOperation)
 _ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
@@ -26,27 +28,28 @@ def _parse(body: dict) -> tuple[str, list, dict]:
     allowed = {"operation", "ids", "status", "tags"}
     unknown = set(body) - allowed
     if unknown:
-        raise ApiError(400, "unknown_field", f"{sorted(unknown)[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+        raise ApiError(errors.UNKNOWN_FIELD,
+                       f"{sorted(unknown)[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
     operation = body.get("operation")
     if operation not in OPERATIONS:
-        raise ApiError(400, "validation_error", f"operation: must be one of {', '.join(OPERATIONS)}")
+        raise ApiError(errors.VALIDATION_ERROR, f"operation: must be one of {', '.join(OPERATIONS)}")
     ids = body.get("ids")
     if not isinstance(ids, list) or not ids:
-        raise ApiError(400, "validation_error", "ids: must be a non-empty list")
+        raise ApiError(errors.VALIDATION_ERROR, "ids: must be a non-empty list")
     if len(ids) > MAX_IDS:
-        raise ApiError(400, "validation_error", f"ids: at most {MAX_IDS} per batch")
+        raise ApiError(errors.VALIDATION_ERROR, f"ids: at most {MAX_IDS} per batch")
     fields: dict = {}
     if operation == "update_status":
         if "status" not in body:
-            raise ApiError(400, "validation_error", "status: is required for update_status")
+            raise ApiError(errors.VALIDATION_ERROR, "status: is required for update_status")
         fields = validation.update({"status": body["status"]})
     elif operation in ("add_tags", "remove_tags"):
         if "tags" not in body:
-            raise ApiError(400, "validation_error", f"tags: is required for {operation}")
+            raise ApiError(errors.VALIDATION_ERROR, f"tags: is required for {operation}")
         fields = validation.update({"tags": body["tags"]})
     extra = {"status", "tags"} & set(body) - set(fields)
     if extra:
-        raise ApiError(400, "validation_error", f"{sorted(extra)[0]}: not used by {operation}")
+        raise ApiError(errors.VALIDATION_ERROR, f"{sorted(extra)[0]}: not used by {operation}")
     return operation, ids, fields
 
 
@@ -85,6 +88,3 @@ async def batch(request: web.Request) -> web.Response:
         summary=BatchSummary(**{k: summary.get(k, 0) for k in BatchSummary.__struct_fields__}),
     ))
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_post("/api/v1/models/batch", batch, expect_handler=defer_expect)

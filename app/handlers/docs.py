@@ -14,9 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import openapi
 from ..http import json_response
-from ..keys import SETTINGS
+from ..urls import OPENAPI_JSON
 
 DOCUMENT = web.AppKey("openapi_document", dict)
 PAGE = web.AppKey("openapi_page", str)
@@ -34,12 +33,10 @@ async def docs_page(request: web.Request) -> web.Response:
     return response
 
 
-def setup(app: web.Application) -> None:
-    document = openapi.build(app[SETTINGS])
+def setup(app: web.Application, document: dict) -> None:
+    """Serve ``document`` (openapi.build's, for this application's settings) and its page, made once."""
     app[DOCUMENT] = document
     app[PAGE] = render(document)
-    app.router.add_get("/api/v1/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs_page)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -213,7 +210,7 @@ def render(doc: dict) -> str:
 <body>
 <h1>{_e(info['title'])} API</h1>
 <p class="muted">version {_e(info['version'])} · OpenAPI {_e(doc['openapi'])} ·
-machine-readable: <a href="/api/v1/openapi.json">/api/v1/openapi.json</a></p>
+machine-readable: <a href="{OPENAPI_JSON}">{OPENAPI_JSON}</a></p>
 {_markdown(info.get('description', ''))}
 <h2>Routes</h2>
 <table><tr><th>method</th><th>path</th><th>summary</th></tr>{index}</table>

@@ -7,13 +7,14 @@ import math
 import msgspec
 from aiohttp import web
 
-from .. import downloads, metrics, preconditions, registry, uploads, validation
-from ..http import ApiError, defer_expect, invite_body, json_response, parse_json_object
-from ..keys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
+from .. import downloads, errors, metrics, preconditions, registry, uploads, urls, validation
+from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
+from ..errors import ApiError
+from ..http import invite_body, json_response, parse_json_object
 from ..locks import KeyedLocks
 from ..schemas import FileInfo, UploadAnswer
 from ..views import LAST_MODIFIED_SHARED, file_metadata
-from .models import PREFIX, created, model_or_404, named_models_or_404, with_caller
+from .models import created, model_or_404, named_models_or_404, with_caller
 
 
 async def _receive(request: web.Request) -> uploads.Received:
@@ -32,7 +33,7 @@ async def _store_body(request: web.Request, sha256: str | None) -> uploads.Recei
     if request.content_type.startswith("multipart/"):
         received, _ = await uploads.receive_multipart(request, storage, settings, sha256)
         if received is None:
-            raise ApiError(400, "missing_file", "multipart body has no 'file' part")
+            raise ApiError(errors.MISSING_FILE, "multipart body has no 'file' part")
         return received
     filename = uploads.raw_body_filename(request)
     stored = await uploads.store_stream(storage, request.content.iter_any(), settings, sha256)
@@ -70,7 +71,7 @@ async def attach(request: web.Request, doc: dict, received: uploads.Received) ->
     if previous is None:
         # The model was deleted while its file was uploading.
         await storage.release_file(received.stored.file_id)
-        raise ApiError(404, "not_found", f"no model with id {doc['id']}")
+        raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")
     old = previous.get("file_metadata")
     if old and old["file_id"] != fm["file_id"]:
         await request.app[LEASES].release(old["file_id"])
@@ -110,7 +111,7 @@ async def register_with_file(request: web.Request) -> web.Response:
             parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
         )
     if received is None:
-        raise ApiError(400, "missing_file", "multipart registration needs a 'file' part")
+        raise ApiError(errors.MISSING_FILE, "multipart registration needs a 'file' part")
     try:
         fields["file_metadata"] = uploads.file_metadata(received, fields.get("format"), fields["name"])
         doc = await registry.create(storage, fields)
@@ -139,14 +140,6 @@ async def info(request: web.Request) -> web.Response:
         **msgspec.structs.asdict(file_metadata(fm)),
         model_id=doc["id"],
         chunk_count=math.ceil(f.size / f.chunk_size),
-        download_url=f"{PREFIX}/{doc['id']}/download",
+        download_url=urls.download_url(doc["id"]),
     ))
 
-
-def setup(app: web.Application) -> None:
-    r = app.router
-    r.add_get(PREFIX + "/by-name/{name}/download", download_by_name)
-    for method in ("POST", "PUT"):
-        r.add_route(method, PREFIX + "/{id}/upload", upload, expect_handler=defer_expect)
-    r.add_get(PREFIX + "/{id}/download", download)
-    r.add_get(PREFIX + "/{id}/info", info)

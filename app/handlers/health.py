@@ -8,12 +8,12 @@ import logging
 from aiohttp import web
 
 from .. import clock
+from ..appkeys import DRAIN, SETTINGS, STORAGE
 from ..config import format_size
+from ..downloads import stored_file
 from ..http import json_response
-from ..keys import DRAIN, SETTINGS, STORAGE
 from ..schemas import Checks, DetailedHealth, Health, StoredBytes
 from ..storage.base import ModelQuery, StorageError, StorageUnavailable
-from ..downloads import stored_file
 from .analytics import registry_statistics
 
 log = logging.getLogger("app.health")
@@ -119,7 +119,3 @@ async def detailed(request: web.Request) -> web.Response:
         pass
     return json_response(body, 200 if body.status == "healthy" else 503)
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/health/detailed", detailed)

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from .. import metrics
-from ..keys import STORAGE
+from ..appkeys import STORAGE
 from ..storage.base import StorageError
 from .analytics import registry_statistics
 
@@ -48,6 +48,3 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     response.headers["Content-Type"] = content_type
     return response
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/metrics", metrics_endpoint)

@@ -6,17 +6,16 @@ import math
 
 from aiohttp import web
 
-from .. import registry, validation, views
-from ..schemas import DeleteAnswer, ModelList, Pagination, RegistrationAnswer, UpdateAnswer, VersionList
-from ..http import ApiError, cacheable_json, defer_expect, json_response, read_json_object
+from .. import errors, registry, urls, validation, views
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..auth import caller_name, is_admin
-from ..keys import LEASES, SETTINGS, STORAGE
-
-PREFIX = "/api/v1/models"
+from ..errors import ApiError
+from ..http import cacheable_json, json_response, read_json_object
+from ..schemas import DeleteAnswer, ModelList, Pagination, RegistrationAnswer, UpdateAnswer, VersionList
 
 
 def _not_found(model_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no model with id {model_id}")
+    return ApiError(errors.NOT_FOUND, f"no model with id {model_id}")
 
 
 def request_model_id(request: web.Request) -> str:
@@ -46,9 +45,9 @@ async def model_or_404(request: web.Request) -> dict:
 def created(doc: dict) -> web.Response:
     return json_response(
         RegistrationAnswer(success=True, message="Model registered successfully", model_id=doc["id"],
-                           version=doc["version"], download_url=views.download_url(doc["id"])),
+                           version=doc["version"], download_url=urls.download_url(doc["id"])),
         status=201,
-        headers={"Location": f"{PREFIX}/{doc['id']}"},
+        headers={"Location": urls.model_url(doc["id"])},
     )
 
 
@@ -73,7 +72,7 @@ def with_caller(request: web.Request, fields: dict) -> dict:
         return fields
     claimed = fields.get("created_by", caller)
     if claimed != caller and not is_admin(request):
-        raise ApiError(403, "forbidden",
+        raise ApiError(errors.FORBIDDEN,
                        f"created_by: only an admin key may set it to another name than this key's ({caller!r})")
     return {**fields, "created_by": claimed}
 
@@ -138,23 +137,10 @@ async def named_models_or_404(request: web.Request) -> tuple[dict, list[dict]]:
         doc = next((d for d in docs if d["version"] == wanted), None)
     if doc is None:
         what = f"{name} {wanted}" if wanted else name
-        raise ApiError(404, "not_found", f"no model named {what}")
+        raise ApiError(errors.NOT_FOUND, f"no model named {what}")
     return doc, (docs if wanted is None else [])
 
 
 async def by_name(request: web.Request) -> web.Response:
     return cacheable_json(request, views.full(await named_model_or_404(request)))
 
-
-def setup(app: web.Application) -> None:
-    r = app.router
-    # Fixed paths before {id}, which would otherwise swallow them.
-    r.add_post(PREFIX, register, expect_handler=defer_expect)
-    r.add_get(PREFIX, list_models)
-    r.add_get(f"{PREFIX}/search", list_models)
-    r.add_get(PREFIX + "/by-name/{name}", by_name)
-    r.add_get(PREFIX + "/{id}", get_model)
-    r.add_put(PREFIX + "/{id}", update_model, expect_handler=defer_expect)
-    r.add_delete(PREFIX + "/{id}", delete_model)
-    r.add_post(PREFIX + "/{id}/versions", create_version, expect_handler=defer_expect)
-    r.add_get(PREFIX + "/{id}/versions", list_versions)

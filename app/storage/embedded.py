@@ -15,7 +15,9 @@ import os
 import secrets
 import shutil
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -23,9 +25,6 @@ import orjson
 from bson import ObjectId
 
 from ..clock import iso, now, parse_iso
-import time
-from datetime import datetime, timedelta
-
 from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
@@ -187,7 +186,8 @@ class EmbeddedStorage(Storage):
             # A registry from before search_text: add it and fill it in.
             db.execute("ALTER TABLE models ADD COLUMN search_text TEXT NOT NULL DEFAULT ''")
             for row in db.execute("SELECT * FROM models").fetchall():
-                db.execute("UPDATE models SET search_text = ? WHERE id = ?", (_search_text(_decode_row(row)), row["id"]))
+                db.execute("UPDATE models SET search_text = ? WHERE id = ?",
+                           (_search_text(_decode_row(row)), row["id"]))
 
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -417,7 +417,8 @@ class EmbeddedStorage(Storage):
             by_status[status] = by_status.get(status, 0) + n
         downloads, with_files, model_bytes = db.execute(
             "SELECT coalesce(sum(download_count), 0), count(file_id),"
-            " coalesce(sum(CASE WHEN file_id IS NULL THEN 0 ELSE json_extract(doc, '$.file_metadata.size_bytes') END), 0)"
+            " coalesce(sum(CASE WHEN file_id IS NULL THEN 0"
+            " ELSE json_extract(doc, '$.file_metadata.size_bytes') END), 0)"
             " FROM models"
         ).fetchone()
         stored = db.execute(
@@ -447,7 +448,8 @@ class EmbeddedStorage(Storage):
         row = self._db.execute("SELECT * FROM files WHERE file_id = ?", (file_id,)).fetchone()
         if row is None:
             return None
-        return StoredFile(row["file_id"], row["length"], row["sha256"], row["chunk_size"], parse_iso(row["uploaded_at"]))
+        return StoredFile(row["file_id"], row["length"], row["sha256"], row["chunk_size"],
+                          parse_iso(row["uploaded_at"]))
 
     async def file_info(self, file_id: str) -> StoredFile | None:
         return await self._run(self._file_row, file_id)

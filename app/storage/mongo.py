@@ -31,7 +31,6 @@ from pymongo.errors import (
 )
 
 from ..clock import now
-from .live_uploads import LiveUploads
 from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
@@ -48,6 +47,7 @@ from .base import (
     StoredFile,
     ValueRefused,
 )
+from .live_uploads import LiveUploads
 
 # Chunks per insert_many: large enough to amortise round trips, small enough
 # that a writer holds only a few MB.

@@ -10,7 +10,7 @@ import jinja2
 from aiohttp import web
 
 from .. import auth
-from ..keys import SETTINGS
+from ..appkeys import SETTINGS
 from . import pages
 from .session import PREFIX, SESSIONS, Sessions
 

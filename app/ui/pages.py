@@ -17,12 +17,12 @@ import orjson
 from aiohttp import web
 from multidict import MultiDict
 
-from .. import auth, clock, registry, validation
+from .. import auth, clock, errors, registry, validation
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..config import format_size
+from ..errors import ApiError
 from ..handlers import analytics, files
 from ..handlers.models import model_or_404
-from ..http import ApiError
-from ..keys import LEASES, SETTINGS, STORAGE
 from ..storage.base import ModelQuery
 from . import charts
 from .session import PREFIX, SESSIONS, Session, current
@@ -171,7 +171,8 @@ class Row:
     def of(cls, doc: dict) -> "Row":
         fm = doc.get("file_metadata")
         iso = doc["created_at"].isoformat()  # UTC, as storage hands every timestamp over
-        return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"], doc.get("tags", []),
+        return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"],
+                   doc.get("tags", []),
                    key_metric(doc.get("metrics", {})), size(fm["size_bytes"]) if fm else "",
                    doc.get("download_count", 0), iso, f"{iso[:10]} {iso[11:16]} UTC")
 
@@ -261,7 +262,7 @@ async def set_tags(request: web.Request, visit: Visit) -> web.StreamResponse:
 async def _update(request: web.Request, fields: dict) -> web.StreamResponse:
     model_id = validation.model_id(request.match_info["id"])
     if await registry.update(request.app[STORAGE], model_id, fields) is None:
-        raise ApiError(404, "not_found", f"no model with id {model_id}")
+        raise ApiError(errors.NOT_FOUND, f"no model with id {model_id}")
     return see_other(f"{PREFIX}/models/{model_id}")
 
 
@@ -275,7 +276,7 @@ async def delete(request: web.Request, visit: Visit) -> web.StreamResponse:
     model_id = validation.model_id(request.match_info["id"])
     doc = await registry.delete(request.app[STORAGE], request.app[LEASES], model_id)
     if doc is None:
-        raise ApiError(404, "not_found", f"no model with id {model_id}")
+        raise ApiError(errors.NOT_FOUND, f"no model with id {model_id}")
     return see_other(PREFIX + "?" + urlencode({"deleted": f"{doc['name']} {doc['version']}"}))
 
 
@@ -307,7 +308,7 @@ async def not_found(request: web.Request, visit: Visit) -> web.Response:
     if allowed:
         # A form's POST-only path asked with GET: 405, as anywhere else.
         raise web.HTTPMethodNotAllowed(request.method, allowed)
-    raise ApiError(404, "not_found", f"There is no page at {request.path}.")
+    raise ApiError(errors.NOT_FOUND, f"There is no page at {request.path}.")
 
 
 async def sign_in_form(request: web.Request) -> web.StreamResponse:

@@ -30,8 +30,8 @@ from .errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from .transport import DEFAULT_URL, RetryPolicy
 from .sync import ModelServiceClient
+from .transport import DEFAULT_URL, RetryPolicy
 
 __all__ = [
     "DEFAULT_URL",

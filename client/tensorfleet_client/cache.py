@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
 from . import rules
 from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file, file_lock, probe
 from .errors import ConnectionFailed, ProtocolError, ServerError

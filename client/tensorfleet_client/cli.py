@@ -183,8 +183,8 @@ def _interrupt(signum, frame):
 def _command(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from .errors import ModelServiceError
-        from .transport import RetryPolicy
         from .sync import ModelServiceClient
+        from .transport import RetryPolicy
 
         # SIGTERM cleans up like Ctrl-C: a download saves where it got to.
         previous = signal.signal(signal.SIGTERM, _interrupt)

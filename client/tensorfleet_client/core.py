@@ -15,7 +15,8 @@ from typing import Any, AsyncIterator, Mapping
 
 import orjson
 
-from . import cache, download as dl, rules
+from . import cache, rules
+from . import download as dl
 from .errors import ChecksumMismatch
 from .transport import API, USER_AGENT, RetryPolicy, Transport, read_json_body
 
@@ -190,7 +191,8 @@ class AsyncModelServiceClient:
 
     async def probe(self, id_or_name: str, version: str | None = None, *,
                     if_none_match: str | None = None) -> tuple[int, dl.RemoteFile | dl.Unchanged]:
-        """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, Unchanged)`` if ``if_none_match`` still holds.
+        """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, Unchanged)`` if ``if_none_match``
+        still holds.
 
         A 24-hex string is tried as an id first, then as a name.
         """

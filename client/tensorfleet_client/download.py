@@ -43,8 +43,15 @@ import orjson
 from filelock import AsyncFileLock
 
 from . import rules
-from .errors import (ChecksumMismatch, ConnectionFailed, InsufficientSpace, ModelServiceError, NotFound,
-                     ProtocolError, error_for)
+from .errors import (
+    ChecksumMismatch,
+    ConnectionFailed,
+    InsufficientSpace,
+    ModelServiceError,
+    NotFound,
+    ProtocolError,
+    error_for,
+)
 from .transport import API, TRANSIENT_ERRORS, Transport
 
 log = logging.getLogger("tensorfleet_client.download")

@@ -1,0 +1,120 @@
+"""Every error the API answers with, declared once: its ``error.code``, status and meaning.
+
+A raise names a declaration (``raise ApiError(errors.NOT_FOUND, "no model with
+id ...")``), so the status cannot drift from the code, and the OpenAPI
+document lists the same declarations (openapi.error_response, and the table in
+its description). Declaring a code twice fails at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ranges
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    status: int
+    description: str
+
+
+# In declaration order, which is the order of the OpenAPI description's table.
+REGISTRY: dict[str, ErrorCode] = {}
+
+
+def declare(code: str, status: int, description: str) -> ErrorCode:
+    if code in REGISTRY:
+        raise ValueError(f"error code {code} is declared twice")
+    REGISTRY[code] = ErrorCode(code, status, description)
+    return REGISTRY[code]
+
+
+class ApiError(Exception):
+    """A failure the client is told about: ``{"error": {"code", "message"}}`` with the code's status."""
+
+    def __init__(self, error: ErrorCode, message: str, headers: dict[str, str] | None = None) -> None:
+        if not isinstance(error, ErrorCode):
+            raise TypeError(f"ApiError needs a declared ErrorCode (app.errors), got {error!r}")
+        super().__init__(message)
+        self.error = error
+        self.message = message
+        self.headers = headers
+
+    @property
+    def status(self) -> int:
+        return self.error.status
+
+    @property
+    def code(self) -> str:
+        return self.error.code
+
+
+INVALID_ID = declare("invalid_id", 400, "a model id path segment is not 24 hexadecimal characters")
+INVALID_JSON = declare("invalid_json", 400,
+                        "the body is not a JSON object (empty, malformed, or another JSON type)")
+VALIDATION_ERROR = declare("validation_error", 400,
+                            "a field or name breaks a rule (the message names the field and the rule), or "
+                            "the database refuses a value")
+IMMUTABLE_FIELD = declare("immutable_field", 400,
+                           "the body sets a field the server owns (id, name, version, created_at, ...)")
+UNKNOWN_FIELD = declare("unknown_field", 400, "the body has a field the operation does not take")
+INVALID_PARAMETER = declare("invalid_parameter", 400, "a query parameter is out of range or malformed")
+INVALID_CHECKSUM = declare("invalid_checksum", 400,
+                            "X-Checksum-Sha256 / ?sha256= is not 64 hexadecimal characters")
+INVALID_FILENAME = declare("invalid_filename", 400,
+                            "the upload's file name has control characters, no name part, or over 255 bytes")
+MISSING_FILE = declare("missing_file", 400, "a multipart body has no 'file' part")
+BAD_REQUEST = declare("bad_request", 400, "the request broke HTTP itself: no HTTP version, or a body shorter "
+                                           "than its Content-Length or with a malformed chunk")
+CLIENT_CLOSED_REQUEST = declare("client_closed_request", 499,
+                                 "logged only: the client left while its body was being read (nginx's 499)")
+INVALID_MULTIPART = declare("invalid_multipart", 400,
+                             "a multipart body that cannot be parsed (no boundary, a malformed part header)")
+TOO_MANY_PARTS = declare("too_many_parts", 400,
+                         "a multipart body has more parts than the API reads ('metadata' and 'file')")
+MISSING_METADATA = declare("missing_metadata", 400, "a multipart registration has no 'metadata' part")
+UNAUTHORIZED = declare("unauthorized", 401,
+                        "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate")
+FORBIDDEN = declare("forbidden", 403, "the API key's scope does not allow this operation")
+NOT_FOUND = declare("not_found", 404, "no model with that id, name or version (also: no route for the path)")
+NO_FILE = declare("no_file", 404, "the model exists but has no file uploaded yet")
+METHOD_NOT_ALLOWED = declare("method_not_allowed", 405,
+                              "the path exists but not with this method (Allow lists the methods)")
+VERSION_EXISTS = declare("version_exists", 409,
+                          "a model with this name and the requested version already exists")
+VERSION_CONFLICT = declare("version_conflict", 409,
+                            "too many concurrent registrations of the name to number a new version")
+REQUEST_TIMEOUT = declare("request_timeout", 408,
+                          "the request head (HEADER_TIMEOUT) or body (BODY_TIMEOUT) stopped arriving; the "
+                          "connection is closed")
+PRECONDITION_FAILED = declare("precondition_failed", 412, "If-Match / If-Unmodified-Since did not hold")
+PAYLOAD_TOO_LARGE = declare("payload_too_large", 413,
+                             "a JSON body (or a multipart 'metadata' part) is over MAX_JSON_SIZE")
+FILE_TOO_LARGE = declare("file_too_large", 413, "the file is over MAX_FILE_SIZE")
+URI_TOO_LONG = declare("uri_too_long", 414, "the request line is longer than MAX_URL_LENGTH")
+RANGE_NOT_SATISFIABLE = declare("range_not_satisfiable", 416, "no requested range overlaps the file, or more "
+                                                               f"than {ranges.MAX_RANGES} ranges")
+EXPECTATION_FAILED = declare("expectation_failed", 417, "an Expect header other than 100-continue")
+CHECKSUM_MISMATCH = declare("checksum_mismatch", 422,
+                             "the received content's SHA-256 differs from the declared one")
+RATE_LIMITED = declare("rate_limited", 429,
+                        "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After")
+TOO_MANY_CLIENT_UPLOADS = declare("too_many_client_uploads", 429,
+                                  "this client already has MAX_UPLOADS_PER_CLIENT uploads in progress; retry "
+                                  "after Retry-After")
+HEADERS_TOO_LARGE = declare("headers_too_large", 431, "a request header is longer than MAX_HEADER_SIZE")
+INTERNAL_ERROR = declare("internal_error", 500, "an unexpected failure (logged server-side; no details are sent)")
+STORAGE_UNAVAILABLE = declare("storage_unavailable", 503,
+                               "the database or data folder is unreachable; retry after Retry-After seconds")
+SHUTTING_DOWN = declare("shutting_down", 503, "the instance is draining after SIGTERM; retry (on another instance)")
+TOO_MANY_DOWNLOADS = declare("too_many_downloads", 503,
+                              "MAX_CONCURRENT_DOWNLOADS bodies are streaming here and no slot freed within "
+                              "DOWNLOAD_QUEUE_SECONDS; retry after Retry-After")
+TOO_MANY_UPLOADS = declare("too_many_uploads", 503,
+                           "MAX_CONCURRENT_UPLOADS uploads are in progress here and none finished within "
+                           "UPLOAD_QUEUE_SECONDS; retry after Retry-After")
+TOO_MANY_CONNECTIONS = declare("too_many_connections", 503,
+                               "MAX_CONNECTIONS connections are in the middle of a request here; retry after "
+                               "Retry-After")

@@ -1,0 +1,20 @@
+"""The API's URL templates that answers also point at (Location, download_url).
+
+The routes themselves, with their methods, handlers and scopes, are the table
+in app/routes.py; it builds its paths from these. A leaf module, so handlers
+and renderers can make URLs without importing the table (which imports them).
+"""
+
+API = "/api/v1"
+OPENAPI_JSON = API + "/openapi.json"
+MODELS = API + "/models"
+MODEL = MODELS + "/{id}"
+MODEL_DOWNLOAD = MODEL + "/download"
+
+
+def model_url(model_id: str) -> str:
+    return MODEL.format(id=model_id)
+
+
+def download_url(model_id: str) -> str:
+    return MODEL_DOWNLOAD.format(id=model_id)
