@@ -82,9 +82,10 @@ BINARY = {"type": "string", "format": "binary"}
 
 # Each code's status and meaning are declared in app/errors.py; these are the statuses' names.
 _REASONS = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
-            405: "Method not allowed", 409: "Conflict", 412: "Precondition failed", 413: "Payload too large",
-            416: "Range not satisfiable", 417: "Expectation failed", 422: "Unprocessable content",
-            429: "Too many requests", 500: "Internal error", 503: "Service unavailable"}
+            405: "Method not allowed", 408: "Request timeout", 409: "Conflict", 412: "Precondition failed",
+            413: "Payload too large", 414: "URI too long", 416: "Range not satisfiable", 417: "Expectation failed",
+            422: "Unprocessable content", 429: "Too many requests", 431: "Header fields too large",
+            500: "Internal error", 503: "Service unavailable"}
 
 
 def error_response(*codes: ErrorCode, headers: Json | None = None, body: bool = True) -> Json:
@@ -311,12 +312,28 @@ def _download_busy_codes(settings: Settings) -> tuple[ErrorCode, ...]:
     return (errors.TOO_MANY_DOWNLOADS,) if settings.max_concurrent_downloads else ()
 
 
+def _upload_busy_codes(settings: Settings) -> tuple[ErrorCode, ...]:
+    return (errors.TOO_MANY_UPLOADS,) if settings.max_concurrent_uploads else ()
+
+
+def _upload_answers(settings: Settings) -> Json:
+    """What an upload can meet beyond its own errors: a stalled body, the upload caps."""
+    answers = {"408": error_response(errors.REQUEST_TIMEOUT), "503": shared("UploadUnavailable")}
+    per_client = (errors.TOO_MANY_CLIENT_UPLOADS,) if settings.max_uploads_per_client else ()
+    limited = (errors.RATE_LIMITED,) if settings.rate_limit else ()
+    if per_client or limited:
+        answers["429"] = error_response(*limited, *per_client, headers=header_refs("RetryAfter"))
+    return answers
+
+
 def responses(settings: Settings) -> Json:
     retry = header_refs("RetryAfter")
     return {
         # Every operation but /health's can meet a draining instance; most also reach the store.
         "Unavailable": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=retry),
         "ShuttingDown": error_response(errors.SHUTTING_DOWN, headers=retry),
+        "UploadUnavailable": error_response(
+            errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, *_upload_busy_codes(settings), headers=retry),
         "DownloadUnavailable": error_response(
             errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, *_download_busy_codes(settings), headers=retry),
         "InvalidModelId": error_response(errors.INVALID_ID),
@@ -511,11 +528,11 @@ def operations(settings: Settings) -> dict[str, Json]:
         "201": answer("stored and attached; the model's previous file is released unless another model shares it",
                       "UploadAnswer", follow=links("DownloadModel", "ModelFileInfo", "GetModel")),
         "400": error_response(errors.INVALID_ID, errors.INVALID_CHECKSUM, errors.INVALID_FILENAME, errors.MISSING_FILE,
-                              errors.INVALID_MULTIPART),
+                              errors.INVALID_MULTIPART, errors.TOO_MANY_PARTS),
         "404": shared("ModelNotFound"),
         "413": error_response(errors.FILE_TOO_LARGE),
         "422": shared("ChecksumMismatch"),
-        "503": shared("Unavailable"),
+        **_upload_answers(settings),
     }, params=model_id + [
         p("ChecksumHeader"), p("ChecksumQuery"), p("Filename"),
         _request_header("Content-Disposition", "alternative to ?filename= for a raw body: "
@@ -552,12 +569,12 @@ def operations(settings: Settings) -> dict[str, Json]:
         op("registerModel", "models", "Register a model (optionally with its file)", {
             "201": created,
             "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
-                                  errors.INVALID_MULTIPART,
+                                  errors.INVALID_MULTIPART, errors.TOO_MANY_PARTS,
                                   errors.INVALID_CHECKSUM),
             "409": shared("VersionConflict"),
             "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
             "422": shared("ChecksumMismatch"),
-            "503": shared("Unavailable"),
+            **_upload_answers(settings),
         }, description=(
             "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
             "A multipart/form-data body registers and uploads at once: a 'metadata' part holding the JSON "
@@ -737,7 +754,9 @@ def _add_cross_cutting(doc: Json, settings: Settings) -> None:
             if scope != "read":
                 responses_["403"] = cross("Forbidden", errors.FORBIDDEN, head)
         is_download = method == "get" and path.endswith("/download")
-        if path not in UNLIMITED_PATHS and (settings.rate_limit or (settings.download_rate_limit and is_download)):
+        limited = settings.rate_limit or (settings.download_rate_limit and is_download)
+        # An upload declares its own 429 (the rate limit beside the per-client upload cap).
+        if path not in UNLIMITED_PATHS and limited and "429" not in responses_:
             responses_["429"] = cross("RateLimited", errors.RATE_LIMITED, head, ("RetryAfter",))
         operation["responses"] = dict(sorted(responses_.items()))
 
