@@ -37,7 +37,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from . import errors
-from .http import BodyTimeout, status_error_response
+from .http.body import BodyTimeout
+from .http.json import status_error_response
 
 log = logging.getLogger("app.connections")
 

@@ -22,10 +22,11 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, errors, metrics, preconditions, ranges, sendfile, views
+from . import clock, errors, metrics, views
 from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
-from .http import error_response
+from .http import preconditions, ranges, sendfile
+from .http.json import error_response
 from .storage.base import FileMissing, ModelDocument, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
@@ -194,7 +195,7 @@ async def _stream(request, doc, f, response, parts, trailer, counted: bool) -> w
     except TimeoutError:
         log.info("download of model %s dropped: client made no progress for %g s", doc["id"], timeout)
         _reset(request)
-    except (StorageUnavailable, FileMissing) as e:
+    except (StorageUnavailable, FileMissing, sendfile.FileGone) as e:
         metrics.STORAGE_ERRORS.labels("download").inc()
         log.error("download of model %s aborted mid-body: %s", doc["id"], e)
         # Abort, not close: the client must see a truncated body, not a complete one.

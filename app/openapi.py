@@ -30,11 +30,12 @@ from typing import Any
 
 import msgspec
 
-from . import downloads, errors, ranges, routes
+from . import downloads, errors, routes
 from . import schemas as shapes
 from .config import Settings, format_size
 from .errors import ErrorCode
 from .handlers.batch import MAX_IDS
+from .http import ranges
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
 from .urls import MODELS
