@@ -481,7 +481,7 @@ def operations(settings: Settings) -> dict[str, Json]:
     json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
 
     def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
-        """GET of a model document (http.cacheable_json): ETag, Cache-Control: no-cache, 304."""
+        """GET of a model document (http.json.cacheable_json): ETag, Cache-Control: no-cache, 304."""
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
             "200": answer("the full model document", "Model", cache_headers,
