@@ -37,12 +37,13 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from . import errors
-from .http import BodyTimeout, status_error_response
+from .http.body import BodyTimeout
+from .http.json import status_error_response
 
 log = logging.getLogger("app.connections")
 
 # While sendfile runs, a download holds three descriptors: the socket, the
-# file and a duplicate of the socket (app/sendfile.py).
+# file and a duplicate of the socket (app/http/sendfile.py).
 FDS_PER_CONNECTION = 3
 # Descriptors for everything else: the store (SQLite files, the MongoDB
 # connection pool), logs, the listening socket.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import ranges
+from .http import ranges
 
 
 @dataclass(frozen=True)

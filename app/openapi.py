@@ -30,11 +30,12 @@ from typing import Any
 
 import msgspec
 
-from . import downloads, errors, ranges, routes
+from . import downloads, errors, routes
 from . import schemas as shapes
 from .config import Settings, format_size
 from .errors import ErrorCode
 from .handlers.batch import MAX_IDS
+from .http import ranges
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
 from .urls import MODELS
@@ -497,7 +498,7 @@ def operations(settings: Settings) -> dict[str, Json]:
     json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
 
     def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
-        """GET of a model document (http.cacheable_json): ETag, Cache-Control: no-cache, 304."""
+        """GET of a model document (http.json.cacheable_json): ETag, Cache-Control: no-cache, 304."""
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
             "200": answer("the full model document", "Model", cache_headers,

@@ -16,7 +16,7 @@ from aiohttp import web
 from . import auth, openapi, ui
 from .appkeys import ROUTE_SCOPES, SETTINGS
 from .handlers import analytics, batch, docs, files, health, metrics, models
-from .http import defer_expect
+from .http.expect import defer_expect
 from .urls import API as API_PREFIX
 from .urls import MODEL, MODEL_DOWNLOAD, MODELS, OPENAPI_JSON
 

@@ -14,8 +14,8 @@ from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE, UPLOAD_SL
 from .config import ConfigError, Settings
 from .drain import Drain
 from .handlers.metrics import metrics_middleware
-from .http import error_middleware
 from .leases import FileLeases
+from .middleware import error_middleware
 from .routes import setup_routes
 from .storage import Storage, make_storage
 

@@ -23,7 +23,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 from . import clock, errors
 from .config import Settings, format_size
 from .errors import ApiError
-from .http import read_limited
+from .http.body import read_limited
 from .storage.base import FileWriter, Storage, StoredFile
 
 # Multipart bodies carry boundaries (and, at registration, a metadata part of

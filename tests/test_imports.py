@@ -1,5 +1,7 @@
 """Every module of the service imports on its own, whichever is imported first (no import cycle breaks it)."""
 
+import ast
+import pathlib
 import pkgutil
 import subprocess
 import sys
@@ -31,3 +33,40 @@ def test_every_module_imports_first():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *names], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and not proc.stdout, proc.stdout + proc.stderr
+
+
+# What app/http/ may import from the service: declarations, and itself. Application
+# state (app keys, metrics, clock, storage, registry, leases, slots...) stays out.
+HTTP_MAY_IMPORT = {"app.errors", "app.http"}
+
+
+def _service_imports(path, package: str) -> set[str]:
+    """The app.* modules a file imports, relative imports resolved against ``package``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            # ``from .. import errors`` imports app.errors: name each imported module.
+            found |= {f"{module}.{a.name}" for a in node.names} if node.module is None else {module}
+    return {m for m in found if m == "app" or m.startswith("app.")}
+
+
+def _allowed(module: str) -> bool:
+    return any(module == ok or module.startswith(ok + ".") for ok in HTTP_MAY_IMPORT)
+
+
+def test_http_mechanics_import_no_application_state():
+    http_dir = pathlib.Path(REPO) / "app" / "http"
+    files = sorted(http_dir.glob("*.py"))
+    assert {p.name for p in files} >= {"__init__.py", "fileresponse.py", "ranges.py", "sendfile.py"}
+    imported = {p.name: _service_imports(p, "app.http") for p in files}
+    assert "app.errors" in imported["json.py"]  # the scan sees relative imports
+    bad = {name: sorted(m for m in mods if not _allowed(m)) for name, mods in imported.items()}
+    assert not any(bad.values()), bad

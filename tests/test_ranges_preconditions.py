@@ -4,8 +4,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from app import preconditions, ranges
-from app.ranges import ByteRange
+from app.http import preconditions, ranges
+from app.http.ranges import ByteRange
 
 SIZE = 1000
 

@@ -15,7 +15,7 @@ from referencing.jsonschema import DRAFT202012
 
 from app import openapi, validation
 from app.config import Settings
-from app.http import ApiError
+from app.errors import ApiError
 
 APP = Path(validation.__file__).parent
 

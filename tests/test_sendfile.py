@@ -1,4 +1,4 @@
-"""app.sendfile: the zero-copy path behind embedded downloads, on uvloop and asyncio.
+"""app.http.sendfile: the zero-copy path behind embedded downloads, on uvloop and asyncio.
 
 Downloads through the API cover the bytes end to end; these pin down what
 those tests cannot see from the client: the socket is corked only while the
@@ -17,8 +17,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from app import sendfile
-from app.storage.base import FileMissing
+from app.http import sendfile
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux-only")
 
@@ -63,7 +62,7 @@ class Served:
         fd = request.transport.get_extra_info("socket").fileno()
         try:
             await sendfile.send_range(request, writer, str(self.path), offset, count, 10)
-        except FileMissing as e:
+        except sendfile.FileGone as e:
             self.missing.append((str(e), _cork_state(fd)))
             request.transport.abort()
             return response

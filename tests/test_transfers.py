@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 from bson import ObjectId
 
-from app import sendfile
 from app.appkeys import STORAGE
+from app.http import sendfile
 from app.server import create_app
 from tests.transfer_helpers import (
     CS,

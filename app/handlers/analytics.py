@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .. import clock, validation, views
 from ..appkeys import SETTINGS, STORAGE
-from ..http import json_response
+from ..http.json import json_response
 from ..schemas import ModelTop, RecentActivity, Statistics, StatusDistribution, StorageUsage
 from ..storage.base import ModelQuery, RegistryStats, Storage
 

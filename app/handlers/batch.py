@@ -16,7 +16,8 @@ from aiohttp import web
 from .. import clock, errors, registry, validation
 from ..appkeys import LEASES, STORAGE
 from ..errors import ApiError
-from ..http import json_response, read_json_object
+from ..http.json import json_response
+from ..json_bodies import read_json_object
 from ..schemas import MAX_BATCH_IDS as MAX_IDS
 from ..schemas import BatchAnswer, BatchOperation, BatchResult, BatchSummary
 

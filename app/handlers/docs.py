@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..http import json_response
+from ..http.json import json_response
 from ..urls import OPENAPI_JSON
 
 DOCUMENT = web.AppKey("openapi_document", dict)

@@ -7,10 +7,12 @@ import math
 import msgspec
 from aiohttp import web
 
-from .. import downloads, errors, metrics, preconditions, registry, uploads, urls, validation
+from .. import downloads, errors, metrics, registry, uploads, urls, validation
 from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
-from ..http import invite_body, json_response, parse_json_object
+from ..http import preconditions
+from ..http.expect import invite_body
+from ..http.json import json_response, parse_json_object
 from ..locks import KeyedLocks
 from ..schemas import FileInfo, UploadAnswer
 from ..views import LAST_MODIFIED_SHARED, file_metadata

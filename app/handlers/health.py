@@ -11,7 +11,7 @@ from .. import clock
 from ..appkeys import DRAIN, SETTINGS, STORAGE
 from ..config import format_size
 from ..downloads import stored_file
-from ..http import json_response
+from ..http.json import json_response
 from ..schemas import Checks, DetailedHealth, Health, StoredBytes
 from ..storage.base import ModelQuery, StorageError, StorageUnavailable
 from .analytics import registry_statistics

@@ -10,7 +10,8 @@ from .. import errors, registry, urls, validation, views
 from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..auth import caller_name, is_admin
 from ..errors import ApiError
-from ..http import cacheable_json, json_response, read_json_object
+from ..http.json import cacheable_json, json_response
+from ..json_bodies import read_json_object
 from ..schemas import DeleteAnswer, ModelList, Pagination, RegistrationAnswer, UpdateAnswer, VersionList
 
 

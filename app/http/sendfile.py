@@ -20,9 +20,11 @@ import socket
 
 from aiohttp import web
 
-from .storage.base import FileMissing
-
 _STEP = 2 * 1024 * 1024
+
+
+class FileGone(Exception):
+    """The file is missing, or shorter than the range being sent."""
 
 
 def usable(request: web.Request) -> bool:
@@ -44,7 +46,7 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) ->
 async def send_range(request: web.Request, writer, path: str, offset: int, count: int, timeout: float) -> int:
     """Send [offset, offset+count) of ``path`` after what ``writer`` has buffered; bytes sent.
 
-    Raises FileMissing if the file is gone or shorter than that, TimeoutError
+    Raises FileGone if the file is gone or shorter than that, TimeoutError
     after ``timeout`` seconds without progress, ConnectionError if the client left.
     """
     loop = asyncio.get_running_loop()
@@ -57,7 +59,7 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as e:
-        raise FileMissing(f"content at {path} is missing") from e
+        raise FileGone(f"content at {path} is missing") from e
     sock = transport.get_extra_info("socket")
     try:
         out = os.dup(sock.fileno())
@@ -75,7 +77,7 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
                 await _writable(loop, out, timeout)
                 continue
             if n == 0:
-                raise FileMissing(f"content at {path} is shorter than recorded")
+                raise FileGone(f"content at {path} is shorter than recorded")
             sent += n
             # Let other connections have the loop between steps.
             await asyncio.sleep(0)
