@@ -1,5 +1,7 @@
 """Every module of the service imports on its own, whichever is imported first (no import cycle breaks it)."""
 
+import ast
+import pathlib
 import pkgutil
 import subprocess
 import sys
@@ -31,3 +33,31 @@ def test_every_module_imports_first():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *names], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and not proc.stdout, proc.stdout + proc.stderr
+
+
+def _imported_modules(path, package: str) -> set[str]:
+    """The absolute names of the modules a file imports, relative imports resolved against its package."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_handler_modules_do_not_import_each_other():
+    """What handlers share lives in app.handlers.common; no handler module imports another one."""
+    folder = pathlib.Path(REPO, "app", "handlers")
+    handlers = {f"app.handlers.{p.stem}" for p in folder.glob("*.py")} - {"app.handlers.__init__",
+                                                                         "app.handlers.common"}
+    assert {"app.handlers.files", "app.handlers.models"} <= handlers
+    crossings = {name: sorted(_imported_modules(folder / f"{name.rsplit('.', 1)[1]}.py", "app.handlers")
+                              & (handlers - {name}))
+                 for name in sorted(handlers)}
+    assert not any(crossings.values()), crossings
