@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import app
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 # One interpreter loads the libraries once, then forks a child per module that
 # imports that module first, as a process starting with it would.
