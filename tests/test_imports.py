@@ -61,3 +61,12 @@ def test_handler_modules_do_not_import_each_other():
                               & (handlers - {name}))
                  for name in sorted(handlers)}
     assert not any(crossings.values()), crossings
+
+
+def test_bench_does_not_import_tests():
+    """What bench/ shares with the tests lives in testkit/; bench imports nothing from tests/."""
+    files = sorted(pathlib.Path(REPO, "bench").glob("*.py"))
+    assert files
+    found = {p.name: sorted(n for n in _imported_modules(p, "bench") if n == "tests" or n.startswith("tests."))
+             for p in files}
+    assert not any(found.values()), found
