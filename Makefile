@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/model-service serve
 
 # Everything, both backends. The FerretDB test server builds itself with Go on
-# first use (tests/support/mongo_server.py); set MONGODB_URL to use a real MongoDB.
+# first use (testkit/mongo_server.py); set MONGODB_URL to use a real MongoDB.
 test: $(STAMP) lint
 	-@$(MAKE) --no-print-directory bench-tools
 	-@$(MAKE) --no-print-directory ui-browser
@@ -66,7 +66,7 @@ ui-screenshots: $(STAMP) ui-browser
 	$(BIN)/python -m bench.ui_screenshots
 
 mongo-server: $(STAMP)
-	$(BIN)/python -c "from tests.support.mongo_server import build; print(build())"
+	$(BIN)/python -c "from testkit.mongo_server import build; print(build())"
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache data

@@ -1,24 +1,33 @@
-"""Registry operations that span several storage calls: numbering versions.
+"""The model lifecycle: operations that span several storage calls.
 
-Version numbers are computed from the name's latest version. Within one
+Numbering versions: version numbers are computed from the name's latest version. Within one
 process, registrations of the same name take turns (a lock per name), so they
 never race each other; across processes two can still pick the same number,
 and the unique (name, version) index turns the loser into DuplicateModel,
 which numbers again.
+
+Attaching a file: a stored upload is claimed (settled) once a model points at
+it, and released again if none does; the file a model stops pointing at is
+released through the leases, which keep it while a download still reads it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import AsyncIterator
 
 from bson import ObjectId
 
 from . import clock, errors, versions
 from .errors import ApiError
+from .http import preconditions
 from .leases import FileLeases
 from .locks import KeyedLocks
-from .metrics import REGISTRATIONS, algorithm_label
-from .storage.base import DuplicateModel, ModelDocument, ModelQuery, Storage
+from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
+from .storage.base import DuplicateModel, ModelDocument, ModelQuery, RegistryStats, Storage, StoredFileMetadata
+from .uploads import Received, file_metadata
+from .views import LAST_MODIFIED_SHARED
 
 _NUMBERING_ATTEMPTS = 8
 _name_locks = KeyedLocks()
@@ -60,6 +69,14 @@ async def settle_latest(storage: Storage, name: str) -> bool:
         for model_id, superseded in changes:
             await storage.update_model(model_id, {SUPERSEDED: superseded})
     return changed
+
+
+async def statistics(storage: Storage) -> RegistryStats:
+    """The totals behind /statistics, /metrics and the detailed health check."""
+    now = clock.now()
+    # Hourly buckets: the last 24 of them, this hour included.
+    this_hour = now.replace(minute=0, second=0, microsecond=0)
+    return await storage.statistics(now - timedelta(days=7), this_hour - timedelta(hours=23))
 
 
 async def versions_of(storage: Storage, name: str) -> list[ModelDocument]:
@@ -167,4 +184,62 @@ async def delete(storage: Storage, leases: FileLeases, model_id: str) -> ModelDo
         await leases.release(doc["file_metadata"]["file_id"])
     if doc is not None and not doc.get(SUPERSEDED):
         await settle_latest(storage, doc["name"])
+    return doc
+
+
+# Uploads to one model take turns swapping its file in: the swap returns the
+# file it replaced, and that must be exact even on a database whose
+# find-and-modify is not atomic (FerretDB, the test server).
+_model_locks = KeyedLocks()
+
+
+@asynccontextmanager
+async def _claiming(storage: Storage, received: Received) -> AsyncIterator[None]:
+    """Settle the uploaded file after the block; if the block fails, no model points at it: release it too."""
+    file_id = received.stored.file_id
+    try:
+        yield
+    except BaseException:
+        await storage.settle_file(file_id)
+        await storage.release_file(file_id)
+        raise
+    await storage.settle_file(file_id)
+
+
+def _count_upload(doc: ModelDocument, received: Received) -> None:
+    UPLOADS.labels(algorithm_label(doc["algorithm"])).inc()
+    UPLOAD_BYTES.inc(received.stored.size)
+
+
+async def attach_file(storage: Storage, leases: FileLeases, doc: ModelDocument,
+                      received: Received) -> StoredFileMetadata:
+    """Point the model at its new file, then release whatever file it had before; the new file_metadata."""
+    fm = file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
+    async with _claiming(storage, received):
+        async with _model_locks(doc["id"]):
+            # Replacing a file within the second it was uploaded leaves two
+            # contents with one Last-Modified: mark it, so an If-Range date
+            # naming that second is not trusted (downloads.date_is_strong).
+            current = (await storage.get_model(doc["id"]) or {}).get("file_metadata")
+            if (current and current["checksum"] != fm["checksum"]
+                    and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
+                fm[LAST_MODIFIED_SHARED] = True
+            previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
+                                                  return_previous=True)
+        if previous is None:
+            # The model was deleted while its file was uploading.
+            raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")
+    old = previous.get("file_metadata")
+    if old and old["file_id"] != fm["file_id"]:
+        await leases.release(old["file_id"])
+    _count_upload(doc, received)
+    return fm
+
+
+async def create_with_file(storage: Storage, fields: ModelDocument, received: Received) -> ModelDocument:
+    """Register a model (validated fields) whose file is already stored; the file is released if that fails."""
+    async with _claiming(storage, received):
+        fields = {**fields, "file_metadata": file_metadata(received, fields.get("format"), fields["name"])}
+        doc = await create(storage, fields)
+        _count_upload(doc, received)
     return doc

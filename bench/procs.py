@@ -1,9 +1,9 @@
 """The processes a bench run starts: the service, nginx, the test MongoDB server, the client.
 
-The service is started with tests/support/live_service.LiveService (``python -m
+The service is started with testkit/live_service.LiveService (``python -m
 app serve`` on a free 127.0.0.1 port, configured by environment variables, so
 ``WORKERS`` and ``GRIDFS_CHUNK_SIZE`` reach it the way an operator would set
-them). The MongoDB server is tests/support/mongo_server.MongoTestServer unless
+them). The MongoDB server is testkit/mongo_server.MongoTestServer unless
 ``MONGODB_URL`` is set. Memory and CPU are read from outside, over the
 service's whole process tree (the supervisor and its workers with --workers).
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.support.live_service import LiveService
-from tests.support.mongo_server import REPO, MongoTestServer, free_port, terminate
+from testkit.live_service import LiveService
+from testkit.mongo_server import REPO, MongoTestServer, free_port, terminate
 
 # -- memory and CPU of a process tree --------------------------------------------
 

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from app.config import parse_size
-from tests.support.files import sha256_of, write_random
-from tests.support.live_service import LiveService
-from tests.support.mongo_server import REPO, MongoTestServer
+from testkit.files import sha256_of, write_random
+from testkit.live_service import LiveService
+from testkit.mongo_server import REPO, MongoTestServer
 
 RESULTS = REPO / "bench" / "results"
 

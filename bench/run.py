@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from tests.support.files import sha256_of
-from tests.support.mongo_server import REPO
+from testkit.files import sha256_of
+from testkit.mongo_server import REPO
 
 from . import procs, stats
 

@@ -34,7 +34,7 @@ from app.config import Settings
 from app.server import create_app
 from app.storage import make_storage
 from bench.run import model_body
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 RESULTS = REPO / "bench" / "results"
 TARGET = 2.0

@@ -15,9 +15,9 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from tests.support.live_service import LiveService
-from tests.support.mongo_server import REPO
-from tests.support.ui_browser import DESKTOP, KEYS, PHONE, UI_API_KEYS, chromium_path, launch, seed
+from testkit.live_service import LiveService
+from testkit.mongo_server import REPO
+from testkit.ui_browser import DESKTOP, KEYS, PHONE, UI_API_KEYS, chromium_path, launch, seed
 
 
 def main(argv: list[str] | None = None) -> int:

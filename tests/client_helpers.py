@@ -15,10 +15,10 @@ import orjson
 import pytest
 from bson import Binary
 
+from testkit.files import sha256_of, write_random  # noqa: F401  (re-exported)
+from testkit.live_service import LiveService, service_on
+from testkit.mongo_server import REPO
 from tests.conftest import BACKENDS
-from tests.support.files import sha256_of, write_random  # noqa: F401  (re-exported)
-from tests.support.live_service import LiveService, service_on
-from tests.support.mongo_server import REPO
 
 
 class ClientLive:

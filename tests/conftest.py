@@ -1,7 +1,7 @@
 """Fixtures: a real MongoDB wire-protocol server, both storage backends, an HTTP client.
 
 The MongoDB half uses MONGODB_URL when it is set, otherwise the FerretDB test
-server this repo builds (tests/support/mongo_server.py). With CI=true a missing
+server this repo builds (testkit/mongo_server.py). With CI=true a missing
 server fails the run; elsewhere the MongoDB tests are skipped with a message
 saying how to enable them.
 """
@@ -18,7 +18,7 @@ from pymongo import MongoClient
 from app.config import Settings
 from app.server import create_app
 from app.storage import make_storage
-from tests.support.mongo_server import MongoTestServer, ServerUnavailable
+from testkit.mongo_server import MongoTestServer, ServerUnavailable
 from tests.support.prerequisites import cannot_run
 
 BACKENDS = ("embedded", "mongodb")

@@ -10,7 +10,7 @@ import pytest
 from app import auth, openapi, routes
 from app.config import ConfigError, Settings
 from app.server import create_app
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 READ, WRITE, ADMIN = "reader-key-1", "writer-key-2", "admin-key-3"
 
@@ -203,7 +203,7 @@ def test_keys_create_prints_a_working_line(tmp_path):
 
 
 def test_auth_off_warns_once_at_start_up(tmp_path):
-    from tests.support.live_service import LiveService
+    from testkit.live_service import LiveService
 
     service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": ""}, tmp_path / "log")
     service.start()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 from tests.support.prerequisites import cannot_run
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from testkit.mongo_server import REPO
 from tests.client_helpers import live, sha256_of, unique, write_random  # noqa: F401  (live is a fixture)
-from tests.support.mongo_server import REPO
 
 BIG = 300 * 1000 * 1000  # the 300 MB
 

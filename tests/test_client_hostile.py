@@ -24,7 +24,7 @@ from aiohttp import web
 from tensorfleet_client import AsyncModelServiceClient, ModelServiceError, ProtocolError, RetryPolicy, transport
 from tensorfleet_client import download as dl
 
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 FAST = RetryPolicy(attempts=2, backoff=0.01)
 DATA = os.urandom(300_000)

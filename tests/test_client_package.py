@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.files import sha256_of, write_random
-from tests.support.live_service import service_on
-from tests.support.mongo_server import REPO
+from testkit.files import sha256_of, write_random
+from testkit.live_service import service_on
+from testkit.mongo_server import REPO
 
 CLIENT = REPO / "client"
 PACKAGE = CLIENT / "tensorfleet_client"

@@ -178,8 +178,8 @@ def test_sigkill_mid_upload_then_restart_is_consistent_and_gc_cleans(tmp_path):
 
     import orjson
 
-    from tests.support.live_service import LiveService
-    from tests.support.mongo_server import REPO
+    from testkit.live_service import LiveService
+    from testkit.mongo_server import REPO
 
     env = {"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": ""}
     service = LiveService(env, tmp_path / "log")

@@ -44,8 +44,8 @@ from aiohttp.test_utils import TestServer
 from app.appkeys import DRAIN, STORAGE
 from app.schemas import MAX_NESTING
 from app.server import create_app
+from testkit.live_service import LiveService
 from tests.api_helpers import snapshot
-from tests.support.live_service import LiveService
 from tests.transfer_helpers import Part, leftovers, multipart, parse_byteranges
 
 MODELS = "/api/v1/models"

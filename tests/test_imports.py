@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import app
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 # One interpreter loads the libraries once, then forks a child per module that
 # imports that module first, as a process starting with it would.
@@ -70,3 +70,40 @@ def test_http_mechanics_import_no_application_state():
     assert "app.errors" in imported["json.py"]  # the scan sees relative imports
     bad = {name: sorted(m for m in mods if not _allowed(m)) for name, mods in imported.items()}
     assert not any(bad.values()), bad
+
+
+def _imported_modules(path, package: str) -> set[str]:
+    """The absolute names of the modules a file imports, relative imports resolved against its package."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_handler_modules_do_not_import_each_other():
+    """What handlers share lives in app.handlers.common; no handler module imports another one."""
+    folder = pathlib.Path(REPO, "app", "handlers")
+    handlers = {f"app.handlers.{p.stem}" for p in folder.glob("*.py")} - {"app.handlers.__init__",
+                                                                         "app.handlers.common"}
+    assert {"app.handlers.files", "app.handlers.models"} <= handlers
+    crossings = {name: sorted(_imported_modules(folder / f"{name.rsplit('.', 1)[1]}.py", "app.handlers")
+                              & (handlers - {name}))
+                 for name in sorted(handlers)}
+    assert not any(crossings.values()), crossings
+
+
+def test_bench_does_not_import_tests():
+    """What bench/ shares with the tests lives in testkit/; bench imports nothing from tests/."""
+    files = sorted(pathlib.Path(REPO, "bench").glob("*.py"))
+    assert files
+    found = {p.name: sorted(n for n in _imported_modules(p, "bench") if n == "tests" or n.startswith("tests."))
+             for p in files}
+    assert not any(found.values()), found

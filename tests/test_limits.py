@@ -10,7 +10,7 @@ import pytest
 from app.config import ConfigError, Rate, Settings, parse_rate
 from app.limits import TokenBuckets
 from app.server import create_app
-from tests.support.live_service import LiveService
+from testkit.live_service import LiveService
 
 
 def test_parse_rate():

@@ -33,8 +33,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from testkit.live_service import LiveService, service_on
 from tests.conftest import BACKENDS
-from tests.support.live_service import LiveService, service_on
 
 pytestmark = pytest.mark.slow
 

@@ -56,7 +56,7 @@ async def test_internal_errors_hide_the_trace_from_clients(client, caplog, monke
 def test_unparseable_requests_are_one_quiet_line(tmp_path):
     import socket
 
-    from tests.support.live_service import LiveService
+    from testkit.live_service import LiveService
 
     service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": ""}, tmp_path / "log")
     service.start()

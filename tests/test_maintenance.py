@@ -12,7 +12,7 @@ from bson import ObjectId
 
 from app import clock, registry
 from app.storage import ModelQuery
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 
 def command_env(settings) -> dict:

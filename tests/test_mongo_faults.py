@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support.mongo_server import free_port
+from testkit.mongo_server import free_port
 
 
 async def wait_for_status(client, status, timeout=30.0):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.live_service import LiveService
+from testkit.live_service import LiveService
 
 pytestmark = pytest.mark.slow
 

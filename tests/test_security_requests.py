@@ -17,7 +17,7 @@ from app import auth
 from app.appkeys import DOWNLOAD_SLOTS, STORAGE
 from app.config import Rate
 from app.server import create_app
-from tests.support.live_service import LiveService
+from testkit.live_service import LiveService
 from tests.transfer_helpers import (
     MODELS,
     Part,

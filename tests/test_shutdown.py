@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.support.live_service import LiveService
+from testkit.live_service import LiveService
 
 SIZE = 32 * 1024 * 1024
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.live_service import service_on
-from tests.support.mongo_server import REPO
+from testkit.live_service import service_on
+from testkit.mongo_server import REPO
 from tests.test_hostile_inputs import chunk, parse_responses, raw_multipart, request_bytes
 
 pytestmark = pytest.mark.slow

@@ -20,9 +20,9 @@ import aiohttp
 import orjson
 import pytest
 
+from testkit.files import sha256_of, write_random
+from testkit.live_service import LiveService, service_on
 from tests.conftest import BACKENDS
-from tests.support.files import sha256_of, write_random
-from tests.support.live_service import LiveService, service_on
 
 pytestmark = pytest.mark.slow
 

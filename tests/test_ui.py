@@ -128,10 +128,10 @@ async def test_statistics_page_counts_downloads_per_hour(client):
     assert (await client.put(f"{MODELS}/{model_id}/upload", data=b"x" * 10)).status == 201
     for _ in range(2):
         assert (await client.get(f"{MODELS}/{model_id}/download")).status == 200
+    from app import registry
     from app.appkeys import STORAGE
-    from app.handlers.analytics import registry_statistics
 
-    stats = await registry_statistics(client.app[STORAGE])
+    stats = await registry.statistics(client.app[STORAGE])
     this_hour = clock.now().replace(minute=0, second=0, microsecond=0)
     assert stats.downloads_by_hour == {this_hour: 2}
     assert stats.downloads_since == 2

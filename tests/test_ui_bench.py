@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from tests.support.mongo_server import REPO
+from testkit.mongo_server import REPO
 
 
 def test_ui_bench_runs(tmp_path):

@@ -14,10 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.support.files import sha256_of
-from tests.support.live_service import LiveService
+from testkit.files import sha256_of
+from testkit.live_service import LiveService
+from testkit.ui_browser import DESKTOP, KEYS, PHONE, UI_API_KEYS, chromium_path, seed
 from tests.support.prerequisites import IN_CI, cannot_run
-from tests.support.ui_browser import DESKTOP, KEYS, PHONE, UI_API_KEYS, chromium_path, seed
 
 
 def _unavailable() -> str | None:
@@ -56,7 +56,7 @@ def service(request, tmp_path_factory):
 def browser(service):
     from playwright.sync_api import sync_playwright
 
-    from tests.support.ui_browser import launch
+    from testkit.ui_browser import launch
 
     with sync_playwright() as p:
         b = launch(p)

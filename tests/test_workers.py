@@ -9,7 +9,7 @@ import urllib.request
 
 import psutil
 
-from tests.support.mongo_server import REPO, free_port
+from testkit.mongo_server import REPO, free_port
 
 
 def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):

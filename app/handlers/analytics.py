@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from aiohttp import web
 
-from .. import clock, validation, views
+from .. import clock, registry, validation, views
 from ..appkeys import SETTINGS, STORAGE
 from ..http.json import json_response
 from ..schemas import ModelTop, RecentActivity, Statistics, StatusDistribution, StorageUsage
-from ..storage.base import ModelQuery, RegistryStats, Storage
-
-
-async def registry_statistics(storage: Storage) -> RegistryStats:
-    now = clock.now()
-    # Hourly buckets: the last 24 of them, this hour included.
-    this_hour = now.replace(minute=0, second=0, microsecond=0)
-    return await storage.statistics(now - timedelta(days=7), this_hour - timedelta(hours=23))
+from ..storage.base import ModelQuery
 
 
 async def statistics(request: web.Request) -> web.Response:
-    s = await registry_statistics(request.app[STORAGE])
+    s = await registry.statistics(request.app[STORAGE])
     total = sum(s.by_status.values())
     return json_response(Statistics(
         total_models=total,

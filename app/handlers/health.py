@@ -7,14 +7,13 @@ import logging
 
 from aiohttp import web
 
-from .. import clock
+from .. import clock, registry
 from ..appkeys import DRAIN, SETTINGS, STORAGE
 from ..config import format_size
 from ..downloads import stored_file
 from ..http.json import json_response
 from ..schemas import Checks, DetailedHealth, Health, StoredBytes
 from ..storage.base import ModelQuery, StorageError, StorageUnavailable
-from .analytics import registry_statistics
 
 log = logging.getLogger("app.health")
 
@@ -107,7 +106,7 @@ async def detailed(request: web.Request) -> web.Response:
     )
     if checks["storage"] == "healthy":
         try:
-            stats = await asyncio.wait_for(registry_statistics(storage), timeout)
+            stats = await asyncio.wait_for(registry.statistics(storage), timeout)
             body.total_models = sum(stats.by_status.values())
             body.active_models = stats.by_status.get("active", 0)
             body.storage_usage = StoredBytes(total_size_bytes=stats.stored_bytes)

@@ -6,10 +6,9 @@ import time
 
 from aiohttp import web
 
-from .. import metrics
+from .. import metrics, registry
 from ..appkeys import STORAGE
 from ..storage.base import StorageError
-from .analytics import registry_statistics
 
 
 @web.middleware
@@ -38,7 +37,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     # Registry-wide gauges come from the database at scrape time, so every
     # worker reports the same truth.
     try:
-        stats = await registry_statistics(request.app[STORAGE])
+        stats = await registry.statistics(request.app[STORAGE])
         metrics.ACTIVE_MODELS.set(stats.by_status.get("active", 0))
         metrics.STORAGE_USAGE.set(stats.stored_bytes)
     except StorageError:

@@ -21,8 +21,8 @@ from .. import auth, clock, errors, registry, validation
 from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..config import format_size
 from ..errors import ApiError
-from ..handlers import analytics, files
-from ..handlers.models import model_or_404
+from ..handlers import files
+from ..handlers.common import model_or_404
 from ..storage.base import ModelQuery
 from . import charts
 from .session import PREFIX, SESSIONS, Session, current
@@ -283,7 +283,7 @@ async def delete(request: web.Request, visit: Visit) -> web.StreamResponse:
 @page()
 async def statistics(request: web.Request, visit: Visit) -> web.Response:
     storage = request.app[STORAGE]
-    stats = await analytics.registry_statistics(storage)
+    stats = await registry.statistics(storage)
     popular, _ = await storage.find_models(ModelQuery(sort_field="download_count", sort_desc=True, limit=10))
     this_hour = clock.now().replace(minute=0, second=0, microsecond=0)
     hours = [this_hour - timedelta(hours=23 - i) for i in range(24)]

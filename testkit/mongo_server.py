@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIR = REPO / "tests" / "mongo_server"
 BINARY = REPO / ".cache" / "mongo-test-server"
 
