@@ -23,6 +23,7 @@ import pytest
 from testkit.files import sha256_of, write_random
 from testkit.live_service import LiveService, service_on
 from tests.conftest import BACKENDS
+from tests.transfer_helpers import new_temp_file_has_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -83,13 +84,7 @@ class Live:
         """Whether an unfinished upload has put some of its bytes in the store since ``before``."""
         if self.backend == "mongodb":
             return self.stored_state()["chunks"] > before["chunks"]
-        for p in (self.data_dir / "tmp").iterdir():
-            try:
-                if p.name not in before["tmp"] and p.stat().st_size > 0:
-                    return True
-            except FileNotFoundError:
-                pass  # removed while we looked
-        return False
+        return new_temp_file_has_bytes(self.data_dir / "tmp", before["tmp"])
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -54,17 +54,22 @@ async def leftovers(storage) -> dict[str, Any]:
     return {"tmp": tmp, "blobs": blobs}
 
 
-async def upload_under_way(storage, before: dict[str, Any]) -> bool:
-    """Whether an unfinished upload has put some of its bytes in the store since ``before`` (leftovers)."""
-    if storage.kind == "mongodb":
-        return await storage.chunks.count_documents({}) > before["chunks"]
-    for p in Path(storage.tmp_dir).iterdir():
+def new_temp_file_has_bytes(tmp_dir: Path, known: list[str]) -> bool:
+    """Whether a temp file not in ``known`` holds bytes: an embedded upload under way."""
+    for p in tmp_dir.iterdir():
         try:
-            if p.name not in before["tmp"] and p.stat().st_size > 0:
+            if p.name not in known and p.stat().st_size > 0:
                 return True
         except FileNotFoundError:
             pass  # removed while we looked
     return False
+
+
+async def upload_under_way(storage, before: dict[str, Any]) -> bool:
+    """Whether an unfinished upload has put some of its bytes in the store since ``before`` (leftovers)."""
+    if storage.kind == "mongodb":
+        return await storage.chunks.count_documents({}) > before["chunks"]
+    return new_temp_file_has_bytes(Path(storage.tmp_dir), before["tmp"])
 
 
 async def content_stored(storage, file_id: str, sha256: str) -> bool:
