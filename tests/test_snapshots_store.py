@@ -445,6 +445,40 @@ async def test_concurrent_commit_and_delete_sharing_blobs(client):
             assert (await listing(client, q=f"m{round_}"))["pagination"]["total"] == 0
 
 
+async def test_gc_racing_commits_never_takes_a_committed_blob(client):
+    """Blobs past their grace, unreferenced, committed while gc runs: the commit's claim protects them."""
+    for round_ in range(6):
+        blobs = [os.urandom(5000) for _ in range(4)]
+        for data in blobs:
+            await put_blob(client, data)
+        await _past_grace(client, *blobs)
+        files = [entry(f"f{i}", data) for i, data in enumerate(blobs)]
+        _, committed = await asyncio.gather(
+            gc(client), client.post(MODELS, json={"name": f"g{round_}", "algorithm": "a", "files": files}))
+        if committed.status == 201:
+            for data in blobs:
+                assert await blob_exists(client, data)
+        else:
+            body = await json_of(committed, 422)
+            assert body["error"]["code"] == "missing_blobs"
+    # Whatever won each round, the registry's files are all there.
+    assert (await json_of(await client.get("/health/detailed"), 200))["checks"]["model_registry"] == "healthy"
+
+
+async def test_detailed_health_finds_a_snapshot_whose_content_is_gone(client):
+    created = await commit(client, "m", {"a": b"first", "b": b"second"})
+    storage = client.app[STORAGE]
+    doc = await storage.get_model(created["model_id"])
+    await _past_grace(client, b"first", b"second")
+    # Remove the content under the model, as a broken restore would.
+    await storage.delete_model(created["model_id"])
+    for file_id in snapshots.file_ids(doc):
+        assert await storage.release_file(file_id)
+    await storage.insert_model(doc)
+    body = await json_of(await client.get("/health/detailed"), 503)
+    assert created["model_id"] in body["checks"]["model_registry"]
+
+
 # --------------------------------------------------------------------------- single-file models as before
 
 
