@@ -427,3 +427,59 @@ def test_hostile_cases_are_refused_by_the_server_too():
 def test_manifest_json_round_trip():
     m = mf.Manifest.parse(hostile_manifest(["a/b.json", "c"]), '"x"', "test")
     assert mf.Manifest.from_cache(orjson.loads(orjson.dumps(m.to_json()))) == m
+
+
+class BlobService:
+    """The push half of the API, losing the first blob once between the question and the commit."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, int] = {}
+        self.puts: list[str] = []
+        self.commits = 0
+        self.lost: str | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/v1/blobs/missing", self.missing)
+        app.router.add_put("/api/v1/blobs/{digest}", self.put)
+        app.router.add_post("/api/v1/models", self.commit)
+        return app
+
+    async def missing(self, request: web.Request) -> web.Response:
+        asked = (await request.json())["digests"]
+        return web.json_response({"missing": [d for d in asked if d not in self.stored]})
+
+    async def put(self, request: web.Request) -> web.Response:
+        digest = request.match_info["digest"]
+        body = await request.read()
+        self.puts.append(digest)
+        self.stored[digest] = len(body)
+        return web.json_response({"digest": digest, "size_bytes": len(body)}, status=201)
+
+    async def commit(self, request: web.Request) -> web.Response:
+        files = (await request.json())["files"]
+        self.commits += 1
+        if self.commits == 1:  # a gc of unreferenced blobs ran just now
+            self.lost = files[0]["checksum"]
+            del self.stored[self.lost]
+        missing = [f["checksum"] for f in files if f["checksum"] not in self.stored]
+        if missing:
+            return web.json_response({"error": {"code": "missing_blobs", "message": "gone", "missing": missing}},
+                                     status=422)
+        return web.json_response({"model_id": "ab" * 12, "version": "v1.0"}, status=201)
+
+
+async def test_push_uploads_again_the_blobs_a_commit_finds_missing_and_no_other(aiohttp_server, tmp_path):
+    service = BlobService()
+    server = await aiohttp_server(service.app())
+    folder = tmp_path / "model"
+    digests = make_model(folder, {"a.json": 100, "b/c.bin": 5000, "same.json": 100})
+    (folder / "same.json").write_bytes((folder / "a.json").read_bytes())  # one content, two paths
+    async with AsyncModelServiceClient(str(server.make_url("")), retry=RetryPolicy(attempts=1)) as client:
+        result = await client.push_folder(folder, name="m", algorithm="x")
+    assert (result.model_id, result.version, result.files) == ("ab" * 12, "v1.0", 3)
+    assert service.commits == 2 and service.lost == f"sha256:{digests['a.json']}"
+    # Each content once, then the lost one again; never a file twice for its two paths.
+    assert sorted(service.puts[:2]) == sorted({f"sha256:{digests['a.json']}", f"sha256:{digests['b/c.bin']}"})
+    assert service.puts[2:] == [service.lost]
+    assert result.already_stored == 1  # same.json's bytes went with a.json's

@@ -322,11 +322,12 @@ async def pull_folder(transport: Transport, id_or_name: str, output: str | os.Pa
     done = False
     try:
         state = _load_state(state_path)
-        if state is None or state.get("digest") != key or not staging.is_dir():
-            if staging.is_dir() and not staging.is_symlink():
-                shutil.rmtree(staging)
-            else:
+        # A symlink there is not followed: the files go into a folder this pull made.
+        if state is None or state.get("digest") != key or staging.is_symlink() or not staging.is_dir():
+            if staging.is_symlink() or not staging.is_dir():
                 staging.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(staging)
             _write_json(state_path, {"format": STATE_FORMAT, "digest": key, "model_id": manifest.model_id,
                                      "name": manifest.name, "version": manifest.version})
             staging.mkdir()
