@@ -242,13 +242,18 @@ class SnapshotCache:
         tmp.write_bytes(orjson.dumps(refs))
         os.replace(tmp, path)
 
+    def version_ref(self, name: str, version: str) -> dict[str, Any]:
+        """What ``refs/<name>`` says of ``version``: its manifest's ``etag`` and ``model_id`` ({} if nothing)."""
+        versions = self.refs(name).get("versions")
+        ref = versions.get(version) if isinstance(versions, dict) else None
+        return ref if isinstance(ref, dict) else {}
+
     def cached_version(self, name: str, version: str | None) -> str | None:
         """The version ``version`` (None: the latest) means in the cache, if the cache knows it."""
-        refs = self.refs(name)
         if version is None:
-            latest = refs.get("latest")
+            latest = self.refs(name).get("latest")
             return latest if rules.is_version(latest) else None
-        return version if isinstance(refs.get("versions"), dict) and version in refs["versions"] else None
+        return version if self.version_ref(name, version) else None
 
     def manifest(self, name: str, version: str) -> Manifest | None:
         try:
@@ -295,7 +300,9 @@ class SnapshotCache:
         started = time.monotonic()
         allow_stale = options.pop("allow_stale")
         have = self.cached(name, version)
-        etag = self.refs(name).get("versions", {}).get(have[0].version, {}).get("etag") if have else None
+        etag = self.version_ref(name, have[0].version).get("etag") if have else None
+        if not isinstance(etag, str):
+            have = etag = None
         try:
             status, manifest, headers = await get_manifest(transport, name, version, if_none_match=etag)
         except (ConnectionFailed, ServerError) as e:
@@ -304,7 +311,9 @@ class SnapshotCache:
                 return self.result(*have, cached=True, stale=True)
             raise
         if status == 304:
-            assert have is not None
+            if have is None:
+                raise ProtocolError(f"GET the manifest of {name}: 304 Not Modified to a request without "
+                                    "If-None-Match")
             m, folder = have
             now = headers.get("X-Model-Version")
             if version is None and rules.is_version(now) and now != m.version:
