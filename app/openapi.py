@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from . import downloads, errors, routes
+from . import downloads, errors, routes, snapshots
 from . import schemas as shapes
 from .config import Settings, format_size
 from .errors import ErrorCode
@@ -38,7 +38,7 @@ from .handlers.batch import MAX_IDS
 from .http import ranges
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
-from .urls import MODELS
+from .urls import BLOBS, MODELS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -113,6 +113,8 @@ def error_response(*codes: ErrorCode, headers: Json | None = None, body: bool = 
 
 # Codes that a whole group of inputs can produce, combined per operation below.
 BODY_CODES = (errors.INVALID_JSON, errors.VALIDATION_ERROR, errors.IMMUTABLE_FIELD, errors.UNKNOWN_FIELD)
+# What a commit's list of files adds (the blobs' absence is a 422).
+COMMIT_CODES = (errors.INVALID_PATH, errors.PATH_CONFLICT)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -346,6 +348,22 @@ def responses(settings: Settings) -> Json:
     }
 
 
+def missing_blobs_response(*others: ErrorCode) -> Json:
+    """422 of a commit (missing_blobs, whose error object also lists the digests), or of ``others``."""
+    plain = error_response(*others) if others else None
+    schema = ref("MissingBlobsError")
+    if plain is not None:
+        schema = {"anyOf": [plain["content"]["application/json"]["schema"], schema]}
+    return {
+        "description": (plain["description"] + "; " if plain else f"{_REASONS[422]}: ")
+        + f"`missing_blobs` ({errors.MISSING_BLOBS.description})",
+        "x-error-codes": [e.code for e in others] + [errors.MISSING_BLOBS.code],
+        "content": json_content(schema, {"error": {
+            "code": "missing_blobs", "message": errors.MISSING_BLOBS.description,
+            "missing": ["sha256:" + "0" * 64]}}),
+    }
+
+
 def shared(name: str) -> Json:
     return ref(name, "responses")
 
@@ -496,6 +514,15 @@ def operations(settings: Settings) -> dict[str, Json]:
     created = answer("registered", "RegistrationAnswer", header_refs("Location"), links(
         "GetModel", "UpdateModel", "UploadModelFile", "ListVersions", "CreateVersion", "DeleteModel"))
     json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
+    commit_limit = (f" A body with `files` may be larger by {snapshots.BODY_ALLOWANCE_PER_FILE} bytes per "
+                    f"MAX_FILES_PER_VERSION ({settings.max_files_per_version}).")
+    commit_text = (
+        "A JSON body with `files` commits a multi-file snapshot: each file's blob must be stored first "
+        f"(`POST {BLOBS}/missing`, `PUT {BLOBS}/sha256:<hex>`); the version is created with all its files "
+        "in one step, or not at all (422 `missing_blobs` lists the digests to upload). ")
+    blob_digest = [{"name": "digest", "in": "path", "required": True,
+                    "description": "sha256: and the content's 64 lowercase hexadecimal digits",
+                    "schema": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}}]
 
     def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
         """GET of a model document (http.json.cacheable_json): ETag, Cache-Control: no-cache, 304."""
@@ -571,10 +598,10 @@ def operations(settings: Settings) -> dict[str, Json]:
             "201": created,
             "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
                                   errors.INVALID_MULTIPART, errors.TOO_MANY_PARTS,
-                                  errors.INVALID_CHECKSUM),
+                                  errors.INVALID_CHECKSUM, *COMMIT_CODES),
             "409": shared("VersionConflict"),
             "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
-            "422": shared("ChecksumMismatch"),
+            "422": missing_blobs_response(errors.CHECKSUM_MISMATCH),
             **_upload_answers(settings),
         }, description=(
             "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
@@ -582,7 +609,7 @@ def operations(settings: Settings) -> dict[str, Json]:
             "object and a 'file' part, in either order; the model is created only once both arrived intact. "
             "The first version of a name is v1.0; registering the name again makes the next version with "
             "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
-            "multipart file only. " + json_limit),
+            "multipart file only. " + commit_text + json_limit + commit_limit),
             params=[p("ChecksumHeader"), p("ChecksumQuery")],
             body={"required": True, "content": {
                 **json_content(ref("ModelRegistration")),
@@ -643,14 +670,16 @@ def operations(settings: Settings) -> dict[str, Json]:
         }, params=model_id),
         op("createVersion", "models", "A new version made from this one", {
             "201": created,
-            "400": error_response(errors.INVALID_ID, *BODY_CODES),
+            "400": error_response(errors.INVALID_ID, *BODY_CODES, *COMMIT_CODES),
             "404": shared("ModelNotFound"),
             "409": shared("VersionConflict"),
             "413": shared("JsonTooLarge"),
+            "422": missing_blobs_response(),
             "503": shared("Unavailable"),
         }, params=model_id, body=json_request(
             "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
-                          "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
+                          "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. "
+                          + commit_text + json_limit + commit_limit)),
         {**upload, "operationId": "uploadModelFilePost"},
         upload,
         *_download_ops("downloadModel", "Download the model's file", model_id, (errors.INVALID_ID,),
@@ -661,6 +690,36 @@ def operations(settings: Settings) -> dict[str, Json]:
             "404": error_response(errors.NOT_FOUND, errors.NO_FILE),
             "503": shared("Unavailable"),
         }, params=model_id),
+        op("blobsMissing", "blobs", "Which of these blobs are not stored yet", {
+            "200": answer("the digests not stored, in request order, each once", "BlobsMissingAnswer"),
+            "400": error_response(*BODY_CODES[:1], errors.VALIDATION_ERROR, errors.UNKNOWN_FIELD),
+            "413": shared("JsonTooLarge"),
+            "503": shared("Unavailable"),
+        }, description="The stored ones are kept for BLOB_GRACE from now even if no version refers to them, "
+                       "so the commit that follows finds them. " + json_limit,
+            body=json_request("BlobsMissingRequest", "the digests of the files to commit")),
+        op("putBlob", "blobs", "Store one blob by its sha256", {
+            "200": answer("already stored: nothing of the body was read (the connection closes if it had one)",
+                          "BlobAnswer"),
+            "201": answer("stored", "BlobAnswer"),
+            "400": error_response(errors.INVALID_DIGEST),
+            "413": error_response(errors.FILE_TOO_LARGE),
+            "422": error_response(errors.DIGEST_MISMATCH),
+            **_upload_answers(settings),
+        }, description="The raw body is streamed into the store while hashed, with the limits of an upload "
+                       f"(at most {max_file}, the upload slots, BODY_TIMEOUT); a body that does not hash to "
+                       "the digest is discarded. A blob no version refers to is kept for BLOB_GRACE, then "
+                       "`model-service gc` removes it.",
+            params=blob_digest, body={"required": False, "description": "the blob's bytes",
+                                      "content": {"application/octet-stream": {"schema": BINARY}}}),
+        op("headBlob", "blobs", "Whether a blob is stored, and its size", {
+            "200": {"description": "stored; Content-Length is its size",
+                    "headers": {"Content-Length": {"schema": COUNT}}},
+            "400": error_response(errors.INVALID_DIGEST, body=False),
+            "404": error_response(errors.NOT_FOUND, body=False),
+            "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=header_refs("RetryAfter"),
+                                  body=False),
+        }, params=blob_digest),
     )
 
 
@@ -780,6 +839,7 @@ def build(settings: Settings) -> Json:
         "tags": [
             {"name": "models", "description": "the registry: register, list, read, update, delete, versions, batch"},
             {"name": "files", "description": "model files: upload, download, file info"},
+            {"name": "blobs", "description": "content by sha256, stored before a snapshot's commit refers to it"},
             {"name": "analytics", "description": "statistics, popular and recent models"},
             {"name": "operations", "description": "health, metrics and this documentation"},
         ],

@@ -15,10 +15,10 @@ from aiohttp import web
 
 from . import auth, openapi, ui
 from .appkeys import ROUTE_SCOPES, SETTINGS
-from .handlers import analytics, batch, docs, files, health, metrics, models
+from .handlers import analytics, batch, blobs, docs, files, health, metrics, models
 from .http.expect import defer_expect
 from .urls import API as API_PREFIX
-from .urls import MODEL, MODEL_DOWNLOAD, MODELS, OPENAPI_JSON
+from .urls import BLOB, BLOBS, MODEL, MODEL_DOWNLOAD, MODELS, OPENAPI_JSON
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -72,6 +72,9 @@ API: tuple[Route, ...] = (
     Route("PUT", MODEL + "/upload", files.upload, "write", "uploadModelFile", body=True),
     Route("GET", MODEL_DOWNLOAD, files.download, "read", "downloadModel", head="downloadModelHead"),
     Route("GET", MODEL + "/info", files.info, "read", "modelFileInfo"),
+    Route("POST", BLOBS + "/missing", blobs.missing, "write", "blobsMissing", body=True),
+    Route("PUT", BLOB, blobs.put_blob, "write", "putBlob", body=True),
+    Route("HEAD", BLOB, blobs.head_blob, "read", "headBlob"),
 )
 
 

@@ -10,6 +10,8 @@ OPENAPI_JSON = API + "/openapi.json"
 MODELS = API + "/models"
 MODEL = MODELS + "/{id}"
 MODEL_DOWNLOAD = MODEL + "/download"
+BLOBS = API + "/blobs"
+BLOB = BLOBS + "/{digest}"
 
 
 def model_url(model_id: str) -> str:

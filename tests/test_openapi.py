@@ -447,7 +447,7 @@ def test_document_without_auth_or_limits_has_no_401_403_429(doc):
                 assert responses["429"]["x-error-codes"] == ["too_many_client_uploads"], (method, path)
                 assert responses["503"]["$ref"].endswith("/UploadUnavailable"), (method, path)
                 uploads += 1
-    assert uploads == 3  # POST /models, and POST and PUT .../{id}/upload
+    assert uploads == 4  # POST /models, POST and PUT .../{id}/upload, and PUT /blobs/{digest}
 
 
 # --------------------------------------------------------------------------- /docs
