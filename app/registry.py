@@ -221,9 +221,13 @@ async def attach_file(storage: Storage, leases: FileLeases, doc: ModelDocument,
             # Replacing a file within the second it was uploaded leaves two
             # contents with one Last-Modified: mark it, so an If-Range date
             # naming that second is not trusted (downloads.date_is_strong).
-            current = (await storage.get_model(doc["id"]) or {}).get("file_metadata")
+            # A committed snapshot's files and tar are dated by its creation.
+            stored = await storage.get_model(doc["id"]) or {}
+            current = stored.get("file_metadata")
             if (current and current["checksum"] != fm["checksum"]
                     and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
+                fm[LAST_MODIFIED_SHARED] = True
+            if snapshots.is_snapshot(stored) and preconditions.same_second(stored["created_at"], fm["uploaded_at"]):
                 fm[LAST_MODIFIED_SHARED] = True
             # A committed snapshot becomes a single-file version: its files go, in the same update.
             previous = await storage.update_model(

@@ -237,6 +237,18 @@ class FileEntry(Struct, forbid_unknown_fields=True):
     content_type: str
 
 
+class SnapshotManifest(Struct, forbid_unknown_fields=True):
+    """GET /api/v1/models/{id}/files: what a client needs to fetch a version's files and check them."""
+
+    id: ObjectId
+    name: ModelName
+    version: Version
+    files: Annotated[list[FileEntry], Meta(description="in path order (UTF-8 bytes)")]
+    snapshot_digest: Annotated[Checksum, Meta(
+        description="sha256 of the sorted (sha256, size, path) lines (README); also the ETag, without sha256:")]
+    total_size_bytes: Count
+
+
 class FileInfo(FileMetadata, forbid_unknown_fields=True):
     model_id: ObjectId
     chunk_count: Count
@@ -481,6 +493,6 @@ EXTRA_SCHEMA: dict[str, dict[str, object]] = {
 }
 
 REQUESTS = (ModelRegistration, NewVersion, ModelUpdate, BlobsMissingRequest)
-ANSWERS = (Error, FileMetadata, FileEntry, FileInfo, ModelSummary, Model, Pagination, ModelList, ModelTop,
-           VersionList, RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer, Statistics, Health,
+ANSWERS = (Error, FileMetadata, FileEntry, SnapshotManifest, FileInfo, ModelSummary, Model, Pagination, ModelList,
+           ModelTop, VersionList, RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer, Statistics, Health,
            DetailedHealth, BatchAnswer, BlobsMissingAnswer, BlobAnswer, MissingBlobsError)

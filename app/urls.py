@@ -10,6 +10,9 @@ OPENAPI_JSON = API + "/openapi.json"
 MODELS = API + "/models"
 MODEL = MODELS + "/{id}"
 MODEL_DOWNLOAD = MODEL + "/download"
+MODEL_FILES = MODEL + "/files"
+# {path} takes the rest of the URL, slashes included (app/handlers/files.requested_path decodes it).
+FILE_PATH = "/{path:[\\s\\S]+}"
 BLOBS = API + "/blobs"
 BLOB = BLOBS + "/{digest}"
 
