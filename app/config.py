@@ -11,9 +11,10 @@ import os
 import re
 import secrets
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Mapping
 
-__all__ = ["ConfigError", "Settings", "parse_size", "format_size"]
+__all__ = ["ConfigError", "Settings", "parse_duration", "parse_size", "format_size"]
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,10 @@ class Settings:
     max_concurrent_uploads: int = 32
     max_uploads_per_client: int = 16
     upload_queue_seconds: float = 10.0
+    # Multi-file versions (snapshots): files per version, and how long a blob
+    # stored through the blobs API is kept while no version refers to it.
+    max_files_per_version: int = 10_000
+    blob_grace: timedelta = timedelta(hours=24)
 
     @property
     def storage_kind(self) -> str:
@@ -181,6 +186,8 @@ class Settings:
             max_concurrent_uploads=_int(env, "MAX_CONCURRENT_UPLOADS", cls.max_concurrent_uploads, 0, 100_000),
             max_uploads_per_client=_int(env, "MAX_UPLOADS_PER_CLIENT", cls.max_uploads_per_client, 0, 100_000),
             upload_queue_seconds=_int(env, "UPLOAD_QUEUE_SECONDS", int(cls.upload_queue_seconds), 0, 3600),
+            max_files_per_version=_int(env, "MAX_FILES_PER_VERSION", cls.max_files_per_version, 1, 1_000_000),
+            blob_grace=_duration(env, "BLOB_GRACE", cls.blob_grace, timedelta(0), timedelta(days=365)),
         )
 
     def describe(self) -> str:
@@ -238,6 +245,31 @@ def _size(env, name, default):
     if n <= 0:
         raise ConfigError(f"{name} must be greater than zero, got {value!r}")
     return n
+
+
+_DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
+_DURATION_UNITS = {"": "seconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'86400' (seconds, as the other timeouts) or '90s', '30m', '24h', '7d', '2w'."""
+    m = _DURATION_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (seconds, or a number with s, m, h, d or w, e.g. 24h)")
+    return timedelta(**{_DURATION_UNITS[m[2]]: int(m[1])})
+
+
+def _duration(env, name, default, lo, hi):
+    value = _raw(env, name)
+    if value is None or value == "":
+        return default
+    try:
+        d = parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    if not lo <= d <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value!r}")
+    return d
 
 
 def _chunk_size(env):

@@ -1,27 +1,32 @@
 """Downloads of model files: the application's side of them.
 
-Looks the file up, names it in headers (checksums, X-Model-*), and around its
-body takes the lease, the slot, the count and the metrics; app/http/fileresponse.py
-answers the request (preconditions, ranges, sendfile) knowing none of that. The
-body is read through ``prefetch`` (the next chunk is read while the previous one
-is written).
+Three representations are sent: a single-file version's file (``/download``,
+as always), one file of any version (``/files/{path}``), and a committed
+snapshot's deterministic tar (``/download``, app/snapshot_tar.py). For each
+this looks the content up, names it in headers (checksums, X-Model-*), and
+around its body takes the leases, the slot, the count and the metrics;
+app/http/fileresponse.py answers the request (preconditions, ranges, sendfile)
+knowing none of that. Bodies are read through ``prefetch`` (the next chunk is
+read while the previous one is written).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import aclosing, asynccontextmanager
+from datetime import datetime
 from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, errors, metrics, views
+from . import clock, errors, metrics, snapshots, views
 from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
-from .storage.base import FileMissing, ModelDocument, StorageError, StorageUnavailable, StoredFile
+from .snapshot_tar import TarLayout
+from .storage.base import FileMissing, ModelDocument, Storage, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
@@ -49,18 +54,25 @@ def content_disposition(filename: str) -> str:
     return value
 
 
-def file_headers(doc: ModelDocument, f: StoredFile) -> dict[str, str]:
-    digest = base64.b64encode(bytes.fromhex(f.sha256)).decode()
+def _model_headers(doc: ModelDocument) -> dict[str, str]:
     return {
-        "Content-Type": "application/octet-stream",
-        "Content-Disposition": content_disposition(doc["file_metadata"]["filename"]),
-        "Accept-Ranges": "bytes",
-        "ETag": f'"{f.sha256}"',
-        "Last-Modified": preconditions.http_date(f.uploaded_at),
         "X-Model-Id": doc["id"],
         "X-Model-Name": doc["name"],
         "X-Model-Algorithm": _header_text(doc["algorithm"]),
         "X-Model-Version": doc["version"],
+    }
+
+
+def file_headers(doc: ModelDocument, f: StoredFile, filename: str,
+                 content_type: str = "application/octet-stream") -> dict[str, str]:
+    digest = base64.b64encode(bytes.fromhex(f.sha256)).decode()
+    return {
+        "Content-Type": content_type,
+        "Content-Disposition": content_disposition(filename),
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{f.sha256}"',
+        "Last-Modified": preconditions.http_date(f.uploaded_at),
+        **_model_headers(doc),
         "X-File-Checksum": f"sha256:{f.sha256}",
         "Repr-Digest": f"sha-256=:{digest}:",
     }
@@ -71,59 +83,169 @@ def file_headers(doc: ModelDocument, f: StoredFile) -> dict[str, str]:
 # new version with identical content became the latest.
 NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-File-Checksum", "Repr-Digest",
                          "X-Model-Id", "X-Model-Name", "X-Model-Version")
+# The tar has no checksum of its own to name (its ETag is the snapshot digest).
+TAR_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-Snapshot-Digest",
+                            "X-Model-Id", "X-Model-Name", "X-Model-Version")
+TAR_CONTENT_TYPE = "application/x-tar"
 
 
-def date_is_strong(doc: ModelDocument, others: Iterable[ModelDocument] = ()) -> bool:
-    """Whether the file's Last-Modified names only this content (RFC 9110 section 8.8.2.2).
+def snapshot_etag(doc: ModelDocument) -> str:
+    """The strong ETag of a version's whole content: its snapshot digest's hex (the manifest's, the tar's)."""
+    return f'"{snapshots.digest_of(doc).removeprefix("sha256:")}"'
 
-    Not when the model's previous file was uploaded in the same second, nor,
+
+def _validators(doc: ModelDocument, path: str | None) -> tuple[str, datetime] | None:
+    """ETag and Last-Modified of what a URL of ``doc`` serves: ``/download`` (path None) or ``/files/{path}``."""
+    if path is None:
+        if snapshots.is_snapshot(doc):
+            return snapshot_etag(doc), doc["created_at"]
+        fm = doc.get("file_metadata")
+        return (f'"{fm["checksum"].removeprefix("sha256:")}"', fm["uploaded_at"]) if fm else None
+    entry = snapshots.find(doc, path)
+    if entry is None:
+        return None
+    f = snapshots.stored_file(doc, entry)
+    return f'"{f.sha256}"', f.uploaded_at
+
+
+def date_is_strong(doc: ModelDocument, others: Iterable[ModelDocument] = (), path: str | None = None) -> bool:
+    """Whether the Last-Modified of what ``doc`` serves at ``path`` names only this content (RFC 9110 8.8.2.2).
+
+    Not when the model's previous content was stored in the same second, nor,
     for ``others`` (the other versions a by-name URL may have served), when
-    one of them has another content uploaded in that second.
+    one of them serves another content at that URL stamped with that second.
     """
-    fm = doc["file_metadata"]
-    if fm.get(views.LAST_MODIFIED_SHARED):
+    fm = doc.get("file_metadata")
+    if fm and fm.get(views.LAST_MODIFIED_SHARED):
         return False
+    etag, modified = _validators(doc, path)
     return not any(
-        o["id"] != doc["id"] and o.get("file_metadata") and o["file_metadata"]["checksum"] != fm["checksum"]
-        and preconditions.same_second(o["file_metadata"]["uploaded_at"], fm["uploaded_at"])
+        o["id"] != doc["id"] and (v := _validators(o, path)) is not None and v[0] != etag
+        and preconditions.same_second(v[1], modified)
         for o in others
     )
 
 
-async def send(request: web.Request, doc: ModelDocument,
-               others: Iterable[ModelDocument] = ()) -> web.StreamResponse:
-    f = stored_file(doc)
-    storage = request.app[STORAGE]
-
-    def read(offset: int, count: int):
+def _file_reader(storage: Storage, f: StoredFile):
+    def read(offset: int, count: int) -> AsyncIterator[bytes]:
         pieces = storage.read_file(f, offset, count)
         return prefetch(pieces, storage.read_ahead) if storage.read_ahead else pieces
+    return read
 
+
+async def send(request: web.Request, doc: ModelDocument,
+               others: Iterable[ModelDocument] = ()) -> web.StreamResponse:
+    """``/download``: a single-file version's file, or a committed snapshot's tar."""
+    if snapshots.is_snapshot(doc):
+        return await _send_tar(request, doc, others)
+    f = stored_file(doc)
+    storage = request.app[STORAGE]
     representation = fileresponse.Representation(
-        headers=file_headers(doc, f), size=f.size, last_modified=f.uploaded_at,
+        headers=file_headers(doc, f, doc["file_metadata"]["filename"]), size=f.size, last_modified=f.uploaded_at,
         date_is_strong=date_is_strong(doc, others), not_modified_headers=NOT_MODIFIED_HEADERS,
-        read=read, path=storage.local_path(f), name=f"model {doc['id']}")
+        read=_file_reader(storage, f), path=storage.local_path(f), name=f"model {doc['id']}")
+    return await _send(request, doc, representation, [f.file_id], counts=True)
+
+
+async def send_file(request: web.Request, doc: ModelDocument, path: str,
+                    others: Iterable[ModelDocument] = ()) -> web.StreamResponse:
+    """``/files/{path}``: one file of a version, as ``/download`` sends one; never counted as a download."""
+    entry = snapshots.find(doc, path)
+    if entry is None:
+        if not snapshots.entries(doc):
+            raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
+        raise ApiError(errors.NOT_FOUND, f"model {doc['id']} has no file {_shown(path)}")
+    f = snapshots.stored_file(doc, entry)
+    storage = request.app[STORAGE]
+    representation = fileresponse.Representation(
+        headers=file_headers(doc, f, path.rpartition("/")[2], entry["content_type"]), size=f.size,
+        last_modified=f.uploaded_at, date_is_strong=date_is_strong(doc, others, path),
+        not_modified_headers=NOT_MODIFIED_HEADERS, read=_file_reader(storage, f), path=storage.local_path(f),
+        name=f"file {_shown(path)} of model {doc['id']}")
+    return await _send(request, doc, representation, [f.file_id], counts=False)
+
+
+def _shown(path: str) -> str:
+    return quote(path, safe="/")
+
+
+async def _send_tar(request: web.Request, doc: ModelDocument, others: Iterable[ModelDocument]) -> web.StreamResponse:
+    found = snapshots.entries(doc)
+    files = [snapshots.stored_file(doc, e) for e in found]
+    # The entries' mtime: the version's creation, whole seconds (Last-Modified's too).
+    created: datetime = doc["created_at"]
+    layout = TarLayout([(e["path"], e["size_bytes"]) for e in found], int(created.timestamp()))
+    storage = request.app[STORAGE]
+    digest = snapshots.digest_of(doc)
+
+    async def read(offset: int, count: int) -> AsyncIterator[bytes]:
+        for piece in layout.pieces(offset, offset + count):
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            index, at, length = piece
+            async with aclosing(storage.read_file(files[index], at, length)) as content:
+                async for chunk in content:
+                    yield chunk
+
+    def read_ahead(offset: int, count: int) -> AsyncIterator[bytes]:
+        return prefetch(read(offset, count), storage.read_ahead) if storage.read_ahead else read(offset, count)
+
+    local = [storage.local_path(f) for f in files]
+    spans = None
+    if all(path is not None for path in local):
+        def spans(offset: int, count: int) -> Iterator[bytes | fileresponse.LocalRange]:
+            for piece in layout.pieces(offset, offset + count):
+                if isinstance(piece, bytes):
+                    yield piece
+                else:
+                    index, at, length = piece
+                    yield fileresponse.LocalRange(local[index], at, length)
+
+    headers = {
+        "Content-Type": TAR_CONTENT_TYPE,
+        "Content-Disposition": content_disposition(f"{doc['name']}-{doc['version']}.tar"),
+        "Accept-Ranges": "bytes",
+        "ETag": snapshot_etag(doc),
+        "Last-Modified": preconditions.http_date(created),
+        **_model_headers(doc),
+        "X-Snapshot-Digest": digest,
+    }
+    representation = fileresponse.Representation(
+        headers=headers, size=layout.size, last_modified=created, date_is_strong=date_is_strong(doc, others),
+        not_modified_headers=TAR_NOT_MODIFIED_HEADERS, read=read_ahead, spans=spans,
+        name=f"snapshot tar of model {doc['id']}")
+    return await _send(request, doc, representation, [f.file_id for f in files], counts=True)
+
+
+async def _send(request: web.Request, doc: ModelDocument, representation: fileresponse.Representation,
+                file_ids: list[str], *, counts: bool) -> web.StreamResponse:
     return await fileresponse.send(request, representation, timeout=request.app[SETTINGS].download_timeout,
-                                   sending=lambda transfer: _downloading(request, doc, f, transfer),
+                                   sending=lambda transfer: _downloading(request, doc, file_ids, transfer, counts),
                                    aborts=(StorageUnavailable, FileMissing, sendfile.FileGone))
 
 
+async def count_download(request: web.Request, doc: ModelDocument) -> None:
+    """One download of the version: its download_count, the hourly tally and the metric."""
+    metrics.DOWNLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
+    try:
+        await request.app[STORAGE].record_download(doc["id"], clock.now())
+    except StorageError as e:
+        # A lost count is not worth a failed download.
+        metrics.STORAGE_ERRORS.labels("count_download").inc()
+        log.warning("download of model %s not counted: %s", doc["id"], e)
+
+
 @asynccontextmanager
-async def _downloading(request: web.Request, doc: ModelDocument, f: StoredFile,
-                       transfer: fileresponse.Transfer) -> AsyncIterator[None]:
-    """Around a download's body: its lease, its slot, its count and its metrics."""
-    # The lease first: a model deleted or replaced while this waits for a slot
-    # keeps its file until this download has sent it.
-    async with request.app[LEASES].reading(f.file_id), request.app[DOWNLOAD_SLOTS].slot():
+async def _downloading(request: web.Request, doc: ModelDocument, file_ids: list[str],
+                       transfer: fileresponse.Transfer, counts: bool) -> AsyncIterator[None]:
+    """Around a download's body: its leases, its slot, its count and its metrics."""
+    # The leases first: a model deleted or replaced while this waits for a
+    # slot keeps its files until this download has sent them.
+    async with request.app[LEASES].reading(*file_ids), request.app[DOWNLOAD_SLOTS].slot():
         # A response that carries byte 0 is a download; later ranges resume one.
-        if transfer.whole:
-            metrics.DOWNLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
-            try:
-                await request.app[STORAGE].record_download(doc["id"], clock.now())
-            except StorageError as e:
-                # A lost count is not worth a failed download.
-                metrics.STORAGE_ERRORS.labels("count_download").inc()
-                log.warning("download of model %s not counted: %s", doc["id"], e)
+        if counts and transfer.whole:
+            await count_download(request, doc)
         metrics.ACTIVE_DOWNLOADS.inc()
         try:
             yield

@@ -34,13 +34,16 @@ def declare(code: str, status: int, description: str) -> ErrorCode:
 class ApiError(Exception):
     """A failure the client is told about: ``{"error": {"code", "message"}}`` with the code's status."""
 
-    def __init__(self, error: ErrorCode, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, error: ErrorCode, message: str, headers: dict[str, str] | None = None,
+                 details: dict[str, object] | None = None) -> None:
         if not isinstance(error, ErrorCode):
             raise TypeError(f"ApiError needs a declared ErrorCode (app.errors), got {error!r}")
         super().__init__(message)
         self.error = error
         self.message = message
         self.headers = headers
+        # Members the error object carries beside code and message (missing_blobs' "missing").
+        self.details = details
 
     @property
     def status(self) -> int:
@@ -74,6 +77,12 @@ INVALID_MULTIPART = declare("invalid_multipart", 400,
                              "a multipart body that cannot be parsed (no boundary, a malformed part header)")
 TOO_MANY_PARTS = declare("too_many_parts", 400,
                          "a multipart body has more parts than the API reads ('metadata' and 'file')")
+INVALID_PATH = declare("invalid_path", 400,
+                       "a snapshot file path breaks a path rule (the message names the path and the rule)")
+PATH_CONFLICT = declare("path_conflict", 400,
+                        "two snapshot paths are the same (also after case folding), or one is a folder of another")
+INVALID_DIGEST = declare("invalid_digest", 400,
+                         "a blob digest is not sha256: followed by 64 lowercase hexadecimal characters")
 MISSING_METADATA = declare("missing_metadata", 400, "a multipart registration has no 'metadata' part")
 UNAUTHORIZED = declare("unauthorized", 401,
                         "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate")
@@ -99,6 +108,11 @@ RANGE_NOT_SATISFIABLE = declare("range_not_satisfiable", 416, "no requested rang
 EXPECTATION_FAILED = declare("expectation_failed", 417, "an Expect header other than 100-continue")
 CHECKSUM_MISMATCH = declare("checksum_mismatch", 422,
                              "the received content's SHA-256 differs from the declared one")
+DIGEST_MISMATCH = declare("digest_mismatch", 422,
+                           "the blob's bytes do not hash to the digest in its URL; nothing was kept")
+MISSING_BLOBS = declare("missing_blobs", 422,
+                        "a commit lists files whose blobs are not stored (or are stored with another size); "
+                        "error.missing lists their digests and nothing was created")
 RATE_LIMITED = declare("rate_limited", 429,
                         "RATE_LIMIT or DOWNLOAD_RATE_LIMIT exceeded for this client; retry after Retry-After")
 TOO_MANY_CLIENT_UPLOADS = declare("too_many_client_uploads", 429,

@@ -27,20 +27,27 @@ class FileLeases:
         self._tasks: set[asyncio.Task] = set()
 
     @asynccontextmanager
-    async def reading(self, file_id: str):
-        self._readers[file_id] += 1
+    async def reading(self, *file_ids: str):
+        """Keep these files (a download's, or a snapshot tar's many) until the block ends."""
+        held = list(dict.fromkeys(file_ids))
+        for file_id in held:
+            self._readers[file_id] += 1
         try:
             yield
         finally:
-            self._readers[file_id] -= 1
-            if not self._readers[file_id]:
-                del self._readers[file_id]
-                if file_id in self._deferred:
-                    self._deferred.discard(file_id)
-                    # A task, so a reader that is being cancelled still releases.
-                    task = asyncio.create_task(self._release_now(file_id))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+            for file_id in held:
+                self._done_reading(file_id)
+
+    def _done_reading(self, file_id: str) -> None:
+        self._readers[file_id] -= 1
+        if not self._readers[file_id]:
+            del self._readers[file_id]
+            if file_id in self._deferred:
+                self._deferred.discard(file_id)
+                # A task, so a reader that is being cancelled still releases.
+                task = asyncio.create_task(self._release_now(file_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def release(self, file_id: str) -> None:
         """Release now, or as soon as the last local reader of the file is done."""

@@ -13,7 +13,7 @@ import re
 import sys
 from datetime import timedelta
 
-from . import clock, registry, validation
+from . import clock, registry, snapshots, validation
 from .config import ConfigError, Settings
 from .leases import FileLeases
 from .storage import ModelQuery, StorageError, make_storage
@@ -49,7 +49,7 @@ async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -
         if not docs:
             break
         for doc in docs:
-            size = doc["file_metadata"]["size_bytes"] if doc.get("file_metadata") else 0
+            size = snapshots.total_size(doc) or 0
             line = (f"{doc['id']} {doc['name']} {doc['version']} {doc['status']} "
                     f"created {clock.iso(doc['created_at'])} {size} bytes")
             if dry_run:

@@ -41,7 +41,7 @@ async def _errors_answered(request: web.Request, handler) -> web.StreamResponse:
             raise ApiError(errors.BAD_REQUEST, "HTTP/1.0 or later is required", {"Connection": "close"})
         return await handler(request)
     except ApiError as e:
-        return error_response(e.error, e.message, e.headers)
+        return error_response(e.error, e.message, e.headers, e.details)
     except ValueRefused as e:
         return error_response(errors.VALIDATION_ERROR, f"the model store cannot hold this value: {e}")
     except StorageUnavailable as e:

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from . import downloads, errors, routes
+from . import downloads, errors, routes, snapshots
 from . import schemas as shapes
 from .config import Settings, format_size
 from .errors import ErrorCode
@@ -38,7 +38,7 @@ from .handlers.batch import MAX_IDS
 from .http import ranges
 from .limits import UNLIMITED_PATHS
 from .logs import REQUEST_ID_HEADER
-from .urls import MODELS
+from .urls import BLOBS, MODELS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -113,6 +113,8 @@ def error_response(*codes: ErrorCode, headers: Json | None = None, body: bool = 
 
 # Codes that a whole group of inputs can produce, combined per operation below.
 BODY_CODES = (errors.INVALID_JSON, errors.VALIDATION_ERROR, errors.IMMUTABLE_FIELD, errors.UNKNOWN_FIELD)
+# What a commit's list of files adds (the blobs' absence is a 422).
+COMMIT_CODES = (errors.INVALID_PATH, errors.PATH_CONFLICT)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -210,6 +212,12 @@ def parameters(settings: Settings) -> Json:
         "ModelName": {"name": "name", "in": "path", "required": True, "description": shapes.NAME_RULE,
                       "schema": ref("ModelName")},
         "Version": _query("version", "this version of the name instead of the latest", ref("Version")),
+        "FilePath": {"name": "path", "in": "path", "required": True,
+                     "description": "the file's path in the version, as the manifest lists it, each segment "
+                                    "percent-encoded and the segments joined by '/' (an encoded '/' inside a "
+                                    "segment is refused with 400 invalid_path, as is any path that breaks the "
+                                    "path rules)",
+                     "schema": {"type": "string", "minLength": 1}},
         "Page": _query("page", "page number", {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 1}),
         "Limit": _query("limit", f"page size, at most MAX_PAGE_SIZE ({settings.max_page_size})",
                         {"type": "integer", "minimum": 1, "maximum": settings.max_page_size,
@@ -260,6 +268,13 @@ def headers() -> Json:
     return {
         "ETag": _header('strong ETag: the file\'s SHA-256 in quotes', required=True),
         "DocumentETag": _header("strong ETag of the JSON document's bytes", required=True),
+        "SnapshotETag": _header("strong ETag: the version's snapshot_digest hex (without sha256:) in quotes",
+                                required=True),
+        "XSnapshotDigest": _header("the version's snapshot_digest (sha256:<hex>); on a snapshot's tar",
+                                   {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}),
+        "TarFileChecksum": _header("sha256:<hex> of the file; absent on a snapshot's tar (see X-Snapshot-Digest)",
+                                   {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}),
+        "TarReprDigest": _header("RFC 9530 digest of the whole file; absent on a snapshot's tar"),
         "CacheControl": _header("no-cache: reuse only after revalidating with If-None-Match",
                                 {"const": "no-cache"}, required=True),
         "WWWAuthenticate": _header('Bearer realm="model-service", charset="UTF-8"', required=True),
@@ -295,12 +310,25 @@ _HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
                  "UnsatisfiedRange": "Content-Range", "XModelId": "X-Model-Id",
                  "XModelName": "X-Model-Name", "XModelAlgorithm": "X-Model-Algorithm",
                  "XModelVersion": "X-Model-Version", "XFileChecksum": "X-File-Checksum",
-                 "ReprDigest": "Repr-Digest", "RetryAfter": "Retry-After"}
+                 "ReprDigest": "Repr-Digest", "RetryAfter": "Retry-After", "SnapshotETag": "ETag",
+                 "XSnapshotDigest": "X-Snapshot-Digest", "TarFileChecksum": "X-File-Checksum",
+                 "TarReprDigest": "Repr-Digest"}
+
+
+# /download: the file of a single-file version, or a snapshot's tar, which has no checksum of its own.
+_DOWNLOAD_HEADERS = tuple({"XFileChecksum": "TarFileChecksum", "ReprDigest": "TarReprDigest"}.get(n, n)
+                          for n in _FILE_HEADERS) + ("XSnapshotDigest",)
+
+
+def _component_names(names: tuple[str, ...], headers: tuple[str, ...]) -> tuple[str, ...]:
+    by_header = {_HEADER_NAMES.get(n, n): n for n in names}
+    return tuple(by_header[h] for h in headers)
 
 
 # What a 304 repeats (RFC 9110 15.4.5): the headers downloads.send repeats, by component name.
-_NOT_MODIFIED_HEADERS = tuple({_HEADER_NAMES.get(n, n): n for n in _FILE_HEADERS}[h]
-                              for h in downloads.NOT_MODIFIED_HEADERS)
+_NOT_MODIFIED_HEADERS = _component_names(_FILE_HEADERS, downloads.NOT_MODIFIED_HEADERS)
+_DOWNLOAD_NOT_MODIFIED_HEADERS = _component_names(
+    _DOWNLOAD_HEADERS, tuple(dict.fromkeys(downloads.NOT_MODIFIED_HEADERS + downloads.TAR_NOT_MODIFIED_HEADERS)))
 
 
 def header_refs(*names: str) -> Json:
@@ -343,6 +371,22 @@ def responses(settings: Settings) -> Json:
         "JsonTooLarge": error_response(errors.PAYLOAD_TOO_LARGE),
         "VersionConflict": error_response(errors.VERSION_EXISTS, errors.VERSION_CONFLICT),
         "ChecksumMismatch": error_response(errors.CHECKSUM_MISMATCH),
+    }
+
+
+def missing_blobs_response(*others: ErrorCode) -> Json:
+    """422 of a commit (missing_blobs, whose error object also lists the digests), or of ``others``."""
+    plain = error_response(*others) if others else None
+    schema = ref("MissingBlobsError")
+    if plain is not None:
+        schema = {"anyOf": [plain["content"]["application/json"]["schema"], schema]}
+    return {
+        "description": (plain["description"] + "; " if plain else f"{_REASONS[422]}: ")
+        + f"`missing_blobs` ({errors.MISSING_BLOBS.description})",
+        "x-error-codes": [e.code for e in others] + [errors.MISSING_BLOBS.code],
+        "content": json_content(schema, {"error": {
+            "code": "missing_blobs", "message": errors.MISSING_BLOBS.description,
+            "missing": ["sha256:" + "0" * 64]}}),
     }
 
 
@@ -407,32 +451,45 @@ def json_request(schema_name: str, description: str) -> Json:
 
 
 def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tuple[ErrorCode, ...],
-                  not_found: tuple[ErrorCode, ...]) -> tuple[Json, Json]:
-    """GET and HEAD of a model file, as downloads.send serves them."""
+                  not_found: tuple[ErrorCode, ...], *, tar: bool = False, counted: bool = True,
+                  content_type: str = "application/octet-stream") -> tuple[Json, Json]:
+    """GET and HEAD of a model file (or, with ``tar``, of a snapshot's tar), as downloads.send serves them."""
     conditional = [p("IfMatch"), p("IfUnmodifiedSince"), p("IfNoneMatch"), p("IfModifiedSince")]
     description = (
         "Sends the model file like a static file server: byte ranges and conditional requests per RFC 9110, "
         "evaluated in the RFC's order (If-Match / If-Unmodified-Since, then If-None-Match / If-Modified-Since, "
-        "then If-Range and Range). A response that includes byte 0 counts as a download. If the store fails "
-        "mid-body the connection is aborted, so the client sees fewer bytes than Content-Length, never a short "
-        "body that looks complete."
+        "then If-Range and Range). "
+        + ("A response that includes byte 0 counts as a download. " if counted else
+           "Never counted as a download (the version's manifest is). ")
+        + "If the store fails mid-body the connection is aborted, so the client sees fewer bytes than "
+        "Content-Length, never a short body that looks complete."
     )
+    if tar:
+        description += (
+            " A version made by a commit of files (a snapshot) is sent as one deterministic, uncompressed "
+            "POSIX tar (application/x-tar, `<name>-<version>.tar`): entries in path order, mode 0644, owner "
+            "0/0, mtime the version's creation, long or non-ASCII paths in pax headers, no directory "
+            "entries. Its length is known up front, its ETag is the snapshot digest, and ranges work on "
+            "it as on any file, so `curl -C -` resumes it.")
+    file_headers = _DOWNLOAD_HEADERS if tar else _FILE_HEADERS
+    not_modified = _DOWNLOAD_NOT_MODIFIED_HEADERS if tar else _NOT_MODIFIED_HEADERS
+    content = {content_type: {"schema": BINARY}}
+    if tar:
+        content["application/x-tar"] = {"schema": BINARY}
     # HEAD answers every status with GET's headers and no body.
     get_responses = {
-        "200": {"description": "the whole file", "headers": header_refs(*_FILE_HEADERS),
-                "content": {"application/octet-stream": {"schema": BINARY}}},
+        "200": {"description": "the whole file", "headers": header_refs(*file_headers), "content": content},
         "206": {
-            "description": "the requested range (application/octet-stream with Content-Range), or several "
-                           "ranges as multipart/byteranges, each part with its own Content-Type and "
+            "description": "the requested range (with Content-Range), or several ranges as "
+                           "multipart/byteranges, each part with its own Content-Type and "
                            "Content-Range and no Content-Range on the response",
-            "headers": {**header_refs(*_FILE_HEADERS),
+            "headers": {**header_refs(*file_headers),
                         "Content-Range": {"description": "bytes first-last/size; single range only",
                                           "schema": {"type": "string", "pattern": r"^bytes \d+-\d+/\d+$"}}},
-            "content": {"application/octet-stream": {"schema": BINARY},
-                        "multipart/byteranges": {"schema": BINARY}},
+            "content": {**content, "multipart/byteranges": {"schema": BINARY}},
         },
         "304": {"description": "If-None-Match / If-Modified-Since matched: no body",
-                "headers": header_refs(*_NOT_MODIFIED_HEADERS)},
+                "headers": header_refs(*not_modified)},
         "400": error_response(*bad_request),
         "404": error_response(*not_found),
         "412": error_response(errors.PRECONDITION_FAILED, headers=header_refs("ETag")),
@@ -440,7 +497,7 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
         "503": shared("DownloadUnavailable"),
     }
     head_responses = {
-        "200": {"description": "the headers a GET without Range would send", "headers": header_refs(*_FILE_HEADERS)},
+        "200": {"description": "the headers a GET without Range would send", "headers": header_refs(*file_headers)},
         "304": get_responses["304"],
         "400": error_response(*bad_request, body=False),
         "404": error_response(*not_found, body=False),
@@ -459,6 +516,34 @@ def _download_ops(op_id: str, summary: str, params: list[Json], bad_request: tup
     )
 
 
+def _manifest_ops(op_id: str, summary: str, params: list[Json],
+                  bad_request: tuple[ErrorCode, ...]) -> tuple[Json, Json]:
+    """GET and HEAD of a version's manifest (handlers.files.manifest)."""
+    cache_headers = header_refs("SnapshotETag", "CacheControl", "XModelId", "XModelName", "XModelVersion")
+    not_modified = {"description": "If-None-Match matched the snapshot digest: no body", "headers": cache_headers}
+    description = (
+        "The version's files with their sizes and sha256s, and its snapshot digest, which is also the strong "
+        "ETag: a client holding a version revalidates all of it with one If-None-Match (304). A GET answered "
+        "200 counts one download of the version (a pull starts here; the files it then reads do not count).")
+    get = op(op_id, "files", summary, {
+        "200": answer("the manifest", "SnapshotManifest", cache_headers),
+        "304": not_modified,
+        "400": error_response(*bad_request),
+        "404": error_response(errors.NOT_FOUND, errors.NO_FILE),
+        "503": shared("Unavailable"),
+    }, description=description, params=params + [p("IfNoneMatchDocument")])
+    head = op(op_id + "Head", "files", summary + " (headers only)", {
+        "200": {"description": "the headers GET would send", "headers": cache_headers},
+        "304": not_modified,
+        "400": error_response(*bad_request, body=False),
+        "404": error_response(errors.NOT_FOUND, errors.NO_FILE, body=False),
+        "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=header_refs("RetryAfter"),
+                              body=False),
+    }, description="The headers GET would send, without the body; never counted as a download.",
+        params=params + [p("IfNoneMatchDocument")])
+    return get, head
+
+
 def _by_id(*operations_: Json) -> dict[str, Json]:
     return {o["operationId"]: o for o in operations_}
 
@@ -470,7 +555,7 @@ def paths(settings: Settings) -> Json:
     for route in routes.API:
         for method, op_id in route.methods():
             if op_id is not None:
-                out.setdefault(route.path, {})[method.lower()] = ops.pop(op_id)
+                out.setdefault(route.template, {})[method.lower()] = ops.pop(op_id)
     if ops:
         raise ValueError(f"operations with no route in routes.API: {sorted(ops)}")
     return out
@@ -496,6 +581,15 @@ def operations(settings: Settings) -> dict[str, Json]:
     created = answer("registered", "RegistrationAnswer", header_refs("Location"), links(
         "GetModel", "UpdateModel", "UploadModelFile", "ListVersions", "CreateVersion", "DeleteModel"))
     json_limit = f"JSON bodies are at most MAX_JSON_SIZE ({settings.max_json_size} bytes)."
+    commit_limit = (f" A body with `files` may be larger by {snapshots.BODY_ALLOWANCE_PER_FILE} bytes per "
+                    f"MAX_FILES_PER_VERSION ({settings.max_files_per_version}).")
+    commit_text = (
+        "A JSON body with `files` commits a multi-file snapshot: each file's blob must be stored first "
+        f"(`POST {BLOBS}/missing`, `PUT {BLOBS}/sha256:<hex>`); the version is created with all its files "
+        "in one step, or not at all (422 `missing_blobs` lists the digests to upload). ")
+    blob_digest = [{"name": "digest", "in": "path", "required": True,
+                    "description": "sha256: and the content's 64 lowercase hexadecimal digits",
+                    "schema": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}}]
 
     def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
         """GET of a model document (http.json.cacheable_json): ETag, Cache-Control: no-cache, 304."""
@@ -571,10 +665,10 @@ def operations(settings: Settings) -> dict[str, Json]:
             "201": created,
             "400": error_response(*BODY_CODES, errors.MISSING_METADATA, errors.MISSING_FILE, errors.INVALID_FILENAME,
                                   errors.INVALID_MULTIPART, errors.TOO_MANY_PARTS,
-                                  errors.INVALID_CHECKSUM),
+                                  errors.INVALID_CHECKSUM, *COMMIT_CODES),
             "409": shared("VersionConflict"),
             "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
-            "422": shared("ChecksumMismatch"),
+            "422": missing_blobs_response(errors.CHECKSUM_MISMATCH),
             **_upload_answers(settings),
         }, description=(
             "A JSON body registers the metadata (any Content-Type that is not multipart is read as JSON). "
@@ -582,7 +676,7 @@ def operations(settings: Settings) -> dict[str, Json]:
             "object and a 'file' part, in either order; the model is created only once both arrived intact. "
             "The first version of a name is v1.0; registering the name again makes the next version with "
             "parent_model_id pointing at the previous latest. X-Checksum-Sha256 and ?sha256= apply to the "
-            "multipart file only. " + json_limit),
+            "multipart file only. " + commit_text + json_limit + commit_limit),
             params=[p("ChecksumHeader"), p("ChecksumQuery")],
             body={"required": True, "content": {
                 **json_content(ref("ModelRegistration")),
@@ -618,8 +712,16 @@ def operations(settings: Settings) -> dict[str, Json]:
             "getModelByName", "The latest version of a name (or ?version=)", [p("ModelName"), p("Version")],
             (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER)),
         *_download_ops(
-            "downloadModelByName", "Download the latest version's file (or ?version=)", [p("ModelName"), p("Version")],
-            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER), (errors.NOT_FOUND, errors.NO_FILE)),
+            "downloadModelByName", "Download the latest version's file or tar (or ?version=)",
+            [p("ModelName"), p("Version")], (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER),
+            (errors.NOT_FOUND, errors.NO_FILE), tar=True),
+        *_manifest_ops("modelFilesByName", "The files of the latest version (or ?version=)",
+                       [p("ModelName"), p("Version")], (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER)),
+        *_download_ops(
+            "downloadFileByName", "One file of the latest version (or ?version=)",
+            [p("ModelName"), p("FilePath"), p("Version")],
+            (errors.VALIDATION_ERROR, errors.INVALID_PARAMETER, errors.INVALID_PATH),
+            (errors.NOT_FOUND, errors.NO_FILE), counted=False, content_type="*/*"),
         cacheable_document("getModel", "The full model document", model_id, (errors.INVALID_ID,)),
         op("updateModel", "models", "Update the mutable fields", {
             "200": answer("updated", "UpdateAnswer"),
@@ -643,24 +745,61 @@ def operations(settings: Settings) -> dict[str, Json]:
         }, params=model_id),
         op("createVersion", "models", "A new version made from this one", {
             "201": created,
-            "400": error_response(errors.INVALID_ID, *BODY_CODES),
+            "400": error_response(errors.INVALID_ID, *BODY_CODES, *COMMIT_CODES),
             "404": shared("ModelNotFound"),
             "409": shared("VersionConflict"),
             "413": shared("JsonTooLarge"),
+            "422": missing_blobs_response(),
             "503": shared("Unavailable"),
         }, params=model_id, body=json_request(
             "NewVersion", "what changes; the rest (no file) is inherited from this model. The next "
-                          "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. " + json_limit)),
+                          "version follows the name's latest, v(MAJOR+1).0 with breaking_changes. "
+                          + commit_text + json_limit + commit_limit)),
         {**upload, "operationId": "uploadModelFilePost"},
         upload,
-        *_download_ops("downloadModel", "Download the model's file", model_id, (errors.INVALID_ID,),
-                       (errors.NOT_FOUND, errors.NO_FILE)),
+        *_download_ops("downloadModel", "Download the model's file, or its snapshot as a tar", model_id,
+                       (errors.INVALID_ID,), (errors.NOT_FOUND, errors.NO_FILE), tar=True),
         op("modelFileInfo", "files", "The file's metadata, without the body", {
             "200": answer("the file's metadata", "FileInfo"),
             "400": shared("InvalidModelId"),
             "404": error_response(errors.NOT_FOUND, errors.NO_FILE),
             "503": shared("Unavailable"),
         }, params=model_id),
+        *_manifest_ops("modelFiles", "The version's files: paths, sizes, sha256s and the snapshot digest",
+                       model_id, (errors.INVALID_ID,)),
+        *_download_ops("downloadFile", "One file of the version", model_id + [p("FilePath")],
+                       (errors.INVALID_ID, errors.INVALID_PATH), (errors.NOT_FOUND, errors.NO_FILE), counted=False,
+                       content_type="*/*"),
+        op("blobsMissing", "blobs", "Which of these blobs are not stored yet", {
+            "200": answer("the digests not stored, in request order, each once", "BlobsMissingAnswer"),
+            "400": error_response(*BODY_CODES[:1], errors.VALIDATION_ERROR, errors.UNKNOWN_FIELD),
+            "413": shared("JsonTooLarge"),
+            "503": shared("Unavailable"),
+        }, description="The stored ones are kept for BLOB_GRACE from now even if no version refers to them, "
+                       "so the commit that follows finds them. " + json_limit,
+            body=json_request("BlobsMissingRequest", "the digests of the files to commit")),
+        op("putBlob", "blobs", "Store one blob by its sha256", {
+            "200": answer("already stored: nothing of the body was read (the connection closes if it had one)",
+                          "BlobAnswer"),
+            "201": answer("stored", "BlobAnswer"),
+            "400": error_response(errors.INVALID_DIGEST),
+            "413": error_response(errors.FILE_TOO_LARGE),
+            "422": error_response(errors.DIGEST_MISMATCH),
+            **_upload_answers(settings),
+        }, description="The raw body is streamed into the store while hashed, with the limits of an upload "
+                       f"(at most {max_file}, the upload slots, BODY_TIMEOUT); a body that does not hash to "
+                       "the digest is discarded. A blob no version refers to is kept for BLOB_GRACE, then "
+                       "`model-service gc` removes it.",
+            params=blob_digest, body={"required": False, "description": "the blob's bytes",
+                                      "content": {"application/octet-stream": {"schema": BINARY}}}),
+        op("headBlob", "blobs", "Whether a blob is stored, and its size", {
+            "200": {"description": "stored; Content-Length is its size",
+                    "headers": {"Content-Length": {"schema": COUNT}}},
+            "400": error_response(errors.INVALID_DIGEST, body=False),
+            "404": error_response(errors.NOT_FOUND, body=False),
+            "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, headers=header_refs("RetryAfter"),
+                                  body=False),
+        }, params=blob_digest),
     )
 
 
@@ -779,7 +918,8 @@ def build(settings: Settings) -> Json:
         },
         "tags": [
             {"name": "models", "description": "the registry: register, list, read, update, delete, versions, batch"},
-            {"name": "files", "description": "model files: upload, download, file info"},
+            {"name": "files", "description": "model files: upload, download, file info, a version's files"},
+            {"name": "blobs", "description": "content by sha256, stored before a snapshot's commit refers to it"},
             {"name": "analytics", "description": "statistics, popular and recent models"},
             {"name": "operations", "description": "health, metrics and this documentation"},
         ],

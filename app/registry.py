@@ -19,12 +19,13 @@ from typing import AsyncIterator
 
 from bson import ObjectId
 
-from . import clock, errors, versions
+from . import clock, errors, snapshots, versions
 from .errors import ApiError
 from .http import preconditions
 from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
+from .schemas import FileEntryIn
 from .storage.base import DuplicateModel, ModelDocument, ModelQuery, RegistryStats, Storage, StoredFileMetadata
 from .uploads import Received, file_metadata
 from .views import LAST_MODIFIED_SHARED
@@ -178,10 +179,10 @@ async def settle_all_latest(storage: Storage, page: int = 500) -> int:
 
 
 async def delete(storage: Storage, leases: FileLeases, model_id: str) -> ModelDocument | None:
-    """Delete a model and release its file (kept while another model shares it)."""
+    """Delete a model and release its files (each kept while another model shares it)."""
     doc = await storage.delete_model(model_id)
-    if doc is not None and doc.get("file_metadata"):
-        await leases.release(doc["file_metadata"]["file_id"])
+    if doc is not None:
+        await _release_all(leases, snapshots.file_ids(doc))
     if doc is not None and not doc.get(SUPERSEDED):
         await settle_latest(storage, doc["name"])
     return doc
@@ -220,20 +221,65 @@ async def attach_file(storage: Storage, leases: FileLeases, doc: ModelDocument,
             # Replacing a file within the second it was uploaded leaves two
             # contents with one Last-Modified: mark it, so an If-Range date
             # naming that second is not trusted (downloads.date_is_strong).
-            current = (await storage.get_model(doc["id"]) or {}).get("file_metadata")
+            # A committed snapshot's files and tar are dated by its creation.
+            stored = await storage.get_model(doc["id"]) or {}
+            current = stored.get("file_metadata")
             if (current and current["checksum"] != fm["checksum"]
                     and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
                 fm[LAST_MODIFIED_SHARED] = True
-            previous = await storage.update_model(doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"]},
-                                                  return_previous=True)
+            if snapshots.is_snapshot(stored) and preconditions.same_second(stored["created_at"], fm["uploaded_at"]):
+                fm[LAST_MODIFIED_SHARED] = True
+            # A committed snapshot becomes a single-file version: its files go, in the same update.
+            previous = await storage.update_model(
+                doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"],
+                            **dict.fromkeys(snapshots.SNAPSHOT_FIELDS)},
+                return_previous=True)
         if previous is None:
             # The model was deleted while its file was uploading.
             raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")
-    old = previous.get("file_metadata")
-    if old and old["file_id"] != fm["file_id"]:
-        await leases.release(old["file_id"])
+    await _release_all(leases, [f for f in snapshots.file_ids(previous) if f != fm["file_id"]])
     _count_upload(doc, received)
     return fm
+
+
+async def _release_all(leases: FileLeases, file_ids: list[str]) -> None:
+    """Release content a model no longer refers to, through the leases (kept while a download reads it)."""
+    for file_id in file_ids:
+        await leases.release(file_id)
+
+
+async def create_snapshot(storage: Storage, fields: ModelDocument, files: list[FileEntryIn],
+                          parent_id: str | None = None) -> ModelDocument:
+    """Register a version (validated fields, checked paths) with all these files in one insert, or nothing.
+
+    The blobs are claimed before the insert and settled after it, as an upload's
+    file is: a release or gc in between cannot remove content the new version
+    is about to refer to. A blob not stored (or stored with another size)
+    fails the commit with 422 missing_blobs, listing each such digest once.
+    """
+    claimed = await storage.claim_blobs([f.checksum.removeprefix("sha256:") for f in files])
+    try:
+        missing = list(dict.fromkeys(
+            f.checksum for f in files
+            if (blob := claimed.get(f.checksum.removeprefix("sha256:"))) is None or blob.size != f.size_bytes))
+        if missing:
+            raise ApiError(errors.MISSING_BLOBS,
+                           f"{len(missing)} blob(s) of this commit are not stored (or are stored with another "
+                           "size); PUT /api/v1/blobs/<digest> each of them, then commit again; nothing was created",
+                           details={"missing": missing})
+        entries = snapshots.sort_entries(
+            snapshots.Entry(path=f.path, size_bytes=f.size_bytes, checksum=f.checksum,
+                            content_type=f.content_type or snapshots.content_type_for(f.path),
+                            file_id=(blob := claimed[f.checksum.removeprefix("sha256:")]).file_id,
+                            chunk_size=blob.chunk_size)
+            for f in files)
+        return await create(storage, {**fields, "files": entries,
+                                       "snapshot_digest": snapshots.snapshot_digest(entries),
+                                       "total_size_bytes": sum(e["size_bytes"] for e in entries)}, parent_id)
+    finally:
+        # A failed commit only drops its claims: the blobs stay for BLOB_GRACE, so a retry
+        # (another version number, say) need not upload them again.
+        await storage.settle_files([blob.file_id for blob in claimed.values()])
 
 
 async def create_with_file(storage: Storage, fields: ModelDocument, received: Received) -> ModelDocument:

@@ -8,6 +8,7 @@ registers its own routes under /ui (HTML, sign-in, no OpenAPI entry).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -15,10 +16,10 @@ from aiohttp import web
 
 from . import auth, openapi, ui
 from .appkeys import ROUTE_SCOPES, SETTINGS
-from .handlers import analytics, batch, docs, files, health, metrics, models
+from .handlers import analytics, batch, blobs, docs, files, health, metrics, models
 from .http.expect import defer_expect
 from .urls import API as API_PREFIX
-from .urls import MODEL, MODEL_DOWNLOAD, MODELS, OPENAPI_JSON
+from .urls import BLOB, BLOBS, FILE_PATH, MODEL, MODEL_DOWNLOAD, MODEL_FILES, MODELS, OPENAPI_JSON
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,6 +35,11 @@ class Route:
     head: str | None = None
     # Takes a body: Expect: 100-continue is answered only once the handler is ready to read it.
     body: bool = False
+
+    @property
+    def template(self) -> str:
+        """The path as OpenAPI and aiohttp's canonical form write it: {name}, without a {name:regex}'s regex."""
+        return re.sub(r"\{([^}:]+):[^}]*\}", r"{\1}", self.path)
 
     def methods(self) -> list[tuple[str, str | None]]:
         """(method, operationId) of each method this route answers; HEAD's operation may be None."""
@@ -63,6 +69,10 @@ API: tuple[Route, ...] = (
     Route("GET", MODELS + "/by-name/{name}", models.by_name, "read", "getModelByName"),
     Route("GET", MODELS + "/by-name/{name}/download", files.download_by_name, "read", "downloadModelByName",
           head="downloadModelByNameHead"),
+    Route("GET", MODELS + "/by-name/{name}/files", files.manifest_by_name, "read", "modelFilesByName",
+          head="modelFilesByNameHead"),
+    Route("GET", MODELS + "/by-name/{name}/files" + FILE_PATH, files.file_by_name, "read", "downloadFileByName",
+          head="downloadFileByNameHead"),
     Route("GET", MODEL, models.get_model, "read", "getModel"),
     Route("PUT", MODEL, models.update_model, "write", "updateModel", body=True),
     Route("DELETE", MODEL, models.delete_model, "admin", "deleteModel"),
@@ -72,12 +82,17 @@ API: tuple[Route, ...] = (
     Route("PUT", MODEL + "/upload", files.upload, "write", "uploadModelFile", body=True),
     Route("GET", MODEL_DOWNLOAD, files.download, "read", "downloadModel", head="downloadModelHead"),
     Route("GET", MODEL + "/info", files.info, "read", "modelFileInfo"),
+    Route("GET", MODEL_FILES, files.manifest, "read", "modelFiles", head="modelFilesHead"),
+    Route("GET", MODEL_FILES + FILE_PATH, files.file, "read", "downloadFile", head="downloadFileHead"),
+    Route("POST", BLOBS + "/missing", blobs.missing, "write", "blobsMissing", body=True),
+    Route("PUT", BLOB, blobs.put_blob, "write", "putBlob", body=True),
+    Route("HEAD", BLOB, blobs.head_blob, "read", "headBlob"),
 )
 
 
 def scopes() -> dict[tuple[str, str], str]:
     """(method, path template) to the scope it needs, HEADs included."""
-    return {(method, route.path): route.scope for route in API for method, _ in route.methods()}
+    return {(method, route.template): route.scope for route in API for method, _ in route.methods()}
 
 
 def setup_routes(app: web.Application) -> None:

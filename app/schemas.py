@@ -114,6 +114,13 @@ Timestamp = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.
 Count = Annotated[int, Meta(ge=0)]
 DownloadPath = Annotated[str, Meta(pattern="^" + urls.MODEL_DOWNLOAD.replace("{id}", "[0-9a-f]{24}") + "$")]
 Checksum = Annotated[str, Meta(pattern="^sha256:[0-9a-f]{64}$")]
+# The path rules are app.snapshots' (400 invalid_path, naming the rule); the lengths here only document them.
+SnapshotPath = Annotated[str, Meta(extra_json_schema={"minLength": 1, "maxLength": 1024}, description=(
+    "relative, '/'-separated, NFC-normalized UTF-8; components non-empty, not '.' or '..', without control "
+    "characters, '\\' or ':', not ending in a dot or a space, at most 255 bytes; at most 1024 bytes in all"))]
+ContentType = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[\x21-\x7e][\x20-\x7e]*$",
+                                  description="a media type (printable ASCII)")]
+Digest = Annotated[str, Meta(pattern="^sha256:[0-9a-f]{64}$", description="sha256: and 64 lowercase hex digits")]
 CheckResult = Annotated[str, Meta(min_length=1, description="'healthy', or the reason the check failed")]
 
 # Components of their own, referenced wherever the type appears.
@@ -156,6 +163,16 @@ class ModelUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
                     raise ValueError(f"metrics.{k}: must be a number")
 
 
+class FileEntryIn(Struct, forbid_unknown_fields=True):
+    """A file of a snapshot being committed; its blob must already be stored (PUT /api/v1/blobs/...)."""
+
+    path: SnapshotPath
+    checksum: Digest
+    size_bytes: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    content_type: Annotated[ContentType, Meta(
+        description="by default from the path's extension, else application/octet-stream")] | UnsetType = UNSET
+
+
 class _Provenance(ModelUpdate, kw_only=True):
     """What a registration and a new version may set beyond the mutable fields."""
 
@@ -166,6 +183,10 @@ class _Provenance(ModelUpdate, kw_only=True):
     breaking_changes: Annotated[bool, Meta(
         description="number the automatic version vMAJOR+1.0 instead of vMAJOR.MINOR+1",
         extra_json_schema={"default": False})] | UnsetType = UNSET
+    files: Annotated[list[FileEntryIn], Meta(min_length=1, description=(
+        "commit a multi-file snapshot: the version is created with all these files at once, or not at all "
+        "(422 missing_blobs when a blob is not stored); at most MAX_FILES_PER_VERSION, paths unique "
+        "(also after case folding) and no path a folder of another"))] | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,6 +228,27 @@ class FileMetadata(Struct, forbid_unknown_fields=True):
     uploaded_at: Timestamp
 
 
+class FileEntry(Struct, forbid_unknown_fields=True):
+    """A file of a version (a single-file version has one, from its file_metadata)."""
+
+    path: Annotated[str, Meta(description="for a single-file version, its file_metadata.filename")]
+    size_bytes: Count
+    checksum: Checksum
+    content_type: str
+
+
+class SnapshotManifest(Struct, forbid_unknown_fields=True):
+    """GET /api/v1/models/{id}/files: what a client needs to fetch a version's files and check them."""
+
+    id: ObjectId
+    name: ModelName
+    version: Version
+    files: Annotated[list[FileEntry], Meta(description="in path order (UTF-8 bytes)")]
+    snapshot_digest: Annotated[Checksum, Meta(
+        description="sha256 of the sorted (sha256, size, path) lines (README); also the ETag, without sha256:")]
+    total_size_bytes: Count
+
+
 class FileInfo(FileMetadata, forbid_unknown_fields=True):
     model_id: ObjectId
     chunk_count: Count
@@ -226,7 +268,12 @@ class ModelSummary(Struct, forbid_unknown_fields=True):
     created_by: str | None
     created_at: Timestamp
     download_count: Count
-    size_bytes: Annotated[Count | None, Meta(description="the file's size; null while the model has no file")]
+    size_bytes: Annotated[Count | None, Meta(
+        description="the total size of the version's files; null while it has none")]
+    file_count: Annotated[Count, Meta(description="how many files the version has; absent while none")] \
+        | UnsetType = UNSET
+    snapshot_digest: Annotated[Checksum, Meta(
+        description="the snapshot digest (README); absent while the version has no file")] | UnsetType = UNSET
 
 
 class Model(Struct, forbid_unknown_fields=True):
@@ -253,6 +300,12 @@ class Model(Struct, forbid_unknown_fields=True):
     file_metadata: Annotated[FileMetadata, Meta(description="present once a file is uploaded")] | UnsetType = UNSET
     model_size: Annotated[str, Meta(description="human-readable file size (decimal units), with file_metadata",
                                     examples=["45.7 MB"])] | UnsetType = UNSET
+    files: Annotated[list[FileEntry], Meta(
+        description="the version's files in path order (UTF-8 bytes); absent while it has none")] | UnsetType = UNSET
+    snapshot_digest: Annotated[Checksum, Meta(
+        description="sha256 of the sorted (sha256, size, path) lines (README); with files")] | UnsetType = UNSET
+    total_size_bytes: Annotated[Count, Meta(description="the sum of the files' sizes; with files")] \
+        | UnsetType = UNSET
 
 
 class Pagination(Struct, forbid_unknown_fields=True):
@@ -399,12 +452,47 @@ class BatchAnswer(Struct, forbid_unknown_fields=True):
     summary: BatchSummary
 
 
+MAX_BLOB_DIGESTS = 10_000
+
+
+class BlobsMissingRequest(Struct, forbid_unknown_fields=True):
+    """POST /api/v1/blobs/missing."""
+
+    digests: Annotated[list[Digest], Meta(min_length=1, max_length=MAX_BLOB_DIGESTS,
+                                          description="duplicates are allowed and answered once")]
+
+
+class BlobsMissingAnswer(Struct, forbid_unknown_fields=True):
+    missing: Annotated[list[Digest], Meta(description="the digests not stored, in request order, each once")]
+
+
+class BlobAnswer(Struct, forbid_unknown_fields=True):
+    digest: Digest
+    size_bytes: Count
+
+
+class MissingBlobsDetail(Struct, forbid_unknown_fields=True):
+    code: Literal["missing_blobs"]
+    message: Annotated[str, Meta(min_length=1)]
+    missing: Annotated[list[Digest], Meta(min_length=1, description="the commit's digests not stored (or "
+                                                                    "stored with another size), each once")]
+
+
+class MissingBlobsError(Struct, forbid_unknown_fields=True):
+    """422 of a commit: the one error shape, plus the digests to upload first."""
+
+    error: MissingBlobsDetail
+
+
 # Response components whose JSON Schema needs more than the Struct says.
 EXTRA_SCHEMA: dict[str, dict[str, object]] = {
-    "Model": {"dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"]}},
+    "Model": {"dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"],
+                                    "files": ["snapshot_digest", "total_size_bytes"],
+                                    "snapshot_digest": ["files"], "total_size_bytes": ["files"]}},
+    "ModelSummary": {"dependentRequired": {"file_count": ["snapshot_digest"], "snapshot_digest": ["file_count"]}},
 }
 
-REQUESTS = (ModelRegistration, NewVersion, ModelUpdate)
-ANSWERS = (Error, FileMetadata, FileInfo, ModelSummary, Model, Pagination, ModelList, ModelTop, VersionList,
-           RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer, Statistics, Health, DetailedHealth,
-           BatchAnswer)
+REQUESTS = (ModelRegistration, NewVersion, ModelUpdate, BlobsMissingRequest)
+ANSWERS = (Error, FileMetadata, FileEntry, SnapshotManifest, FileInfo, ModelSummary, Model, Pagination, ModelList,
+           ModelTop, VersionList, RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer, Statistics, Health,
+           DetailedHealth, BatchAnswer, BlobsMissingAnswer, BlobAnswer, MissingBlobsError)

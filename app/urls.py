@@ -10,6 +10,11 @@ OPENAPI_JSON = API + "/openapi.json"
 MODELS = API + "/models"
 MODEL = MODELS + "/{id}"
 MODEL_DOWNLOAD = MODEL + "/download"
+MODEL_FILES = MODEL + "/files"
+# {path} takes the rest of the URL, slashes included (app/handlers/files.requested_path decodes it).
+FILE_PATH = "/{path:[\\s\\S]+}"
+BLOBS = API + "/blobs"
+BLOB = BLOBS + "/{digest}"
 
 
 def model_url(model_id: str) -> str:

@@ -38,7 +38,7 @@ Body = TypeVar("Body", ModelRegistration, NewVersion, ModelUpdate)
 
 # Fields the server owns: naming one is immutable_field rather than unknown_field.
 IMMUTABLE_FIELDS = ("id", "_id", "name", "version", "created_at", "updated_at", "download_count",
-                    "file_metadata", "parent_model_id", "model_size")
+                    "file_metadata", "parent_model_id", "model_size", "snapshot_digest", "total_size_bytes")
 _METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 # msgspec's "<what> - at `$.<field>...`", and its two messages about whole objects.
 _AT_RE = re.compile(r"^(?P<what>.*?)(?: - at `\$\.(?P<field>\w+)(?P<sub>[^`]*)`)?$", re.S)
@@ -70,6 +70,8 @@ def _rule(field: str, sub: str, what: str, body: Mapping[str, Any]) -> ApiError:
         # msgspec does not name the key ("[...]"): the first value that is no number.
         key = next(k for k, v in body["metrics"].items() if isinstance(v, bool) or not isinstance(v, (int, float)))
         return _bad(f"metrics.{key}", "must be a number")
+    if field == "files":
+        return _files_rule(sub, what)
     if field in ("hyperparameters", "metrics", "dataset_info"):
         return _bad(field, "must be a JSON object")
     if what.startswith("Expected `str`, got"):
@@ -77,6 +79,30 @@ def _rule(field: str, sub: str, what: str, body: Mapping[str, Any]) -> ApiError:
     if m := _LENGTH_RE.search(what):
         return _bad(field, f"must be at most {m.group(1)} characters")
     return _bad(field, "must not be empty")
+
+
+_FILE_RULES = {
+    "path": "must be a string",
+    "checksum": "must be sha256: followed by 64 lowercase hexadecimal characters",
+    "size_bytes": "must be a whole number of bytes, 0 or more",
+    "content_type": "must be a media type of 1-255 printable ASCII characters",
+}
+
+
+def _files_rule(sub: str, what: str) -> ApiError:
+    """A library error inside ``files`` (sub is "", "[3]" or "[3].path")."""
+    if m := _MISSING_RE.match(what):
+        return _bad(f"files{sub}.{m.group('field')}", "is required")
+    if what.startswith("Object contains unknown field"):
+        return _bad(f"files{sub}", f"{what.split('`')[1]}: unknown field (allowed: {', '.join(_FILE_RULES)})")
+    item = re.fullmatch(r"(\[\d+\])\.(\w+)", sub)
+    if item and item.group(2) in _FILE_RULES:
+        return _bad(f"files{sub}", _FILE_RULES[item.group(2)])
+    if sub:
+        return _bad(f"files{sub}", "must be an object {path, checksum, size_bytes, content_type?}")
+    if "length >= 1" in what:
+        return _bad("files", "must list at least one file")
+    return _bad("files", "must be a list of {path, checksum, size_bytes, content_type?} objects")
 
 
 def _allowed(schema: type[msgspec.Struct]) -> tuple[str, ...]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from . import snapshots
 from .clock import iso
 from .config import format_size
-from .schemas import FileMetadata, Model, ModelSummary
+from .schemas import FileEntry, FileMetadata, Model, ModelSummary
 from .storage.base import ModelDocument, StoredFileMetadata
 from .urls import download_url
 
@@ -51,11 +52,30 @@ def full(doc: ModelDocument) -> Model:
     if fm:
         model.file_metadata = file_metadata(fm)
         model.model_size = format_size(fm["size_bytes"])
+    found = snapshots.entries(doc)
+    if found:
+        model.files = files(found)
+        model.snapshot_digest = snapshots.digest_of(doc)
+        model.total_size_bytes = snapshots.total_size(doc)
     return model
 
 
+def files(found: list[snapshots.Entry]) -> list[FileEntry]:
+    """A version's files as the API shows them: without the internal file_id and chunk_size."""
+    return [FileEntry(path=e["path"], size_bytes=e["size_bytes"], checksum=e["checksum"],
+                      content_type=e["content_type"]) for e in found]
+
+
 def summary(doc: ModelDocument) -> ModelSummary:
-    fm = doc.get("file_metadata")
+    answer = _summary(doc)
+    count = len(doc["files"]) if doc.get("files") else (1 if doc.get("file_metadata") else 0)
+    if count:
+        answer.file_count = count
+        answer.snapshot_digest = snapshots.digest_of(doc)
+    return answer
+
+
+def _summary(doc: ModelDocument) -> ModelSummary:
     return ModelSummary(
         id=doc["id"],
         name=doc["name"],
@@ -67,5 +87,5 @@ def summary(doc: ModelDocument) -> ModelSummary:
         created_by=doc.get("created_by"),
         created_at=iso(doc["created_at"]),
         download_count=doc.get("download_count", 0),
-        size_bytes=fm["size_bytes"] if fm else None,
+        size_bytes=snapshots.total_size(doc),
     )

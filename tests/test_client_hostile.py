@@ -371,7 +371,7 @@ async def test_an_absolute_url_on_another_origin_is_refused(aiohttp_server, plac
 async def run_cli(url: str, *args: str, cwd: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", *args, cwd=cwd,
-        env={**os.environ, "MODEL_SERVICE_URL": url, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "MODEL_SERVICE_URL": url, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'client'}"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)

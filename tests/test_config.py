@@ -141,3 +141,21 @@ def test_connection_limits_defaults_values_and_refusals(name):
     for bad in refused:
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: bad})
+
+
+def test_snapshot_settings():
+    """MAX_FILES_PER_VERSION (files per committed version) and BLOB_GRACE (how long an unreferenced blob is kept)."""
+    from datetime import timedelta
+
+    defaults = Settings.from_env({})
+    assert defaults.max_files_per_version == 10_000 and defaults.blob_grace == timedelta(hours=24)
+    assert Settings.from_env({"MAX_FILES_PER_VERSION": "50"}).max_files_per_version == 50
+    for text, expected in (("3600", timedelta(hours=1)), ("90s", timedelta(seconds=90)), ("30m", timedelta(minutes=30)),
+                           ("48h", timedelta(hours=48)), ("7d", timedelta(days=7)), ("0", timedelta(0))):
+        assert Settings.from_env({"BLOB_GRACE": text}).blob_grace == expected, text
+    for bad in ("0", "-1", "many", "1000001"):
+        with pytest.raises(ConfigError, match="^MAX_FILES_PER_VERSION"):
+            Settings.from_env({"MAX_FILES_PER_VERSION": bad})
+    for bad in ("soon", "-1h", "1.5h", "24 hours", "366d"):
+        with pytest.raises(ConfigError, match="^BLOB_GRACE"):
+            Settings.from_env({"BLOB_GRACE": bad})

@@ -97,10 +97,14 @@ def test_documented_error_codes_keep_their_status(doc):
 
 
 def test_download_304_documents_every_header_it_repeats(doc):
-    for template in (MODELS + "/{id}/download", MODELS + "/by-name/{name}/download"):
+    # /download repeats a file's headers, or a snapshot tar's.
+    tar = set(downloads.NOT_MODIFIED_HEADERS) | set(downloads.TAR_NOT_MODIFIED_HEADERS)
+    for template, repeated in ((MODELS + "/{id}/download", tar), (MODELS + "/by-name/{name}/download", tar),
+                               (MODELS + "/{id}/files/{path}", set(downloads.NOT_MODIFIED_HEADERS)),
+                               (MODELS + "/by-name/{name}/files/{path}", set(downloads.NOT_MODIFIED_HEADERS))):
         for method in ("get", "head"):
             documented = set(doc["paths"][template][method]["responses"]["304"]["headers"])
-            assert documented - {REQUEST_ID_HEADER} == set(downloads.NOT_MODIFIED_HEADERS), (method, template)
+            assert documented - {REQUEST_ID_HEADER} == repeated, (method, template)
 
 
 def test_limits_follow_the_settings():
@@ -447,7 +451,7 @@ def test_document_without_auth_or_limits_has_no_401_403_429(doc):
                 assert responses["429"]["x-error-codes"] == ["too_many_client_uploads"], (method, path)
                 assert responses["503"]["$ref"].endswith("/UploadUnavailable"), (method, path)
                 uploads += 1
-    assert uploads == 3  # POST /models, and POST and PUT .../{id}/upload
+    assert uploads == 4  # POST /models, POST and PUT .../{id}/upload, and PUT /blobs/{digest}
 
 
 # --------------------------------------------------------------------------- /docs

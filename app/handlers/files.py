@@ -1,19 +1,22 @@
-"""Model files: upload, download (by id or by name), and file info."""
+"""Model files: upload, download (by id or by name), file info, and a version's files (manifest, one file)."""
 
 from __future__ import annotations
 
 import math
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from aiohttp import web
 
-from .. import downloads, errors, registry, uploads, urls
+from .. import downloads, errors, registry, snapshots, uploads, urls
 from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
+from ..http import preconditions
 from ..http.expect import invite_body
 from ..http.json import json_response
-from ..schemas import FileInfo, UploadAnswer
-from ..views import file_metadata
+from ..schemas import FileInfo, SnapshotManifest, UploadAnswer
+from ..storage.base import ModelDocument
+from ..views import file_metadata, files
 from .common import model_or_404, named_models_or_404
 
 
@@ -67,3 +70,76 @@ async def info(request: web.Request) -> web.Response:
         download_url=urls.download_url(doc["id"]),
     ))
 
+
+
+def _manifest(request: web.Request, doc: ModelDocument) -> web.Response:
+    found = snapshots.entries(doc)
+    if not found:
+        raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
+    etag = downloads.snapshot_etag(doc)
+    # no-cache: reuse only after revalidating; a warm cache does that with one 304.
+    headers = {"ETag": etag, "Cache-Control": "no-cache", "X-Model-Id": doc["id"], "X-Model-Name": doc["name"],
+               "X-Model-Version": doc["version"]}
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and preconditions.weak_match(if_none_match, etag):
+        return web.Response(status=304, headers=headers)
+    return json_response(SnapshotManifest(
+        id=doc["id"], name=doc["name"], version=doc["version"], files=files(found),
+        snapshot_digest=snapshots.digest_of(doc), total_size_bytes=snapshots.total_size(doc)), headers=headers)
+
+
+async def _counted_manifest(request: web.Request, doc: ModelDocument) -> web.Response:
+    response = _manifest(request, doc)
+    # A pull starts with the manifest: that is the snapshot's one download
+    # (README); the files it then reads are not counted again.
+    if request.method == "GET" and response.status == 200:
+        await downloads.count_download(request, doc)
+    return response
+
+
+async def manifest(request: web.Request) -> web.Response:
+    return await _counted_manifest(request, await model_or_404(request))
+
+
+async def manifest_by_name(request: web.Request) -> web.Response:
+    doc, _ = await named_models_or_404(request)
+    return await _counted_manifest(request, doc)
+
+
+def requested_path(request: web.Request) -> str:
+    """The file path a ``.../files/{path}`` URL names, checked against the snapshot path rules.
+
+    Decoded from the raw URL one segment at a time, strictly: an encoded
+    "/" (%2F) is part of a segment, not a separator, and no path component
+    can hold one; percent-encoding that is not UTF-8 is refused (the router's
+    own decoding would keep it as text and look for a file named "%ff").
+    """
+    template = request.match_info.route.resource.canonical.split("/")
+    segments = request.rel_url.raw_path.split("/")[template.index("{path}"):]
+    decoded = []
+    for segment in segments:
+        try:
+            part = unquote_to_bytes(segment).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(errors.INVALID_PATH,
+                           f'path segment "{segment}": percent-encoding that is not UTF-8') from None
+        if "/" in part:
+            raise ApiError(errors.INVALID_PATH,
+                           f'path segment "{segment}": an encoded "/" (%2F) cannot be part of a file name')
+        decoded.append(part)
+    path = "/".join(decoded)
+    problem = snapshots.path_problem(path)
+    if problem is not None:
+        raise ApiError(errors.INVALID_PATH, f'path "{"/".join(segments)}": {problem}')
+    return path
+
+
+async def file(request: web.Request) -> web.StreamResponse:
+    path = requested_path(request)
+    return await downloads.send_file(request, await model_or_404(request), path)
+
+
+async def file_by_name(request: web.Request) -> web.StreamResponse:
+    path = requested_path(request)
+    doc, others = await named_models_or_404(request)
+    return await downloads.send_file(request, doc, path, others)

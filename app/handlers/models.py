@@ -6,22 +6,42 @@ import math
 
 from aiohttp import web
 
-from .. import errors, registry, uploads, validation, views
+from .. import errors, registry, snapshots, uploads, validation, views
 from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
 from ..http.json import cacheable_json, json_response, parse_json_object
-from ..json_bodies import read_json_object
+from ..json_bodies import read_json_bytes, read_json_object
 from ..schemas import DeleteAnswer, ModelList, Pagination, UpdateAnswer, VersionList
 from .common import created, model_or_404, named_model_or_404, not_found, request_model_id, with_caller
+
+
+async def _read_model_body(request: web.Request) -> dict:
+    """A registration or new-version body: at most MAX_JSON_SIZE, plus room for a commit's list of files."""
+    settings = request.app[SETTINGS]
+    allowance = settings.max_files_per_version * snapshots.BODY_ALLOWANCE_PER_FILE
+    raw = await read_json_bytes(request, settings.max_json_size + allowance)
+    body = parse_json_object(raw)
+    if len(raw) > settings.max_json_size and not isinstance(body.get("files"), list):
+        raise ApiError(errors.PAYLOAD_TOO_LARGE, f"JSON body is larger than {settings.max_json_size} bytes")
+    return body
+
+
+async def _create(request: web.Request, fields: dict, parent_id: str | None = None) -> web.Response:
+    """Register the validated fields: a commit of a snapshot when they list files."""
+    storage = request.app[STORAGE]
+    files = fields.pop("files", None)
+    if files is None:
+        return created(await registry.create(storage, fields, parent_id))
+    snapshots.check_paths([f.path for f in files], request.app[SETTINGS].max_files_per_version)
+    return created(await registry.create_snapshot(storage, fields, files, parent_id))
 
 
 async def register(request: web.Request) -> web.Response:
     if request.content_type.startswith("multipart/"):
         return await register_with_file(request)
-    fields = with_caller(request, validation.registration(await read_json_object(request)))
-    doc = await registry.create(request.app[STORAGE], fields)
-    return created(doc)
+    fields = with_caller(request, validation.registration(await _read_model_body(request)))
+    return await _create(request, fields)
 
 
 async def register_with_file(request: web.Request) -> web.Response:
@@ -37,11 +57,19 @@ async def register_with_file(request: web.Request) -> web.Response:
         await invite_body(request)
         received, fields = await uploads.receive_multipart(
             request, storage, settings, sha256,
-            parse_metadata=lambda raw: with_caller(request, validation.registration(parse_json_object(raw))),
+            parse_metadata=lambda raw: with_caller(
+                request, _single_file(validation.registration(parse_json_object(raw)))),
         )
     if received is None:
         raise ApiError(errors.MISSING_FILE, "multipart registration needs a 'file' part")
     return created(await registry.create_with_file(storage, fields, received))
+
+
+def _single_file(fields: dict) -> dict:
+    if "files" in fields:
+        raise ApiError(errors.VALIDATION_ERROR, "files: a snapshot is committed with a JSON body, not with a "
+                                                "multipart file (store its blobs with PUT /api/v1/blobs/<digest>)")
+    return fields
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -75,10 +103,10 @@ async def delete_model(request: web.Request) -> web.Response:
 
 async def create_version(request: web.Request) -> web.Response:
     source = await model_or_404(request)
-    updates = with_caller(request, validation.new_version(await read_json_object(request)))
+    updates = with_caller(request, validation.new_version(await _read_model_body(request)))
+    files = updates.pop("files", None)
     fields = registry.new_version_fields(source, updates)
-    doc = await registry.create(request.app[STORAGE], fields, parent_id=source["id"])
-    return created(doc)
+    return await _create(request, fields if files is None else {**fields, "files": files}, source["id"])
 
 
 async def list_versions(request: web.Request) -> web.Response:

@@ -20,7 +20,7 @@ import logging
 import secrets
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +39,16 @@ class Transfer:
     """What the ``sending`` hook learns about the body it wraps."""
 
     whole: bool  # the answer carries byte 0: a download, not the resumption of one
-    sent: int = 0  # file bytes sent, known once the body has ended
+    sent: int = 0  # representation bytes sent, known once the body has ended
+
+
+@dataclass(frozen=True)
+class LocalRange:
+    """``count`` bytes of the local file ``path`` from ``offset``: sent with sendfile."""
+
+    path: str
+    offset: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class Representation:
     not_modified_headers: tuple[str, ...]
     read: Callable[[int, int], AsyncIterator[bytes]]  # read(offset, count): the pieces of that range
     path: str | None = None  # a local file holding exactly these bytes, for sendfile
+    # Or, for a representation pieced together from bytes and ranges of local
+    # files (a snapshot's tar): spans(offset, count), the pieces of that range, for sendfile.
+    spans: Callable[[int, int], Iterable[bytes | LocalRange]] | None = None
     name: str = ""  # what the log calls it
 
 
@@ -123,15 +135,22 @@ async def _body(request: web.Request, file: Representation, response: web.Stream
                 transfer: Transfer, timeout: float, aborts: tuple[type[BaseException], ...]) -> None:
     writer = await response.prepare(request)
     sent = 0
-    path = file.path if file.path is not None and sendfile.usable(request) else None
+    spans = _local_spans(file) if sendfile.usable(request) else None
     try:
         for preamble, offset, count in parts:
             if preamble:
                 await response.write(preamble)
             if not count:
                 continue
-            if path is not None:
-                sent += await sendfile.send_range(request, writer, path, offset, count, timeout)
+            if spans is not None:
+                for span in spans(offset, count):
+                    if isinstance(span, LocalRange):
+                        sent += await sendfile.send_range(request, writer, span.path, span.offset, span.count,
+                                                          timeout)
+                        continue
+                    async with asyncio.timeout(timeout):
+                        await response.write(span)
+                    sent += len(span)
                 continue
             pieces = file.read(offset, count)
             # aclosing: whichever way the loop ends, the reader (and its
@@ -159,6 +178,13 @@ async def _body(request: web.Request, file: Representation, response: web.Stream
         raise
     finally:
         transfer.sent = sent
+
+
+def _local_spans(file: Representation) -> Callable[[int, int], Iterable[bytes | LocalRange]] | None:
+    if file.path is not None:
+        path = file.path
+        return lambda offset, count: (LocalRange(path, offset, count),)
+    return file.spans
 
 
 def _reset(request: web.Request) -> None:

@@ -56,12 +56,14 @@ def cacheable_json(request: web.Request, data: Any) -> web.Response:
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
-def error_response(error: ErrorCode, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return _error_body(error.status, error.code, message, headers)
+def error_response(error: ErrorCode, message: str, headers: dict[str, str] | None = None,
+                   details: dict[str, object] | None = None) -> web.Response:
+    return _error_body(error.status, error.code, message, headers, details)
 
 
-def _error_body(status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+def _error_body(status: int, code: str, message: str, headers: dict[str, str] | None,
+                details: dict[str, object] | None = None) -> web.Response:
+    return json_response({"error": {"code": code, "message": message, **(details or {})}}, status, headers)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -71,7 +71,12 @@ class ModelDocument(TypedDict, total=False):
     created_at: datetime
     updated_at: datetime
     download_count: int
-    file_metadata: StoredFileMetadata
+    file_metadata: StoredFileMetadata  # a version made by /upload
+    # A version made by a commit: its files (app.snapshots.Entry, each with the
+    # internal file_id and chunk_size of its content), in path order.
+    files: list[dict[str, object]]
+    snapshot_digest: str
+    total_size_bytes: int
     superseded: bool  # the registry's mark: a higher version of the name exists (not shown)
 
 
@@ -312,6 +317,26 @@ class Storage(abc.ABC):
     async def settle_file(self, file_id: str) -> None:
         """Drop one claim a commit took on this content."""
 
+    async def settle_files(self, file_ids: list[str]) -> None:
+        """settle_file for each (a backend may do it in fewer round trips)."""
+        for file_id in file_ids:
+            await self.settle_file(file_id)
+
+    # -- blobs (content by sha256, for snapshots) ---------------------------
+    @abc.abstractmethod
+    async def find_blob(self, sha256: str) -> StoredFile | None:
+        """The stored content with this sha256 (hex), if any."""
+
+    @abc.abstractmethod
+    async def keep_blobs(self, sha256s: list[str], until: datetime) -> dict[str, StoredFile]:
+        """Of these sha256s, the stored ones (by sha256); each is kept, referenced or not, until ``until``
+        at least (neither a release nor gc removes it before): BLOB_GRACE for a blob a client is about to commit."""
+
+    @abc.abstractmethod
+    async def claim_blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
+        """Of these sha256s, the stored ones (by sha256), each claimed once as a commit claims
+        its content: call settle_file() for each once a model refers to it (or the commit failed)."""
+
     @abc.abstractmethod
     async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
         """Remove stored content no model refers to, left by crashes; one line per item.
@@ -323,5 +348,6 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def release_file(self, file_id: str) -> bool:
-        """Delete stored content unless a model refers to it or a commit's
-        claim on it is unsettled (and younger than CLAIM_GRACE); True if deleted."""
+        """Delete stored content unless a model refers to it (by file_metadata or
+        one of its files), a commit's claim on it is unsettled (and younger than
+        CLAIM_GRACE) or it is kept (keep_blobs); True if deleted."""

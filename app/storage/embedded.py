@@ -77,8 +77,17 @@ CREATE TABLE IF NOT EXISTS files (
     chunk_size INTEGER NOT NULL,
     uploaded_at TEXT NOT NULL,
     claims INTEGER NOT NULL DEFAULT 0,
-    claimed_at TEXT
+    claimed_at TEXT,
+    kept_until TEXT
 );
+-- Which stored content each model refers to: its file_metadata's, or every
+-- file of its snapshot (each content once per model).
+CREATE TABLE IF NOT EXISTS model_files (
+    file_id TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    PRIMARY KEY (file_id, model_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS model_files_model ON model_files (model_id);
 """
 
 # Columns kept outside the JSON document because queries filter or sort on them.
@@ -109,6 +118,14 @@ def _decode_row(row: sqlite3.Row) -> ModelDocument:
     if "file_metadata" in doc:
         doc["file_metadata"]["uploaded_at"] = parse_iso(doc["file_metadata"]["uploaded_at"])
     return doc
+
+
+def _file_ids(doc: ModelDocument) -> list[str]:
+    """Every stored content the document refers to, each once."""
+    ids = [e["file_id"] for e in doc.get("files") or ()]
+    if doc.get("file_metadata"):
+        ids.append(doc["file_metadata"]["file_id"])
+    return list(dict.fromkeys(ids))
 
 
 def _icontains(haystack: str | None, needle: str) -> bool:
@@ -170,8 +187,11 @@ class EmbeddedStorage(Storage):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.create_function("icontains", 2, _icontains, deterministic=True)
+        had_references = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'model_files'").fetchone() is not None
+        files_columns = {row["name"] for row in db.execute("PRAGMA table_info(files)")}
         db.executescript(_SCHEMA)
-        self._migrate(db)
+        self._migrate(db, had_references, files_columns)
         self._db = db
         reader = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None,
                                  check_same_thread=False)
@@ -180,7 +200,13 @@ class EmbeddedStorage(Storage):
         self._reader = reader
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
+    def _migrate(db: sqlite3.Connection, had_references: bool, files_columns: set[str]) -> None:
+        if files_columns and "kept_until" not in files_columns:
+            db.execute("ALTER TABLE files ADD COLUMN kept_until TEXT")
+        if not had_references:
+            # A registry from before snapshots: its models refer to content by file_id only.
+            db.execute("INSERT OR IGNORE INTO model_files (file_id, model_id)"
+                       " SELECT file_id, id FROM models WHERE file_id IS NOT NULL")
         columns = {row["name"] for row in db.execute("PRAGMA table_info(models)")}
         if "search_text" not in columns:
             # A registry from before search_text: add it and fill it in.
@@ -232,7 +258,25 @@ class EmbeddedStorage(Storage):
         return (await asyncio.to_thread(shutil.disk_usage, self.root)).free
 
     # -- metadata ------------------------------------------------------------
+    def _refer(self, model_id: str, doc: ModelDocument | None) -> None:
+        """Record which content the model refers to (none once it is deleted); inside the caller's transaction."""
+        self._db.execute("DELETE FROM model_files WHERE model_id = ?", (model_id,))
+        if doc is not None:
+            self._db.executemany("INSERT INTO model_files (file_id, model_id) VALUES (?, ?)",
+                                 [(file_id, model_id) for file_id in _file_ids(doc)])
+
     def _insert(self, doc: ModelDocument) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert_row(doc)
+            self._refer(doc["id"], doc)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _insert_row(self, doc: ModelDocument) -> None:
         fm = doc.get("file_metadata")
         try:
             self._db.execute(
@@ -287,6 +331,8 @@ class EmbeddedStorage(Storage):
                 (doc["algorithm"], doc["status"], doc.get("created_by"), fm["file_id"] if fm else None,
                  _encode_doc(doc), _search_text(doc), model_id),
             )
+            if _file_ids(doc) != _file_ids(previous):
+                self._refer(model_id, doc)
             db.execute("COMMIT")
             return previous if return_previous else doc
         except BaseException:
@@ -325,7 +371,15 @@ class EmbeddedStorage(Storage):
         await self._run(self._record_download, model_id, at)
 
     def _delete(self, model_id: str) -> ModelDocument | None:
-        row = self._db.execute("DELETE FROM models WHERE id = ? RETURNING *", (model_id,)).fetchone()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("DELETE FROM models WHERE id = ? RETURNING *", (model_id,)).fetchone()
+            self._refer(model_id, None)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return _decode_row(row) if row else None
 
     async def delete_model(self, model_id: str) -> ModelDocument | None:
@@ -415,14 +469,16 @@ class EmbeddedStorage(Storage):
         ):
             by_algorithm[algorithm] = by_algorithm.get(algorithm, 0) + n
             by_status[status] = by_status.get(status, 0) + n
-        downloads, with_files, model_bytes = db.execute(
-            "SELECT coalesce(sum(download_count), 0), count(file_id),"
-            " coalesce(sum(CASE WHEN file_id IS NULL THEN 0"
-            " ELSE json_extract(doc, '$.file_metadata.size_bytes') END), 0)"
+        downloads, model_bytes = db.execute(
+            "SELECT coalesce(sum(download_count), 0),"
+            " coalesce(sum(coalesce(json_extract(doc, '$.file_metadata.size_bytes'),"
+            " json_extract(doc, '$.total_size_bytes'))), 0)"
             " FROM models"
         ).fetchone()
+        with_files = db.execute("SELECT count(DISTINCT model_id) FROM model_files").fetchone()[0]
+        # Distinct content: a blob shared by versions, models or a snapshot's files counts once.
         stored = db.execute(
-            "SELECT coalesce(sum(length), 0) FROM files WHERE file_id IN (SELECT file_id FROM models)"
+            "SELECT coalesce(sum(length), 0) FROM files WHERE file_id IN (SELECT file_id FROM model_files)"
         ).fetchone()[0]
         added = db.execute("SELECT count(*) FROM models WHERE created_at >= ?", (iso(since_added),)).fetchone()[0]
         by_hour = {parse_iso(hour): n for hour, n in db.execute(
@@ -446,10 +502,7 @@ class EmbeddedStorage(Storage):
 
     def _file_row(self, file_id: str) -> StoredFile | None:
         row = self._db.execute("SELECT * FROM files WHERE file_id = ?", (file_id,)).fetchone()
-        if row is None:
-            return None
-        return StoredFile(row["file_id"], row["length"], row["sha256"], row["chunk_size"],
-                          parse_iso(row["uploaded_at"]))
+        return _row_file(row) if row else None
 
     async def file_info(self, file_id: str) -> StoredFile | None:
         return await self._run(self._file_row, file_id)
@@ -477,20 +530,68 @@ class EmbeddedStorage(Storage):
         )
         return stored
 
+    def _blob_rows(self, sha256s: list[str]) -> list[sqlite3.Row]:
+        rows = []
+        for i in range(0, len(sha256s), 500):  # within SQLite's bound-parameter limit
+            part = sha256s[i:i + 500]
+            rows += self._db.execute(f"SELECT * FROM files WHERE sha256 IN ({', '.join('?' * len(part))})",
+                                     part).fetchall()
+        return rows
+
+    async def find_blob(self, sha256: str) -> StoredFile | None:
+        row = await self._run(lambda: self._db.execute("SELECT * FROM files WHERE sha256 = ?", (sha256,)).fetchone())
+        return _row_file(row) if row else None
+
+    def _keep(self, sha256s: list[str], until: datetime) -> dict[str, StoredFile]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self._blob_rows(sha256s)
+            db.executemany("UPDATE files SET kept_until = max(coalesce(kept_until, ''), ?) WHERE file_id = ?",
+                           [(iso(until), r["file_id"]) for r in rows])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return {r["sha256"]: _row_file(r) for r in rows}
+
+    async def keep_blobs(self, sha256s: list[str], until: datetime) -> dict[str, StoredFile]:
+        return await self._run(self._keep, list(dict.fromkeys(sha256s)), until)
+
+    def _claim(self, sha256s: list[str]) -> dict[str, StoredFile]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self._blob_rows(sha256s)
+            db.executemany("UPDATE files SET claims = claims + 1, claimed_at = ? WHERE file_id = ?",
+                           [(iso(now()), r["file_id"]) for r in rows])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return {r["sha256"]: _row_file(r) for r in rows}
+
+    async def claim_blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
+        return await self._run(self._claim, list(dict.fromkeys(sha256s)))
+
     async def settle_file(self, file_id: str) -> None:
-        await self._run(lambda: self._db.execute(
-            "UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", (file_id,)))
+        await self.settle_files([file_id])
+
+    async def settle_files(self, file_ids: list[str]) -> None:
+        await self._run(lambda: self._db.executemany(
+            "UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", [(f,) for f in file_ids]))
 
     def _release(self, file_id: str) -> str | None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("SELECT 1 FROM models WHERE file_id = ? LIMIT 1", (file_id,)).fetchone():
+            if db.execute("SELECT 1 FROM model_files WHERE file_id = ? LIMIT 1", (file_id,)).fetchone():
                 db.execute("ROLLBACK")
                 return None
             row = db.execute(
-                "DELETE FROM files WHERE file_id = ? AND (claims = 0 OR claimed_at < ?) RETURNING sha256",
-                (file_id, iso(now() - CLAIM_GRACE)),
+                "DELETE FROM files WHERE file_id = ? AND (claims = 0 OR claimed_at < ?)"
+                " AND (kept_until IS NULL OR kept_until < ?) RETURNING sha256",
+                (file_id, iso(now() - CLAIM_GRACE), iso(now())),
             ).fetchone()
             db.execute("COMMIT")
         except BaseException:
@@ -511,8 +612,9 @@ class EmbeddedStorage(Storage):
         db = self._db
         cutoff = iso(now() - min_age)
         unreferenced = [r[0] for r in db.execute(
-            "SELECT file_id FROM files WHERE file_id NOT IN (SELECT file_id FROM models WHERE file_id IS NOT NULL)"
-            " AND (claims = 0 OR claimed_at < ?) AND uploaded_at < ?", (cutoff, cutoff))]
+            "SELECT file_id FROM files WHERE file_id NOT IN (SELECT file_id FROM model_files)"
+            " AND (claims = 0 OR claimed_at < ?) AND uploaded_at < ? AND (kept_until IS NULL OR kept_until < ?)",
+            (cutoff, cutoff, iso(now())))]
         known = {r[0] for r in db.execute("SELECT sha256 FROM files")}
         return unreferenced, known
 
@@ -578,6 +680,10 @@ class EmbeddedStorage(Storage):
                 yield data
         finally:
             os.close(fd)
+
+
+def _row_file(row: sqlite3.Row) -> StoredFile:
+    return StoredFile(row["file_id"], row["length"], row["sha256"], row["chunk_size"], parse_iso(row["uploaded_at"]))
 
 
 def _read_cached(fd: int, n: int, pos: int) -> bytes | memoryview | None:

@@ -77,6 +77,8 @@ def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
         out["parent_model_id"] = ObjectId(doc["parent_model_id"])
     if "file_metadata" in doc:
         out["file_metadata"] = {**doc["file_metadata"], "file_id": ObjectId(doc["file_metadata"]["file_id"])}
+    if doc.get("files"):
+        out["files"] = [{**e, "file_id": ObjectId(e["file_id"])} for e in doc["files"]]
     return out
 
 
@@ -88,7 +90,18 @@ def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
     fm = doc.get("file_metadata")
     if fm and isinstance(fm.get("file_id"), ObjectId):
         doc["file_metadata"] = {**fm, "file_id": str(fm["file_id"])}
+    if doc.get("files"):
+        doc["files"] = [{**e, "file_id": str(e["file_id"])} for e in doc["files"]]
     return doc
+
+
+def _referring(oid: ObjectId) -> dict[str, Any]:
+    """Models whose file, or one of whose snapshot files, is this content."""
+    return {"$or": [{"file_metadata.file_id": oid}, {"files.file_id": oid}]}
+
+
+def _not_kept(at: datetime) -> dict[str, Any]:
+    return {"$or": [{"metadata.kept_until": {"$exists": False}}, {"metadata.kept_until": {"$lt": at}}]}
 
 
 def _busy(e: OperationFailure) -> bool:
@@ -185,6 +198,7 @@ class MongoStorage(Storage):
         await self.models.create_index([("created_at", DESCENDING)])
         await self.models.create_index([("download_count", DESCENDING)])
         await self.models.create_index("file_metadata.file_id")
+        await self.models.create_index("files.file_id")
         # The indexes the GridFS specification asks for, plus content lookup.
         await self.chunks.create_index([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)
         await self.files.create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
@@ -345,21 +359,36 @@ class MongoStorage(Storage):
         # when a $group has several, and real MongoDB runs these from indexes
         # or small scans either way.
         has_file = {"$match": {"file_metadata.file_id": {"$exists": True}}}
-        groups, downloads, stored, model_bytes, with_files, added, recent = await asyncio.gather(
+        has_files = {"$match": {"snapshot_digest": {"$exists": True}}}
+        (groups, downloads, single, shards, file_bytes, snapshot_bytes, with_file, with_files, added,
+         recent) = await asyncio.gather(
             self.models.aggregate([{"$group": {"_id": {"a": "$algorithm", "s": "$status"}, "n": {"$sum": 1}}}]),
             self._aggregate_one(self.models, [{"$group": {"_id": None, "n": {"$sum": "$download_count"}}}], "n"),
-            self._aggregate_one(self.models, [
-                has_file,
-                {"$group": {"_id": {"f": "$file_metadata.file_id", "s": "$file_metadata.size_bytes"}}},
-                {"$group": {"_id": None, "n": {"$sum": "$_id.s"}}},
-            ], "n"),
+            # Distinct content per kind of version, merged below: content shared by
+            # an /upload and a snapshot's file counts once.
+            self.models.aggregate([
+                has_file, {"$group": {"_id": {"f": "$file_metadata.file_id", "s": "$file_metadata.size_bytes"}}},
+            ]),
+            self.models.aggregate([
+                has_files, {"$unwind": "$files"},
+                {"$group": {"_id": {"f": "$files.file_id", "s": "$files.size_bytes"}}},
+            ]),
             self._aggregate_one(self.models, [
                 has_file, {"$group": {"_id": None, "n": {"$sum": "$file_metadata.size_bytes"}}},
             ], "n"),
+            self._aggregate_one(self.models, [
+                has_files, {"$group": {"_id": None, "n": {"$sum": "$total_size_bytes"}}},
+            ], "n"),
             self.models.count_documents({"file_metadata.file_id": {"$exists": True}}),
+            self.models.count_documents({"snapshot_digest": {"$exists": True}}),
             self.models.count_documents({"created_at": {"$gte": since_added}}),
             self.downloads.find({"_id": {"$gte": since_downloads}}).to_list(None),
         )
+        sizes: dict[ObjectId, int] = {}
+        for cursor in (single, shards):
+            async for g in cursor:
+                sizes[g["_id"]["f"]] = g["_id"]["s"]
+        stored, model_bytes, with_files = sum(sizes.values()), file_bytes + snapshot_bytes, with_file + with_files
         by_algorithm: dict[str, int] = {}
         by_status: dict[str, int] = {}
         async for g in groups:
@@ -383,16 +412,16 @@ class MongoStorage(Storage):
     @_guard
     async def release_file(self, file_id: str) -> bool:
         oid = _oid(file_id)
-        if oid is None or await self.models.find_one({"file_metadata.file_id": oid}, {"_id": 1}):
+        if oid is None or await self.models.find_one(_referring(oid), {"_id": 1}):
             return False
         # Files document first: from then on no reader can start on the chunks.
         # A recent claim means an upload of the same content is about to use it.
         async with self._content_lock:
-            result = await self.files.delete_one({
-                "_id": oid,
-                "$or": [{"metadata.claims": {"$lte": 0}}, {"metadata.claims": {"$exists": False}},
-                        {"metadata.claimed_at": {"$lt": now() - CLAIM_GRACE}}],
-            })
+            result = await self.files.delete_one({"_id": oid, "$and": [
+                {"$or": [{"metadata.claims": {"$lte": 0}}, {"metadata.claims": {"$exists": False}},
+                         {"metadata.claimed_at": {"$lt": now() - CLAIM_GRACE}}]},
+                _not_kept(now()),
+            ]})
         if result.deleted_count != 1:
             return False
         await self.chunks.delete_many({"files_id": oid})
@@ -403,8 +432,10 @@ class MongoStorage(Storage):
         report = []
         cutoff = now() - min_age
         referenced = set(await self.models.distinct("file_metadata.file_id"))
+        referenced |= set(await self.models.distinct("files.file_id"))
         # Committed content no model refers to (release_file re-checks references and claims).
-        async for f in self.files.find({"uploadDate": {"$lt": cutoff}}, {"length": 1, "metadata": 1}):
+        async for f in self.files.find({"uploadDate": {"$lt": cutoff}, **_not_kept(now())},
+                                       {"length": 1, "metadata": 1}):
             if f["_id"] in referenced:
                 continue
             if dry_run or await self.release_file(str(f["_id"])):
@@ -454,6 +485,53 @@ class MongoStorage(Storage):
             async with self._content_lock:
                 await self.files.update_one({"_id": oid, "metadata.claims": {"$gt": 0}},
                                             {"$inc": {"metadata.claims": -1}})
+
+    @_guard
+    async def find_blob(self, sha256: str) -> StoredFile | None:
+        raw = await self.files.find_one({"metadata.sha256": sha256})
+        return _stored_file(raw) if raw else None
+
+    async def _blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
+        found: dict[str, StoredFile] = {}
+        for i in range(0, len(sha256s), 1000):
+            async for raw in self.files.find({"metadata.sha256": {"$in": sha256s[i:i + 1000]}}):
+                found[raw["metadata"]["sha256"]] = _stored_file(raw)
+        return found
+
+    @_guard
+    async def keep_blobs(self, sha256s: list[str], until: datetime) -> dict[str, StoredFile]:
+        wanted = list(dict.fromkeys(sha256s))
+        for i in range(0, len(wanted), 1000):
+            # $max: a later keep never shortens an earlier one.
+            await self.files.update_many({"metadata.sha256": {"$in": wanted[i:i + 1000]}},
+                                         {"$max": {"metadata.kept_until": until}})
+        return await self._blobs(wanted)
+
+    @_guard
+    async def claim_blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
+        # Found first, so that a commit missing blobs claims nothing; then one
+        # single-document claim each (what claim() does for an upload), which
+        # stays exact where find-and-modify is not atomic across connections.
+        wanted = list(dict.fromkeys(sha256s))
+        present = await self._blobs(wanted)
+        claimed: dict[str, StoredFile] = {}
+        for sha256 in wanted:
+            if sha256 in present and (raw := await self.claim(sha256)) is not None:
+                claimed[sha256] = _stored_file(raw)
+        return claimed
+
+    @_guard
+    async def settle_files(self, file_ids: list[str]) -> None:
+        oids = list(dict.fromkeys(oid for f in file_ids if (oid := _oid(f)) is not None))
+        if len(oids) != len(file_ids):
+            # The same content twice: two claims to drop, which one update_many would not.
+            for file_id in file_ids:
+                await self.settle_file(file_id)
+            return
+        async with self._content_lock:
+            for i in range(0, len(oids), 1000):
+                await self.files.update_many({"_id": {"$in": oids[i:i + 1000]}, "metadata.claims": {"$gt": 0}},
+                                             {"$inc": {"metadata.claims": -1}})
 
     async def claim(self, sha256: str) -> dict[str, Any] | None:
         """The stored copy of this content, claimed (see CLAIM_GRACE), or None."""

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from multidict import MultiDict
 
-from .. import auth, clock, errors, registry, validation
+from .. import auth, clock, errors, registry, snapshots, validation
 from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..config import format_size
 from ..errors import ApiError
@@ -169,11 +169,11 @@ class Row:
 
     @classmethod
     def of(cls, doc: dict) -> "Row":
-        fm = doc.get("file_metadata")
+        total = snapshots.total_size(doc)
         iso = doc["created_at"].isoformat()  # UTC, as storage hands every timestamp over
         return cls(f"{PREFIX}/models/{doc['id']}", doc["name"], doc["version"], doc["algorithm"], doc["status"],
                    doc.get("tags", []),
-                   key_metric(doc.get("metrics", {})), size(fm["size_bytes"]) if fm else "",
+                   key_metric(doc.get("metrics", {})), size(total) if total is not None else "",
                    doc.get("download_count", 0), iso, f"{iso[:10]} {iso[11:16]} UTC")
 
 

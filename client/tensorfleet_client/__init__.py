@@ -8,6 +8,10 @@
         client.download(model_id, "/tmp/model.pkl")   # verified, resumable, parallel when large
         path = client.fetch("churn")                   # cached; one 304 request when unchanged
 
+        client.push_folder("llama-ft/", name="llama-ft", algorithm="transformer")  # only new blobs are sent
+        client.pull_folder("llama-ft", "/models/llama-ft", include=["*.json"])
+        folder = client.fetch("llama-ft")              # a snapshot's folder in the cache
+
 ``AsyncModelServiceClient`` is the same client for asyncio code.
 """
 
@@ -21,6 +25,7 @@ from .errors import (
     Forbidden,
     InsufficientSpace,
     ModelServiceError,
+    NotCached,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
@@ -30,6 +35,7 @@ from .errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from .snapshot import PullResult, PushResult
 from .sync import ModelServiceClient
 from .transport import DEFAULT_URL, RetryPolicy
 
@@ -45,9 +51,12 @@ __all__ = [
     "InsufficientSpace",
     "ModelServiceClient",
     "ModelServiceError",
+    "NotCached",
     "NotFound",
     "PayloadTooLarge",
     "PreconditionFailed",
+    "PullResult",
+    "PushResult",
     "ProtocolError",
     "RateLimited",
     "RemoteFile",

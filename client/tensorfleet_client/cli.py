@@ -1,5 +1,7 @@
 """The client's commands: push, pull, list, show, versions, rm, stats.
 
+push and pull take a folder too: a snapshot (a version made of many files).
+
 The server's ``model-service`` command adds them with ``add_client_commands``;
 ``tensorfleet-client`` (``python -m tensorfleet_client``, ``main`` here) is the
 same commands where only the client is installed.
@@ -231,8 +233,10 @@ def _push(client, args: argparse.Namespace) -> int:
         metadata["breaking_changes"] = True
 
     path = Path(args.path)
+    if path.is_dir():
+        return _push_folder(client, args, path, metadata)
     if not path.is_file():
-        raise _Usage(f"no such file: {path}")
+        raise _Usage(f"no such file or folder: {path}")
     bar = _progress(args, f"push {path.name}")
     started = time.monotonic()
     try:
@@ -252,7 +256,78 @@ def _push(client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _push_folder(client, args: argparse.Namespace, path: Path, metadata: dict[str, Any]) -> int:
+    bar = _progress(args, f"push {path.name}/")
+    try:
+        result = client.push_folder(path, progress=bar, **metadata)
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(f"{result.already_stored} of {result.files} files already stored, "
+              f"{format_bytes(result.bytes_not_sent)} not sent")
+        print(f"pushed {result.name} {result.version}  id {result.model_id}  {result.files} files  "
+              f"{format_bytes(result.bytes_sent + result.bytes_not_sent)}")
+    return EXIT_OK
+
+
+def _is_snapshot(client, model: str, version: str | None) -> tuple[bool, dict | None]:
+    """Whether ``model`` (an id, or a name and version) is a version committed as a list of files, and its
+    document (None when it cannot be had: the single-file path then says what is wrong)."""
+    from .errors import ModelServiceError, NotFound
+
+    try:
+        if version is None and rules.is_model_id(model):
+            try:
+                doc = client.get_model(model)
+            except NotFound:
+                doc = client.get_by_name(model)
+        else:
+            doc = client.get_by_name(model, version)
+    except ModelServiceError:
+        return False, None
+    if not isinstance(doc, dict):
+        return False, None
+    return bool(not doc.get("file_metadata") and doc.get("files")), doc
+
+
+def _pull_folder(client, args: argparse.Namespace, doc: dict | None) -> int:
+    if args.cache_dir is not None:
+        raise _Usage("--include/--exclude do not go with --cache-dir (the cache holds whole snapshots)")
+    output = args.output
+    if output is None:
+        if doc is None:
+            raise _Usage("-o/--output DIR is needed to pull a snapshot")
+        output = f"{rules.name(doc.get('name'), 'name')}-{rules.version(doc.get('version'), 'version')}"
+    bar = _progress(args, f"pull {args.model}")
+    try:
+        result = client.pull_folder(args.model, output, args.version, include=args.include, exclude=args.exclude,
+                                    overwrite=args.force, parallel=args.parallel, limit_rate=args.limit_rate,
+                                    progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        out = result.to_dict()
+        out["requests"] = client.request_count
+        _print_json(out)
+    else:
+        kept = f", {result.files_kept} kept from an interrupted pull" if result.files_kept else ""
+        print(f"{result.path}/  {result.name} {result.version}  {result.files} files  {format_bytes(result.size)}  "
+              f"sha256 verified  ({result.files_downloaded} downloaded, "
+              f"{format_bytes(result.bytes_transferred)}{kept})")
+    return EXIT_OK
+
+
 def _pull(client, args: argparse.Namespace) -> int:
+    if args.include or args.exclude:
+        return _pull_folder(client, args, None)
+    if args.cache_dir is None:
+        snap, doc = _is_snapshot(client, args.model, args.version)
+        if snap:
+            return _pull_folder(client, args, doc)
     bar = _progress(args, f"pull {args.model}")
     try:
         if args.cache_dir is not None:
@@ -284,7 +359,8 @@ def _pull(client, args: argparse.Namespace) -> int:
             f"{format_bytes(result.bytes_transferred / result.seconds) if result.seconds else '-'}/s"
             + (f", resumed at {format_bytes(result.resumed_bytes)}" if result.resumed_bytes else "")
             + (f", {result.parallel} ranges" if result.parallel > 1 else ""))
-        print(f"{result.path}  {result.name} {result.version}  {format_bytes(result.size)}  "
+        what = f"{result.files} files  " if result.files is not None else ""
+        print(f"{result.path}  {result.name} {result.version}  {what}{format_bytes(result.size)}  "
               f"sha256 verified  ({how})")
     return EXIT_OK
 
@@ -400,8 +476,8 @@ def add_client_commands(subparsers, prog: str = "model-service") -> None:
         p.set_defaults(func=_command(fn), prog=prog)
         return p
 
-    p = add("push", _push, "register a model and upload its file")
-    p.add_argument("path", help="the model file")
+    p = add("push", _push, "register a model and upload its file, or its folder as a snapshot")
+    p.add_argument("path", help="the model file, or a folder: every file under it, only new content sent")
     p.add_argument("--name", required=True, help="model name (A-Z, a-z, 0-9, '_', '.', '-')")
     p.add_argument("--algorithm", required=True)
     p.add_argument("--metric", action="append", type=_metric, default=[], metavar="K=V",
@@ -416,11 +492,18 @@ def add_client_commands(subparsers, prog: str = "model-service") -> None:
     p.add_argument("--format", help="file format (default: the file name's extension)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
-    p = add("pull", _pull, "download a model's file, verified against its sha256")
+    p = add("pull", _pull, "download a model's file, or a snapshot's files into a folder, verified against "
+                           "their sha256")
     p.add_argument("model", metavar="ID_OR_NAME", help="model id, or a name (its latest version)")
     p.add_argument("-o", "--output", help="file or directory to write (default: the server's file name here, "
-                   "or NAME-VERSION if that is hidden or not a plain file name)")
-    p.add_argument("--force", action="store_true", help="replace the file if it exists (else it is left alone)")
+                   "or NAME-VERSION if that is hidden or not a plain file name); for a snapshot, the folder "
+                   "to create (default NAME-VERSION), which appears complete or not at all")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="a snapshot: only files whose path matches GLOB ('*' crosses '/'; repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="a snapshot: not the files whose path matches GLOB (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace the file or folder if it exists "
+                   "(else it is left alone)")
     p.add_argument("--version", type=_version, help="this version of the name rather than the latest")
     p.add_argument("--parallel", type=_positive_int, metavar="N",
                    help="fetch in N ranges at once (default: 4 for files over 64 MB, else 1)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import orjson
 
-from . import cache, rules
+from . import cache, rules, snapshot
 from . import download as dl
 from .errors import ChecksumMismatch
+from .manifest import Manifest
 from .transport import API, USER_AGENT, RetryPolicy, Transport, read_json_body
 
 
@@ -123,9 +124,12 @@ class AsyncModelServiceClient:
                    **metadata: Any) -> str:
         """Register a model and upload its file in one call; the new model's id.
 
-        If the upload fails, the registration is deleted again.
+        If the upload fails, the registration is deleted again. A folder is
+        pushed as a snapshot (``push_folder``).
         """
         path = Path(path)
+        if path.is_dir():
+            return (await self.push_folder(path, progress=progress, **metadata)).model_id
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         model_id = await self.register_model(metadata)
@@ -138,6 +142,34 @@ class AsyncModelServiceClient:
                 pass
             raise
         return model_id
+
+    async def push_folder(self, path: str | os.PathLike[str], *, progress: dl.Progress | None = None,
+                          **metadata: Any) -> snapshot.PushResult:
+        """Register a version made of every file under the folder ``path``: the files are hashed in threads,
+        only the blobs the service lacks are uploaded (4 at once), then the version is committed with its
+        list of files in one request (it exists whole or not at all). ``progress`` counts bytes sent."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NotADirectoryError(f"not a folder: {path}")
+        return await snapshot.push_folder(self.transport, path, metadata, progress=progress)
+
+    async def manifest(self, id_or_name: str, version: str | None = None) -> Manifest:
+        """A version's list of files (checked against the path rules) and snapshot digest."""
+        _, m, _ = await snapshot.get_manifest(self.transport, id_or_name, version)
+        assert m is not None
+        return m
+
+    async def pull_folder(self, id_or_name: str, path: str | os.PathLike[str], version: str | None = None, *,
+                          include: Sequence[str] = (), exclude: Sequence[str] = (), overwrite: bool = False,
+                          parallel: int | None = None, limit_rate: float | None = None,
+                          progress: dl.Progress | None = None) -> snapshot.PullResult:
+        """Download a version's files (those matching any ``include`` glob and no ``exclude`` glob) into the
+        folder ``path``, each verified; the folder appears complete or not at all, and a pull interrupted and
+        run again keeps every file it verified. An existing non-empty folder is replaced only with
+        ``overwrite`` (FileExistsError)."""
+        return await snapshot.pull_folder(self.transport, id_or_name, path, version, include=include,
+                                          exclude=exclude, overwrite=overwrite, parallel=parallel,
+                                          limit_rate=limit_rate, progress=progress)
 
     async def get_model(self, model_id: str) -> dict:
         return await self.transport.json("GET", f"{API}/{model_id}")
@@ -234,7 +266,13 @@ class AsyncModelServiceClient:
     async def fetch(self, name: str, version: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
                     *, parallel: int | None = None, limit_rate: float | None = None,
                     progress: dl.Progress | None = None, allow_stale: bool = False) -> Path:
-        """The path of a verified local copy of the model, from the cache when it is still current.
+        """The path of a verified local copy of the model, from the cache when it is still current: a
+        snapshot's folder, or a single-file model's file.
+
+        A snapshot is revalidated with one conditional GET of its manifest; a
+        new version downloads only the files the cache lacks; processes
+        fetching at once download each file once. With ``MODEL_SERVICE_OFFLINE=1``
+        the cache answers without the network, or ``NotCached``.
 
         One conditional request (``If-None-Match``) revalidates a cached copy;
         only a changed or missing file is downloaded. Processes fetching the same

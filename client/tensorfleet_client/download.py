@@ -139,7 +139,8 @@ class DownloadResult:
     parallel: int = 1  # ranges fetched at once
     seconds: float = 0.0
     cached: bool = False  # fetch(): the cached copy was still current (304)
-    stale: bool = False  # fetch(allow_stale=True): served from the cache without revalidating
+    stale: bool = False  # served from the cache without revalidating (allow_stale, or MODEL_SERVICE_OFFLINE)
+    files: int | None = None  # a snapshot: its folder is ``path``, ``size`` the total, ``sha256`` its digest
 
     def to_dict(self) -> dict:
         d = asdict(self)

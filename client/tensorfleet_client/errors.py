@@ -123,6 +123,12 @@ class InsufficientSpace(ModelServiceError):
     default_code = "insufficient_space"
 
 
+class NotCached(ModelServiceError):
+    """MODEL_SERVICE_OFFLINE is set and the model asked for is not in the cache."""
+
+    default_code = "not_cached"
+
+
 _BY_STATUS: dict[int, type[ModelServiceError]] = {
     400: BadRequest,
     401: Unauthorized,

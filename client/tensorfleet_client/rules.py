@@ -11,6 +11,7 @@ provably lands in the folder it was meant for.
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 from .errors import ProtocolError
@@ -87,3 +88,76 @@ def inside(folder: Path, entry: str) -> Path:
     if path.parent != base:
         raise ProtocolError(f"{entry!r} would be written at {path}, outside {base}; nothing was written")
     return path
+
+
+# -- the paths of a snapshot's files (the service's rules, README "Snapshots") -----
+
+MAX_PATH_BYTES = 1024
+MAX_COMPONENT_BYTES = 255
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def path_problem(path: object) -> str | None:
+    """Why ``path`` is not a snapshot file's path, or None when it is one.
+
+    Relative, '/'-separated, already NFC; each component non-empty, not '.' or
+    '..', without control characters, '\\' or ':', not ending in '.' or ' ', at
+    most 255 bytes; the whole at most 1024 bytes.
+    """
+    if not isinstance(path, str) or not path:
+        return "a path must be a non-empty string"
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:
+        return "a path must be valid UTF-8"
+    if size > MAX_PATH_BYTES:
+        return f"a path is at most {MAX_PATH_BYTES} bytes"
+    if unicodedata.normalize("NFC", path) != path:
+        return "a path must be NFC-normalized"
+    if path.startswith("/"):
+        return "a path must be relative"
+    for part in path.split("/"):
+        if part == "":
+            return "an empty component is not allowed"
+        if part in (".", ".."):
+            return f'component "{part}" is not allowed'
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+            return "control characters are not allowed"
+        if "\\" in part or ":" in part:
+            return "'\\' and ':' are not allowed"
+        if part.endswith((".", " ")):
+            return f'component "{part}" ends with a dot or a space'
+        if len(part.encode()) > MAX_COMPONENT_BYTES:
+            return f"a component is at most {MAX_COMPONENT_BYTES} bytes"
+    return None
+
+
+def paths_conflict(paths: list[str]) -> str | None:
+    """Why a set of valid paths is not a tree on Linux, macOS and Windows alike, or None.
+
+    No two paths equal ignoring case, and no path that is both a file and a folder.
+    """
+    seen: dict[str, str] = {}
+    for p in paths:
+        key = unicodedata.normalize("NFC", p).casefold()
+        if key in seen:
+            return f'"{seen[key]}" and "{p}" differ only by case or normalization'
+        seen[key] = p
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i]).casefold()
+            if folder in seen:
+                return f'"{seen[folder]}" is a file and also a folder of "{p}"'
+    return None
+
+
+def within(folder: Path, path: str) -> Path:
+    """``folder/path`` for a snapshot path that passed ``path_problem``, if it stays inside ``folder``
+    once resolved and no symlink is on the way; else a ProtocolError (the second line, as ``inside``)."""
+    base = Path(folder).resolve()
+    target = base.joinpath(*path.split("/"))
+    if target.resolve() != target or not target.is_relative_to(base) or target == base:
+        raise ProtocolError(f"{path!r} would be written at {target.resolve()}, not inside {base}; "
+                            "nothing was written")
+    return target
