@@ -483,3 +483,20 @@ async def test_push_uploads_again_the_blobs_a_commit_finds_missing_and_no_other(
     assert sorted(service.puts[:2]) == sorted({f"sha256:{digests['a.json']}", f"sha256:{digests['b/c.bin']}"})
     assert service.puts[2:] == [service.lost]
     assert result.already_stored == 1  # same.json's bytes went with a.json's
+
+
+async def test_fetch_follows_a_single_file_model_whose_next_version_is_a_folder(live, tmp_path):
+    src = tmp_path / "weights.bin"
+    write_random(src, 200_000)
+    folder = tmp_path / "model"
+    digests = make_model(folder, {"config.json": 100, "weights.bin": 300_000})
+    name = unique("snap-grows")
+    cache = tmp_path / "cache"
+    async with AsyncModelServiceClient(live.url) as client:
+        await client.push(src, name=name, algorithm="x")
+        single = await client.fetch_result(name, cache_dir=cache)
+        assert single.path == cache / name / "v1.0" / "weights.bin" and single.files is None
+        await client.push(folder, name=name, algorithm="x")  # a folder: a snapshot, v1.1
+        grown = await client.fetch_result(name, cache_dir=cache)
+    assert grown.path == cache / "snapshots" / name / "v1.1" and grown.files == 2
+    assert files_under(grown.path) == digests
