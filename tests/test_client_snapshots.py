@@ -500,3 +500,25 @@ async def test_fetch_follows_a_single_file_model_whose_next_version_is_a_folder(
         grown = await client.fetch_result(name, cache_dir=cache)
     assert grown.path == cache / "snapshots" / name / "v1.1" and grown.files == 2
     assert files_under(grown.path) == digests
+
+
+async def test_a_new_version_with_the_same_files_is_learnt_from_the_304_without_a_download(live, tmp_path):
+    folder = tmp_path / "model"
+    digests = make_model(folder, {"config.json": 100, "w/weights.bin": 300_000})
+    name = unique("snap-same")
+    cache = tmp_path / "cache"
+    async with AsyncModelServiceClient(live.url) as client:
+        await client.push_folder(folder, name=name, algorithm="x")
+        first = await client.fetch_result(name, cache_dir=cache)
+        second_push = await client.push_folder(folder, name=name, algorithm="x", metrics={"accuracy": 0.9})
+        since = live.log_offset()
+        now = await client.fetch_result(name, cache_dir=cache)
+    assert live.requests(since) == [("GET", f"/api/v1/models/by-name/{name}/files", 304)]
+    assert (now.cached, now.bytes_transferred, now.version, now.model_id) == (True, 0, "v1.1", second_push.model_id)
+    assert now.path == cache / "snapshots" / name / "v1.1" and files_under(now.path) == digests
+    assert files_under(first.path) == digests
+    async with AsyncModelServiceClient(live.url) as client:
+        pinned = await client.fetch_result(name, "v1.0", cache_dir=cache)
+        latest = await client.fetch_result(name, cache_dir=cache)
+    assert (pinned.cached, pinned.path) == (True, first.path)
+    assert (latest.cached, latest.path) == (True, now.path)
