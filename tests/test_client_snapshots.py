@@ -522,3 +522,15 @@ async def test_a_new_version_with_the_same_files_is_learnt_from_the_304_without_
         latest = await client.fetch_result(name, cache_dir=cache)
     assert (pinned.cached, pinned.path) == (True, first.path)
     assert (latest.cached, latest.path) == (True, now.path)
+
+
+def test_within_refuses_a_path_that_a_symlink_leads_out_of_the_folder(tmp_path):
+    folder, victim = tmp_path / "folder", tmp_path / "victim"
+    folder.mkdir()
+    victim.mkdir()
+    (folder / "sub").symlink_to(victim)
+    assert rules.within(folder, "a/b.json") == folder.resolve() / "a" / "b.json"
+    with pytest.raises(ProtocolError):
+        rules.within(folder, "sub/x.json")
+    with pytest.raises(ProtocolError):
+        rules.within(folder, "../victim/x.json")  # were the path rules ever skipped
