@@ -25,6 +25,7 @@ import pytest
 from yarl import URL
 
 from app.appkeys import STORAGE
+from app.config import Rate
 from app.http import sendfile
 from app.server import create_app
 from testkit.live_service import service_on
@@ -426,6 +427,41 @@ async def test_a_snapshot_download_counts_once(snap):
     assert await download_count(client, model_id) == 3
     await fetch(client, f"{MODELS}/by-name/{snap.name}/files")
     assert await download_count(client, model_id) == 4
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_reading_a_file_is_a_download_for_the_download_rate_limit(aiohttp_client, settings):
+    # /files/{filename} of a single-file version serves what /download serves: the limit must not
+    # be a door left open. The manifest moves no file bytes, and is not limited by it.
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, download_rate_limit=Rate(1, 60))))
+    snap = await snapshot_of(client, "limited", {"a.txt": b"a", "b.txt": b"b"})
+    assert (await client.get(snap.url("/files"))).status == 200
+    assert (await client.get(file_url(snap, "a.txt"))).status == 200
+    resp = await client.get(file_url(snap, "b.txt"))
+    assert resp.status == 429 and "DOWNLOAD_RATE_LIMIT" in (await resp.json())["error"]["message"]
+    resp = await client.get(snap.url("/download"))
+    assert resp.status == 429
+    assert (await client.get(snap.url("/files"))).status == 200
+    assert (await client.head(file_url(snap, "a.txt"))).status == 200
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_reading_a_file_takes_a_download_slot(aiohttp_client, settings):
+    client = await aiohttp_client(create_app(dataclasses.replace(
+        settings, max_concurrent_downloads=1, download_queue_seconds=1)))
+    # More than socket buffers hold, so the first read stays busy.
+    snap = await snapshot_of(client, "slots", {"big.bin": os.urandom(48 * 1024 * 1024), "small.txt": b"s"})
+    first = await client.get(file_url(snap, "big.bin"), timeout=TIMEOUT)
+    assert first.status == 200
+    resp = await client.get(file_url(snap, "small.txt"), timeout=TIMEOUT)
+    assert (await json_of(resp, 503))["error"]["code"] == "too_many_downloads"
+    assert resp.headers["Retry-After"] == "1"
+    assert len(await first.read()) == 48 * 1024 * 1024
+    resp, body = await fetch(client, file_url(snap, "small.txt"))
+    assert resp.status == 200 and body == b"s"
 
 
 # --------------------------------------------------------------------------- hostile paths
