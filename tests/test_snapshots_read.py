@@ -30,7 +30,7 @@ from app.http import sendfile
 from app.server import create_app
 from testkit.live_service import service_on
 from tests.api_helpers import parse_ts
-from tests.snapshot_helpers import commit, file_list, sha, snapshot_digest, tar_members, tar_of
+from tests.snapshot_helpers import commit, file_list, put_blob, sha, snapshot_digest, tar_members, tar_of
 from tests.transfer_helpers import MODELS, TIMEOUT, get_model, json_of, parse_byteranges, parse_content_range, upload_ok
 from tests.transfer_helpers import register as register_model
 
@@ -202,6 +202,20 @@ async def test_every_file_downloads_with_its_headers(snap):
         assert (f'filename="{name}"' in disposition) if name.isascii() else ("filename*=UTF-8''" in disposition)
     resp, _ = await fetch(snap.client, file_url(snap, "config.json"))
     assert resp.headers["Content-Type"] == "application/json"
+
+
+async def test_a_file_typed_by_its_committer_is_never_rendered_as_a_page(client):
+    # The service's origin also serves the web UI: an uploaded page must not run there.
+    page = b"<html><script>fetch('/ui/')</script></html>"
+    await put_blob(client, page)
+    resp = await client.post(MODELS, json={"name": "pages", "algorithm": "x", "files": [
+        {**file_list({"index.html": page})[0], "content_type": "text/html"}]})
+    model_id = (await json_of(resp, 201))["model_id"]
+    resp, body = await fetch(client, f"{MODELS}/{model_id}/files/index.html")
+    assert body == page and resp.headers["Content-Type"] == "text/html"
+    assert resp.headers["Content-Disposition"].startswith("attachment;")
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
 
 
 def _file_ranges(size: int) -> list[tuple[str, list[tuple[int, int]]]]:
