@@ -396,6 +396,35 @@ async def test_if_range_date_after_an_upload_replaced_the_snapshot_in_the_same_s
         assert resp.status == 206 and body == new[10:20], url
 
 
+async def test_if_range_date_by_name_when_a_new_version_came_in_the_same_second(client):
+    """By name, a Last-Modified second that two versions share names two tars (and two files at one
+    path): an If-Range date then sends the whole latest tar, never a range of it."""
+    deadline = time.monotonic() + 30
+    attempt = 0
+    while True:
+        assert time.monotonic() < deadline, "could not commit two versions within one second"
+        attempt += 1
+        name = f"two-in-a-second-{attempt}"
+        first = await snapshot_of(client, name, {"config.json": os.urandom(50), "w.bin": os.urandom(1000)})
+        by_name = f"{MODELS}/by-name/{name}"
+        date = (await client.head(by_name + "/download")).headers["Last-Modified"]
+        second_files = {"config.json": os.urandom(60), "w.bin": first.files["w.bin"]}
+        await commit(client, None, second_files, path=first.url("/versions"))
+        if (await client.head(by_name + "/download")).headers["Last-Modified"] == date:
+            break
+    resp, body = await fetch(client, by_name + "/download", {"Range": "bytes=0-99", "If-Range": date})
+    assert resp.status == 200 and resp.headers["X-Model-Version"] == "v1.1"
+    assert {m.name: m.size for m in tar_members(body)} == {"config.json": 60, "w.bin": 1000}
+    resp, body = await fetch(client, by_name + "/files/config.json", {"Range": "bytes=0-9", "If-Range": date})
+    assert resp.status == 200 and body == second_files["config.json"]
+    # A file whose content is the same in both versions is one content: its date is strong.
+    resp, body = await fetch(client, by_name + "/files/w.bin", {"Range": "bytes=0-9", "If-Range": date})
+    assert resp.status == 206 and body == first.files["w.bin"][:10]
+    # A pinned version names one tar.
+    resp, body = await fetch(client, by_name + "/download?version=v1.1", {"Range": "bytes=0-99", "If-Range": date})
+    assert resp.status == 206 and len(body) == 100
+
+
 # --------------------------------------------------------------------------- by name
 
 
