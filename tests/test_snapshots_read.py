@@ -648,3 +648,8 @@ def test_curl_resumes_the_tar_byte_identical(request, backend, tmp_path):
             assert "sha256:" + sha((out / entry["path"]).read_bytes()) == entry["checksum"], entry["path"]
         unpacked = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         assert unpacked == sorted(files)
+        if shutil.which("tar"):
+            gnu = tmp_path / "gnu-tar"
+            gnu.mkdir()
+            subprocess.run(["tar", "-xf", str(part), "-C", str(gnu)], check=True, capture_output=True, timeout=60)
+            assert {str(p.relative_to(gnu)): p.read_bytes() for p in gnu.rglob("*") if p.is_file()} == files
