@@ -408,6 +408,7 @@ LINKS: Json = {
     # From a model document, whose id is under "id" (answers carry "model_id").
     "DownloadThisModel": {"operationId": "downloadModel", "parameters": {"id": "$response.body#/id"}},
     "ListVersionsOfThisModel": {"operationId": "listVersions", "parameters": {"id": "$response.body#/id"}},
+    "FilesOfThisModel": {"operationId": "modelFiles", "parameters": {"id": "$response.body#/id"}},
     "GetModelByName": {"operationId": "getModelByName", "parameters": {"name": "$response.body#/name"}},
     "DownloadModelByName": {"operationId": "downloadModelByName", "parameters": {"name": "$response.body#/name"}},
 }
@@ -596,7 +597,7 @@ def operations(settings: Settings) -> dict[str, Json]:
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
             "200": answer("the full model document", "Model", cache_headers,
-                          links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel")
+                          links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel", "FilesOfThisModel")
                           if op_id == "getModel" else None),
             "304": {"description": "If-None-Match matched the document's ETag: no body", "headers": cache_headers},
             "400": error_response(*bad),

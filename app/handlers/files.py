@@ -71,7 +71,6 @@ async def info(request: web.Request) -> web.Response:
     ))
 
 
-
 def _manifest(request: web.Request, doc: ModelDocument) -> web.Response:
     found = snapshots.entries(doc)
     if not found:
@@ -134,12 +133,12 @@ def requested_path(request: web.Request) -> str:
     return path
 
 
-async def file(request: web.Request) -> web.StreamResponse:
+async def version_file(request: web.Request) -> web.StreamResponse:
     path = requested_path(request)
     return await downloads.send_file(request, await model_or_404(request), path)
 
 
-async def file_by_name(request: web.Request) -> web.StreamResponse:
+async def version_file_by_name(request: web.Request) -> web.StreamResponse:
     path = requested_path(request)
     doc, others = await named_models_or_404(request)
     return await downloads.send_file(request, doc, path, others)
