@@ -152,6 +152,10 @@ async def send_file(request: web.Request, doc: ModelDocument, path: str,
     """``/files/{path}``: one file of a version, as ``/download`` sends one; never counted as a download."""
     entry = snapshots.find(doc, path)
     if entry is None:
+        # The rules after the lookup: a single-file version's path is its
+        # upload's filename, which the upload rules allowed (an NFD name, a ":").
+        if (problem := snapshots.path_problem(path)) is not None:
+            raise ApiError(errors.INVALID_PATH, f'path "{_shown(path)}": {problem}')
         if not snapshots.entries(doc):
             raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
         raise ApiError(errors.NOT_FOUND, f"model {doc['id']} has no file {_shown(path)}")

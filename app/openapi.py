@@ -215,8 +215,8 @@ def parameters(settings: Settings) -> Json:
         "FilePath": {"name": "path", "in": "path", "required": True,
                      "description": "the file's path in the version, as the manifest lists it, each segment "
                                     "percent-encoded and the segments joined by '/' (an encoded '/' inside a "
-                                    "segment is refused with 400 invalid_path, as is any path that breaks the "
-                                    "path rules)",
+                                    "segment is refused with 400 invalid_path, as is a path the version does "
+                                    "not have that breaks the path rules)",
                      "schema": {"type": "string", "minLength": 1}},
         "Page": _query("page", "page number", {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 1}),
         "Limit": _query("limit", f"page size, at most MAX_PAGE_SIZE ({settings.max_page_size})",

@@ -179,6 +179,23 @@ async def test_manifest_of_a_single_file_version_and_of_none(client):
     assert resp.headers["Content-Type"] == "application/octet-stream" and got == data
 
 
+@pytest.mark.parametrize("filename", ["model:latest.pkl", "weights.bin.", "cafe\u0301.pkl"],
+                         ids=["colon", "trailing-dot", "nfd"])
+async def test_a_single_file_version_serves_its_file_under_any_name_an_upload_allows(client, filename):
+    # Upload names follow the upload rules, not the stricter snapshot path rules (a macOS
+    # upload's name is often NFD): the manifest lists the name, and /files/{name} serves it.
+    model_id = await register_model(client, "uploaded")
+    data = os.urandom(300)
+    await upload_ok(client, model_id, data, filename=filename)
+    body = await json_of(await client.get(f"{MODELS}/{model_id}/files"), 200)
+    assert [f["path"] for f in body["files"]] == [filename]
+    resp, got = await fetch(client, f"{MODELS}/{model_id}/files/{URL.build(path=filename).raw_path}")
+    assert resp.status == 200 and got == data
+    # Any other name breaking the path rules is still refused as such.
+    resp = await client.get(f"{MODELS}/{model_id}/files/other:name.pkl")
+    assert (await json_of(resp, 400))["error"]["code"] == "invalid_path"
+
+
 async def test_manifest_of_an_unknown_model_is_404(client):
     resp = await client.get(f"{MODELS}/{'0' * 24}/files")
     assert (await json_of(resp, 404))["error"]["code"] == "not_found"
