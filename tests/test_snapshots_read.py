@@ -466,6 +466,17 @@ async def test_by_name_routes_serve_the_latest_or_the_asked_version(snap):
     assert (await json_of(resp, 404))["error"]["code"] == "not_found"
 
 
+async def test_a_model_named_files_is_read_by_name(client):
+    # /by-name/files/files/x could also read as /{id}/files/{path}: the by-name route takes it.
+    snap = await snapshot_of(client, "files", {"files/x.txt": b"x", "y.txt": b"y"})
+    body = await json_of(await client.get(f"{MODELS}/by-name/files/files"), 200)
+    assert body["id"] == snap.model_id
+    resp, data = await fetch(client, f"{MODELS}/by-name/files/files/files/x.txt")
+    assert resp.status == 200 and data == b"x"
+    resp, data = await fetch(client, f"{MODELS}/by-name/files/files/y.txt")
+    assert resp.status == 200 and data == b"y"
+
+
 # --------------------------------------------------------------------------- counting
 
 
