@@ -152,17 +152,28 @@ async def send_file(request: web.Request, doc: ModelDocument, path: str,
     """``/files/{path}``: one file of a version, as ``/download`` sends one; never counted as a download."""
     entry = snapshots.find(doc, path)
     if entry is None:
+        # The rules after the lookup: a single-file version's path is its
+        # upload's filename, which the upload rules allowed (an NFD name, a ":").
+        if (problem := snapshots.path_problem(path)) is not None:
+            raise ApiError(errors.INVALID_PATH, f'path "{_shown(path)}": {problem}')
         if not snapshots.entries(doc):
             raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
         raise ApiError(errors.NOT_FOUND, f"model {doc['id']} has no file {_shown(path)}")
     f = snapshots.stored_file(doc, entry)
     storage = request.app[STORAGE]
+    headers = {**file_headers(doc, f, path.rpartition("/")[2], entry["content_type"]), **_UNTRUSTED_TYPE}
     representation = fileresponse.Representation(
-        headers=file_headers(doc, f, path.rpartition("/")[2], entry["content_type"]), size=f.size,
+        headers=headers, size=f.size,
         last_modified=f.uploaded_at, date_is_strong=date_is_strong(doc, others, path),
         not_modified_headers=NOT_MODIFIED_HEADERS, read=_file_reader(storage, f), path=storage.local_path(f),
         name=f"file {_shown(path)} of model {doc['id']}")
     return await _send(request, doc, representation, [f.file_id], counts=False)
+
+
+# A file's Content-Type is whatever its committer declared, and this origin
+# also serves the web UI: a browser must neither sniff nor run it (it is an
+# attachment anyway), even opened directly.
+_UNTRUSTED_TYPE = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
 
 def _shown(path: str) -> str:

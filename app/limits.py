@@ -61,8 +61,14 @@ class TokenBuckets:
 def is_download(request: web.Request) -> bool:
     # HEAD moves no file bytes and costs what any metadata read costs (RATE_LIMIT
     # covers it); counting it would charge every pull twice, since clients
-    # probe (or revalidate a cached copy) with a HEAD first.
-    return request.method == "GET" and request.path.endswith("/download")
+    # probe (or revalidate a cached copy) with a HEAD first. One file of a
+    # version (/files/{path}) is a download: it serves /download's bytes for a
+    # single-file version, and the limit must not have a second door.
+    if request.method != "GET":
+        return False
+    resource = request.match_info.route.resource
+    return request.path.endswith("/download") or (
+        resource is not None and resource.canonical.endswith("/files/{path}"))
 
 
 def client_key(request: web.Request) -> str:

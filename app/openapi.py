@@ -215,8 +215,8 @@ def parameters(settings: Settings) -> Json:
         "FilePath": {"name": "path", "in": "path", "required": True,
                      "description": "the file's path in the version, as the manifest lists it, each segment "
                                     "percent-encoded and the segments joined by '/' (an encoded '/' inside a "
-                                    "segment is refused with 400 invalid_path, as is any path that breaks the "
-                                    "path rules)",
+                                    "segment is refused with 400 invalid_path, as is a path the version does "
+                                    "not have that breaks the path rules)",
                      "schema": {"type": "string", "minLength": 1}},
         "Page": _query("page", "page number", {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 1}),
         "Limit": _query("limit", f"page size, at most MAX_PAGE_SIZE ({settings.max_page_size})",
@@ -408,6 +408,7 @@ LINKS: Json = {
     # From a model document, whose id is under "id" (answers carry "model_id").
     "DownloadThisModel": {"operationId": "downloadModel", "parameters": {"id": "$response.body#/id"}},
     "ListVersionsOfThisModel": {"operationId": "listVersions", "parameters": {"id": "$response.body#/id"}},
+    "FilesOfThisModel": {"operationId": "modelFiles", "parameters": {"id": "$response.body#/id"}},
     "GetModelByName": {"operationId": "getModelByName", "parameters": {"name": "$response.body#/name"}},
     "DownloadModelByName": {"operationId": "downloadModelByName", "parameters": {"name": "$response.body#/name"}},
 }
@@ -596,7 +597,7 @@ def operations(settings: Settings) -> dict[str, Json]:
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
             "200": answer("the full model document", "Model", cache_headers,
-                          links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel")
+                          links("GetModelByName", "DownloadThisModel", "ListVersionsOfThisModel", "FilesOfThisModel")
                           if op_id == "getModel" else None),
             "304": {"description": "If-None-Match matched the document's ETag: no body", "headers": cache_headers},
             "400": error_response(*bad),

@@ -483,3 +483,54 @@ async def test_push_uploads_again_the_blobs_a_commit_finds_missing_and_no_other(
     assert sorted(service.puts[:2]) == sorted({f"sha256:{digests['a.json']}", f"sha256:{digests['b/c.bin']}"})
     assert service.puts[2:] == [service.lost]
     assert result.already_stored == 1  # same.json's bytes went with a.json's
+
+
+async def test_fetch_follows_a_single_file_model_whose_next_version_is_a_folder(live, tmp_path):
+    src = tmp_path / "weights.bin"
+    write_random(src, 200_000)
+    folder = tmp_path / "model"
+    digests = make_model(folder, {"config.json": 100, "weights.bin": 300_000})
+    name = unique("snap-grows")
+    cache = tmp_path / "cache"
+    async with AsyncModelServiceClient(live.url) as client:
+        await client.push(src, name=name, algorithm="x")
+        single = await client.fetch_result(name, cache_dir=cache)
+        assert single.path == cache / name / "v1.0" / "weights.bin" and single.files is None
+        await client.push(folder, name=name, algorithm="x")  # a folder: a snapshot, v1.1
+        grown = await client.fetch_result(name, cache_dir=cache)
+    assert grown.path == cache / "snapshots" / name / "v1.1" and grown.files == 2
+    assert files_under(grown.path) == digests
+
+
+async def test_a_new_version_with_the_same_files_is_learnt_from_the_304_without_a_download(live, tmp_path):
+    folder = tmp_path / "model"
+    digests = make_model(folder, {"config.json": 100, "w/weights.bin": 300_000})
+    name = unique("snap-same")
+    cache = tmp_path / "cache"
+    async with AsyncModelServiceClient(live.url) as client:
+        await client.push_folder(folder, name=name, algorithm="x")
+        first = await client.fetch_result(name, cache_dir=cache)
+        second_push = await client.push_folder(folder, name=name, algorithm="x", metrics={"accuracy": 0.9})
+        since = live.log_offset()
+        now = await client.fetch_result(name, cache_dir=cache)
+    assert live.requests(since) == [("GET", f"/api/v1/models/by-name/{name}/files", 304)]
+    assert (now.cached, now.bytes_transferred, now.version, now.model_id) == (True, 0, "v1.1", second_push.model_id)
+    assert now.path == cache / "snapshots" / name / "v1.1" and files_under(now.path) == digests
+    assert files_under(first.path) == digests
+    async with AsyncModelServiceClient(live.url) as client:
+        pinned = await client.fetch_result(name, "v1.0", cache_dir=cache)
+        latest = await client.fetch_result(name, cache_dir=cache)
+    assert (pinned.cached, pinned.path) == (True, first.path)
+    assert (latest.cached, latest.path) == (True, now.path)
+
+
+def test_within_refuses_a_path_that_a_symlink_leads_out_of_the_folder(tmp_path):
+    folder, victim = tmp_path / "folder", tmp_path / "victim"
+    folder.mkdir()
+    victim.mkdir()
+    (folder / "sub").symlink_to(victim)
+    assert rules.within(folder, "a/b.json") == folder.resolve() / "a" / "b.json"
+    with pytest.raises(ProtocolError):
+        rules.within(folder, "sub/x.json")
+    with pytest.raises(ProtocolError):
+        rules.within(folder, "../victim/x.json")  # were the path rules ever skipped

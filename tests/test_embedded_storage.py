@@ -145,3 +145,27 @@ async def test_an_upload_cancelled_while_its_bytes_are_being_written_leaves_no_t
     finally:
         release.set()
         await store.close()
+
+
+async def test_settling_blobs_among_concurrent_writes_is_safe(tmp_path):
+    # Every SQLite call runs on the one SQLite thread; nothing it made (a
+    # cursor) may be left to the loop thread to finalize meanwhile.
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    try:
+        stored = []
+        for i in range(20):
+            async with store.file_writer() as w:
+                await w.write(os.urandom(100) + bytes([i]))
+                stored.append(await w.commit())
+        sha256s = [f.sha256 for f in stored]
+
+        async def claim_and_settle() -> None:
+            claimed = await store.claim_blobs(sha256s)
+            await store.settle_files([f.file_id for f in claimed.values()])
+
+        await asyncio.gather(*(claim_and_settle() for _ in range(300)))
+        await store.settle_files([f.file_id for f in stored])
+        assert all([await store.release_file(f.file_id) for f in stored])
+    finally:
+        await store.close()

@@ -25,11 +25,12 @@ import pytest
 from yarl import URL
 
 from app.appkeys import STORAGE
+from app.config import Rate
 from app.http import sendfile
 from app.server import create_app
 from testkit.live_service import service_on
 from tests.api_helpers import parse_ts
-from tests.snapshot_helpers import commit, file_list, sha, snapshot_digest, tar_members, tar_of
+from tests.snapshot_helpers import commit, file_list, put_blob, sha, snapshot_digest, tar_members, tar_of
 from tests.transfer_helpers import MODELS, TIMEOUT, get_model, json_of, parse_byteranges, parse_content_range, upload_ok
 from tests.transfer_helpers import register as register_model
 
@@ -178,6 +179,23 @@ async def test_manifest_of_a_single_file_version_and_of_none(client):
     assert resp.headers["Content-Type"] == "application/octet-stream" and got == data
 
 
+@pytest.mark.parametrize("filename", ["model:latest.pkl", "weights.bin.", "cafe\u0301.pkl"],
+                         ids=["colon", "trailing-dot", "nfd"])
+async def test_a_single_file_version_serves_its_file_under_any_name_an_upload_allows(client, filename):
+    # Upload names follow the upload rules, not the stricter snapshot path rules (a macOS
+    # upload's name is often NFD): the manifest lists the name, and /files/{name} serves it.
+    model_id = await register_model(client, "uploaded")
+    data = os.urandom(300)
+    await upload_ok(client, model_id, data, filename=filename)
+    body = await json_of(await client.get(f"{MODELS}/{model_id}/files"), 200)
+    assert [f["path"] for f in body["files"]] == [filename]
+    resp, got = await fetch(client, f"{MODELS}/{model_id}/files/{URL.build(path=filename).raw_path}")
+    assert resp.status == 200 and got == data
+    # Any other name breaking the path rules is still refused as such.
+    resp = await client.get(f"{MODELS}/{model_id}/files/other:name.pkl")
+    assert (await json_of(resp, 400))["error"]["code"] == "invalid_path"
+
+
 async def test_manifest_of_an_unknown_model_is_404(client):
     resp = await client.get(f"{MODELS}/{'0' * 24}/files")
     assert (await json_of(resp, 404))["error"]["code"] == "not_found"
@@ -201,6 +219,20 @@ async def test_every_file_downloads_with_its_headers(snap):
         assert (f'filename="{name}"' in disposition) if name.isascii() else ("filename*=UTF-8''" in disposition)
     resp, _ = await fetch(snap.client, file_url(snap, "config.json"))
     assert resp.headers["Content-Type"] == "application/json"
+
+
+async def test_a_file_typed_by_its_committer_is_never_rendered_as_a_page(client):
+    # The service's origin also serves the web UI: an uploaded page must not run there.
+    page = b"<html><script>fetch('/ui/')</script></html>"
+    await put_blob(client, page)
+    resp = await client.post(MODELS, json={"name": "pages", "algorithm": "x", "files": [
+        {**file_list({"index.html": page})[0], "content_type": "text/html"}]})
+    model_id = (await json_of(resp, 201))["model_id"]
+    resp, body = await fetch(client, f"{MODELS}/{model_id}/files/index.html")
+    assert body == page and resp.headers["Content-Type"] == "text/html"
+    assert resp.headers["Content-Disposition"].startswith("attachment;")
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
 
 
 def _file_ranges(size: int) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -381,6 +413,35 @@ async def test_if_range_date_after_an_upload_replaced_the_snapshot_in_the_same_s
         assert resp.status == 206 and body == new[10:20], url
 
 
+async def test_if_range_date_by_name_when_a_new_version_came_in_the_same_second(client):
+    """By name, a Last-Modified second that two versions share names two tars (and two files at one
+    path): an If-Range date then sends the whole latest tar, never a range of it."""
+    deadline = time.monotonic() + 30
+    attempt = 0
+    while True:
+        assert time.monotonic() < deadline, "could not commit two versions within one second"
+        attempt += 1
+        name = f"two-in-a-second-{attempt}"
+        first = await snapshot_of(client, name, {"config.json": os.urandom(50), "w.bin": os.urandom(1000)})
+        by_name = f"{MODELS}/by-name/{name}"
+        date = (await client.head(by_name + "/download")).headers["Last-Modified"]
+        second_files = {"config.json": os.urandom(60), "w.bin": first.files["w.bin"]}
+        await commit(client, None, second_files, path=first.url("/versions"))
+        if (await client.head(by_name + "/download")).headers["Last-Modified"] == date:
+            break
+    resp, body = await fetch(client, by_name + "/download", {"Range": "bytes=0-99", "If-Range": date})
+    assert resp.status == 200 and resp.headers["X-Model-Version"] == "v1.1"
+    assert {m.name: m.size for m in tar_members(body)} == {"config.json": 60, "w.bin": 1000}
+    resp, body = await fetch(client, by_name + "/files/config.json", {"Range": "bytes=0-9", "If-Range": date})
+    assert resp.status == 200 and body == second_files["config.json"]
+    # A file whose content is the same in both versions is one content: its date is strong.
+    resp, body = await fetch(client, by_name + "/files/w.bin", {"Range": "bytes=0-9", "If-Range": date})
+    assert resp.status == 206 and body == first.files["w.bin"][:10]
+    # A pinned version names one tar.
+    resp, body = await fetch(client, by_name + "/download?version=v1.1", {"Range": "bytes=0-99", "If-Range": date})
+    assert resp.status == 206 and len(body) == 100
+
+
 # --------------------------------------------------------------------------- by name
 
 
@@ -405,6 +466,17 @@ async def test_by_name_routes_serve_the_latest_or_the_asked_version(snap):
     assert (await json_of(resp, 404))["error"]["code"] == "not_found"
 
 
+async def test_a_model_named_files_is_read_by_name(client):
+    # /by-name/files/files/x could also read as /{id}/files/{path}: the by-name route takes it.
+    snap = await snapshot_of(client, "files", {"files/x.txt": b"x", "y.txt": b"y"})
+    body = await json_of(await client.get(f"{MODELS}/by-name/files/files"), 200)
+    assert body["id"] == snap.model_id
+    resp, data = await fetch(client, f"{MODELS}/by-name/files/files/files/x.txt")
+    assert resp.status == 200 and data == b"x"
+    resp, data = await fetch(client, f"{MODELS}/by-name/files/files/y.txt")
+    assert resp.status == 200 and data == b"y"
+
+
 # --------------------------------------------------------------------------- counting
 
 
@@ -426,6 +498,41 @@ async def test_a_snapshot_download_counts_once(snap):
     assert await download_count(client, model_id) == 3
     await fetch(client, f"{MODELS}/by-name/{snap.name}/files")
     assert await download_count(client, model_id) == 4
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_reading_a_file_is_a_download_for_the_download_rate_limit(aiohttp_client, settings):
+    # /files/{filename} of a single-file version serves what /download serves: the limit must not
+    # be a door left open. The manifest moves no file bytes, and is not limited by it.
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, download_rate_limit=Rate(1, 60))))
+    snap = await snapshot_of(client, "limited", {"a.txt": b"a", "b.txt": b"b"})
+    assert (await client.get(snap.url("/files"))).status == 200
+    assert (await client.get(file_url(snap, "a.txt"))).status == 200
+    resp = await client.get(file_url(snap, "b.txt"))
+    assert resp.status == 429 and "DOWNLOAD_RATE_LIMIT" in (await resp.json())["error"]["message"]
+    resp = await client.get(snap.url("/download"))
+    assert resp.status == 429
+    assert (await client.get(snap.url("/files"))).status == 200
+    assert (await client.head(file_url(snap, "a.txt"))).status == 200
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_reading_a_file_takes_a_download_slot(aiohttp_client, settings):
+    client = await aiohttp_client(create_app(dataclasses.replace(
+        settings, max_concurrent_downloads=1, download_queue_seconds=1)))
+    # More than socket buffers hold, so the first read stays busy.
+    snap = await snapshot_of(client, "slots", {"big.bin": os.urandom(48 * 1024 * 1024), "small.txt": b"s"})
+    first = await client.get(file_url(snap, "big.bin"), timeout=TIMEOUT)
+    assert first.status == 200
+    resp = await client.get(file_url(snap, "small.txt"), timeout=TIMEOUT)
+    assert (await json_of(resp, 503))["error"]["code"] == "too_many_downloads"
+    assert resp.headers["Retry-After"] == "1"
+    assert len(await first.read()) == 48 * 1024 * 1024
+    resp, body = await fetch(client, file_url(snap, "small.txt"))
+    assert resp.status == 200 and body == b"s"
 
 
 # --------------------------------------------------------------------------- hostile paths
@@ -569,3 +676,8 @@ def test_curl_resumes_the_tar_byte_identical(request, backend, tmp_path):
             assert "sha256:" + sha((out / entry["path"]).read_bytes()) == entry["checksum"], entry["path"]
         unpacked = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         assert unpacked == sorted(files)
+        if shutil.which("tar"):
+            gnu = tmp_path / "gnu-tar"
+            gnu.mkdir()
+            subprocess.run(["tar", "-xf", str(part), "-C", str(gnu)], check=True, capture_output=True, timeout=60)
+            assert {str(p.relative_to(gnu)): p.read_bytes() for p in gnu.rglob("*") if p.is_file()} == files

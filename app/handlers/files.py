@@ -71,7 +71,6 @@ async def info(request: web.Request) -> web.Response:
     ))
 
 
-
 def _manifest(request: web.Request, doc: ModelDocument) -> web.Response:
     found = snapshots.entries(doc)
     if not found:
@@ -107,17 +106,17 @@ async def manifest_by_name(request: web.Request) -> web.Response:
 
 
 def requested_path(request: web.Request) -> str:
-    """The file path a ``.../files/{path}`` URL names, checked against the snapshot path rules.
+    """The file path a ``.../files/{path}`` URL names.
 
     Decoded from the raw URL one segment at a time, strictly: an encoded
     "/" (%2F) is part of a segment, not a separator, and no path component
     can hold one; percent-encoding that is not UTF-8 is refused (the router's
     own decoding would keep it as text and look for a file named "%ff").
+    The path rules are downloads.send_file's to apply.
     """
     template = request.match_info.route.resource.canonical.split("/")
-    segments = request.rel_url.raw_path.split("/")[template.index("{path}"):]
     decoded = []
-    for segment in segments:
+    for segment in request.rel_url.raw_path.split("/")[template.index("{path}"):]:
         try:
             part = unquote_to_bytes(segment).decode("utf-8")
         except UnicodeDecodeError:
@@ -127,19 +126,15 @@ def requested_path(request: web.Request) -> str:
             raise ApiError(errors.INVALID_PATH,
                            f'path segment "{segment}": an encoded "/" (%2F) cannot be part of a file name')
         decoded.append(part)
-    path = "/".join(decoded)
-    problem = snapshots.path_problem(path)
-    if problem is not None:
-        raise ApiError(errors.INVALID_PATH, f'path "{"/".join(segments)}": {problem}')
-    return path
+    return "/".join(decoded)
 
 
-async def file(request: web.Request) -> web.StreamResponse:
+async def version_file(request: web.Request) -> web.StreamResponse:
     path = requested_path(request)
     return await downloads.send_file(request, await model_or_404(request), path)
 
 
-async def file_by_name(request: web.Request) -> web.StreamResponse:
+async def version_file_by_name(request: web.Request) -> web.StreamResponse:
     path = requested_path(request)
     doc, others = await named_models_or_404(request)
     return await downloads.send_file(request, doc, path, others)

@@ -577,9 +577,15 @@ class EmbeddedStorage(Storage):
     async def settle_file(self, file_id: str) -> None:
         await self.settle_files([file_id])
 
+    def _settle(self, file_ids: list[str]) -> None:
+        # Not a lambda returning executemany's cursor: a cursor handed back to
+        # the loop and dropped there is finalized off the SQLite thread,
+        # concurrently with its next statement (sqlite3 "API misuse").
+        self._db.executemany("UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?",
+                             [(f,) for f in file_ids])
+
     async def settle_files(self, file_ids: list[str]) -> None:
-        await self._run(lambda: self._db.executemany(
-            "UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", [(f,) for f in file_ids]))
+        await self._run(self._settle, file_ids)
 
     def _release(self, file_id: str) -> str | None:
         db = self._db
