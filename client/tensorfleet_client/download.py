@@ -244,7 +244,8 @@ def sha256_file(path: Path) -> "hashlib._Hash":
     return h
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable; a folder that cannot be opened or synced is left be."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -530,7 +531,7 @@ class _Job:
             os.close(self.fd)
             self.fd = None
         _place(self.part, self.target, self.overwrite)
-        await asyncio.to_thread(_fsync_dir, self.target.parent)
+        await asyncio.to_thread(fsync_dir, self.target.parent)
         return DownloadResult(
             path=self.target, model_id=r.model_id, name=r.name, version=r.version, size=r.size,
             sha256=r.sha256, bytes_transferred=self.transferred, resumed_bytes=kept,
