@@ -310,9 +310,7 @@ def _pull_folder(client, args: argparse.Namespace, doc: dict | None) -> int:
         if bar:
             bar.close()
     if args.json:
-        out = result.to_dict()
-        out["requests"] = client.request_count
-        _print_json(out)
+        _print_json({**result.to_dict(), "requests": client.request_count})
     else:
         kept = f", {result.files_kept} kept from an interrupted pull" if result.files_kept else ""
         print(f"{result.path}/  {result.name} {result.version}  {result.files} files  {format_bytes(result.size)}  "
@@ -351,9 +349,7 @@ def _pull(client, args: argparse.Namespace) -> int:
         if bar:
             bar.close()
     if args.json:
-        out = result.to_dict()
-        out["requests"] = client.request_count
-        _print_json(out)
+        _print_json({**result.to_dict(), "requests": client.request_count})
     else:
         how = "cached copy is current" if result.cached else (
             f"{format_bytes(result.bytes_transferred / result.seconds) if result.seconds else '-'}/s"

@@ -258,16 +258,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def model_paths(id_or_name: str, version: str | None) -> list[tuple[str, dict[str, str] | None]]:
+    """Where a model may be, in the order to try: ``(path, query)``.
+
+    A 24-hex string is tried as an id first, then as a name (a name may be 24 hex digits).
+    """
+    candidates: list[tuple[str, dict[str, str] | None]] = []
+    if version is None and rules.is_model_id(id_or_name):
+        candidates.append((f"{API}/{id_or_name}", None))
+    candidates.append((f"{API}/by-name/{id_or_name}", {"version": version} if version else None))
+    return candidates
+
+
 async def probe(transport: Transport, id_or_name: str, version: str | None = None, *,
                 if_none_match: str | None = None) -> tuple[int, RemoteFile | Unchanged]:
     """HEAD the download of a model: ``(200, RemoteFile)``, or ``(304, Unchanged)`` if ``if_none_match`` still holds.
 
     A 24-hex string is tried as an id first, then as a name.
     """
-    candidates = []
-    if version is None and rules.is_model_id(id_or_name):
-        candidates.append((f"{API}/{id_or_name}", None))
-    candidates.append((f"{API}/by-name/{id_or_name}", {"version": version} if version else None))
+    candidates = model_paths(id_or_name, version)
     headers = {"If-None-Match": if_none_match} if if_none_match else None
     for i, (meta_path, params) in enumerate(candidates):
         resp = await transport.send("HEAD", meta_path + "/download", params=params, headers=headers)

@@ -35,7 +35,18 @@ from urllib.parse import quote
 import orjson
 
 from . import rules
-from .download import BLOCK, HASH_BLOCK, MiB, Progress, RemoteFile, check_space, download_file, file_lock, fsync_dir
+from .download import (
+    BLOCK,
+    HASH_BLOCK,
+    MiB,
+    Progress,
+    RemoteFile,
+    check_space,
+    download_file,
+    file_lock,
+    fsync_dir,
+    model_paths,
+)
 from .errors import ChecksumMismatch, ConnectionFailed, ModelServiceError, NotFound, ProtocolError
 from .manifest import FileEntry, Manifest, digest_of, select
 from .transport import API, TRANSIENT_ERRORS, Transport, read_json_body
@@ -100,10 +111,7 @@ async def get_manifest(transport: Transport, id_or_name: str, version: str | Non
 
     A 24-hex string is tried as an id first, then as a name.
     """
-    candidates = []
-    if version is None and rules.is_model_id(id_or_name):
-        candidates.append((f"{API}/{id_or_name}/files", None))
-    candidates.append((f"{API}/by-name/{id_or_name}/files", {"version": version} if version else None))
+    candidates = [(path + "/files", params) for path, params in model_paths(id_or_name, version)]
     headers = {"If-None-Match": if_none_match} if if_none_match else None
     for i, (path, params) in enumerate(candidates):
         resp = await transport.send("GET", path, params=params, headers=headers)
