@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, errors, metrics, snapshots, views
+from . import clock, errors, metrics, snapshots, urls, views
 from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
@@ -35,6 +35,9 @@ log = logging.getLogger("app.downloads")
 def stored_file(doc: ModelDocument) -> StoredFile:
     fm = doc.get("file_metadata")
     if not fm:
+        if snapshots.is_snapshot(doc):
+            raise ApiError(errors.NO_FILE, f"model {doc['id']} is a snapshot of {len(snapshots.entries(doc))} "
+                           f"files, not one file: GET {urls.files_url(doc['id'])} lists them")
         raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
     return StoredFile(fm["file_id"], fm["size_bytes"], fm["checksum"].removeprefix("sha256:"),
                       fm["chunk_size"], fm["uploaded_at"])

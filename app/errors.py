@@ -88,7 +88,8 @@ UNAUTHORIZED = declare("unauthorized", 401,
                         "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate")
 FORBIDDEN = declare("forbidden", 403, "the API key's scope does not allow this operation")
 NOT_FOUND = declare("not_found", 404, "no model with that id, name or version (also: no route for the path)")
-NO_FILE = declare("no_file", 404, "the model exists but has no file uploaded yet")
+NO_FILE = declare("no_file", 404, "the model exists but has no file uploaded yet "
+                  "(/info of a snapshot of several files: its files are listed under /files)")
 METHOD_NOT_ALLOWED = declare("method_not_allowed", 405,
                               "the path exists but not with this method (Allow lists the methods)")
 VERSION_EXISTS = declare("version_exists", 409,

@@ -23,3 +23,7 @@ def model_url(model_id: str) -> str:
 
 def download_url(model_id: str) -> str:
     return MODEL_DOWNLOAD.format(id=model_id)
+
+
+def files_url(model_id: str) -> str:
+    return MODEL_FILES.format(id=model_id)

@@ -141,6 +141,13 @@ async def test_manifest_lists_the_files_with_their_digest(snap):
     model = await get_model(snap.client, snap.model_id)
     assert model["snapshot_digest"] == digest and model["files"] == body["files"]
 
+async def test_info_of_a_snapshot_points_at_its_file_list(snap):
+    resp = await snap.client.get(snap.url("/info"))
+    body = await json_of(resp, 404)
+    assert body["error"]["code"] == "no_file"
+    message = body["error"]["message"]
+    assert f"snapshot of {len(snap.files)} files" in message and snap.url("/files") in message
+
 
 @pytest.mark.parametrize("tag", ["{etag}", "W/{etag}", '"other", {etag}', "*"])
 async def test_manifest_is_not_modified_for_its_etag(snap, tag):
