@@ -577,9 +577,19 @@ class EmbeddedStorage(Storage):
     async def settle_file(self, file_id: str) -> None:
         await self.settle_files([file_id])
 
+    def _settle(self, file_ids: list[str]) -> None:
+        db = self._db
+        # One transaction: in autocommit mode each row would be a commit (and an fsync) of its own.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", [(f,) for f in file_ids])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     async def settle_files(self, file_ids: list[str]) -> None:
-        await self._run(lambda: self._db.executemany(
-            "UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", [(f,) for f in file_ids]))
+        await self._run(self._settle, file_ids)
 
     def _release(self, file_id: str) -> str | None:
         db = self._db
