@@ -501,3 +501,19 @@ async def test_a_single_file_model_behaves_as_before(client):
     empty = await register(client, "empty")
     doc = await get_model(client, empty["model_id"])
     assert not {"files", "snapshot_digest", "total_size_bytes"} & set(doc)
+
+
+async def test_a_commit_body_may_exceed_max_json_size_by_its_files_allowance(aiohttp_client, settings):
+    small = Settings(**{**settings.__dict__, "max_json_size": 2000, "max_files_per_version": 40})
+    client = await aiohttp_client(create_app(small))
+    await put_blob(client, b"d")
+    files = [entry(f"folder/file-{i:03d}.bin", b"d") for i in range(30)]  # about 3.5 KB of JSON
+    resp = await client.post(MODELS, json={"name": "m", "algorithm": "a", "files": files})
+    await json_of(resp, 201)
+    # The allowance is for a list of files only.
+    resp = await client.post(MODELS, json={"name": "n", "algorithm": "a", "description": "x" * 3000})
+    assert (await expect_error(resp, 413))["code"] == "payload_too_large"
+    limit = 2000 + 40 * snapshots.BODY_ALLOWANCE_PER_FILE
+    resp = await client.post(MODELS, json={"name": "n", "algorithm": "a", "files": files,
+                                           "description": "x" * limit})
+    assert (await expect_error(resp, 413))["code"] == "payload_too_large"
