@@ -517,3 +517,50 @@ async def test_a_commit_body_may_exceed_max_json_size_by_its_files_allowance(aio
     resp = await client.post(MODELS, json={"name": "n", "algorithm": "a", "files": files,
                                            "description": "x" * limit})
     assert (await expect_error(resp, 413))["code"] == "payload_too_large"
+
+
+async def _raw_exchange(client, head: str, body: bytes = b"") -> bytes:
+    """Send a request head (and, only when the server invites it, a body); the first final response's head."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        while True:
+            status_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if not status_head.startswith(b"HTTP/1.1 100"):
+                return status_head
+            writer.write(body)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_on_a_stored_blob_answers_200_without_inviting_the_body(client):
+    data = os.urandom(4000)
+    await put_blob(client, data)
+    head = (f"PUT {BLOBS}/{digest(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            "Expect: 100-continue\r\n\r\n")
+    answer = await _raw_exchange(client, head)  # sends no body unless invited
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    fresh = os.urandom(3000)
+    head = (f"PUT {BLOBS}/{digest(fresh)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(fresh)}\r\n"
+            "Expect: 100-continue\r\n\r\n")
+    assert (await _raw_exchange(client, head, fresh)).startswith(b"HTTP/1.1 201")
+    assert await blob_exists(client, fresh)
+
+
+async def test_a_blob_over_max_file_size_is_refused_before_its_body(aiohttp_client, settings):
+    client = await aiohttp_client(create_app(Settings(**{**settings.__dict__, "max_file_size": 1000})))
+    data = os.urandom(1001)
+    head = (f"PUT {BLOBS}/{digest(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            "Expect: 100-continue\r\n\r\n")
+    assert (await _raw_exchange(client, head)).startswith(b"HTTP/1.1 413")
+    # Chunked, so no length to refuse up front: refused while streaming, and nothing kept.
+    resp = await client.put(f"{BLOBS}/{digest(data)}", data=_chunks(data))
+    assert (await expect_error(resp, 413))["code"] == "file_too_large"
+    assert not await blob_exists(client, data)
+
+
+async def _chunks(data: bytes):
+    for i in range(0, len(data), 100):
+        yield data[i:i + 100]
