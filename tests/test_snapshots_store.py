@@ -564,3 +564,26 @@ async def test_a_blob_over_max_file_size_is_refused_before_its_body(aiohttp_clie
 async def _chunks(data: bytes):
     for i in range(0, len(data), 100):
         yield data[i:i + 100]
+
+
+async def test_an_embedded_registry_from_before_snapshots_keeps_its_files(tmp_path):
+    """Opening a registry written before model_files existed records its models' files: a release
+    after the upgrade must not take content a model still refers to."""
+    from app.storage.embedded import EmbeddedStorage
+    from tests.test_maintenance import add_model
+
+    store = EmbeddedStorage(str(tmp_path / "data"))
+    await store.open()
+    doc = await add_model(store, "old", "active", 1, os.urandom(3000))
+    await store._run(lambda: store._db.executescript(
+        "DROP TABLE model_files; ALTER TABLE files DROP COLUMN kept_until;"))
+    await store.close()
+
+    store = EmbeddedStorage(str(tmp_path / "data"))
+    await store.open()
+    try:
+        assert not await store.release_file(doc["file_metadata"]["file_id"])
+        assert (await store.statistics(clock.now(), clock.now())).stored_bytes == 3000
+        assert await store.collect_garbage(timedelta(0), dry_run=False) == []
+    finally:
+        await store.close()
