@@ -35,9 +35,12 @@ SNAPSHOT_FIELDS = ("files", "snapshot_digest", "total_size_bytes")
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 1024
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
-# A commit's JSON body may exceed MAX_JSON_SIZE by this much per file it lists
-# (a path, a digest, a size and a content type).
-BODY_ALLOWANCE_PER_FILE = 512
+# A commit's JSON body may exceed MAX_JSON_SIZE by this much per file
+# MAX_FILES_PER_VERSION allows: a typical entry ({"path": 40 bytes, "checksum",
+# "size_bytes"}) takes about 130. Kept small, as the body is read whole before
+# it is parsed: 16 never-ending bodies must not hold much memory (1.6 MB each
+# beyond MAX_JSON_SIZE at the default 10,000 files).
+BODY_ALLOWANCE_PER_FILE = 160
 
 
 class Entry(TypedDict, total=False):

@@ -501,3 +501,89 @@ async def test_a_single_file_model_behaves_as_before(client):
     empty = await register(client, "empty")
     doc = await get_model(client, empty["model_id"])
     assert not {"files", "snapshot_digest", "total_size_bytes"} & set(doc)
+
+
+async def test_a_commit_body_may_exceed_max_json_size_by_its_files_allowance(aiohttp_client, settings):
+    small = Settings(**{**settings.__dict__, "max_json_size": 2000, "max_files_per_version": 40})
+    client = await aiohttp_client(create_app(small))
+    await put_blob(client, b"d")
+    files = [entry(f"folder/file-{i:03d}.bin", b"d") for i in range(30)]  # about 3.5 KB of JSON
+    resp = await client.post(MODELS, json={"name": "m", "algorithm": "a", "files": files})
+    await json_of(resp, 201)
+    # The allowance is for a list of files only.
+    resp = await client.post(MODELS, json={"name": "n", "algorithm": "a", "description": "x" * 3000})
+    assert (await expect_error(resp, 413))["code"] == "payload_too_large"
+    limit = 2000 + 40 * snapshots.BODY_ALLOWANCE_PER_FILE
+    resp = await client.post(MODELS, json={"name": "n", "algorithm": "a", "files": files,
+                                           "description": "x" * limit})
+    assert (await expect_error(resp, 413))["code"] == "payload_too_large"
+
+
+async def _raw_exchange(client, head: str, body: bytes = b"") -> bytes:
+    """Send a request head (and, only when the server invites it, a body); the first final response's head."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        while True:
+            status_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if not status_head.startswith(b"HTTP/1.1 100"):
+                return status_head
+            writer.write(body)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_on_a_stored_blob_answers_200_without_inviting_the_body(client):
+    data = os.urandom(4000)
+    await put_blob(client, data)
+    head = (f"PUT {BLOBS}/{digest(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            "Expect: 100-continue\r\n\r\n")
+    answer = await _raw_exchange(client, head)  # sends no body unless invited
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    fresh = os.urandom(3000)
+    head = (f"PUT {BLOBS}/{digest(fresh)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(fresh)}\r\n"
+            "Expect: 100-continue\r\n\r\n")
+    assert (await _raw_exchange(client, head, fresh)).startswith(b"HTTP/1.1 201")
+    assert await blob_exists(client, fresh)
+
+
+async def test_a_blob_over_max_file_size_is_refused_before_its_body(aiohttp_client, settings):
+    client = await aiohttp_client(create_app(Settings(**{**settings.__dict__, "max_file_size": 1000})))
+    data = os.urandom(1001)
+    head = (f"PUT {BLOBS}/{digest(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            "Expect: 100-continue\r\n\r\n")
+    assert (await _raw_exchange(client, head)).startswith(b"HTTP/1.1 413")
+    # Chunked, so no length to refuse up front: refused while streaming, and nothing kept.
+    resp = await client.put(f"{BLOBS}/{digest(data)}", data=_chunks(data))
+    assert (await expect_error(resp, 413))["code"] == "file_too_large"
+    assert not await blob_exists(client, data)
+
+
+async def _chunks(data: bytes):
+    for i in range(0, len(data), 100):
+        yield data[i:i + 100]
+
+
+async def test_an_embedded_registry_from_before_snapshots_keeps_its_files(tmp_path):
+    """Opening a registry written before model_files existed records its models' files: a release
+    after the upgrade must not take content a model still refers to."""
+    from app.storage.embedded import EmbeddedStorage
+    from tests.test_maintenance import add_model
+
+    store = EmbeddedStorage(str(tmp_path / "data"))
+    await store.open()
+    doc = await add_model(store, "old", "active", 1, os.urandom(3000))
+    await store._run(lambda: store._db.executescript(
+        "DROP TABLE model_files; ALTER TABLE files DROP COLUMN kept_until;"))
+    await store.close()
+
+    store = EmbeddedStorage(str(tmp_path / "data"))
+    await store.open()
+    try:
+        assert not await store.release_file(doc["file_metadata"]["file_id"])
+        assert (await store.statistics(clock.now(), clock.now())).stored_bytes == 3000
+        assert await store.collect_garbage(timedelta(0), dry_run=False) == []
+    finally:
+        await store.close()

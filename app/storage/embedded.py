@@ -578,11 +578,17 @@ class EmbeddedStorage(Storage):
         await self.settle_files([file_id])
 
     def _settle(self, file_ids: list[str]) -> None:
-        # Not a lambda returning executemany's cursor: a cursor handed back to
-        # the loop and dropped there is finalized off the SQLite thread,
-        # concurrently with its next statement (sqlite3 "API misuse").
-        self._db.executemany("UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?",
-                             [(f,) for f in file_ids])
+        # Returns nothing: a cursor handed back to the loop and dropped there is
+        # finalized off the SQLite thread, during its next statement (sqlite3 "API misuse").
+        db = self._db
+        # One transaction: in autocommit mode each row would be a commit (and an fsync) of its own.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", [(f,) for f in file_ids])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     async def settle_files(self, file_ids: list[str]) -> None:
         await self._run(self._settle, file_ids)
