@@ -16,6 +16,7 @@ from app.config import Rate, Settings
 from app.server import create_app
 from app.ui.session import COOKIE
 from tests.api_helpers import MODELS
+from tests.snapshot_helpers import commit, sha
 
 KEYS = {"read": "read-key-abcdefghijkl", "write": "write-key-abcdefghijkl", "admin": "admin-key-abcdefghijkl"}
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
@@ -109,6 +110,21 @@ async def test_model_page_shows_metadata_versions_and_files(client):
     assert "There is no page at /ui/nowhere/&lt;b&gt;." in await nowhere.text()
     form_only = await client.get(f"/ui/models/{second}/status")
     assert form_only.status == 405 and form_only.headers["Allow"] == "POST"
+
+
+async def test_model_page_of_a_snapshot_lists_each_file_and_serves_it(client):
+    files = {"config.json": b'{"layers": 12}', "weights/model part.bin": b"w" * 5000}
+    model_id = await commit(client, "bert", files)
+    html = await (await client.get(f"/ui/models/{model_id}")).text()
+    for path, data in files.items():
+        assert path in html and sha(data) in html
+    assert f'href="/ui/models/{model_id}/files/weights/model%20part.bin"' in html
+    assert "one tar of its 2 files" in html
+    assert f"model-service pull {model_id} -o bert-v1.0 --url" in html
+    resp = await client.get(f"/ui/models/{model_id}/files/weights/model%20part.bin")
+    assert resp.status == 200 and await resp.read() == files["weights/model part.bin"]
+    tar = await client.get(f"/ui/models/{model_id}/download")
+    assert tar.status == 200 and tar.content_type == "application/x-tar"
 
 
 async def test_user_values_are_escaped(client):

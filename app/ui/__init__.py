@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .. import auth
 from ..appkeys import SETTINGS
+from ..urls import FILE_PATH
 from . import pages
 from .session import PREFIX, SESSIONS, Sessions
 
@@ -35,6 +36,7 @@ def setup(app: web.Application) -> None:
     r.add_post(PREFIX + "/sign-out", pages.sign_out)
     r.add_get(PREFIX + "/models/{id}", pages.model)
     r.add_get(PREFIX + "/models/{id}/download", pages.download)
+    r.add_get(PREFIX + "/models/{id}/files" + FILE_PATH, pages.version_file)
     r.add_post(PREFIX + "/models/{id}/status", pages.set_status)
     r.add_post(PREFIX + "/models/{id}/tags", pages.set_tags)
     r.add_get(PREFIX + "/models/{id}/delete", pages.confirm_delete)

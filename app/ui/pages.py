@@ -10,7 +10,7 @@ import functools
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp_jinja2
 import orjson
@@ -226,17 +226,19 @@ async def model(request: web.Request, visit: Visit) -> web.Response:
     labels = {d["id"]: d["version"] for d in history}
     api = f"{_base_url(request)}/api/v1/models/{doc['id']}/download"
     auth_header = ' -H "X-API-Key: $MODEL_SERVICE_API_KEY"' if visit.auth else ""
-    fm = doc.get("file_metadata")
-    files_ = []
-    if fm:
-        files_.append({"path": fm["filename"], "size": fm["size_bytes"],
-                       "sha256": fm["checksum"].removeprefix("sha256:"),
-                       "url": f"{PREFIX}/models/{doc['id']}/download"})
+    # A single file is its version's download; a snapshot's files are each read
+    # under /files/ (its download is the tar of all of them).
+    tar = snapshots.is_snapshot(doc)
+    files_ = [{"path": e["path"], "size": e["size_bytes"], "sha256": e["checksum"].removeprefix("sha256:"),
+               "url": f"{PREFIX}/models/{doc['id']}/" + (f"files/{quote(e['path'])}" if tar else "download")}
+              for e in snapshots.entries(doc)]
+    pull_output = f" -o {doc['name']}-{doc['version']}" if tar else ""
     return visit.render("model.html", {
         "m": doc, "history": history, "labels": labels, "files": files_,
         "statuses": validation.STATUSES,
         "curl": f"curl -fOJ{auth_header} {api}",
-        "pull": f"model-service pull {doc['id']} --url {_base_url(request)}",
+        "pull": f"model-service pull {doc['id']}{pull_output} --url {_base_url(request)}",
+        "tar": tar,
     })
 
 
@@ -244,6 +246,11 @@ async def model(request: web.Request, visit: Visit) -> web.Response:
 async def download(request: web.Request, visit: Visit) -> web.StreamResponse:
     # The API's own download: ranges, checksums, counting, limits, all alike.
     return await files.download(request)
+
+
+@page()
+async def version_file(request: web.Request, visit: Visit) -> web.StreamResponse:
+    return await files.version_file(request)
 
 
 @page("write")
