@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import clock, errors, metrics, snapshots, urls, views
+from . import clock, errors, metrics, render, snapshots, urls
 from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
@@ -119,7 +119,7 @@ def date_is_strong(doc: ModelDocument, others: Iterable[ModelDocument] = (), pat
     one of them serves another content at that URL stamped with that second.
     """
     fm = doc.get("file_metadata")
-    if fm and fm.get(views.LAST_MODIFIED_SHARED):
+    if fm and fm.get(render.LAST_MODIFIED_SHARED):
         return False
     etag, modified = _validators(doc, path)
     return not any(

@@ -25,10 +25,10 @@ from .http import preconditions
 from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
+from .render import LAST_MODIFIED_SHARED
 from .schemas import FileEntryIn
 from .storage.base import DuplicateModel, ModelDocument, ModelQuery, RegistryStats, Storage, StoredFileMetadata
 from .uploads import Received, file_metadata
-from .views import LAST_MODIFIED_SHARED
 
 _NUMBERING_ATTEMPTS = 8
 _name_locks = KeyedLocks()

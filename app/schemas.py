@@ -3,7 +3,7 @@
 Each request body the registry takes and each JSON body it answers with is a
 Struct here. ``validation`` converts bodies into them (the library checks
 types, lengths, patterns and enums; ``__post_init__`` adds the rules JSON
-Schema cannot carry), ``views`` builds the answers from stored documents, and
+Schema cannot carry), ``render`` builds the answers from stored documents, and
 ``openapi`` publishes ``components.schemas`` from these same declarations.
 
 Leaf types (``ObjectId``, ``ModelName``, ...) are ``Annotated`` aliases; the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import clock, registry, validation, views
+from .. import clock, registry, render, validation
 from ..appkeys import SETTINGS, STORAGE
 from ..http.json import json_response
 from ..schemas import ModelTop, RecentActivity, Statistics, StatusDistribution, StorageUsage
@@ -36,7 +36,7 @@ async def statistics(request: web.Request) -> web.Response:
 async def _top(request: web.Request, sort_field: str) -> web.Response:
     limit = validation.limit_param(request.query, request.app[SETTINGS].max_page_size)
     docs, _ = await request.app[STORAGE].find_models(ModelQuery(sort_field=sort_field, sort_desc=True, limit=limit))
-    return json_response(ModelTop(models=[views.summary(d) for d in docs]))
+    return json_response(ModelTop(models=[render.summary(d) for d in docs]))
 
 
 async def popular(request: web.Request) -> web.Response:

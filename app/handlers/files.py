@@ -14,9 +14,9 @@ from ..errors import ApiError
 from ..http import preconditions
 from ..http.expect import invite_body
 from ..http.json import json_response
+from ..render import file_metadata, files
 from ..schemas import FileInfo, SnapshotManifest, UploadAnswer
 from ..storage.base import ModelDocument
-from ..views import file_metadata, files
 from .common import model_or_404, named_models_or_404
 
 

@@ -6,7 +6,7 @@ import math
 
 from aiohttp import web
 
-from .. import errors, registry, snapshots, uploads, validation, views
+from .. import errors, registry, render, snapshots, uploads, validation
 from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
@@ -76,13 +76,13 @@ async def list_models(request: web.Request) -> web.Response:
     query, page, limit = validation.listing(request.query, request.app[SETTINGS].max_page_size)
     docs, total = await request.app[STORAGE].find_models(query)
     return json_response(ModelList(
-        models=[views.summary(d) for d in docs],
+        models=[render.summary(d) for d in docs],
         pagination=Pagination(page=page, limit=limit, total=total, pages=math.ceil(total / limit)),
     ))
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return cacheable_json(request, views.full(await model_or_404(request)))
+    return cacheable_json(request, render.full(await model_or_404(request)))
 
 
 async def update_model(request: web.Request) -> web.Response:
@@ -91,7 +91,7 @@ async def update_model(request: web.Request) -> web.Response:
     doc = await registry.update(request.app[STORAGE], model_id, fields)
     if doc is None:
         raise not_found(model_id)
-    return json_response(UpdateAnswer(success=True, message="Model updated successfully", model=views.full(doc)))
+    return json_response(UpdateAnswer(success=True, message="Model updated successfully", model=render.full(doc)))
 
 
 async def delete_model(request: web.Request) -> web.Response:
@@ -112,8 +112,8 @@ async def create_version(request: web.Request) -> web.Response:
 async def list_versions(request: web.Request) -> web.Response:
     source = await model_or_404(request)
     docs = await registry.versions_of(request.app[STORAGE], source["name"])
-    return json_response(VersionList(name=source["name"], versions=[views.summary(d) for d in docs]))
+    return json_response(VersionList(name=source["name"], versions=[render.summary(d) for d in docs]))
 
 
 async def by_name(request: web.Request) -> web.Response:
-    return cacheable_json(request, views.full(await named_model_or_404(request)))
+    return cacheable_json(request, render.full(await named_model_or_404(request)))

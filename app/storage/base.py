@@ -47,7 +47,7 @@ class StoredFileMetadata(TypedDict, total=False):
     content_type: str
     chunk_size: int
     uploaded_at: datetime
-    # Bookkeeping for the download validators, never shown (see views).
+    # Bookkeeping for the download validators, never shown (see render).
     last_modified_shared: bool
 
 
