@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint test-quick bench bench-quick bench-pull bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
+.PHONY: run test lint test-quick bench bench-quick bench-pull bench-snapshots bench-tools ui-browser bench-ui ui-screenshots mongo-server clean
 
 # The client is its own distribution (client/); the server's CLI needs it, so both go in one pip command.
 $(STAMP): setup.cfg pyproject.toml client/pyproject.toml
@@ -41,6 +41,10 @@ bench: $(STAMP) bench-tools
 # The client's parallel pull of a 1 GB file against curl and aria2c -x8.
 bench-pull: $(STAMP) bench-tools
 	$(BIN)/python -m bench.pull $(BENCH_ARGS)
+
+# Multi-file versions: delta bytes, warm fetch, cold pull against aria2c, the tar against nginx.
+bench-snapshots: $(STAMP) bench-tools
+	$(BIN)/python -m bench.snapshots $(BENCH_ARGS)
 
 bench-quick: $(STAMP) bench-tools
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)

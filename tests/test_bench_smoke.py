@@ -38,3 +38,27 @@ def test_bench_quick_completes_with_zero_errors(tmp_path):
     [errors] = [t for t in results["targets"] if t["target"].startswith("zero errors")]
     assert errors["met"], errors
     assert (out / "summary.md").exists() and list(out.glob("*.png"))
+
+
+def test_snapshots_bench_completes_and_sends_only_what_changed(tmp_path):
+    """bench.snapshots at a small scale: every file verified; the delta and the warm fetch are
+    byte and request counts, which hold at any scale (the speeds are its report's business)."""
+    missing = [tool for tool in ("nginx", "aria2c", "curl") if shutil.which(tool) is None
+               and not os.path.exists(f"/usr/sbin/{tool}")]
+    if missing:
+        cannot_run(f"bench.snapshots needs {', '.join(missing)} (make bench-tools installs them)")
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench.snapshots", "--scale", "0.01", "--rounds", "1",
+                           "--clients", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    delta = results["delta"]
+    assert delta["push_said"]["already_stored"] == delta["files"] - 1
+    # Request heads and JSON bodies ride on top of the changed file's bytes.
+    assert delta["changed_bytes"] <= delta["v2_push_sent"] <= delta["changed_bytes"] * 1.05
+    assert delta["changed_bytes"] <= delta["v2_fetch_received"] <= delta["changed_bytes"] * 1.05
+    assert results["warm"]["warm_requests"] == 1 and results["warm"]["warm_statuses"] == [304]
+    assert set(results["cold"]["median_s"]) == {"pull", "aria2c on service", "aria2c on nginx"}
+    assert results["tar"]["bytes"] > results["cold"]["bytes"]
+    assert results["rss"]["rss_peak_mb"] > 0
