@@ -124,5 +124,7 @@ def _cork(sock, on: bool) -> None:
     if hasattr(socket, "TCP_CORK"):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
-        except OSError:
-            pass  # the client has gone; the send loop reports that
+        except (OSError, ValueError):
+            # The client has gone; the send loop reports that. (uvloop's socket
+            # stand-in raises ValueError once the transport has closed its descriptor.)
+            pass
