@@ -85,11 +85,20 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05) -> No
 async def async_wait_for(condition, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        # In a thread: the conditions block (a database query, psutil, an HTTP
+        # call) and would hold up the test's own socket writes on this loop.
+        value = await asyncio.to_thread(condition)
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         await asyncio.sleep(interval)
+
+
+# How often to look at the temp state: on MongoDB each look reads every chunk
+# of the upload, and polled every 50 ms on the SQLite-backed test server those
+# reads competed with the upload's own inserts (a CI run waited past 20 s for
+# 4 MiB to land).
+TEMP_POLL = 0.5
 
 
 def temp_state(data_dir: Path, mongo, db_name: str | None) -> int:
@@ -285,7 +294,8 @@ async def test_stalled_body_is_408_at_body_timeout_and_leaves_nothing(request, b
             await writer.drain()
             if form != "json":
                 # The upload is under way: its bytes are in the store's temporary state.
-                await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state")
+                await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state",
+                                     TEMP_POLL)
             stalled_at = time.monotonic()
             data, closed = await read_until_closed(reader, 2 + 6)
             waited = time.monotonic() - stalled_at
@@ -295,7 +305,8 @@ async def test_stalled_body_is_408_at_body_timeout_and_leaves_nothing(request, b
         (answer,) = parse_responses(data)
         assert answer.status == 408 and error_code(answer) == "request_timeout", answer
         assert closed and waited < 2 + 4
-        await async_wait_for(lambda: temp_state(data_dir, mongo, db) == 0, 10, "the upload's temp state to go")
+        await async_wait_for(lambda: temp_state(data_dir, mongo, db) == 0, 10, "the upload's temp state to go",
+                             TEMP_POLL)
         status, listing = api(svc, "GET", MODELS)
         assert [m["id"] for m in listing["models"]] == [model_id]
         assert listing["models"][0]["size_bytes"] in (None, 0)
@@ -547,7 +558,8 @@ async def test_gc_leaves_a_live_stalled_upload_alone(request, backend, tmp_path)
             writer.write(request_bytes("PUT", f"{MODELS}/{model_id}/upload", [], content_length=len(data))
                          + data[:5 * MIB])
             await writer.drain()
-            await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state")
+            await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state",
+                                     TEMP_POLL)
             held = temp_state(data_dir, mongo, db)
             # An age of 0 makes every temp file and chunk old enough: only liveness can spare them.
             report = await asyncio.to_thread(_gc, env, "--min-age", "0s")
