@@ -99,6 +99,11 @@ async def async_wait_for(condition, timeout: float, what: str, interval: float =
 # reads competed with the upload's own inserts (a CI run waited past 20 s for
 # 4 MiB to land).
 TEMP_POLL = 0.5
+# How long an upload may take to land its first 4 MiB there. A bound on the
+# test's progress, not on the behaviour under test: two clean-clone CI runs
+# waited past 20 s on the FerretDB test server late in the suite, while the
+# same tests take under 2 s alone.
+TEMP_WAIT = 60
 
 
 def temp_state(data_dir: Path, mongo, db_name: str | None) -> int:
@@ -294,7 +299,8 @@ async def test_stalled_body_is_408_at_body_timeout_and_leaves_nothing(request, b
             await writer.drain()
             if form != "json":
                 # The upload is under way: its bytes are in the store's temporary state.
-                await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state",
+                await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, TEMP_WAIT,
+                                     "the upload's temp state",
                                      TEMP_POLL)
             stalled_at = time.monotonic()
             data, closed = await read_until_closed(reader, 2 + 6)
@@ -558,7 +564,8 @@ async def test_gc_leaves_a_live_stalled_upload_alone(request, backend, tmp_path)
             writer.write(request_bytes("PUT", f"{MODELS}/{model_id}/upload", [], content_length=len(data))
                          + data[:5 * MIB])
             await writer.drain()
-            await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, 20, "the upload's temp state",
+            await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, TEMP_WAIT,
+                                     "the upload's temp state",
                                      TEMP_POLL)
             held = temp_state(data_dir, mongo, db)
             # An age of 0 makes every temp file and chunk old enough: only liveness can spare them.
