@@ -30,10 +30,16 @@ __all__ = [
     "StoredFileMetadata",
     "ModelQuery",
     "RegistryStats",
+    "SESSION_LOCK_TTL",
+    "SessionBusy",
+    "SessionHashes",
+    "SessionMissing",
+    "SessionWriter",
     "Storage",
     "StorageError",
     "StorageUnavailable",
     "StoredFile",
+    "UploadSession",
 ]
 
 class StoredFileMetadata(TypedDict, total=False):
@@ -91,6 +97,12 @@ DEFAULT_CHUNK_SIZE = 255 * 1024
 # (its uploader crashed); `model-service gc` finds what that leaves.
 CLAIM_GRACE = timedelta(minutes=10)
 
+# A session's write lock lapses this long after it was taken or last renewed.
+# Its writer renews it while bytes arrive, so only a writer whose process died
+# (or that stalls this long between pieces) lets it lapse; the next request then
+# takes the session over.
+SESSION_LOCK_TTL = timedelta(seconds=60)
+
 # How long hourly download tallies are kept (analytics look back a day).
 DOWNLOAD_HISTORY = timedelta(days=30)
 
@@ -108,6 +120,14 @@ class ValueRefused(StorageError):
 
     FerretDB, for one, stores no list directly inside a list, which MongoDB does.
     """
+
+
+class SessionBusy(StorageError):
+    """Another request holds this upload session's write lock (answer 409, retry later)."""
+
+
+class SessionMissing(StorageError):
+    """No such upload session: never opened, completed, cancelled, or removed by gc."""
 
 
 class DuplicateModel(StorageError):
@@ -164,6 +184,50 @@ class StoredFile:
     sha256: str
     chunk_size: int
     uploaded_at: datetime
+
+
+@dataclass(frozen=True)
+class UploadSession:
+    """A resumable upload (POST /api/v1/uploads) as storage holds it, between requests."""
+
+    id: str  # 24 hex digits; on MongoDB also the GridFS files id its chunks carry
+    owner: str  # who opened it: the API key's sha256 hex, "" when auth is off
+    offset: int  # bytes stored so far: every chunk that was accepted, nothing else
+    size_bytes: int | None  # the total announced when it was opened, if any
+    checksum: str | None  # the sha256 hex announced when it was opened, if any
+    chunk_size: int
+    created_at: datetime
+    updated_at: datetime  # its last change; it expires UPLOAD_SESSION_TTL after that
+
+
+class SessionHashes:
+    """The running sha256 of sessions this process served, by (session id, offset).
+
+    Bytes below a session's offset never change, so a state recorded at an
+    offset stays right for ever; a process that finds none (the session moved
+    here from another replica, or this process restarted) re-reads the stored
+    prefix instead. Bounded: the least recently used states are forgotten.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self._limit = limit
+        self._states: dict[str, tuple[int, "hashlib._Hash"]] = {}
+
+    def get(self, session_id: str, offset: int) -> "hashlib._Hash | None":
+        state = self._states.pop(session_id, None)
+        if state is None or state[0] != offset:
+            return None
+        self._states[session_id] = state  # most recently used last
+        return state[1].copy()
+
+    def put(self, session_id: str, offset: int, running: "hashlib._Hash") -> None:
+        self._states.pop(session_id, None)
+        self._states[session_id] = (offset, running.copy())
+        while len(self._states) > self._limit:
+            del self._states[next(iter(self._states))]
+
+    def forget(self, session_id: str) -> None:
+        self._states.pop(session_id, None)
 
 
 class FileWriter(abc.ABC):
@@ -223,11 +287,98 @@ class FileWriter(abc.ABC):
     async def _cancel(self) -> None: ...
 
 
+class SessionWriter(FileWriter):
+    """Appends one request's bytes to an upload session; made by Storage.session_writer().
+
+    Use it as ``async with``. On entry it takes the session's write lock
+    (SessionBusy while another request holds a live one), reads the session
+    again under the lock (SessionMissing if it is gone) into ``session``,
+    discards any bytes a writer that died left beyond the stored offset, and
+    restores the running sha256 of the stored prefix (from the store's
+    SessionHashes, else by re-reading the prefix). ``size`` and ``sha256`` then
+    cover the whole content so far, as a FileWriter's do.
+
+    It ends with exactly one of: ``checkpoint()`` (this request's bytes are
+    durable and counted; the session stays), ``commit()`` (the whole content
+    becomes stored content, deduplicated and claimed as any commit's; the
+    session is gone), ``cancel()`` (this request's bytes are dropped; the
+    offset is what it was). Leaving the block any other way cancels. The lock
+    is released on the way out in every case.
+    """
+
+    def __init__(self, store: "Storage", session_id: str) -> None:
+        super().__init__(DEFAULT_CHUNK_SIZE)
+        self.store = store
+        self.session_id = session_id
+        self.session: UploadSession | None = None
+
+    async def __aenter__(self) -> "SessionWriter":
+        self.session = await self._acquire()
+        try:
+            self.chunk_size = self.session.chunk_size
+            await self._discard_beyond(self.session.offset)
+            running = self.store.session_hashes.get(self.session_id, self.session.offset)
+            if running is None:
+                running = hashlib.sha256()
+                async for piece in self._read_prefix():
+                    running.update(piece)
+            self._hash = running
+            self.size = self.session.offset
+        except BaseException:
+            await self._release()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            await self.cancel()
+        finally:
+            await self._release()
+
+    async def checkpoint(self) -> UploadSession:
+        """Make this request's bytes durable and advance the offset over them; the session as it is now."""
+        if self._done:
+            raise RuntimeError("checkpoint after commit or cancel")
+        self._done = True
+        session = await self._checkpoint()
+        self.store.session_hashes.put(self.session_id, session.offset, self._hash)
+        return session
+
+    async def commit(self) -> StoredFile:
+        stored = await super().commit()
+        self.store.session_hashes.forget(self.session_id)
+        return stored
+
+    # -- what each backend implements ------------------------------------------
+    @abc.abstractmethod
+    async def _acquire(self) -> UploadSession:
+        """Take the write lock (SessionBusy) and return the session read under it (SessionMissing)."""
+
+    @abc.abstractmethod
+    async def _release(self) -> None:
+        """Give the lock up if this writer still holds it; never raises."""
+
+    @abc.abstractmethod
+    async def _discard_beyond(self, offset: int) -> None:
+        """Remove stored bytes past ``offset`` (a writer that died mid-request left them)."""
+
+    @abc.abstractmethod
+    def _read_prefix(self) -> AsyncIterator[bytes]:
+        """The stored bytes [0, session.offset), in order."""
+
+    @abc.abstractmethod
+    async def _checkpoint(self) -> UploadSession:
+        """Bytes written so far become durable, then the stored offset (and updated_at) moves to ``size``."""
+
+
 class Storage(abc.ABC):
     kind: str
     # Pieces a download should read ahead while the previous one is sent:
     # worth it where a read waits on a database round trip.
     read_ahead: int = 2
+
+    # The running sha256 of upload sessions this process served (SessionWriter).
+    session_hashes: SessionHashes
 
     # -- lifecycle -------------------------------------------------------
     @abc.abstractmethod
@@ -336,6 +487,32 @@ class Storage(abc.ABC):
     async def claim_blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
         """Of these sha256s, the stored ones (by sha256), each claimed once as a commit claims
         its content: call settle_file() for each once a model refers to it (or the commit failed)."""
+
+    # -- upload sessions (resumable uploads) -----------------------------------
+    @abc.abstractmethod
+    async def open_session(self, session: UploadSession) -> None:
+        """Record a new session (offset 0, no bytes yet)."""
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> UploadSession | None:
+        """The session as stored, expired or not; None if there is none (or the id is malformed)."""
+
+    @abc.abstractmethod
+    async def count_sessions(self, owner: str, updated_after: datetime) -> tuple[int, int]:
+        """(sessions of ``owner``, sessions of anyone) changed after ``updated_after``: those not expired."""
+
+    @abc.abstractmethod
+    def session_writer(self, session_id: str) -> SessionWriter:
+        """A writer appending to this session (see SessionWriter); use as ``async with``."""
+
+    @abc.abstractmethod
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove a session and its bytes, taking its write lock first (SessionBusy while a
+        request holds it); False if there was none."""
+
+    @abc.abstractmethod
+    async def sessions_updated_before(self, before: datetime) -> list[UploadSession]:
+        """Sessions last changed before ``before`` (gc removes the expired ones with delete_session)."""
 
     @abc.abstractmethod
     async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
