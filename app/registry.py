@@ -27,7 +27,16 @@ from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
 from .render import LAST_MODIFIED_SHARED
 from .schemas import FileEntryIn
-from .storage.base import DuplicateModel, ModelDocument, ModelQuery, RegistryStats, Storage, StoredFileMetadata
+from .storage.base import (
+    DuplicateModel,
+    FileWriter,
+    ModelDocument,
+    ModelQuery,
+    RegistryStats,
+    Storage,
+    StoredFile,
+    StoredFileMetadata,
+)
 from .uploads import Received, file_metadata
 
 _NUMBERING_ATTEMPTS = 8
@@ -280,6 +289,32 @@ async def create_snapshot(storage: Storage, fields: ModelDocument, files: list[F
         # A failed commit only drops its claims: the blobs stay for BLOB_GRACE, so a retry
         # (another version number, say) need not upload them again.
         await storage.settle_files([blob.file_id for blob in claimed.values()])
+
+
+async def keep_blob(storage: Storage, sha256: str, grace: timedelta) -> StoredFile | None:
+    """The stored blob sha256:<hex>, kept for ``grace`` from now (BLOB_GRACE: a commit is about to name it)."""
+    return (await storage.keep_blobs([sha256], clock.now() + grace)).get(sha256)
+
+
+async def store_blob(storage: Storage, writer: FileWriter, sha256: str, grace: timedelta) -> StoredFile:
+    """The writer's content becomes the blob sha256:<hex>: PUT /api/v1/blobs and a completed upload session.
+
+    Committed (deduplicated onto a stored copy), kept for ``grace`` as a blob a
+    commit is about to name, and its commit's claim settled. Content that
+    hashes otherwise is refused (422 digest_mismatch) before the commit; the
+    caller's writer block then discards it.
+    """
+    if writer.sha256 != sha256:
+        raise ApiError(errors.DIGEST_MISMATCH,
+                       f"the content ({writer.size} bytes) has sha256:{writer.sha256}, not sha256:{sha256}; "
+                       "nothing was kept")
+    stored = await writer.commit()
+    try:
+        await storage.keep_blobs([sha256], clock.now() + grace)
+    finally:
+        await storage.settle_file(stored.file_id)
+    UPLOAD_BYTES.inc(stored.size)
+    return stored
 
 
 async def create_with_file(storage: Storage, fields: ModelDocument, received: Received) -> ModelDocument:
