@@ -251,6 +251,18 @@ async def attach_file(storage: Storage, leases: FileLeases, doc: ModelDocument,
     return fm
 
 
+async def attach_blob(storage: Storage, leases: FileLeases, doc: ModelDocument, sha256: str,
+                      filename: str | None) -> StoredFileMetadata:
+    """Point a model at a stored blob (POST /models/{id}/upload?digest=), as an upload's file is attached:
+    claimed first, so no release or gc removes it in between; 422 missing_blobs if it is not stored."""
+    blob = (await storage.claim_blobs([sha256])).get(sha256)
+    if blob is None:
+        raise ApiError(errors.MISSING_BLOBS, f"blob sha256:{sha256} is not stored; upload it first (PUT "
+                                             "/api/v1/blobs/<digest> or an upload session); nothing changed",
+                       details={"missing": [f"sha256:{sha256}"]})
+    return await attach_file(storage, leases, doc, Received(blob, filename or "", "application/octet-stream"))
+
+
 async def _release_all(leases: FileLeases, file_ids: list[str]) -> None:
     """Release content a model no longer refers to, through the leases (kept while a download reads it)."""
     for file_id in file_ids:
