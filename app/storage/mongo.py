@@ -782,9 +782,9 @@ class _GridFSWriter(FileWriter):
         await self._store.live_uploads.remove(self._files_id)
 
 
-# A writer renews its session's lock when this much of SESSION_LOCK_TTL has
-# passed since the last renewal (checked as bytes arrive, and always before a
-# checkpoint or commit counts them).
+# A writer renews its session's lock before each batch of chunks it inserts
+# and before a checkpoint or commit, and while bytes arrive without filling a
+# batch, once this much of SESSION_LOCK_TTL has passed since the last renewal.
 _RENEW_AFTER = SESSION_LOCK_TTL.total_seconds() / 6
 
 
@@ -880,17 +880,18 @@ class _GridFSSessionWriter(SessionWriter):
         self._buffer += data
         self._cut_chunks(final=False)
         with _storage_errors():
-            if time.monotonic() - self._renewed_at > _RENEW_AFTER:
-                await self._renew()
             if len(self._pending) >= self._batch:
+                await self._renew()  # and so no chunk lands in a session another request took over
                 await self._flush()
+            elif time.monotonic() - self._renewed_at > _RENEW_AFTER:
+                await self._renew()
 
     async def _checkpoint(self) -> UploadSession:
         store, session = self._store, self.session
         try:
             with _storage_errors():
-                await self._flush()
                 await self._renew()
+                await self._flush()
                 tail, at = bytes(self._buffer), now()
                 # Conditional on the offset we started from: a writer that lost
                 # its lock changes nothing.
@@ -909,8 +910,8 @@ class _GridFSSessionWriter(SessionWriter):
         try:
             with _storage_errors():
                 self._cut_chunks(final=True)
-                await self._flush()
                 await self._renew()
+                await self._flush()
                 stored = await _publish(store, self._oid, self.size, self.chunk_size, self.sha256)
         except BaseException:
             # Nothing published: the session stays at its offset without this request's bytes.
