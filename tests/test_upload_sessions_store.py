@@ -120,6 +120,7 @@ async def test_open_get_count(storage):
     assert await storage.get_session(str(ObjectId())) is None
     assert await storage.get_session("not-an-id") is None
     assert await storage.get_session("Z" * 24) is None
+    assert await storage.get_session(a1.id.upper()) is None  # ids are spelt one way
     before = t0 - timedelta(seconds=1)
     assert await storage.count_sessions("a" * 64, before) == (2, 3)
     assert await storage.count_sessions("b" * 64, before) == (1, 3)
