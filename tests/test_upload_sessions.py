@@ -333,15 +333,17 @@ async def test_a_second_writer_gets_409_while_a_patch_holds_the_session(client):
 
 async def test_a_client_cut_mid_patch_leaves_an_exact_offset_and_the_content_verifies(client):
     storage, settings = client.app[STORAGE], client.app[SETTINGS]
-    data = os.urandom(6 * 2**20)
+    # 12 MiB: half of it passes the MongoDB writer's 4 MiB batches.
+    data = os.urandom(14 * 2**20)
     sid = (await open_session(client))["id"]
     await patch(client, sid, 0, data[:2**20])
-    chunk = data[2**20:5 * 2**20]
+    chunk = data[2**20:13 * 2**20]
     head = (f"PATCH {UPLOADS}/{sid} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(chunk)}\r\n"
-            f"Content-Range: bytes {2**20}-{5 * 2**20 - 1}/*\r\n\r\n").encode()
+            f"Content-Range: bytes {2**20}-{13 * 2**20 - 1}/*\r\n\r\n").encode()
     sock = socket.create_connection((client.server.host, client.server.port))
     try:
-        sock.sendall(head + chunk[:len(chunk) // 2])
+        # From a thread: the server runs on this event loop and must read while we send.
+        await asyncio.to_thread(sock.sendall, head + chunk[:len(chunk) // 2])
 
         async def partial_stored():
             return await asyncio.to_thread(held_bytes, storage, settings, sid) > 2**20
