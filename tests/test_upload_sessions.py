@@ -354,14 +354,15 @@ async def test_a_client_cut_mid_patch_leaves_an_exact_offset_and_the_content_ver
         sock.close()
     assert await offset_of(client, sid) == 2**20
 
-    async def resumed():
-        resp = await client.patch(f"{UPLOADS}/{sid}", data=data[2**20:],
-                                  headers=chunk_headers(2**20, data[2**20:]))
-        if resp.status == 409:
-            return False  # the server has not noticed the cut yet
-        return await json_of(resp, 202)
+    async def released():
+        return not await asyncio.to_thread(lock_held, storage, settings, sid)
 
-    assert (await wait_for(resumed, "the cut request's lock to go"))["offset"] == len(data)
+    await wait_for(released, "the cut request to end")
+    # Its bytes are gone, not merely uncounted.
+    assert await offset_of(client, sid) == 2**20
+    assert await asyncio.to_thread(held_bytes, storage, settings, sid) == 2**20
+    await patch(client, sid, 2**20, data[2**20:2 * 2**20])
+    await patch(client, sid, 2 * 2**20, data[2 * 2**20:])
     resp = await client.put(f"{UPLOADS}/{sid}?digest=sha256:{sha(data)}")
     await json_of(resp, 201)
     blob = await storage.find_blob(sha(data))
