@@ -369,6 +369,34 @@ async def test_a_client_cut_mid_patch_leaves_an_exact_offset_and_the_content_ver
     assert b"".join([piece async for piece in storage.read_file(blob)]) == data
 
 
+def _exchange(host: str, port: int, head: bytes, body: bytes | None) -> list[bytes]:
+    """Send a request head with Expect: 100-continue; the body only if invited. The status lines seen."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head)
+        first = sock.recv(65536)
+        seen = [first.split(b"\r\n", 1)[0]]
+        if first.startswith(b"HTTP/1.1 100") and body is not None:
+            sock.sendall(body)
+            seen.append(sock.recv(65536).split(b"\r\n", 1)[0])
+        return seen
+
+
+async def test_expect_100_continue_invites_the_chunk_only_once_it_would_be_accepted(client):
+    sid = (await open_session(client))["id"]
+    host, port = client.server.host, client.server.port
+
+    def head(start: int) -> bytes:
+        return (f"PATCH {UPLOADS}/{sid} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+                f"Content-Range: bytes {start}-{start + 4}/*\r\n\r\n").encode()
+
+    # A chunk at the wrong offset is refused before its body is sent.
+    refused = await asyncio.to_thread(_exchange, host, port, head(5), b"abcde")
+    assert [line[:12] for line in refused] == [b"HTTP/1.1 416"]
+    accepted = await asyncio.to_thread(_exchange, host, port, head(0), b"abcde")
+    assert [line[:12] for line in accepted] == [b"HTTP/1.1 100", b"HTTP/1.1 202"]
+    assert await offset_of(client, sid) == 5
+
+
 async def test_expired_sessions_are_404_and_gc_removes_their_bytes_but_never_a_live_ones(
         aiohttp_client, settings, capsys):
     client = await aiohttp_client(create_app(dataclasses.replace(settings, upload_session_ttl=timedelta(seconds=1))))
