@@ -262,6 +262,7 @@ class MongoStorage(Storage):
         for task in list(self._cleanups):
             task.cancel()
         self.live_uploads.close()
+        self.session_locks.close()
         await self.client.close()
 
     async def ping(self) -> None:
@@ -634,8 +635,9 @@ class MongoStorage(Storage):
         oid = _session_oid(session_id)
         if oid is None:
             return False
-        token = await self.session_locks.acquire(oid)
+        token = self.session_locks.new_token()
         try:
+            await self.session_locks.acquire(oid, token)
             # The document first: chunks left by a failure after it are orphans gc removes.
             if (await self.sessions.delete_one({"_id": oid})).deleted_count != 1:
                 return False
@@ -824,15 +826,22 @@ class _GridFSSessionWriter(SessionWriter):
         if oid is None:
             raise SessionMissing(f"no upload session {self.session_id}")
         with _storage_errors():
-            self._token = await _retry_busy(lambda: store.session_locks.acquire(oid))
-            self._renewed_at = time.monotonic()
+            # Known before the insert, and the insert shielded: a request cancelled
+            # meanwhile (its client left) still releases the lock it may have taken.
+            self._token = token = store.session_locks.new_token()
+            acquiring = asyncio.ensure_future(_retry_busy(lambda: store.session_locks.acquire(oid, token)))
             try:
+                await asyncio.shield(acquiring)
+                self._renewed_at = time.monotonic()
                 raw = await store.sessions.find_one({"_id": oid})
                 if raw is not None and await store.files.find_one({"_id": oid}, {"_id": 1}) is not None:
                     # Its commit published the content, then stopped before removing the session.
                     await store.sessions.delete_one({"_id": oid})
                     raw = None
             except BaseException:
+                await asyncio.wait([acquiring])
+                if not acquiring.cancelled():
+                    acquiring.exception()  # retrieved: the error raised here is the one that counts
                 await self._release()
                 raise
         if raw is None:
