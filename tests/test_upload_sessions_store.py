@@ -20,7 +20,7 @@ from bson import ObjectId
 
 from app import clock
 from app.storage import DEFAULT_CHUNK_SIZE, make_storage
-from app.storage.base import SESSION_LOCK_TTL, SessionBusy, SessionMissing, UploadSession
+from app.storage.base import SESSION_LOCK_TTL, SessionBusy, SessionMissing, StorageUnavailable, UploadSession
 from tests.test_storage_files import read_all, store
 from tests.transfer_helpers import leftovers
 
@@ -374,3 +374,93 @@ async def test_a_session_gone_mid_request_is_missing(storage):
     with pytest.raises(SessionMissing):
         async with storage.session_writer(str(ObjectId())):
             pass
+
+
+@bounded
+async def test_a_request_cancelled_mid_write_changes_nothing(storage):
+    """The request task is cancelled (the client left) while a write may be under way in the store."""
+    session = await new_session(storage)
+    first = os.urandom(CS + 3)
+    await append(storage, session.id, first)
+    for delay in (0, 0.001, 0.005, 0.02):
+        writer = storage.session_writer(session.id)
+
+        async def request():
+            async with writer:
+                await writer.write(os.urandom(12 * MiB))  # several write batches
+                await writer.checkpoint()
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            continue  # it finished first: nothing to check at this delay
+        assert (await storage.get_session(session.id)).offset == len(first)
+        assert await session_bytes(storage, session.id) <= len(first)
+    got = await storage.get_session(session.id)
+    rest = os.urandom(100)
+    async with storage.session_writer(session.id) as w:
+        before = w.size
+        await w.write(rest)
+        stored = await w.commit()
+    await storage.settle_file(stored.file_id)
+    assert before == got.offset
+    assert (await read_all(storage, stored))[:len(first)] == first
+    assert stored.size == got.offset + 100
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_a_commit_that_stopped_after_publishing_leaves_the_content_alone(storage):
+    """The files document was inserted, then the process died before the session document went."""
+    session = await new_session(storage)
+    data = os.urandom(3 * CS + 5)
+    await append(storage, session.id, data[:CS + 1])
+    stored = await commit(storage, session.id, data[CS + 1:])
+    assert stored.file_id == session.id  # new content keeps the session's chunks, under its id
+    for _ in range(2):
+        await storage.open_session(UploadSession(session.id, "", CS + 1, None, None, CS, session.created_at,
+                                                 clock.now()))
+        assert await storage.get_session(session.id) is not None
+        with pytest.raises(SessionMissing):
+            await append(storage, session.id, b"more")
+        assert await storage.get_session(session.id) is None
+        assert await read_all(storage, stored) == data
+    await storage.open_session(session)
+    assert await storage.delete_session(session.id) is True
+    assert await read_all(storage, stored) == data
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_the_database_gone_mid_request(storage, mongo_server):
+    session = await new_session(storage)
+    first = os.urandom(CS + 5)
+    await append(storage, session.id, first)
+    w = storage.session_writer(session.id)
+    await w.__aenter__()
+    await w.write(os.urandom(5 * MiB))  # in the store, beyond the offset
+    mongo_server.stop()
+    try:
+        with pytest.raises(StorageUnavailable):
+            await w.write(os.urandom(5 * MiB))
+            await w.checkpoint()
+    finally:
+        await w.__aexit__(None, None, None)  # its clean-up cannot reach the database either
+    mongo_server.start()
+    # The lock it could not release goes as soon as the database is back, not SESSION_LOCK_TTL later.
+    deadline = time.monotonic() + SESSION_LOCK_TTL.total_seconds() / 2
+    while True:
+        try:
+            got = await append(storage, session.id, b"x")
+            break
+        except (SessionBusy, StorageUnavailable):
+            assert time.monotonic() < deadline, "the session stayed busy"
+            await asyncio.sleep(0.2)
+    assert got.offset == len(first) + 1
+    stored = await commit(storage, session.id)
+    assert await read_all(storage, stored) == first + b"x"
