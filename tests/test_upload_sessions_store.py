@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from bson import ObjectId
+from pymongo.errors import AutoReconnect
 
 from app import clock
 from app.storage import DEFAULT_CHUNK_SIZE, make_storage
@@ -413,25 +414,63 @@ async def test_a_request_cancelled_mid_write_changes_nothing(storage):
     assert stored.size == got.offset + 100
 
 
+async def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout} s"
+        await asyncio.sleep(0.1)
+
+
 @bounded
 @pytest.mark.parametrize("backend", ["mongodb"])
-async def test_a_commit_that_stopped_after_publishing_leaves_the_content_alone(storage):
-    """The files document was inserted, then the process died before the session document went."""
+async def test_a_commit_that_died_after_publishing_leaves_the_content_alone(storage):
+    """The files document was inserted, then the process died: its session document and lock stay."""
     session = await new_session(storage)
     data = os.urandom(3 * CS + 5)
     await append(storage, session.id, data[:CS + 1])
     stored = await commit(storage, session.id, data[CS + 1:])
     assert stored.file_id == session.id  # new content keeps the session's chunks, under its id
-    for _ in range(2):
+    locks = storage.db["upload_session_locks"]
+
+    async def died_after_publishing():
         await storage.open_session(UploadSession(session.id, "", CS + 1, None, None, CS, session.created_at,
                                                  clock.now()))
-        assert await storage.get_session(session.id) is not None
-        with pytest.raises(SessionMissing):
-            await append(storage, session.id, b"more")
-        assert await storage.get_session(session.id) is None
-        assert await read_all(storage, stored) == data
-    await storage.open_session(session)
+        await locks.insert_one({"_id": ObjectId(session.id), "token": "dead", "until": clock.now()})
+
+    await died_after_publishing()
+    with pytest.raises(SessionMissing):
+        await append(storage, session.id, b"more")
+    assert await storage.get_session(session.id) is None
+    assert await read_all(storage, stored) == data
+    await died_after_publishing()
     assert await storage.delete_session(session.id) is True
+    assert await read_all(storage, stored) == data
+    assert await locks.count_documents({}) == 0
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_a_commit_whose_session_removal_failed_is_settled_later(storage, monkeypatch):
+    session = await new_session(storage)
+    data = os.urandom(2 * CS + 5)
+    real = storage.sessions.delete_one
+    failures = []
+
+    async def fails_once(*args, **kwargs):
+        if not failures:
+            failures.append(args)
+            raise AutoReconnect("connection lost (test)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(storage.sessions, "delete_one", fails_once)
+    stored = await commit(storage, session.id, data)  # the content is stored: the commit succeeds
+    assert failures and await read_all(storage, stored) == data
+
+    async def settled():
+        return (await storage.get_session(session.id) is None
+                and await storage.db["upload_session_locks"].count_documents({}) == 0)
+
+    await wait_until(settled, "settled")
     assert await read_all(storage, stored) == data
 
 
@@ -461,6 +500,8 @@ async def test_the_database_gone_mid_request(storage, mongo_server):
         except (SessionBusy, StorageUnavailable):
             assert time.monotonic() < deadline, "the session stayed busy"
             await asyncio.sleep(0.2)
+    # Settled before its lock went: nothing of the failed request is left beyond the offset.
+    assert await session_bytes(storage, session.id) == CS
     assert got.offset == len(first) + 1
     stored = await commit(storage, session.id)
     assert await read_all(storage, stored) == first + b"x"

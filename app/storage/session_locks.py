@@ -39,12 +39,17 @@ class SessionLocks:
     def new_token() -> str:
         return secrets.token_hex(16)
 
-    async def acquire(self, session_id: ObjectId, token: str) -> None:
-        """Take the lock under ``token`` (new_token()); SessionBusy while another holder's lock is live."""
+    async def acquire(self, session_id: ObjectId, token: str) -> bool:
+        """Take the lock under ``token`` (new_token()); SessionBusy while another holder's lock is live.
+
+        True if it took over a lapsed lock: its holder died or stalled, and may
+        have left the session half-written.
+        """
+        took_over = False
         for _ in range(_ATTEMPTS):
             try:
                 await self._locks.insert_one({"_id": session_id, "token": token, "until": now() + SESSION_LOCK_TTL})
-                return
+                return took_over
             except DuplicateKeyError:
                 held = await self._locks.find_one({"_id": session_id})
                 if held is not None and held["until"] > now():
@@ -52,6 +57,7 @@ class SessionLocks:
                 if held is not None:
                     # Only that expired lock: a holder that took over meanwhile keeps its own.
                     await self._locks.delete_one({"_id": session_id, "token": held["token"]})
+                    took_over = True
         raise SessionBusy(f"upload session {session_id} is being written")
 
     async def renew(self, session_id: ObjectId, token: str) -> bool:
