@@ -505,3 +505,21 @@ async def test_the_database_gone_mid_request(storage, mongo_server):
     assert got.offset == len(first) + 1
     stored = await commit(storage, session.id)
     assert await read_all(storage, stored) == first + b"x"
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_gc_forgets_lapsed_locks_of_sessions_that_are_gone(storage):
+    locks = storage.db["upload_session_locks"]
+    live = await new_session(storage)
+    await append(storage, live.id, b"x" * (CS + 1))
+    gone = ObjectId()
+    lapsed = clock.now() - timedelta(minutes=5)
+    await locks.insert_one({"_id": ObjectId(live.id), "token": "dead", "until": lapsed})
+    await locks.insert_one({"_id": gone, "token": "dead", "until": lapsed})
+    await storage.collect_garbage(timedelta(hours=1), dry_run=True)
+    assert await locks.count_documents({}) == 2
+    await storage.collect_garbage(timedelta(hours=1), dry_run=False)
+    # The live session's lapsed lock stays: the next request takes it over (and discards).
+    assert [d["_id"] async for d in locks.find({})] == [ObjectId(live.id)]
+    assert (await append(storage, live.id, b"y")).offset == CS + 2

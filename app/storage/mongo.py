@@ -514,6 +514,7 @@ class MongoStorage(Storage):
             report.append(f"{count} orphan chunks of files_id {files_id} (upload never committed)")
         if not dry_run:
             await self.live_uploads.forget_stale()
+            await self.session_locks.forget_lapsed(sessions)
         return report
 
     def settle_session_later(self, session_id: ObjectId, token: str) -> None:
@@ -989,7 +990,7 @@ class _GridFSSessionWriter(SessionWriter):
                 await self._flush()
                 stored = await _publish(store, self._oid, self.size, self.chunk_size, self.sha256)
         except BaseException:
-            # Nothing published: the session stays at its offset without this request's bytes.
+            # Published or not (an insert whose answer was lost), _settle_session finds out.
             await self._cancel()
             raise
         try:

@@ -88,6 +88,13 @@ class SessionLocks:
             except PyMongoError:
                 delay = min(delay * 2, 8.0)
 
+    async def forget_lapsed(self, sessions: set[ObjectId]) -> int:
+        """Remove lapsed locks of sessions that are gone (read ``sessions`` first), which a
+        delete_session that died leaves. A lapsed lock of a live session stays: it tells the
+        next request that its writer died, and that request then discards what it left."""
+        result = await self._locks.delete_many({"until": {"$lt": now()}, "_id": {"$nin": list(sessions)}})
+        return result.deleted_count
+
     def close(self) -> None:
         for task in list(self._retries):
             task.cancel()
