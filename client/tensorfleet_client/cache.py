@@ -211,7 +211,7 @@ class SnapshotCache:
     from, so a warm start checks the folder without the network.
     """
 
-    FOLDERS = frozenset({"blobs", "snapshots", "refs", "manifests", "locks"})
+    FOLDERS = frozenset({"blobs", "snapshots", "refs", "manifests", "locks", "uploads"})  # uploads: sessions.py
 
     def __init__(self, root: Path) -> None:
         self.root = root
