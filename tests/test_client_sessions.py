@@ -37,6 +37,10 @@ from tensorfleet_client import (
     sessions,
 )
 
+from testkit.live_service import service_on
+from tests.client_helpers import live  # noqa: F401  (a fixture)
+from tests.conftest import BACKENDS
+
 BOUND = 60  # seconds any one fake-server test may take
 MiB = 1024 * 1024
 FAST = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)
@@ -507,3 +511,208 @@ def test_the_cli_refuses_bad_sizes(tmp_path):
     assert proc.returncode == 2 and "--chunk-size: must be from 16 MiB to 64 MiB" in proc.stderr, proc.stderr
     proc = _cli("push", str(f), "--name", "m", "--algorithm", "a", "--session-threshold", "big")
     assert proc.returncode == 2 and "--session-threshold: not a size" in proc.stderr, proc.stderr
+
+
+# -- against the real service -----------------------------------------------------------------
+
+LIVE_BOUND = 180  # seconds any one process of a live test may take
+CHUNK = 16 * MiB  # the CLI's smallest chunk
+METRIC = "model_service_upload_session_bytes_total"
+
+
+def session_bytes(url: str) -> float:
+    """The service's count of upload-session bytes accepted, from GET /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = re.findall(rf"^{METRIC}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert values, f"no {METRIC} in /metrics"
+    return sum(float(v) for v in values)
+
+
+def wait_for(condition, what: str, timeout: float = LIVE_BOUND, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+    return value
+
+
+class SlowProxy:
+    """A TCP proxy to 127.0.0.1:``port`` that lets at most ``rate`` bytes/s through towards the service, so a
+    push is slow enough to be killed (or its service restarted) mid-upload. The service down, it closes the
+    client's connection (as a refused one looks to an HTTP client: no answer)."""
+
+    def __init__(self, port: int, rate: float) -> None:
+        self.port, self.rate = port, rate
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        started.wait(10)
+        self.url = f"http://127.0.0.1:{self.listen_port}"
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.listen_port = self.server.sockets[0].getsockname()[1]
+        started.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, rate: float | None) -> None:
+            try:
+                while data := await src.read(64 * 1024):
+                    dst.write(data)
+                    await dst.drain()
+                    if rate:
+                        await asyncio.sleep(len(data) / rate)  # the throttle, not a synchronisation
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, self.rate), pipe(up_reader, writer, None))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def proxy(live):
+    p = SlowProxy(live.service.port, rate=12 * MiB)
+    yield p
+    p.close()
+
+
+def push_args(path: Path, name: str, *extra: str) -> list[str]:
+    return ["push", str(path), "--name", name, "--algorithm", "xgboost", "--chunk-size", "16MiB", "--json",
+            "--no-progress", *extra]
+
+
+def checksum_of(url: str, model_id: str) -> str:
+    with urllib.request.urlopen(f"{url}/api/v1/models/{model_id}", timeout=10) as r:
+        return orjson.loads(r.read())["file_metadata"]["checksum"]
+
+
+def test_a_push_killed_mid_upload_sends_only_the_rest_when_run_again(live, proxy, tmp_path):
+    path = tmp_path / "model.bin"
+    size = 40 * MiB + 7
+    sha = write_file(path, size)
+    env = {"MODEL_SERVICE_URL": proxy.url, "MODEL_SERVICE_CACHE_DIR": str(tmp_path / "cache"),
+           "MODEL_SERVICE_SESSION_THRESHOLD": "1MiB"}
+    name = f"killed-{os.getpid()}-{time.monotonic_ns()}"
+    before = session_bytes(live.url)
+    proc = live.cli_popen(*push_args(path, name), **env)
+    try:
+        # The first chunk is in: kill the push while the rest is on its way (12 MiB/s through the proxy).
+        wait_for(lambda: session_bytes(live.url) >= before + CHUNK or proc.poll() is not None, "the first chunk")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(LIVE_BOUND)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    first = session_bytes(live.url) - before
+    assert CHUNK <= first < size
+    assert len(states(tmp_path)) == 1  # where the rerun finds the session
+    done = live.cli(*push_args(path, name), timeout=LIVE_BOUND, **env)
+    assert done.returncode == 0, done.stderr
+    second = session_bytes(live.url) - before - first
+    print(f"\n[{live.backend}] {size} bytes: first run {first:.0f} accepted before SIGKILL, rerun sent {second:.0f}")
+    assert second < size and first + second == size  # the rerun sent exactly what the service lacked
+    answer = json.loads(done.stdout)
+    assert answer["checksum"] == f"sha256:{sha}" == checksum_of(live.url, answer["model_id"])
+    assert answer["size"] == size and states(tmp_path) == []
+
+
+def test_a_changed_file_is_pushed_whole_despite_a_stale_state(live, proxy, tmp_path):
+    path = tmp_path / "model.bin"
+    size = 40 * MiB
+    write_file(path, size)
+    env = {"MODEL_SERVICE_URL": proxy.url, "MODEL_SERVICE_CACHE_DIR": str(tmp_path / "cache"),
+           "MODEL_SERVICE_SESSION_THRESHOLD": "1MiB"}
+    name = f"changed-{os.getpid()}-{time.monotonic_ns()}"
+    before = session_bytes(live.url)
+    proc = live.cli_popen(*push_args(path, name), **env)
+    try:
+        wait_for(lambda: session_bytes(live.url) >= before + CHUNK or proc.poll() is not None, "the first chunk")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(LIVE_BOUND)
+    [stale] = states(tmp_path)
+    new_sha = write_file(path, size, seed=2)  # same size, other bytes, a new mtime
+    at_rerun = session_bytes(live.url)
+    done = live.cli(*push_args(path, name), timeout=LIVE_BOUND, **env)
+    assert done.returncode == 0, done.stderr
+    assert session_bytes(live.url) - at_rerun == size  # all of it, in a new session
+    answer = json.loads(done.stdout)
+    assert answer["checksum"] == f"sha256:{new_sha}" == checksum_of(live.url, answer["model_id"])
+    assert states(tmp_path) == [stale]  # the old file's state: not used, not this push's to remove
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_service_restarted_mid_push_is_survived(request, backend, tmp_path):
+    path = tmp_path / "model.bin"
+    size = 56 * MiB + 3
+    sha = write_file(path, size)
+    with service_on(request, backend, tmp_path / "svc", "t_client_sessions", MAX_FILE_SIZE="1GB",
+                    WORKERS="1") as (service, *_):
+        p = SlowProxy(service.port, rate=12 * MiB)
+        try:
+            env = {**os.environ, "MODEL_SERVICE_URL": p.url, "MODEL_SERVICE_CACHE_DIR": str(tmp_path / "cache"),
+                   "MODEL_SERVICE_SESSION_THRESHOLD": "1MiB"}
+            proc = subprocess.Popen([sys.executable, "-m", "tensorfleet_client", *push_args(path, "restarted"),
+                                     "--retries", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            try:
+                wait_for(lambda: session_bytes(service.url) >= CHUNK or proc.poll() is not None, "the first chunk")
+                assert proc.poll() is None
+                service.stop()
+                before_restart = session_bytes_or_none(service.url)
+                assert before_restart is None  # really down
+                accepted_before = CHUNK  # at least; the exact figure died with the process's metrics
+                service.start()
+                out, err = proc.communicate(timeout=LIVE_BOUND)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == 0, err
+            after = session_bytes(service.url)
+            print(f"\n[{backend}] {size} bytes; after the restart the service accepted {after:.0f}")
+            assert after <= size - accepted_before  # what was stored before the restart was not sent again
+            answer = json.loads(out)
+            assert answer["checksum"] == f"sha256:{sha}" == checksum_of(service.url, answer["model_id"])
+        finally:
+            p.close()
+
+
+def session_bytes_or_none(url: str) -> float | None:
+    try:
+        return session_bytes(url)
+    except OSError:
+        return None
+
+
+def test_a_snapshot_blob_over_the_threshold_goes_through_a_session(live, tmp_path):
+    folder = tmp_path / "snap"
+    folder.mkdir()
+    big_sha = write_file(folder / "weights.bin", 3 * MiB + 5)
+    (folder / "config.json").write_text('{"layers": 2}')
+    before = session_bytes(live.url)
+    seen = []
+    with ModelServiceClient(live.url, session_threshold=MiB, chunk_size=MiB, cache_dir=tmp_path / "cache") as c:
+        result = c.push_folder(folder, name=f"snap-{time.monotonic_ns()}", algorithm="transformer",
+                               progress=lambda done, total: seen.append((done, total)))
+        manifest = c.manifest(result.model_id)
+    assert session_bytes(live.url) - before == 3 * MiB + 5  # the large file in a session, the small one not
+    assert result.bytes_sent == 3 * MiB + 5 + len('{"layers": 2}')
+    assert {f.path: f.sha256 for f in manifest.files}["weights.bin"] == big_sha
+    assert seen[-1] == (3 * MiB + 5 + 13, 3 * MiB + 5 + 13) and states(tmp_path) == []
