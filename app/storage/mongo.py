@@ -12,16 +12,20 @@ first chunk a byte range needs instead of reading from the start to seek.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
+    CollectionInvalid,
     ConnectionFailure,
     DuplicateKeyError,
     NetworkTimeout,
@@ -35,19 +39,26 @@ from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
+    SESSION_LOCK_TTL,
     DuplicateModel,
     FileMissing,
     FileWriter,
     ModelDocument,
     ModelQuery,
     RegistryStats,
+    SessionBusy,
+    SessionHashes,
+    SessionMissing,
+    SessionWriter,
     Storage,
     StorageError,
     StorageUnavailable,
     StoredFile,
+    UploadSession,
     ValueRefused,
 )
 from .live_uploads import LiveUploads
+from .session_locks import SessionLocks
 
 # Chunks per insert_many: large enough to amortise round trips, small enough
 # that a writer holds only a few MB.
@@ -137,6 +148,16 @@ def _unavailable(e: BaseException) -> StorageUnavailable | None:
 
 
 _BAD_VALUE = 2  # the server's error code for a value it will not take
+_NAMESPACE_EXISTS = 48
+
+
+@contextlib.contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Driver errors as the StorageError the HTTP layer maps (for code _guard cannot wrap)."""
+    try:
+        yield
+    except PyMongoError as e:
+        raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
 
 def _guard(fn):
@@ -179,6 +200,11 @@ class MongoStorage(Storage):
         self._content_lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task] = set()
         self.live_uploads = LiveUploads(self.db[f"{bucket}.uploads_in_progress"])
+        # An upload session's full chunks are GridFS chunks whose files_id is the
+        # session's _id (no files document until it completes); see _GridFSSessionWriter.
+        self.sessions = self.db["upload_sessions"]
+        self.session_locks = SessionLocks(self.db["upload_session_locks"])
+        self.session_hashes = SessionHashes()
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -206,6 +232,17 @@ class MongoStorage(Storage):
         # sparse, so files other tools wrote without our metadata do not collide.
         await self.files.create_index("metadata.sha256", unique=True, sparse=True)
         await self.live_uploads.create_index()
+        # count_sessions (per owner and in all) and sessions_updated_before.
+        await self.sessions.create_index([("owner", ASCENDING), ("updated_at", ASCENDING)])
+        await self.sessions.create_index("updated_at")
+        # Created now, not by the first lock in the middle of a request.
+        try:
+            await self.db.create_collection("upload_session_locks")
+        except CollectionInvalid:
+            pass
+        except OperationFailure as e:
+            if e.code != _NAMESPACE_EXISTS:  # another replica starting at the same moment
+                raise
 
     async def close(self) -> None:
         # A last chance for pending cleanups whose database is already back.
@@ -443,8 +480,12 @@ class MongoStorage(Storage):
         # Chunks without a files document: an upload that died before its
         # commit, or one still running. Chunk ids are made when they are
         # written, so a running upload's newest chunk is always young.
+        # Upload sessions' chunks have no files document either, however old.
+        # Sessions are read before files: one that completes in between has
+        # its files document by then.
+        sessions = set(await self.sessions.distinct("_id"))
         stored = set(await self.files.distinct("_id"))
-        orphans = set(await self.chunks.distinct("files_id")) - stored
+        orphans = set(await self.chunks.distinct("files_id")) - stored - sessions
         # Read after the chunks: a writer records itself before its first chunk.
         writing = await self.live_uploads.live()
         for files_id in orphans:
@@ -545,6 +586,58 @@ class MongoStorage(Storage):
                 return_document=ReturnDocument.AFTER,
             )
 
+    # -- upload sessions -----------------------------------------------------
+    @_guard
+    async def open_session(self, session: UploadSession) -> None:
+        await self.sessions.insert_one({
+            "_id": ObjectId(session.id),
+            "owner": session.owner,
+            "offset": session.offset,
+            "size_bytes": session.size_bytes,
+            "checksum": session.checksum,
+            "chunk_size": session.chunk_size,
+            "created_at": session.created_at,
+            "updated_at": session.updated_at,
+            "tail": b"",  # the bytes past the last full chunk
+        })
+
+    @_guard
+    async def get_session(self, session_id: str) -> UploadSession | None:
+        oid = _oid(session_id)
+        raw = await self.sessions.find_one({"_id": oid}, {"tail": 0}) if oid else None
+        return _session(raw) if raw else None
+
+    @_guard
+    async def count_sessions(self, owner: str, updated_after: datetime) -> tuple[int, int]:
+        live = {"updated_at": {"$gt": updated_after}}
+        return (await self.sessions.count_documents({"owner": owner, **live}),
+                await self.sessions.count_documents(live))
+
+    def session_writer(self, session_id: str) -> SessionWriter:
+        return _GridFSSessionWriter(self, session_id)
+
+    @_guard
+    async def delete_session(self, session_id: str) -> bool:
+        oid = _oid(session_id)
+        if oid is None:
+            return False
+        token = await self.session_locks.acquire(oid)
+        try:
+            # The document first: chunks left by a failure after it are orphans gc removes.
+            if (await self.sessions.delete_one({"_id": oid})).deleted_count != 1:
+                return False
+            if await self.files.find_one({"_id": oid}, {"_id": 1}) is None:
+                await self.chunks.delete_many({"files_id": oid})
+            # else a commit published these chunks and stopped before removing the session.
+            return True
+        finally:
+            self.session_hashes.forget(session_id)
+            await self.session_locks.release(oid, token)
+
+    @_guard
+    async def sessions_updated_before(self, before: datetime) -> list[UploadSession]:
+        return [_session(raw) async for raw in self.sessions.find({"updated_at": {"$lt": before}}, {"tail": 0})]
+
     async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         end = file.size if length is None else min(file.size, offset + length)
         if offset >= end:
@@ -576,9 +669,40 @@ class MongoStorage(Storage):
             await cursor.close()
 
 
+def _session(raw: dict[str, Any]) -> UploadSession:
+    return UploadSession(str(raw["_id"]), raw["owner"], raw["offset"], raw["size_bytes"], raw["checksum"],
+                         raw["chunk_size"], raw["created_at"], raw["updated_at"])
+
+
 def _stored_file(raw: dict[str, Any]) -> StoredFile:
     meta = raw.get("metadata") or {}
     return StoredFile(str(raw["_id"]), raw["length"], meta.get("sha256", ""), raw["chunkSize"], raw["uploadDate"])
+
+
+async def _publish(store: MongoStorage, files_id: ObjectId, size: int, chunk_size: int, sha256: str) -> StoredFile:
+    """Make the chunks of ``files_id`` (all written) stored content, claimed; or, if the same
+    content is already stored, claim that copy and remove these chunks."""
+    existing = await store.claim(sha256)
+    if existing is None:
+        files_doc = {
+            "_id": files_id,
+            "length": size,
+            "chunkSize": chunk_size,
+            "uploadDate": now(),
+            "filename": sha256,
+            "metadata": {"sha256": sha256, "claims": 1, "claimed_at": now()},
+        }
+        try:
+            await _retry_busy(lambda: store.files.insert_one(files_doc))
+            return _stored_file(files_doc)
+        except DuplicateKeyError:
+            # Someone committed the same content a moment ago.
+            existing = await store.claim(sha256)
+            if existing is None:
+                raise
+    # Same content is already stored: keep that copy, drop ours.
+    await store.chunks.delete_many({"files_id": files_id})
+    return _stored_file(existing)
 
 
 class _GridFSWriter(FileWriter):
@@ -630,27 +754,7 @@ class _GridFSWriter(FileWriter):
         try:
             self._cut_chunks(final=True)
             await self._flush()
-            existing = await store.claim(self.sha256)
-            if existing is None:
-                files_doc = {
-                    "_id": self._files_id,
-                    "length": self.size,
-                    "chunkSize": self.chunk_size,
-                    "uploadDate": now(),
-                    "filename": self.sha256,
-                    "metadata": {"sha256": self.sha256, "claims": 1, "claimed_at": now()},
-                }
-                try:
-                    await _retry_busy(lambda: store.files.insert_one(files_doc))
-                    return _stored_file(files_doc)
-                except DuplicateKeyError:
-                    # Someone committed the same content a moment ago.
-                    existing = await store.claim(self.sha256)
-                    if existing is None:
-                        raise
-            # Same content is already stored: keep that copy, drop ours.
-            await store.chunks.delete_many({"files_id": self._files_id})
-            return _stored_file(existing)
+            return await _publish(store, self._files_id, self.size, self.chunk_size, self.sha256)
         except BaseException as e:
             await self._cancel()
             if (unavailable := _unavailable(e)) is not None:
@@ -676,3 +780,166 @@ class _GridFSWriter(FileWriter):
                         self._files_id, e.__class__.__name__)
             self._store.remove_chunks_later(self._files_id)
         await self._store.live_uploads.remove(self._files_id)
+
+
+# A writer renews its session's lock before each batch of chunks it inserts
+# and before a checkpoint or commit, and while bytes arrive without filling a
+# batch, once this much of SESSION_LOCK_TTL has passed since the last renewal.
+_RENEW_AFTER = SESSION_LOCK_TTL.total_seconds() / 6
+
+
+class _GridFSSessionWriter(SessionWriter):
+    """Appends to an upload session: full chunks as GridFS chunks of the session's id,
+    the rest (less than a chunk) in the session document as its ``tail``."""
+
+    def __init__(self, store: MongoStorage, session_id: str) -> None:
+        super().__init__(store, session_id)
+        self._store = store
+        self._oid = _oid(session_id)
+        self._token: str | None = None
+        self._lost = False  # our lock lapsed and another request took the session
+        self._renewed_at = 0.0
+        self._tail = b""
+        self._buffer = bytearray()
+        self._pending: list[dict[str, Any]] = []
+        self._n = 0
+        self._batch = 1
+        self._inflight: asyncio.Task | None = None
+
+    async def _acquire(self) -> UploadSession:
+        store, oid = self._store, self._oid
+        if oid is None:
+            raise SessionMissing(f"no upload session {self.session_id}")
+        with _storage_errors():
+            self._token = await _retry_busy(lambda: store.session_locks.acquire(oid))
+            self._renewed_at = time.monotonic()
+            try:
+                raw = await store.sessions.find_one({"_id": oid})
+                if raw is not None and await store.files.find_one({"_id": oid}, {"_id": 1}) is not None:
+                    # Its commit published the content, then stopped before removing the session.
+                    await store.sessions.delete_one({"_id": oid})
+                    raw = None
+            except BaseException:
+                await self._release()
+                raise
+        if raw is None:
+            await self._release()
+            raise SessionMissing(f"no upload session {self.session_id}")
+        session = _session(raw)
+        self._tail = raw["tail"]
+        self._buffer = bytearray(self._tail)
+        self._n = session.offset // session.chunk_size
+        self._batch = max(1, _WRITE_BATCH_BYTES // session.chunk_size)
+        return session
+
+    async def _release(self) -> None:
+        if self._token is not None and self._oid is not None:
+            token, self._token = self._token, None
+            await self._store.session_locks.release(self._oid, token)
+
+    async def _discard_beyond(self, offset: int) -> None:
+        # The chunk holding ``offset`` is never stored before a commit (the
+        # session document keeps that tail), so from there on all is leftover.
+        with _storage_errors():
+            await _retry_busy(lambda: self._store.chunks.delete_many(
+                {"files_id": self._oid, "n": {"$gte": offset // self.chunk_size}}))
+
+    async def _read_prefix(self) -> AsyncIterator[bytes]:
+        session = self.session
+        full = session.offset // session.chunk_size * session.chunk_size
+        prefix = StoredFile(self.session_id, full, "", session.chunk_size, session.created_at)
+        async for piece in self._store.read_file(prefix):
+            yield piece
+        if self._tail:
+            yield self._tail
+
+    def _cut_chunks(self, final: bool) -> None:
+        cs = self.chunk_size
+        while len(self._buffer) >= cs or (final and self._buffer):
+            piece = bytes(self._buffer[:cs])
+            del self._buffer[:cs]
+            self._pending.append({"files_id": self._oid, "n": self._n, "data": piece})
+            self._n += 1
+
+    async def _renew(self) -> None:
+        store, oid, token = self._store, self._oid, self._token
+        if not await _retry_busy(lambda: store.session_locks.renew(oid, token)):
+            self._lost = True
+            raise SessionBusy(f"upload session {self.session_id}: its lock lapsed and another request took it")
+        self._renewed_at = time.monotonic()
+
+    async def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            # Shielded as _GridFSWriter's: _cancel waits for an insert the server has.
+            self._inflight = asyncio.ensure_future(
+                _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True)))
+            await asyncio.shield(self._inflight)
+
+    async def _write(self, data: bytes) -> None:
+        self._buffer += data
+        self._cut_chunks(final=False)
+        with _storage_errors():
+            if len(self._pending) >= self._batch:
+                await self._renew()  # and so no chunk lands in a session another request took over
+                await self._flush()
+            elif time.monotonic() - self._renewed_at > _RENEW_AFTER:
+                await self._renew()
+
+    async def _checkpoint(self) -> UploadSession:
+        store, session = self._store, self.session
+        try:
+            with _storage_errors():
+                await self._renew()
+                await self._flush()
+                tail, at = bytes(self._buffer), now()
+                # Conditional on the offset we started from: a writer that lost
+                # its lock changes nothing.
+                result = await _retry_busy(lambda: store.sessions.update_one(
+                    {"_id": self._oid, "offset": session.offset},
+                    {"$set": {"offset": self.size, "tail": tail, "updated_at": at}}))
+            if result.matched_count != 1:
+                raise SessionMissing(f"no upload session {self.session_id}")
+        except BaseException:
+            await self._cancel()
+            raise
+        return replace(session, offset=self.size, updated_at=at)
+
+    async def _commit(self) -> StoredFile:
+        store = self._store
+        try:
+            with _storage_errors():
+                self._cut_chunks(final=True)
+                await self._renew()
+                await self._flush()
+                stored = await _publish(store, self._oid, self.size, self.chunk_size, self.sha256)
+        except BaseException:
+            # Nothing published: the session stays at its offset without this request's bytes.
+            await self._cancel()
+            raise
+        try:
+            await _retry_busy(lambda: store.sessions.delete_one({"_id": self._oid}))
+        except PyMongoError as e:
+            # The content is stored; the next request on this session finds its
+            # files document and removes the session then.
+            log.warning("upload session %s completed but not removed: %s", self.session_id, e.__class__.__name__)
+        return stored
+
+    async def _cancel(self) -> None:
+        self._buffer.clear()
+        self._pending.clear()
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.wait([self._inflight])
+            if not self._inflight.cancelled():
+                self._inflight.exception()  # retrieved: only that no chunk lands after the delete matters
+        if self._lost or self._token is None or self.session is None:
+            return
+        try:
+            if not await self._store.session_locks.renew(self._oid, self._token):
+                return  # our lock lapsed: whatever lies beyond the offset is the new holder's
+            await self._store.chunks.delete_many(
+                {"files_id": self._oid, "n": {"$gte": self.session.offset // self.chunk_size}})
+        except PyMongoError as e:
+            # The next writer (its _discard_beyond) or delete_session removes them.
+            log.info("upload session %s: this request's chunks stay until the next one: %s",
+                     self.session_id, e.__class__.__name__)
