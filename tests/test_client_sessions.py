@@ -662,6 +662,7 @@ def test_a_service_restarted_mid_push_is_survived(request, backend, tmp_path):
     path = tmp_path / "model.bin"
     size = 56 * MiB + 3
     sha = write_file(path, size)
+    (tmp_path / "svc").mkdir()
     with service_on(request, backend, tmp_path / "svc", "t_client_sessions", MAX_FILE_SIZE="1GB",
                     WORKERS="1") as (service, *_):
         p = SlowProxy(service.port, rate=12 * MiB)
