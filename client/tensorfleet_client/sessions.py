@@ -43,7 +43,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .download import BLOCK, MiB
+from .download import BLOCK, MiB, default_cache_dir
 from .errors import (
     ChecksumMismatch,
     Conflict,
@@ -52,6 +52,7 @@ from .errors import (
     ProtocolError,
     RateLimited,
     ServerError,
+    error_for,
 )
 from .transport import TRANSIENT_ERRORS, Transport, read_json_body, retry_after
 
@@ -116,8 +117,6 @@ class SessionConfig:
     def states(self) -> Path:
         if self.state_dir is not None:
             return Path(self.state_dir)
-        from .cache import default_cache_dir  # cache.py imports the snapshot module, which imports this one
-
         return default_cache_dir() / "uploads"
 
 
@@ -263,8 +262,6 @@ async def _error(transport: Transport, resp: aiohttp.ClientResponse) -> tuple[Mo
         body = orjson.loads(raw) if raw else None
     except (orjson.JSONDecodeError, aiohttp.ClientError, asyncio.TimeoutError):
         body = None
-    from .errors import error_for
-
     return error_for(resp.status, body, dict(resp.headers),
                      f"{resp.method} {resp.url.path} failed: {resp.status} {resp.reason}"), body
 
