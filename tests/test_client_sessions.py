@@ -717,3 +717,18 @@ def test_a_snapshot_blob_over_the_threshold_goes_through_a_session(live, tmp_pat
     assert result.bytes_sent == 3 * MiB + 5 + len('{"layers": 2}')
     assert {f.path: f.sha256 for f in manifest.files}["weights.bin"] == big_sha
     assert seen[-1] == (3 * MiB + 5 + 13, 3 * MiB + 5 + 13) and states(tmp_path) == []
+
+
+def test_the_progress_bar_starts_at_the_resumed_offset(monkeypatch):
+    import io
+
+    from tensorfleet_client import cli
+
+    monkeypatch.setattr(cli.sys, "stderr", io.StringIO())
+    bar = cli._Bar("push model.bin")
+    bar(30 * MiB, 100 * MiB)  # the first report: where the service is
+    bar(31 * MiB, 100 * MiB)
+    shown = bar._bar.format_dict
+    bar.close()
+    # Resumed bytes are done already, not bytes sent now: the rate counts only the 1 MiB since.
+    assert shown["initial"] == 30 * MiB and shown["n"] == 31 * MiB and shown["total"] == 100 * MiB
