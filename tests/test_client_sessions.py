@@ -630,6 +630,7 @@ def test_a_push_killed_mid_upload_sends_only_the_rest_when_run_again(live, proxy
     answer = json.loads(done.stdout)
     assert answer["checksum"] == f"sha256:{sha}" == checksum_of(live.url, answer["model_id"])
     assert answer["size"] == size and states(tmp_path) == []
+    assert f"resuming model.bin: {first / 1e6:.1f} MB of {size / 1e6:.1f} MB already on the service" in done.stderr
 
 
 def test_a_changed_file_is_pushed_whole_despite_a_stale_state(live, proxy, tmp_path):

@@ -272,7 +272,7 @@ def _push(client, args: argparse.Namespace) -> int:
     bar = _progress(args, f"push {path.name}")
     started = time.monotonic()
     try:
-        model_id = client.push(path, progress=bar, **metadata)
+        model_id = client.push(path, progress=_telling_resume(path, bar), **metadata)
     finally:
         if bar:
             bar.close()
@@ -286,6 +286,22 @@ def _push(client, args: argparse.Namespace) -> int:
         print(f"pushed {doc['name']} {doc['version']}  id {model_id}  {_size(fm.get('size_bytes'))}  "
               f"{fm.get('checksum')}")
     return EXIT_OK
+
+
+def _telling_resume(path: Path, bar: _Bar | None) -> Callable[[int, int], None]:
+    """The progress callback of a push: a first report past 0 is an upload session an interrupted push left."""
+    first = True
+
+    def progress(done: int, total: int) -> None:
+        nonlocal first
+        if first and done > 0:
+            print(f"resuming {path.name}: {format_bytes(done)} of {format_bytes(total)} already on the service",
+                  file=sys.stderr)
+        first = False
+        if bar:
+            bar(done, total)
+
+    return progress
 
 
 def _push_folder(client, args: argparse.Namespace, path: Path, metadata: dict[str, Any]) -> int:
