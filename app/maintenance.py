@@ -102,4 +102,4 @@ def add_maintenance_commands(sub) -> None:
     p.add_argument("--min-age", type=parse_age, default=timedelta(hours=1), metavar="AGE",
                    help="leave anything younger alone, e.g. an upload in progress (default 1h)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
-    p.set_defaults(func=lambda a: _run(a, lambda s, settings: _gc(s, a.min_age, a.dry_run, settings.upload_session_ttl)))
+    p.set_defaults(func=lambda a: _run(a, lambda s, st: _gc(s, a.min_age, a.dry_run, st.upload_session_ttl)))

@@ -30,12 +30,12 @@ from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
+    SESSION_LOCK_TTL,
     DuplicateModel,
     FileMissing,
     FileWriter,
     ModelDocument,
     ModelQuery,
-    SESSION_LOCK_TTL,
     RegistryStats,
     SessionBusy,
     SessionHashes,
@@ -968,16 +968,32 @@ class _EmbeddedSessionWriter(SessionWriter):
         finally:
             os.close(fd)
 
+    async def _still_held(self) -> bool:
+        """Whether our lock still holds, renewing it once a third of its time has passed.
+
+        Asked before each write to the file: a lock lapses only after its holder
+        went that long without renewing, so a writer that froze past it finds
+        out here, before it writes over (or truncates) the bytes of the request
+        that took the session over.
+        """
+        if time.monotonic() - self._renewed > SESSION_LOCK_TTL.total_seconds() / 3:
+            if not await self._store._run(self._store._renew_session_lock, self.session_id, self._token):
+                return False
+            self._renewed = time.monotonic()
+        return True
+
+    async def _hold_lock(self) -> None:
+        if not await self._still_held():
+            self._locked = False
+            raise SessionBusy(f"upload session {self.session_id}: its write lock lapsed")
+
     async def _write(self, data: bytes) -> None:
         self._buffer += data
         if len(self._buffer) >= _READ_SIZE:
+            await self._hold_lock()
             # Shielded, as _EmbeddedWriter's: _cancel waits for the thread before it truncates.
             self._flushing = asyncio.ensure_future(asyncio.to_thread(self._write_buffer))
             await asyncio.shield(self._flushing)
-            if time.monotonic() - self._renewed > SESSION_LOCK_TTL.total_seconds() / 3:
-                if not await self._store._run(self._store._renew_session_lock, self.session_id, self._token):
-                    raise SessionBusy(f"upload session {self.session_id}: its write lock lapsed")
-                self._renewed = time.monotonic()
 
     def _write_buffer(self) -> None:
         self._file.write(self._buffer)
@@ -988,10 +1004,12 @@ class _EmbeddedSessionWriter(SessionWriter):
         os.fsync(self._file.fileno())
 
     async def _checkpoint(self) -> UploadSession:
+        await self._hold_lock()
         await asyncio.to_thread(self._sync)
         return await self._store._run(self._store._advance_session, self.session_id, self._token, self.size)
 
     async def _commit(self) -> StoredFile:
+        await self._hold_lock()
         await asyncio.to_thread(self._sync)
         stored = await self._store._run(self._store._commit_session, self.session_id, self._token, self.sha256,
                                         self.size, self.chunk_size)
@@ -1004,7 +1022,7 @@ class _EmbeddedSessionWriter(SessionWriter):
             if not self._flushing.cancelled():
                 self._flushing.exception()  # retrieved: the request already failed for its own reason
         self._buffer.clear()
-        if self._file is not None and self.session is not None:
+        if self._file is not None and self.session is not None and self._locked and await self._still_held():
             # This request's bytes go now (the next writer would cut them anyway).
             await asyncio.to_thread(os.ftruncate, self._file.fileno(), self.session.offset)
 

@@ -25,6 +25,7 @@ from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
+    BulkWriteError,
     CollectionInvalid,
     ConnectionFailure,
     DuplicateKeyError,
@@ -79,6 +80,14 @@ def _oid(value: str) -> ObjectId | None:
         return ObjectId(value)
     except (InvalidId, TypeError):
         return None
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def _session_oid(session_id: str) -> ObjectId | None:
+    """Session ids are spelt one way only (ObjectId would also take upper case), as on the embedded backend."""
+    return ObjectId(session_id) if isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) else None
 
 
 def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
@@ -156,6 +165,10 @@ def _storage_errors() -> Iterator[None]:
     """Driver errors as the StorageError the HTTP layer maps (for code _guard cannot wrap)."""
     try:
         yield
+    except BulkWriteError as e:
+        # Its text would carry every document of the batch, chunk data and all.
+        first = (e.details.get("writeErrors") or [{}])[0]
+        raise StorageError(f"MongoDB: insert failed: {first.get('errmsg', 'write error')}") from e
     except PyMongoError as e:
         raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
@@ -603,7 +616,7 @@ class MongoStorage(Storage):
 
     @_guard
     async def get_session(self, session_id: str) -> UploadSession | None:
-        oid = _oid(session_id)
+        oid = _session_oid(session_id)
         raw = await self.sessions.find_one({"_id": oid}, {"tail": 0}) if oid else None
         return _session(raw) if raw else None
 
@@ -618,7 +631,7 @@ class MongoStorage(Storage):
 
     @_guard
     async def delete_session(self, session_id: str) -> bool:
-        oid = _oid(session_id)
+        oid = _session_oid(session_id)
         if oid is None:
             return False
         token = await self.session_locks.acquire(oid)
@@ -795,7 +808,7 @@ class _GridFSSessionWriter(SessionWriter):
     def __init__(self, store: MongoStorage, session_id: str) -> None:
         super().__init__(store, session_id)
         self._store = store
-        self._oid = _oid(session_id)
+        self._oid = _session_oid(session_id)
         self._token: str | None = None
         self._lost = False  # our lock lapsed and another request took the session
         self._renewed_at = 0.0
