@@ -43,7 +43,16 @@ from typing import Any
 import orjson
 
 from . import rules
-from .download import DownloadResult, RemoteFile, Unchanged, check_space, download_file, file_lock, probe
+from .download import (
+    DownloadResult,
+    RemoteFile,
+    Unchanged,
+    check_space,
+    default_cache_dir,
+    download_file,
+    file_lock,
+    probe,
+)
 from .errors import ConnectionFailed, NotCached, NotFound, ProtocolError, ServerError
 from .manifest import FileEntry, Manifest
 from .snapshot import Tally, fetch_files, get_manifest, verified
@@ -53,14 +62,6 @@ log = logging.getLogger("tensorfleet_client.cache")
 
 LATEST = "latest"
 OFFLINE_ENV = "MODEL_SERVICE_OFFLINE"
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MODEL_SERVICE_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tensorfleet" / "models"
 
 
 class _Ref:
@@ -211,7 +212,7 @@ class SnapshotCache:
     from, so a warm start checks the folder without the network.
     """
 
-    FOLDERS = frozenset({"blobs", "snapshots", "refs", "manifests", "locks"})
+    FOLDERS = frozenset({"blobs", "snapshots", "refs", "manifests", "locks", "uploads"})  # uploads: sessions.py
 
     def __init__(self, root: Path) -> None:
         self.root = root

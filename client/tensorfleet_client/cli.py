@@ -86,6 +86,25 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _byte_size(value: str) -> int:
+    from .sessions import parse_size
+
+    try:
+        return parse_size(value, "size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (for example 64MiB, 512k, 1073741824)") from None
+
+
+def _chunk_size(value: str) -> int:
+    from .sessions import CLI_MIN_CHUNK, MAX_CHUNK
+
+    n = _byte_size(value)
+    if not CLI_MIN_CHUNK <= n <= MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"must be from {CLI_MIN_CHUNK >> 20} MiB to {MAX_CHUNK >> 20} MiB, "
+                                         f"got {value!r}")
+    return n
+
+
 def _retries(value: str) -> int:
     if not value.isdigit() or int(value) > 100:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 100, got {value!r}")
@@ -140,9 +159,16 @@ class _Bar:
         size = shutil.get_terminal_size()
         self._bar = tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
                          ncols=size.columns, nrows=size.lines, mininterval=0.1)
+        self._started = False
 
     def __call__(self, done: int, total: int) -> None:
         self._bar.total = total
+        if not self._started:
+            # What an interrupted push or pull left done counts as done already, not as speed.
+            self._started = True
+            self._bar.initial = self._bar.n = self._bar.last_print_n = done
+            self._bar.refresh()
+            return
         self._bar.update(done - self._bar.n)  # less than before when a download starts over
 
     def close(self) -> None:
@@ -190,9 +216,14 @@ def _command(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse
 
         # SIGTERM cleans up like Ctrl-C: a download saves where it got to.
         previous = signal.signal(signal.SIGTERM, _interrupt)
-        options = {} if args.retries is None else {"retry": RetryPolicy(attempts=args.retries + 1)}
-        client = ModelServiceClient(args.url, args.api_key, **options)
+        options: dict[str, Any] = {} if args.retries is None else {"retry": RetryPolicy(attempts=args.retries + 1)}
+        if getattr(args, "session_threshold", None) is not None:
+            options["session_threshold"] = args.session_threshold
+        if getattr(args, "chunk_size", None) is not None:
+            options["chunk_size"] = args.chunk_size
+        client = None
         try:
+            client = ModelServiceClient(args.url, args.api_key, **options)
             return fn(client, args)
         except _Usage as e:
             _fail(args, str(e))
@@ -208,7 +239,8 @@ def _command(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse
             return EXIT_INTERRUPTED
         finally:
             try:
-                client.close()
+                if client is not None:
+                    client.close()
             finally:
                 signal.signal(signal.SIGTERM, previous)
 
@@ -240,7 +272,7 @@ def _push(client, args: argparse.Namespace) -> int:
     bar = _progress(args, f"push {path.name}")
     started = time.monotonic()
     try:
-        model_id = client.push(path, progress=bar, **metadata)
+        model_id = client.push(path, progress=_telling_resume(path, bar), **metadata)
     finally:
         if bar:
             bar.close()
@@ -254,6 +286,22 @@ def _push(client, args: argparse.Namespace) -> int:
         print(f"pushed {doc['name']} {doc['version']}  id {model_id}  {_size(fm.get('size_bytes'))}  "
               f"{fm.get('checksum')}")
     return EXIT_OK
+
+
+def _telling_resume(path: Path, bar: _Bar | None) -> Callable[[int, int], None]:
+    """The progress callback of a push: a first report past 0 is an upload session an interrupted push left."""
+    first = True
+
+    def progress(done: int, total: int) -> None:
+        nonlocal first
+        if first and done > 0:
+            print(f"resuming {path.name}: {format_bytes(done)} of {format_bytes(total)} already on the service",
+                  file=sys.stderr)
+        first = False
+        if bar:
+            bar(done, total)
+
+    return progress
 
 
 def _push_folder(client, args: argparse.Namespace, path: Path, metadata: dict[str, Any]) -> int:
@@ -486,6 +534,11 @@ def add_client_commands(subparsers, prog: str = "model-service") -> None:
     p.add_argument("--description")
     p.add_argument("--created-by")
     p.add_argument("--format", help="file format (default: the file name's extension)")
+    p.add_argument("--session-threshold", type=_byte_size, metavar="SIZE",
+                   help="files larger than SIZE go through a resumable upload session: a push interrupted and "
+                        "run again sends only the rest (default: $MODEL_SERVICE_SESSION_THRESHOLD, else 64MiB)")
+    p.add_argument("--chunk-size", type=_chunk_size, metavar="SIZE",
+                   help="bytes per request of an upload session, 16MiB to 64MiB (default 32MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     p = add("pull", _pull, "download a model's file, or a snapshot's files into a folder, verified against "

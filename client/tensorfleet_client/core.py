@@ -15,9 +15,9 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 
 import orjson
 
-from . import cache, rules, snapshot
+from . import cache, rules, sessions, snapshot
 from . import download as dl
-from .errors import ChecksumMismatch
+from .errors import ChecksumMismatch, ProtocolError
 from .manifest import Manifest
 from .transport import API, USER_AGENT, RetryPolicy, Transport, read_json_body
 
@@ -53,11 +53,24 @@ class AsyncModelServiceClient:
     key or not, is sent there): point ``base_url`` at the new place if the
     service has really moved. ``transport`` is the session all requests go
     through (for ``download.download_file`` and the like).
+
+    Files larger than ``session_threshold`` bytes (default
+    ``$MODEL_SERVICE_SESSION_THRESHOLD``, else 64 MiB) are pushed through a
+    resumable upload session in chunks of ``chunk_size`` bytes (1 to 64 MiB,
+    default 32 MiB; the CLI allows 16 to 64 MiB). A push interrupted and run
+    again sends only what the service lacks; its state is kept under
+    ``cache_dir/uploads`` (default: the model cache, ``$MODEL_SERVICE_CACHE_DIR``
+    or ``~/.cache/tensorfleet/models``). See sessions.py.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  retry: RetryPolicy | None = None, connect_timeout: float = 30.0,
-                 read_timeout: float = 300.0, user_agent: str = USER_AGENT) -> None:
+                 read_timeout: float = 300.0, user_agent: str = USER_AGENT,
+                 session_threshold: int | None = None, chunk_size: int = sessions.DEFAULT_CHUNK,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.sessions = sessions.SessionConfig(
+            threshold=sessions.default_threshold() if session_threshold is None else session_threshold,
+            chunk_size=chunk_size, state_dir=None if cache_dir is None else Path(cache_dir) / "uploads")
         self.transport = Transport(base_url, api_key, retry=retry, connect_timeout=connect_timeout,
                                    read_timeout=read_timeout, user_agent=user_agent)
 
@@ -99,10 +112,16 @@ class AsyncModelServiceClient:
 
     async def upload(self, model_id: str, path: str | os.PathLike[str], *, filename: str | None = None,
                      progress: dl.Progress | None = None) -> dict:
-        """Upload a model's file (streamed, with its sha256 for the service to check); its file metadata."""
+        """Upload a model's file (streamed, with its sha256 for the service to check); its file metadata.
+
+        A file over the session threshold goes through a resumable upload session, then is attached.
+        """
         path = Path(path)
         size = path.stat().st_size
         sha256 = (await asyncio.to_thread(dl.sha256_file, path)).hexdigest()
+        if self.sessions.applies(size):
+            await self.upload_blob(path, sha256, size, progress=progress)
+            return await self.attach(model_id, sha256, filename=filename or path.name)
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(size),
@@ -114,27 +133,53 @@ class AsyncModelServiceClient:
             if resp.status not in (200, 201):
                 raise await self.transport.error(resp)
             answer = orjson.loads(await read_json_body(resp))
-        fm = answer["file_metadata"]
-        if fm.get("checksum") != f"sha256:{sha256}":
-            raise ChecksumMismatch(f"the service stored checksum {fm.get('checksum')}, not sha256:{sha256}",
-                                   expected=sha256, actual=fm.get("checksum"))
-        return fm
+        return _file_metadata(answer, sha256)
+
+    async def upload_blob(self, path: str | os.PathLike[str], sha256: str, size: int, *,
+                          progress: dl.Progress | None = None) -> sessions.SessionResult:
+        """Store a file as a blob through a resumable upload session (see sessions.py); ``sha256`` and ``size``
+        are the file's, as the caller computed them."""
+        path = Path(path)
+        report = (lambda done: progress(done, size)) if progress else None
+        return await sessions.upload(self.transport, path, sha256, size, self.sessions, advance=report)
+
+    async def attach(self, model_id: str, sha256: str, *, filename: str | None = None) -> dict:
+        """Make a stored blob the file of a single-file model; its file metadata.
+
+        PUT (the contract allows POST or PUT): attaching the same blob twice
+        is harmless, so a lost answer is retried like any idempotent request.
+        """
+        params = {"digest": f"sha256:{sha256}"}
+        if filename:
+            params["filename"] = filename
+        answer = await self.transport.json("PUT", f"{API}/{model_id}/upload", params=params)
+        return _file_metadata(answer, sha256)
 
     async def push(self, path: str | os.PathLike[str], *, progress: dl.Progress | None = None,
                    **metadata: Any) -> str:
         """Register a model and upload its file in one call; the new model's id.
 
         If the upload fails, the registration is deleted again. A folder is
-        pushed as a snapshot (``push_folder``).
+        pushed as a snapshot (``push_folder``). A file over the session
+        threshold is stored first (resumably), then the model is registered
+        and the file attached: a push killed mid-upload leaves no empty model.
         """
         path = Path(path)
         if path.is_dir():
             return (await self.push_folder(path, progress=progress, **metadata)).model_id
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
+        size = path.stat().st_size
+        sha256 = None
+        if self.sessions.applies(size):
+            sha256 = (await asyncio.to_thread(dl.sha256_file, path)).hexdigest()
+            await self.upload_blob(path, sha256, size, progress=progress)
         model_id = await self.register_model(metadata)
         try:
-            await self.upload(model_id, path, progress=progress)
+            if sha256 is None:
+                await self.upload(model_id, path, progress=progress)
+            else:
+                await self.attach(model_id, sha256, filename=path.name)
         except BaseException:
             try:
                 await self.delete_model(model_id)
@@ -151,7 +196,8 @@ class AsyncModelServiceClient:
         path = Path(path)
         if not path.is_dir():
             raise NotADirectoryError(f"not a folder: {path}")
-        return await snapshot.push_folder(self.transport, path, metadata, progress=progress)
+        return await snapshot.push_folder(self.transport, path, metadata, progress=progress,
+                                          sessions_config=self.sessions)
 
     async def manifest(self, id_or_name: str, version: str | None = None) -> Manifest:
         """A version's list of files (checked against the path rules) and snapshot digest."""
@@ -283,6 +329,16 @@ class AsyncModelServiceClient:
         """
         return (await self.fetch_result(name, version, cache_dir, parallel=parallel, limit_rate=limit_rate,
                                         progress=progress, allow_stale=allow_stale)).path
+
+
+def _file_metadata(answer: Any, sha256: str) -> dict:
+    fm = answer.get("file_metadata") if isinstance(answer, dict) else None
+    if not isinstance(fm, dict):
+        raise ProtocolError(f"the upload answered {str(answer)[:200]}, without file_metadata")
+    if fm.get("checksum") != f"sha256:{sha256}":
+        raise ChecksumMismatch(f"the service stored checksum {fm.get('checksum')}, not sha256:{sha256}",
+                               expected=sha256, actual=fm.get("checksum"))
+    return fm
 
 
 async def _file_body(path: Path, size: int, progress: dl.Progress | None) -> AsyncIterator[bytes]:

@@ -227,6 +227,15 @@ def part_paths(target: Path) -> tuple[Path, Path, Path]:
             target.with_name(target.name + ".part.lock"))
 
 
+def default_cache_dir() -> Path:
+    """The client's cache: models (cache.py) and the state of resumable pushes (sessions.py)."""
+    env = os.environ.get("MODEL_SERVICE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tensorfleet" / "models"
+
+
 def file_lock(path: Path) -> AsyncFileLock:
     """An inter-process lock on ``path`` (flock): the kernel drops it when its holder dies, however it dies.
 

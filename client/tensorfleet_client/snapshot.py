@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import orjson
 
-from . import rules
+from . import rules, sessions
 from .download import (
     BLOCK,
     HASH_BLOCK,
@@ -477,6 +477,7 @@ async def _blob_body(path: Path, size: int, sent: Callable[[int], None]) -> Asyn
 
 async def put_blob(transport: Transport, path: Path, sha256: str, size: int,
                    sent: Callable[[int], None]) -> None:
+    """One request with the whole file (small files; larger ones go through ``sessions.upload``)."""
     digest = f"sha256:{sha256}"
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
     resp = await transport.send("PUT", f"{BLOBS}/{digest}", headers=headers, expect100=True,
@@ -516,9 +517,12 @@ async def _commit(transport: Transport, body: dict) -> tuple[tuple[str, str] | N
 
 
 async def push_folder(transport: Transport, folder: str | os.PathLike[str], metadata: dict[str, Any], *,
-                      progress: Progress | None = None) -> PushResult:
-    """Push every file under ``folder`` as one new version (see the module docstring)."""
+                      progress: Progress | None = None,
+                      sessions_config: sessions.SessionConfig | None = None) -> PushResult:
+    """Push every file under ``folder`` as one new version (see the module docstring). A blob over the
+    session threshold goes through a resumable upload session (sessions.py)."""
     started = time.monotonic()
+    config = sessions_config or sessions.SessionConfig()
     folder = Path(folder)
     found = list_folder(folder)
     hashed = await hash_files([p for _, p in found])
@@ -528,20 +532,36 @@ async def push_folder(transport: Transport, folder: str | os.PathLike[str], meta
         first_with.setdefault(sha, (path, size))
     missing = await missing_blobs(transport, [f"sha256:{sha}" for sha in first_with])
     sent_bytes = 0
+    done: dict[str, int] = {}  # per blob: bytes the service holds or was sent, for the progress bar
 
-    def sent(n: int) -> None:
-        nonlocal sent_bytes
-        sent_bytes += n
+    def report() -> None:
         if progress:
-            progress(sent_bytes, to_send)
+            progress(sum(done.values()), to_send)
 
     async def upload(digests: set[str]) -> None:
         gate = asyncio.Semaphore(UPLOADS_AT_ONCE)
 
         async def one(sha: str) -> None:
+            nonlocal sent_bytes
             path, size = first_with[sha]
+            done[sha] = 0
+
+            def sent(n: int) -> None:
+                nonlocal sent_bytes
+                sent_bytes += n
+                done[sha] += n
+                report()
+
+            def advance(offset: int) -> None:
+                done[sha] = offset
+                report()
+
             async with gate:
-                await put_blob(transport, path, sha, size, sent)
+                if config.applies(size):
+                    result = await sessions.upload(transport, path, sha, size, config, advance=advance)
+                    sent_bytes += result.bytes_sent
+                else:
+                    await put_blob(transport, path, sha, size, sent)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -566,8 +586,9 @@ async def push_folder(transport: Transport, folder: str | os.PathLike[str], meta
         if made is None:
             raise ModelServiceError(f"the service kept losing uploaded blobs: {again[:3]}", status=422,
                                     code="missing_blobs")
-    # Each blob sent was sent for one file; every other file's bytes were not sent.
+    # Each blob sent was sent for one file; every other file's bytes were not sent (a session resumed from an
+    # interrupted push sends only its rest, and a chunk sent again counts twice).
     not_sent = len(found) - len(missing)
     return PushResult(model_id=made[0], name=str(metadata.get("name")), version=made[1], files=len(found),
-                      already_stored=not_sent, bytes_sent=sent_bytes, bytes_not_sent=total - sent_bytes,
+                      already_stored=not_sent, bytes_sent=sent_bytes, bytes_not_sent=max(0, total - sent_bytes),
                       seconds=time.monotonic() - started)

@@ -123,7 +123,8 @@ class ModelServiceClient:
 
 _PUBLIC = ("health", "register_model", "upload", "push", "get_model", "get_by_name", "latest", "list_models",
            "search_models", "list_versions", "create_version", "update_model", "delete_model", "file_info",
-           "statistics", "probe", "download", "fetch", "fetch_result", "push_folder", "manifest", "pull_folder")
+           "statistics", "probe", "download", "fetch", "fetch_result", "push_folder", "manifest", "pull_folder",
+           "upload_blob", "attach")
 
 
 def _blocking(name: str):
