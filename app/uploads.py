@@ -108,10 +108,12 @@ def raw_body_filename(request: web.Request) -> str | None:
 
 
 async def fill(writer: FileWriter, pieces: AsyncIterator[bytes], settings: Settings) -> None:
+    """Write every piece; on return ``writer.sha256`` and ``writer.size`` cover them all."""
     async for piece in pieces:
         if writer.size + len(piece) > settings.max_file_size:
             raise too_large(settings.max_file_size)
         await writer.write(piece)
+    await writer.flush()
 
 
 async def finish(writer: FileWriter, sha256: str | None) -> StoredFile:

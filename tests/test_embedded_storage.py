@@ -118,15 +118,14 @@ async def test_an_upload_cancelled_while_its_bytes_are_being_written_leaves_no_t
     store = EmbeddedStorage(str(tmp_path))
     await store.open()
     entered, release = threading.Event(), threading.Event()
-    real_write_buffer = _EmbeddedWriter._write_buffer
+    real_write_batch = _EmbeddedWriter._write_batch
 
-    def slow_write_buffer(writer) -> None:
-        with memoryview(writer._buffer):  # held, as file.write holds it while the disk is slow
-            entered.set()
-            release.wait(10)
-        real_write_buffer(writer)
+    def slow_write_batch(writer, batch, offset) -> None:
+        entered.set()
+        release.wait(10)  # the disk is slow
+        real_write_batch(writer, batch, offset)
 
-    monkeypatch.setattr(_EmbeddedWriter, "_write_buffer", slow_write_buffer)
+    monkeypatch.setattr(_EmbeddedWriter, "_write_batch", slow_write_batch)
 
     async def upload() -> None:
         async with store.file_writer() as writer:

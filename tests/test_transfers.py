@@ -25,6 +25,7 @@ from bson import ObjectId
 
 from app.appkeys import STORAGE
 from app.http import sendfile
+from app.storage import pipeline
 from app.server import create_app
 from tests.transfer_helpers import (
     CS,
@@ -395,7 +396,8 @@ async def test_abandoned_upload_leaves_nothing(client):
     sent, never = asyncio.Event(), asyncio.Event()
 
     async def body():
-        for _ in range(15):
+        # More than a batch: the writer keeps up to one in memory before its threads store it.
+        for _ in range(pipeline.BATCH // 100_000 + 5):
             yield payload(100_000)
         sent.set()
         await never.wait()

@@ -40,9 +40,8 @@ from .base import (
     StorageUnavailable,
     StoredFile,
 )
+from . import pipeline
 
-# Temp-file writes are batched to this size; one thread hop per MiB.
-_READ_SIZE = 1024 * 1024
 # Download pieces: small enough that 64 downloads hold little memory between
 # them, large enough that per-piece overhead stays small.
 _PIECE = 256 * 1024
@@ -714,30 +713,22 @@ class _EmbeddedWriter(FileWriter):
         self._store = store
         self._path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
         self._file = None
-        # Network reads arrive in small pieces; one thread hop per MiB, not per piece.
-        self._buffer = bytearray()
-        self._flushing: asyncio.Future | None = None
 
-    async def _write(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= _READ_SIZE:
-            # Shielded: a cancelled upload stops waiting, but the thread writes on,
-            # and _cancel must wait for it before it discards the file under it.
-            self._flushing = asyncio.ensure_future(asyncio.to_thread(self._write_buffer))
-            await asyncio.shield(self._flushing)
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(pipeline.threads, self._write_batch, batch, offset)
 
-    def _write_buffer(self) -> None:
+    def _write_batch(self, batch: list[bytes], offset: int) -> None:
         if self._file is None:
-            self._file = open(self._path, "xb")
+            self._file = open(self._path, "xb", buffering=0)
             # Held until the file is renamed into blobs/ or removed: `gc`, another
             # process, leaves a locked temp file alone however old it is.
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-        self._file.write(self._buffer)
-        self._buffer.clear()
+        pipeline.write_pieces(self._file.fileno(), batch, offset)
+        pipeline.start_writeback(self._file.fileno(), offset, sum(map(len, batch)))
 
     def _finish_file(self) -> None:
-        self._write_buffer()
-        self._file.flush()
+        if self._file is None:  # nothing was written: an empty file
+            self._write_batch([], 0)
         os.fsync(self._file.fileno())
 
     async def _commit(self) -> StoredFile:
@@ -754,13 +745,7 @@ class _EmbeddedWriter(FileWriter):
         return stored
 
     async def _cancel(self) -> None:
-        if self._flushing is not None:
-            await asyncio.wait([self._flushing])
-            if not self._flushing.cancelled():
-                self._flushing.exception()  # retrieved: the upload already failed for its own reason
-
         def discard() -> None:
-            self._buffer.clear()
             # Removed before it is closed, which would unlock it for gc.
             self._path.unlink(missing_ok=True)
             if self._file is not None:

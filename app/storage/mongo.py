@@ -49,9 +49,6 @@ from .base import (
 )
 from .live_uploads import LiveUploads
 
-# Chunks per insert_many: large enough to amortise round trips, small enough
-# that a writer holds only a few MB.
-_WRITE_BATCH_BYTES = 4 * 1024 * 1024
 # Chunk documents per cursor batch when reading: bounds memory per download.
 _READ_BATCH_BYTES = 1024 * 1024
 
@@ -586,50 +583,63 @@ class _GridFSWriter(FileWriter):
         super().__init__(chunk_size)
         self._store = store
         self._files_id = ObjectId()
-        self._buffer = bytearray()
-        self._pending: list[dict[str, Any]] = []
+        # The bytes after the last full chunk: views of pieces already received.
+        self._tail: list[memoryview] = []
+        self._tail_size = 0
         self._n = 0
-        self._batch = max(1, _WRITE_BATCH_BYTES // chunk_size)
-        self._inflight: asyncio.Task | None = None
 
-    def _cut_chunks(self, final: bool) -> None:
+    def _cut_chunks(self, pieces: list[bytes], final: bool) -> list[dict[str, Any]]:
+        """Chunk documents of the tail and these pieces, each chunk's bytes copied once."""
         cs = self.chunk_size
-        while len(self._buffer) >= cs or (final and self._buffer):
-            piece = bytes(self._buffer[:cs])
-            del self._buffer[:cs]
-            self._pending.append({"files_id": self._files_id, "n": self._n, "data": piece})
-            self._n += 1
+        docs = []
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                take = min(cs - self._tail_size, len(view))
+                self._tail.append(view[:take])
+                self._tail_size += take
+                view = view[take:]
+                if self._tail_size == cs:
+                    docs.append(self._chunk())
+        if final and self._tail_size:
+            docs.append(self._chunk())
+        return docs
 
-    async def _flush(self) -> None:
-        if self._pending:
-            if self._n == len(self._pending):
-                # The first chunks: gc must know they belong to a live upload.
-                await self._store.live_uploads.add(self._files_id)
-            batch, self._pending = self._pending, []
-            # Shielded: an insert the server has already received completes
-            # even if this request is cancelled (the client left), so _cancel
-            # can wait for it. Cancelling it would only stop our waiting, and a
-            # late insert landing after _cancel's delete would leave orphan chunks.
-            self._inflight = asyncio.ensure_future(
-                _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True)))
-            await asyncio.shield(self._inflight)
+    def _chunk(self) -> dict[str, Any]:
+        doc = {"files_id": self._files_id, "n": self._n, "data": b"".join(self._tail)}
+        self._n += 1
+        self._tail, self._tail_size = [], 0
+        return doc
 
-    async def _write(self, data: bytes) -> None:
-        self._buffer += data
-        self._cut_chunks(final=False)
-        if len(self._pending) >= self._batch:
-            try:
-                await self._flush()
-            except PyMongoError as e:
-                if (unavailable := _unavailable(e)) is not None:
-                    raise unavailable from e
-                raise
+    async def _insert(self, docs: list[dict[str, Any]]) -> None:
+        if not docs:
+            return
+        if self._n == len(docs):
+            # The first chunks: gc must know they belong to a live upload.
+            await self._store.live_uploads.add(self._files_id)
+        # An insert the server has received completes even if the request is
+        # cancelled (the client left): FileWriter shields this batch from the
+        # request's cancellation, and cancel() waits for it, or a late insert
+        # landing after _cancel's delete would leave orphan chunks.
+        await _retry_busy(lambda: self._store.chunks.insert_many(docs, ordered=True))
+
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        try:
+            await self._insert(self._cut_chunks(batch, final=False))
+        except PyMongoError as e:
+            if (unavailable := _unavailable(e)) is not None:
+                raise unavailable from e
+            raise
 
     async def _commit(self) -> StoredFile:
         store = self._store
         try:
-            self._cut_chunks(final=True)
-            await self._flush()
+            last = asyncio.ensure_future(self._insert(self._cut_chunks([], final=True)))
+            try:
+                await asyncio.shield(last)  # as every batch's insert (see _insert)
+            except asyncio.CancelledError:
+                await asyncio.wait([last])
+                raise
             existing = await store.claim(self.sha256)
             if existing is None:
                 files_doc = {
@@ -660,12 +670,7 @@ class _GridFSWriter(FileWriter):
             await store.live_uploads.remove(self._files_id)
 
     async def _cancel(self) -> None:
-        self._buffer.clear()
-        self._pending.clear()
-        if self._inflight is not None and not self._inflight.done():
-            await asyncio.wait([self._inflight])
-            if not self._inflight.cancelled():
-                self._inflight.exception()  # retrieved: only that no chunk lands after the delete matters
+        self._tail, self._tail_size = [], 0
         try:
             await self._store.chunks.delete_many({"files_id": self._files_id})
         except PyMongoError as e:
