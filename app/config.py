@@ -141,6 +141,11 @@ class Settings:
     # stored through the blobs API is kept while no version refers to it.
     max_files_per_version: int = 10_000
     blob_grace: timedelta = timedelta(hours=24)
+    # Resumable uploads (POST /api/v1/uploads): open sessions per API key and in
+    # all, and how long an idle one lives before it expires (gc removes its bytes).
+    max_upload_sessions: int = 16
+    max_upload_sessions_total: int = 512
+    upload_session_ttl: timedelta = timedelta(hours=24)
 
     @property
     def storage_kind(self) -> str:
@@ -188,6 +193,11 @@ class Settings:
             upload_queue_seconds=_int(env, "UPLOAD_QUEUE_SECONDS", int(cls.upload_queue_seconds), 0, 3600),
             max_files_per_version=_int(env, "MAX_FILES_PER_VERSION", cls.max_files_per_version, 1, 1_000_000),
             blob_grace=_duration(env, "BLOB_GRACE", cls.blob_grace, timedelta(0), timedelta(days=365)),
+            max_upload_sessions=_int(env, "MAX_UPLOAD_SESSIONS", cls.max_upload_sessions, 1, 1_000_000),
+            max_upload_sessions_total=_int(env, "MAX_UPLOAD_SESSIONS_TOTAL", cls.max_upload_sessions_total,
+                                           1, 10_000_000),
+            upload_session_ttl=_duration(env, "UPLOAD_SESSION_TTL", cls.upload_session_ttl, timedelta(seconds=1),
+                                         timedelta(days=365)),
         )
 
     def describe(self) -> str:

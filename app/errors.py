@@ -82,7 +82,12 @@ INVALID_PATH = declare("invalid_path", 400,
 PATH_CONFLICT = declare("path_conflict", 400,
                         "two snapshot paths are the same (also after case folding), or one is a folder of another")
 INVALID_DIGEST = declare("invalid_digest", 400,
-                         "a blob digest is not sha256: followed by 64 lowercase hexadecimal characters")
+                         "a blob digest (or ?digest=) is not sha256: followed by 64 lowercase hexadecimal "
+                         "characters, or a Content-Digest header is malformed")
+INVALID_CONTENT_RANGE = declare("invalid_content_range", 400,
+                                "an upload session chunk's Content-Range is malformed, disagrees with its "
+                                "Content-Length, its body or the session's size_bytes, or the chunk is empty; "
+                                "nothing changed")
 MISSING_METADATA = declare("missing_metadata", 400, "a multipart registration has no 'metadata' part")
 UNAUTHORIZED = declare("unauthorized", 401,
                         "no API key, or an unknown one (ENABLE_AUTH=true); see WWW-Authenticate")
@@ -90,10 +95,15 @@ FORBIDDEN = declare("forbidden", 403, "the API key's scope does not allow this o
 NOT_FOUND = declare("not_found", 404, "no model with that id, name or version (also: no route for the path)")
 NO_FILE = declare("no_file", 404, "the model exists but has no file uploaded yet "
                   "(/info of a snapshot of several files: its files are listed under /files)")
+UPLOAD_NOT_FOUND = declare("upload_not_found", 404,
+                           "no such upload session: never opened, completed, cancelled, expired "
+                           "(UPLOAD_SESSION_TTL), opened by another API key, or a malformed id")
 METHOD_NOT_ALLOWED = declare("method_not_allowed", 405,
                               "the path exists but not with this method (Allow lists the methods)")
 VERSION_EXISTS = declare("version_exists", 409,
                           "a model with this name and the requested version already exists")
+UPLOAD_BUSY = declare("upload_busy", 409,
+                      "another request is writing this upload session; retry after Retry-After")
 VERSION_CONFLICT = declare("version_conflict", 409,
                             "too many concurrent registrations of the name to number a new version")
 REQUEST_TIMEOUT = declare("request_timeout", 408,
@@ -106,11 +116,19 @@ FILE_TOO_LARGE = declare("file_too_large", 413, "the file is over MAX_FILE_SIZE"
 URI_TOO_LONG = declare("uri_too_long", 414, "the request line is longer than MAX_URL_LENGTH")
 RANGE_NOT_SATISFIABLE = declare("range_not_satisfiable", 416, "no requested range overlaps the file, or more "
                                                                f"than {ranges.MAX_RANGES} ranges")
+UPLOAD_OFFSET_MISMATCH = declare("upload_offset_mismatch", 416,
+                                 "the chunk does not start at the session's offset (error.offset, and Range: "
+                                 "0-<offset-1>); nothing changed")
 EXPECTATION_FAILED = declare("expectation_failed", 417, "an Expect header other than 100-continue")
 CHECKSUM_MISMATCH = declare("checksum_mismatch", 422,
                              "the received content's SHA-256 differs from the declared one")
 DIGEST_MISMATCH = declare("digest_mismatch", 422,
-                           "the blob's bytes do not hash to the digest in its URL; nothing was kept")
+                           "the blob's bytes do not hash to the digest in its URL (nothing was kept), or an "
+                           "upload session's chunk or content does not hash to its Content-Digest, ?digest= "
+                           "or the checksum announced (the chunk is not counted; the session stays)")
+SIZE_MISMATCH = declare("size_mismatch", 422,
+                        "an upload session's content is not the size_bytes announced when it was opened; "
+                        "the session stays")
 MISSING_BLOBS = declare("missing_blobs", 422,
                         "a commit lists files whose blobs are not stored (or are stored with another size); "
                         "error.missing lists their digests and nothing was created")
@@ -119,6 +137,9 @@ RATE_LIMITED = declare("rate_limited", 429,
 TOO_MANY_CLIENT_UPLOADS = declare("too_many_client_uploads", 429,
                                   "this client already has MAX_UPLOADS_PER_CLIENT uploads in progress; retry "
                                   "after Retry-After")
+TOO_MANY_UPLOAD_SESSIONS = declare("too_many_upload_sessions", 429,
+                                   "this API key has MAX_UPLOAD_SESSIONS open upload sessions; finish or DELETE "
+                                   "one, or retry after Retry-After")
 HEADERS_TOO_LARGE = declare("headers_too_large", 431, "a request header is longer than MAX_HEADER_SIZE")
 INTERNAL_ERROR = declare("internal_error", 500, "an unexpected failure (logged server-side; no details are sent)")
 STORAGE_UNAVAILABLE = declare("storage_unavailable", 503,
@@ -130,6 +151,8 @@ TOO_MANY_DOWNLOADS = declare("too_many_downloads", 503,
 TOO_MANY_UPLOADS = declare("too_many_uploads", 503,
                            "MAX_CONCURRENT_UPLOADS uploads are in progress here and none finished within "
                            "UPLOAD_QUEUE_SECONDS; retry after Retry-After")
+UPLOAD_SESSIONS_FULL = declare("upload_sessions_full", 503,
+                               "MAX_UPLOAD_SESSIONS_TOTAL upload sessions are open; retry after Retry-After")
 TOO_MANY_CONNECTIONS = declare("too_many_connections", 503,
                                "MAX_CONNECTIONS connections are in the middle of a request here; retry after "
                                "Retry-After")

@@ -13,7 +13,7 @@ import re
 import sys
 from datetime import timedelta
 
-from . import clock, registry, snapshots, validation
+from . import clock, registry, snapshots, upload_sessions, validation
 from .config import ConfigError, Settings
 from .leases import FileLeases
 from .storage import ModelQuery, StorageError, make_storage
@@ -33,7 +33,7 @@ async def _with_storage(settings: Settings, work):
     storage = make_storage(settings)
     await storage.open()
     try:
-        return await work(storage)
+        return await work(storage, settings)
     finally:
         await storage.close()
 
@@ -64,12 +64,14 @@ async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -
     return 0
 
 
-async def _gc(storage, min_age: timedelta, dry_run: bool) -> int:
+async def _gc(storage, min_age: timedelta, dry_run: bool, session_ttl: timedelta) -> int:
     if not dry_run:
         # Models registered before versions were marked superseded.
         if settled := await registry.settle_all_latest(storage):
             print(f"marked the latest version of {settled} name(s)")
-    lines = await storage.collect_garbage(min_age, dry_run)
+    # Expired sessions first: their bytes are then no longer a live session's.
+    lines = await upload_sessions.remove_expired(storage, session_ttl, dry_run)
+    lines += await storage.collect_garbage(min_age, dry_run)
     for line in lines:
         print(f"{'would remove' if dry_run else 'removed'} {line}")
     print(f"{'would remove' if dry_run else 'removed'} {len(lines)} item(s)")
@@ -94,10 +96,10 @@ def add_maintenance_commands(sub) -> None:
     p.add_argument("--status", required=True, choices=validation.STATUSES)
     p.add_argument("--older-than", required=True, type=parse_age, metavar="AGE", help="e.g. 90d, 12h")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
-    p.set_defaults(func=lambda a: _run(a, lambda s: _cleanup(s, a.status, a.older_than, a.dry_run)))
+    p.set_defaults(func=lambda a: _run(a, lambda s, _: _cleanup(s, a.status, a.older_than, a.dry_run)))
 
-    p = sub.add_parser("gc", help="remove stored files and chunks no model refers to")
+    p = sub.add_parser("gc", help="remove stored files and chunks no model refers to, and expired upload sessions")
     p.add_argument("--min-age", type=parse_age, default=timedelta(hours=1), metavar="AGE",
                    help="leave anything younger alone, e.g. an upload in progress (default 1h)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
-    p.set_defaults(func=lambda a: _run(a, lambda s: _gc(s, a.min_age, a.dry_run)))
+    p.set_defaults(func=lambda a: _run(a, lambda s, st: _gc(s, a.min_age, a.dry_run, st.upload_session_ttl)))

@@ -28,6 +28,8 @@ DOWNLOADS = Counter("model_downloads", "Model downloads (responses that include 
 DOWNLOAD_BYTES = Counter("model_download_bytes", "File bytes sent by downloads, ranges included")
 UPLOADS = Counter("model_uploads", "Model files uploaded and committed", ["algorithm"])
 UPLOAD_BYTES = Counter("model_upload_bytes", "File bytes committed by uploads")
+UPLOAD_SESSION_BYTES = Counter("model_service_upload_session_bytes",
+                               "Bytes of upload session chunks accepted (made durable); discarded chunks not counted")
 REGISTRATIONS = Counter("model_registrations", "Models registered (new names and new versions)", ["algorithm"])
 ACTIVE_MODELS = Gauge("active_models_total", "Models whose status is active", multiprocess_mode="mostrecent")
 STORAGE_USAGE = Gauge("storage_usage_bytes", "Bytes of stored model files, shared content counted once",

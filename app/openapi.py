@@ -297,6 +297,10 @@ def headers() -> Json:
         "ReprDigest": _header("RFC 9530 digest of the whole file: sha-256=:<base64>:", required=True),
         "RetryAfter": _header("seconds to wait before retrying", {"type": "integer"}, required=True),
         "Location": _header("the new model's URL", required=True),
+        "UploadLocation": _header("the upload session's URL (/api/v1/uploads/<id>)", required=True),
+        "UploadRange": _header("0-<offset-1>: the bytes the session holds (OCI's form, no unit); absent while "
+                               "it holds none", {"type": "string", "pattern": "^0-[0-9]+$"}),
+        "BlobLocation": _header("the blob's URL (/api/v1/blobs/sha256:<hex>)", required=True),
     }
 
 
@@ -312,7 +316,8 @@ _HEADER_NAMES = {"DocumentETag": "ETag", "CacheControl": "Cache-Control",
                  "XModelVersion": "X-Model-Version", "XFileChecksum": "X-File-Checksum",
                  "ReprDigest": "Repr-Digest", "RetryAfter": "Retry-After", "SnapshotETag": "ETag",
                  "XSnapshotDigest": "X-Snapshot-Digest", "TarFileChecksum": "X-File-Checksum",
-                 "TarReprDigest": "Repr-Digest"}
+                 "TarReprDigest": "Repr-Digest", "UploadLocation": "Location", "UploadRange": "Range",
+                 "BlobLocation": "Location"}
 
 
 # /download: the file of a single-file version, or a snapshot's tar, which has no checksum of its own.
@@ -387,6 +392,18 @@ def missing_blobs_response(*others: ErrorCode) -> Json:
         "content": json_content(schema, {"error": {
             "code": "missing_blobs", "message": errors.MISSING_BLOBS.description,
             "missing": ["sha256:" + "0" * 64]}}),
+    }
+
+
+def offset_mismatch_response() -> Json:
+    """416 of an upload session chunk that does not start at the offset (its error object carries it)."""
+    e = errors.UPLOAD_OFFSET_MISMATCH
+    return {
+        "description": f"{_REASONS[416]}: `{e.code}` ({e.description})",
+        "x-error-codes": [e.code],
+        "headers": header_refs("UploadLocation", "UploadRange"),
+        "content": json_content(ref("UploadOffsetError"), {"error": {"code": e.code, "message": e.description,
+                                                                    "offset": 1048576}}),
     }
 
 
@@ -635,7 +652,98 @@ def operations(settings: Settings) -> dict[str, Json]:
                                                "attachment; filename=\"...\""),
     ], body=upload_body)
 
+    upload_id = [{"name": "upload_id", "in": "path", "required": True,
+                  "description": "the session's id, as POST answered it (24 lowercase hex digits; anything else "
+                                 "is 404 upload_not_found, as an unknown, expired or another key's session is)",
+                  "schema": {"type": "string"}}]
+    session_headers = header_refs("UploadLocation", "UploadRange")
+    blob_stored = answer("stored: the blob's digest and size", "BlobAnswer", header_refs("BlobLocation"))
+    busy = error_response(errors.UPLOAD_BUSY, headers=header_refs("RetryAfter"))
+    chunk_headers = [
+        _request_header("Content-Range", "bytes <start>-<end>/<total or *>, or OCI's <start>-<end>; start must be "
+                                         "the session's offset. Without it the body is appended at the offset"),
+        _request_header("Content-Digest", "RFC 9530, e.g. sha-256=:<base64>:; the sha-256 member is verified over "
+                                          "this chunk's bytes before it counts (other algorithms are ignored)"),
+    ]
+    chunk_body = {"required": False, "description": f"the chunk's bytes (the whole content at most {max_file})",
+                  "content": {"application/octet-stream": {"schema": BINARY}}}
+    chunk_rule = (
+        "A chunk counts whole or not at all: a failed check, or a client that leaves mid-body, leaves the offset "
+        "where it was and this request's bytes are discarded. The upload slots, BODY_TIMEOUT and "
+        "Expect: 100-continue work as for an upload.")
+    session_cap = (errors.TOO_MANY_UPLOAD_SESSIONS,) + ((errors.RATE_LIMITED,) if settings.rate_limit else ())
+    upload_session_ops = (
+        op("openUploadSession", "uploads", "Open a resumable upload session", {
+            "201": blob_stored,
+            "202": answer("opened: PATCH chunks to its Location", "UploadSessionAnswer", session_headers),
+            "400": error_response(errors.INVALID_JSON, errors.VALIDATION_ERROR, errors.UNKNOWN_FIELD),
+            "413": error_response(errors.PAYLOAD_TOO_LARGE, errors.FILE_TOO_LARGE),
+            "429": error_response(*session_cap, headers=header_refs("RetryAfter")),
+            "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN, errors.UPLOAD_SESSIONS_FULL,
+                                  headers=header_refs("RetryAfter")),
+        }, description=(
+            "OCI-style resumable upload: open, PATCH chunks at the offset, PUT ?digest= to complete; the result "
+            "is a blob, attached with a snapshot commit or `POST /api/v1/models/{id}/upload?digest=`. When "
+            "`checksum` names a stored blob (of `size_bytes`, if given) the answer is 201 at once and the blob is "
+            "kept for BLOB_GRACE. At most MAX_UPLOAD_SESSIONS open sessions per API key (429) and "
+            "MAX_UPLOAD_SESSIONS_TOTAL in all (503); a session idle for UPLOAD_SESSION_TTL expires."),
+            body={"required": False, "description": "optional; an empty body announces nothing",
+                  "content": json_content(ref("UploadSessionRequest"))}),
+        op("getUploadSession", "uploads", "An upload session's offset (to resume from)", {
+            "200": answer("the session", "UploadSessionAnswer", session_headers),
+            "404": error_response(errors.UPLOAD_NOT_FOUND),
+            "503": shared("Unavailable"),
+        }, params=upload_id, description="OCI answers 204; this adds the session as JSON for people reading it."),
+        op("headUploadSession", "uploads", "An upload session's offset, headers only", {
+            "200": {"description": "the session's Range and Location", "headers": session_headers},
+            "404": error_response(errors.UPLOAD_NOT_FOUND, body=False),
+            "503": error_response(errors.STORAGE_UNAVAILABLE, errors.SHUTTING_DOWN,
+                                  headers=header_refs("RetryAfter"), body=False),
+        }, params=upload_id),
+        op("appendUploadChunk", "uploads", "Append a chunk at the session's offset", {
+            "202": answer("the chunk counted: the new offset", "UploadSessionAnswer", session_headers),
+            "400": error_response(errors.INVALID_CONTENT_RANGE, errors.INVALID_DIGEST),
+            "404": error_response(errors.UPLOAD_NOT_FOUND),
+            "409": busy,
+            "413": error_response(errors.FILE_TOO_LARGE),
+            "416": offset_mismatch_response(),
+            "422": error_response(errors.DIGEST_MISMATCH),
+            **_upload_answers(settings),
+        }, params=upload_id + chunk_headers, body={**chunk_body, "required": True}, description=chunk_rule),
+        op("completeUploadSession", "uploads", "Complete a session: its content becomes a blob", {
+            "201": blob_stored,
+            "400": error_response(errors.INVALID_DIGEST, errors.INVALID_CONTENT_RANGE),
+            "404": error_response(errors.UPLOAD_NOT_FOUND),
+            "409": busy,
+            "413": error_response(errors.FILE_TOO_LARGE),
+            "416": offset_mismatch_response(),
+            "422": error_response(errors.SIZE_MISMATCH, errors.DIGEST_MISMATCH),
+            **_upload_answers(settings),
+        }, params=upload_id + [
+            {"name": "digest", "in": "query", "required": True, "description": "the whole content's sha256",
+             "schema": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}}] + chunk_headers,
+            body=chunk_body, description=(
+                "Optionally with a last chunk (the rules of PATCH). The content must hash to ?digest= (and to "
+                "the checksum and size announced at POST), else 422 and the session stays, with the last chunk "
+                "if it passed its own checks. Then it is stored as PUT /api/v1/blobs stores a blob "
+                "(deduplicated, kept for BLOB_GRACE) and the session is gone. " + chunk_rule)),
+        op("cancelUploadSession", "uploads", "Cancel a session and free its bytes", {
+            "204": {"description": "cancelled"},
+            "404": error_response(errors.UPLOAD_NOT_FOUND),
+            "409": busy,
+            "503": shared("Unavailable"),
+        }, params=upload_id),
+    )
+    upload = {**upload, "parameters": upload["parameters"] + [
+        _query("digest", "attach this stored blob (an upload session's result) instead of sending a body: "
+                         "sha256:<hex>; with a body, 400", {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"})]}
+    upload["responses"]["400"] = error_response(
+        errors.INVALID_ID, errors.INVALID_CHECKSUM, errors.INVALID_FILENAME, errors.MISSING_FILE,
+        errors.INVALID_MULTIPART, errors.TOO_MANY_PARTS, errors.INVALID_DIGEST, errors.INVALID_PARAMETER)
+    upload["responses"]["422"] = missing_blobs_response(errors.CHECKSUM_MISMATCH)
+
     return _by_id(
+        *upload_session_ops,
         op("health", "operations", "Liveness: does the service answer and reach its store", {
             "200": answer("healthy", "Health"),
             "503": answer("unhealthy: the store did not answer (see error), or the instance is draining", "Health"),
@@ -921,6 +1029,7 @@ def build(settings: Settings) -> Json:
             {"name": "models", "description": "the registry: register, list, read, update, delete, versions, batch"},
             {"name": "files", "description": "model files: upload, download, file info, a version's files"},
             {"name": "blobs", "description": "content by sha256, stored before a snapshot's commit refers to it"},
+            {"name": "uploads", "description": "resumable upload sessions: chunks at an offset, completed into a blob"},
             {"name": "analytics", "description": "statistics, popular and recent models"},
             {"name": "operations", "description": "health, metrics and this documentation"},
         ],

@@ -27,7 +27,16 @@ from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
 from .render import LAST_MODIFIED_SHARED
 from .schemas import FileEntryIn
-from .storage.base import DuplicateModel, ModelDocument, ModelQuery, RegistryStats, Storage, StoredFileMetadata
+from .storage.base import (
+    DuplicateModel,
+    FileWriter,
+    ModelDocument,
+    ModelQuery,
+    RegistryStats,
+    Storage,
+    StoredFile,
+    StoredFileMetadata,
+)
 from .uploads import Received, file_metadata
 
 _NUMBERING_ATTEMPTS = 8
@@ -242,6 +251,18 @@ async def attach_file(storage: Storage, leases: FileLeases, doc: ModelDocument,
     return fm
 
 
+async def attach_blob(storage: Storage, leases: FileLeases, doc: ModelDocument, sha256: str,
+                      filename: str | None) -> StoredFileMetadata:
+    """Point a model at a stored blob (POST /models/{id}/upload?digest=), as an upload's file is attached:
+    claimed first, so no release or gc removes it in between; 422 missing_blobs if it is not stored."""
+    blob = (await storage.claim_blobs([sha256])).get(sha256)
+    if blob is None:
+        raise ApiError(errors.MISSING_BLOBS, f"blob sha256:{sha256} is not stored; upload it first (PUT "
+                                             "/api/v1/blobs/<digest> or an upload session); nothing changed",
+                       details={"missing": [f"sha256:{sha256}"]})
+    return await attach_file(storage, leases, doc, Received(blob, filename or "", "application/octet-stream"))
+
+
 async def _release_all(leases: FileLeases, file_ids: list[str]) -> None:
     """Release content a model no longer refers to, through the leases (kept while a download reads it)."""
     for file_id in file_ids:
@@ -280,6 +301,32 @@ async def create_snapshot(storage: Storage, fields: ModelDocument, files: list[F
         # A failed commit only drops its claims: the blobs stay for BLOB_GRACE, so a retry
         # (another version number, say) need not upload them again.
         await storage.settle_files([blob.file_id for blob in claimed.values()])
+
+
+async def keep_blob(storage: Storage, sha256: str, grace: timedelta) -> StoredFile | None:
+    """The stored blob sha256:<hex>, kept for ``grace`` from now (BLOB_GRACE: a commit is about to name it)."""
+    return (await storage.keep_blobs([sha256], clock.now() + grace)).get(sha256)
+
+
+async def store_blob(storage: Storage, writer: FileWriter, sha256: str, grace: timedelta) -> StoredFile:
+    """The writer's content becomes the blob sha256:<hex>: PUT /api/v1/blobs and a completed upload session.
+
+    Committed (deduplicated onto a stored copy), kept for ``grace`` as a blob a
+    commit is about to name, and its commit's claim settled. Content that
+    hashes otherwise is refused (422 digest_mismatch) before the commit; the
+    caller's writer block then discards it.
+    """
+    if writer.sha256 != sha256:
+        raise ApiError(errors.DIGEST_MISMATCH,
+                       f"the content ({writer.size} bytes) has sha256:{writer.sha256}, not sha256:{sha256}; "
+                       "nothing was kept")
+    stored = await writer.commit()
+    try:
+        await storage.keep_blobs([sha256], clock.now() + grace)
+    finally:
+        await storage.settle_file(stored.file_id)
+    UPLOAD_BYTES.inc(stored.size)
+    return stored
 
 
 async def create_with_file(storage: Storage, fields: ModelDocument, received: Received) -> ModelDocument:

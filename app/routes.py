@@ -16,10 +16,10 @@ from aiohttp import web
 
 from . import auth, openapi, ui
 from .appkeys import ROUTE_SCOPES, SETTINGS
-from .handlers import analytics, batch, blobs, docs, files, health, metrics, models
+from .handlers import analytics, batch, blobs, docs, files, health, metrics, models, upload_sessions
 from .http.expect import defer_expect
 from .urls import API as API_PREFIX
-from .urls import BLOB, BLOBS, FILE_PATH, MODEL, MODEL_DOWNLOAD, MODEL_FILES, MODELS, OPENAPI_JSON
+from .urls import BLOB, BLOBS, FILE_PATH, MODEL, MODEL_DOWNLOAD, MODEL_FILES, MODELS, OPENAPI_JSON, UPLOAD, UPLOADS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -87,6 +87,12 @@ API: tuple[Route, ...] = (
     Route("POST", BLOBS + "/missing", blobs.missing, "write", "blobsMissing", body=True),
     Route("PUT", BLOB, blobs.put_blob, "write", "putBlob", body=True),
     Route("HEAD", BLOB, blobs.head_blob, "read", "headBlob"),
+    # A session is its writer's own: even reading its offset takes the write scope.
+    Route("POST", UPLOADS, upload_sessions.open_session, "write", "openUploadSession", body=True),
+    Route("GET", UPLOAD, upload_sessions.status, "write", "getUploadSession", head="headUploadSession"),
+    Route("PATCH", UPLOAD, upload_sessions.append, "write", "appendUploadChunk", body=True),
+    Route("PUT", UPLOAD, upload_sessions.complete, "write", "completeUploadSession", body=True),
+    Route("DELETE", UPLOAD, upload_sessions.cancel, "write", "cancelUploadSession"),
 )
 
 

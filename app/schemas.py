@@ -484,6 +484,36 @@ class MissingBlobsError(Struct, forbid_unknown_fields=True):
     error: MissingBlobsDetail
 
 
+class UploadSessionRequest(Struct, forbid_unknown_fields=True):
+    """POST /api/v1/uploads (the body is optional: no body announces nothing)."""
+
+    size_bytes: Annotated[Count | None, Meta(description="the whole content's size, if known; "
+                                                          "completion checks it")] = None
+    checksum: Annotated[Digest | None, Meta(description="the whole content's sha256, if known: a stored blob "
+                                                        "answers 201 at once; completion checks it")] = None
+
+
+class UploadSessionAnswer(Struct, forbid_unknown_fields=True):
+    id: Annotated[str, Meta(pattern="^[0-9a-f]{24}$")]
+    offset: Annotated[Count, Meta(description="bytes stored so far; the next chunk starts here")]
+    size_bytes: Count | None
+    checksum: Digest | None
+    expires_at: Annotated[Timestamp, Meta(description="UPLOAD_SESSION_TTL after its last change; each accepted "
+                                                      "chunk moves it")]
+
+
+class UploadOffsetDetail(Struct, forbid_unknown_fields=True):
+    code: Literal["upload_offset_mismatch"]
+    message: Annotated[str, Meta(min_length=1)]
+    offset: Annotated[Count, Meta(description="the session's offset: where the next chunk must start")]
+
+
+class UploadOffsetError(Struct, forbid_unknown_fields=True):
+    """416 of a chunk that does not start at the session's offset."""
+
+    error: UploadOffsetDetail
+
+
 # Response components whose JSON Schema needs more than the Struct says.
 EXTRA_SCHEMA: dict[str, dict[str, object]] = {
     "Model": {"dependentRequired": {"file_metadata": ["model_size"], "model_size": ["file_metadata"],
@@ -492,7 +522,8 @@ EXTRA_SCHEMA: dict[str, dict[str, object]] = {
     "ModelSummary": {"dependentRequired": {"file_count": ["snapshot_digest"], "snapshot_digest": ["file_count"]}},
 }
 
-REQUESTS = (ModelRegistration, NewVersion, ModelUpdate, BlobsMissingRequest)
+REQUESTS = (ModelRegistration, NewVersion, ModelUpdate, BlobsMissingRequest, UploadSessionRequest)
 ANSWERS = (Error, FileMetadata, FileEntry, SnapshotManifest, FileInfo, ModelSummary, Model, Pagination, ModelList,
            ModelTop, VersionList, RegistrationAnswer, UploadAnswer, UpdateAnswer, DeleteAnswer, Statistics, Health,
-           DetailedHealth, BatchAnswer, BlobsMissingAnswer, BlobAnswer, MissingBlobsError)
+           DetailedHealth, BatchAnswer, BlobsMissingAnswer, BlobAnswer, MissingBlobsError, UploadSessionAnswer,
+           UploadOffsetError)

@@ -15,6 +15,8 @@ MODEL_FILES = MODEL + "/files"
 FILE_PATH = "/{path:[\\s\\S]+}"
 BLOBS = API + "/blobs"
 BLOB = BLOBS + "/{digest}"
+UPLOADS = API + "/uploads"
+UPLOAD = UPLOADS + "/{upload_id}"
 
 
 def model_url(model_id: str) -> str:
@@ -27,3 +29,11 @@ def download_url(model_id: str) -> str:
 
 def files_url(model_id: str) -> str:
     return MODEL_FILES.format(id=model_id)
+
+
+def blob_url(sha256: str) -> str:
+    return BLOB.format(digest=f"sha256:{sha256}")
+
+
+def upload_url(session_id: str) -> str:
+    return UPLOAD.format(upload_id=session_id)

@@ -159,3 +159,25 @@ def test_snapshot_settings():
     for bad in ("soon", "-1h", "1.5h", "24 hours", "366d"):
         with pytest.raises(ConfigError, match="^BLOB_GRACE"):
             Settings.from_env({"BLOB_GRACE": bad})
+
+
+def test_upload_session_settings():
+    """MAX_UPLOAD_SESSIONS (per key), MAX_UPLOAD_SESSIONS_TOTAL and UPLOAD_SESSION_TTL (resumable uploads)."""
+    from datetime import timedelta
+
+    defaults = Settings.from_env({})
+    assert (defaults.max_upload_sessions, defaults.max_upload_sessions_total) == (16, 512)
+    assert defaults.upload_session_ttl == timedelta(hours=24)
+    tuned = Settings.from_env({"MAX_UPLOAD_SESSIONS": "2", "MAX_UPLOAD_SESSIONS_TOTAL": "3",
+                               "UPLOAD_SESSION_TTL": "90s"})
+    assert (tuned.max_upload_sessions, tuned.max_upload_sessions_total) == (2, 3)
+    assert tuned.upload_session_ttl == timedelta(seconds=90)
+    assert Settings.from_env({"UPLOAD_SESSION_TTL": "7d"}).upload_session_ttl == timedelta(days=7)
+    for name in ("MAX_UPLOAD_SESSIONS", "MAX_UPLOAD_SESSIONS_TOTAL"):
+        for bad in ("0", "-1", "many", "1.5"):
+            with pytest.raises(ConfigError, match=f"^{name} "):
+                Settings.from_env({name: bad})
+    # 0 would expire every session at once.
+    for bad in ("0", "soon", "-1h", "1.5h", "366d"):
+        with pytest.raises(ConfigError, match="^UPLOAD_SESSION_TTL"):
+            Settings.from_env({"UPLOAD_SESSION_TTL": bad})

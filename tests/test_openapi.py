@@ -480,18 +480,22 @@ async def test_auth_and_rate_limit_responses_match_their_document(aiohttp_client
 
 
 def test_document_without_auth_or_limits_has_no_401_403_429(doc):
-    """Without auth or rate limits, a 429 is only an upload's per-client cap (on by default)."""
+    """Without auth or rate limits, a 429 is only an upload's per-client cap (on by default), or the
+    cap on a key's upload sessions."""
     assert "security" not in doc and "securitySchemes" not in doc["components"]
     uploads = 0
     for path, item in doc["paths"].items():
         for method, operation in item.items():
             responses = operation["responses"]
             assert not {"401", "403"} & set(responses), (method, path)
-            if "429" in responses:
+            if (method, path) == ("post", "/api/v1/uploads"):
+                assert responses["429"]["x-error-codes"] == ["too_many_upload_sessions"]
+            elif "429" in responses:
                 assert responses["429"]["x-error-codes"] == ["too_many_client_uploads"], (method, path)
                 assert responses["503"]["$ref"].endswith("/UploadUnavailable"), (method, path)
                 uploads += 1
-    assert uploads == 4  # POST /models, POST and PUT .../{id}/upload, and PUT /blobs/{digest}
+    # POST /models, POST and PUT .../{id}/upload, PUT /blobs/{digest}, PATCH and PUT /uploads/{upload_id}
+    assert uploads == 6
 
 
 # --------------------------------------------------------------------------- /docs

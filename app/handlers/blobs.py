@@ -13,13 +13,12 @@ import re
 import msgspec
 from aiohttp import web
 
-from .. import clock, errors, uploads
+from .. import clock, errors, registry, uploads
 from ..appkeys import SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
 from ..http.json import json_response
 from ..json_bodies import read_json_object
-from ..metrics import UPLOAD_BYTES
 from ..schemas import MAX_BLOB_DIGESTS, BlobAnswer, BlobsMissingAnswer, BlobsMissingRequest
 
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -61,8 +60,7 @@ async def put_blob(request: web.Request) -> web.Response:
     """PUT /api/v1/blobs/sha256:<hex>: 201 stored, 200 already stored (body unread), 422 digest_mismatch."""
     sha256 = _digest(request)
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
-    until = clock.now() + settings.blob_grace
-    known = (await storage.keep_blobs([sha256], until)).get(sha256)
+    known = await registry.keep_blob(storage, sha256, settings.blob_grace)
     if known is not None:
         response = json_response(BlobAnswer(digest=f"sha256:{sha256}", size_bytes=known.size))
         if request.body_exists:
@@ -76,16 +74,7 @@ async def put_blob(request: web.Request) -> web.Response:
         # Leaving the writer's block other than by its commit discards what it wrote.
         async with storage.file_writer(settings.gridfs_chunk_size) as writer:
             await uploads.fill(writer, request.content.iter_any(), settings)
-            if writer.sha256 != sha256:
-                raise ApiError(errors.DIGEST_MISMATCH,
-                               f"the body ({writer.size} bytes) has sha256:{writer.sha256}, not sha256:{sha256} "
-                               "as its URL says; nothing was kept")
-            stored = await writer.commit()
-    try:
-        await storage.keep_blobs([sha256], until)
-    finally:
-        await storage.settle_file(stored.file_id)
-    UPLOAD_BYTES.inc(stored.size)
+            stored = await registry.store_blob(storage, writer, sha256, settings.blob_grace)
     return json_response(BlobAnswer(digest=f"sha256:{sha256}", size_bytes=stored.size), status=201)
 
 

@@ -8,7 +8,7 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from aiohttp import web
 
-from .. import downloads, errors, registry, snapshots, uploads, urls
+from .. import downloads, errors, registry, snapshots, upload_sessions, uploads, urls
 from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http import preconditions
@@ -46,9 +46,21 @@ async def _store_body(request: web.Request, sha256: str | None) -> uploads.Recei
 
 async def upload(request: web.Request) -> web.Response:
     doc = await model_or_404(request)
-    received = await _receive(request)
-    fm = await registry.attach_file(request.app[STORAGE], request.app[LEASES], doc, received)
+    if "digest" in request.query:
+        fm = await _attach_blob(request, doc)
+    else:
+        received = await _receive(request)
+        fm = await registry.attach_file(request.app[STORAGE], request.app[LEASES], doc, received)
     return json_response(UploadAnswer(success=True, model_id=doc["id"], file_metadata=file_metadata(fm)), status=201)
+
+
+async def _attach_blob(request: web.Request, doc: ModelDocument):
+    """?digest=sha256:<hex> with no body: the model's file is that stored blob (an upload session's result)."""
+    sha256 = upload_sessions.digest_param(request.query["digest"])
+    if request.body_exists:
+        raise ApiError(errors.INVALID_PARAMETER, "?digest= attaches a stored blob: send no body with it")
+    filename = uploads.clean_filename(request.query.get("filename"))
+    return await registry.attach_blob(request.app[STORAGE], request.app[LEASES], doc, sha256, filename)
 
 
 async def download(request: web.Request) -> web.StreamResponse:

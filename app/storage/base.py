@@ -248,15 +248,16 @@ class FileWriter(abc.ABC):
         self.size = 0
         self._hash = hashlib.sha256()
         self._done = False
-        self._batch: list[bytes] = []
-        self._batch_size = 0
+        self._queued: list[bytes] = []
+        self._queued_size = 0
         # The batch the threads are hashing and storing; shielded from the
         # request's cancellation, so cancel() can wait for it before discarding.
-        self._inflight: asyncio.Future | None = None
+        self._in_threads: asyncio.Future | None = None
+        self._also: list[hashlib._Hash] = []  # see hash_also
 
     @property
     def sha256(self) -> str:
-        if self._batch or self._inflight is not None:
+        if self._queued or self._in_threads is not None:
             raise RuntimeError("sha256 of bytes still being hashed: await flush() first")
         return self._hash.hexdigest()
 
@@ -268,36 +269,45 @@ class FileWriter(abc.ABC):
             return
         if type(data) is not bytes:
             data = bytes(data)  # a caller's buffer may change after this returns
-        self._batch.append(data)
-        self._batch_size += len(data)
+        self._queued.append(data)
+        self._queued_size += len(data)
         self.size += len(data)
-        if self._batch_size >= pipeline.BATCH:
+        if self._queued_size >= pipeline.BATCH:
             await self._pass_on()
+
+    def hash_also(self, running: "hashlib._Hash") -> None:
+        """Feed ``running`` too with every byte written from now on (a chunk's own digest), in a
+        thread beside the content's hash; it covers them once flush() has returned."""
+        if self._queued or self._in_threads is not None:
+            raise RuntimeError("hash_also while bytes are still being hashed: await flush() first")
+        self._also.append(running)
 
     async def flush(self) -> None:
         """Wait until every byte written so far is hashed and stored (not yet durable)."""
-        if self._batch:
+        if self._queued:
             await self._pass_on()
         await self._settle()
 
     async def _pass_on(self) -> None:
         await self._settle()
-        batch, self._batch, self._batch_size = self._batch, [], 0
-        self._inflight = asyncio.ensure_future(self._process(batch, self.size - sum(map(len, batch))))
+        batch, self._queued, self._queued_size = self._queued, [], 0
+        self._in_threads = asyncio.ensure_future(self._process(batch, self.size - sum(map(len, batch))))
 
     async def _settle(self) -> None:
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)  # its error, if any, is this writer's from now on
-            self._inflight = None
+        if self._in_threads is not None:
+            await asyncio.shield(self._in_threads)  # its error, if any, is this writer's from now on
+            self._in_threads = None
 
     async def _process(self, batch: list[bytes], offset: int) -> None:
-        hashing = asyncio.get_running_loop().run_in_executor(pipeline.threads, pipeline.hash_pieces,
-                                                             self._hash, batch)
+        loop = asyncio.get_running_loop()
+        hashing = [loop.run_in_executor(pipeline.threads, pipeline.hash_pieces, running, batch)
+                   for running in (self._hash, *self._also)]
         try:
             await self._store_batch(batch, offset)
         finally:
-            await asyncio.wait([hashing])  # the hash is touched by one thread at a time
-        hashing.result()
+            await asyncio.wait(hashing)  # each hash is touched by one thread at a time
+        for done in hashing:
+            done.result()
 
     async def commit(self) -> StoredFile:
         """Make the content readable; identical content is stored only once.
@@ -316,16 +326,16 @@ class FileWriter(abc.ABC):
         if self._done:
             return
         self._done = True
-        self._batch = []
+        self._queued = []
         await self._quiesce()
         await self._cancel()
 
     async def _quiesce(self) -> None:
         """Wait for the threads to be done with this writer (a batch still being stored, say)."""
-        if self._inflight is not None:
-            await asyncio.wait([self._inflight])
-            if not self._inflight.cancelled():
-                self._inflight.exception()  # retrieved: the upload already failed for its own reason
+        if self._in_threads is not None:
+            await asyncio.wait([self._in_threads])
+            if not self._in_threads.cancelled():
+                self._in_threads.exception()  # retrieved: the upload already failed for its own reason
 
     async def __aenter__(self) -> "FileWriter":
         return self

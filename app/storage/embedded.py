@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -29,19 +30,27 @@ from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
+    SESSION_LOCK_TTL,
     DuplicateModel,
     FileMissing,
     FileWriter,
     ModelDocument,
     ModelQuery,
     RegistryStats,
+    SessionBusy,
+    SessionHashes,
+    SessionMissing,
+    SessionWriter,
     Storage,
     StorageError,
     StorageUnavailable,
     StoredFile,
+    UploadSession,
 )
 from . import pipeline
 
+# A session's stored prefix is re-read (to re-hash it) in pieces this large.
+_READ_SIZE = 1024 * 1024
 # Download pieces: small enough that 64 downloads hold little memory between
 # them, large enough that per-piece overhead stays small.
 _PIECE = 256 * 1024
@@ -87,6 +96,21 @@ CREATE TABLE IF NOT EXISTS model_files (
     PRIMARY KEY (file_id, model_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS model_files_model ON model_files (model_id);
+-- Resumable uploads: a session's bytes are in uploads/<id>; "offset" counts
+-- those accepted (a writer that died may have left more, cut on the next write).
+CREATE TABLE IF NOT EXISTS upload_sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    "offset" INTEGER NOT NULL,
+    size_bytes INTEGER,
+    checksum TEXT,
+    chunk_size INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    lock_token TEXT,
+    lock_until TEXT
+);
+CREATE INDEX IF NOT EXISTS upload_sessions_updated ON upload_sessions (updated_at);
 """
 
 # Columns kept outside the JSON document because queries filter or sort on them.
@@ -155,6 +179,9 @@ class EmbeddedStorage(Storage):
         self.root = Path(data_dir)
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
+        # Not tmp/: gc removes old unlocked temp files there, and a session idles for hours.
+        self.upload_dir = self.root / "uploads"
+        self.session_hashes = SessionHashes()
         self.db_path = self.root / "registry.sqlite3"
         self._db: sqlite3.Connection | None = None
         # A second, read-only connection used on the event loop itself, for
@@ -178,6 +205,7 @@ class EmbeddedStorage(Storage):
         self.root.mkdir(parents=True, exist_ok=True)
         self.blob_dir.mkdir(exist_ok=True)
         self.tmp_dir.mkdir(exist_ok=True)
+        self.upload_dir.mkdir(exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         # First, so that workers opening the same database at once wait for
@@ -618,8 +646,8 @@ class EmbeddedStorage(Storage):
     async def release_file(self, file_id: str) -> bool:
         return await self._run(self._release, file_id) is not None
 
-    def _garbage(self, min_age: timedelta) -> tuple[list[str], set[str]]:
-        """(unreferenced file ids, blob names the files table knows)."""
+    def _garbage(self, min_age: timedelta) -> tuple[list[str], set[str], set[str]]:
+        """(unreferenced file ids, blob names the files table knows, upload session ids)."""
         db = self._db
         cutoff = iso(now() - min_age)
         unreferenced = [r[0] for r in db.execute(
@@ -627,10 +655,23 @@ class EmbeddedStorage(Storage):
             " AND (claims = 0 OR claimed_at < ?) AND uploaded_at < ? AND (kept_until IS NULL OR kept_until < ?)",
             (cutoff, cutoff, iso(now())))]
         known = {r[0] for r in db.execute("SELECT sha256 FROM files")}
-        return unreferenced, known
+        sessions = {r[0] for r in db.execute("SELECT id FROM upload_sessions")}
+        return unreferenced, known, sessions
+
+    def _unlink_stray(self, path: Path) -> bool:
+        """Remove a blob without a files row or a session file without a session, unless one appeared
+        meanwhile; on the SQLite thread, where commits and new sessions record them."""
+        if path.parent == self.upload_dir:
+            known = self._db.execute("SELECT 1 FROM upload_sessions WHERE id = ?", (path.name,)).fetchone()
+        else:
+            known = self._db.execute("SELECT 1 FROM files WHERE sha256 = ?", (path.name,)).fetchone()
+        if known:
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
     async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
-        unreferenced, known = await self._run(self._garbage, min_age)
+        unreferenced, known, sessions = await self._run(self._garbage, min_age)
         report = []
         for file_id in unreferenced:
             info = await self.file_info(file_id)
@@ -650,6 +691,11 @@ class EmbeddedStorage(Storage):
             for p in self.blob_dir.glob("*/*"):
                 if p.is_file() and p.name not in known and p.stat().st_mtime < horizon:
                     found.append(("blob without a files row", p))
+            for p in self.upload_dir.iterdir():
+                # Expired sessions go through delete_session (app/maintenance.py); this is what a
+                # crash between a session's row and its file leaves.
+                if p.is_file() and p.name not in sessions and p.stat().st_mtime < horizon:
+                    found.append(("upload session file without a session", p))
             return found
 
         for what, path in await asyncio.to_thread(strays):
@@ -660,15 +706,105 @@ class EmbeddedStorage(Storage):
             if what == "temp file":
                 if not await asyncio.to_thread(_remove_unless_locked, path, dry_run):
                     continue
-            elif not dry_run:
-                # Recheck under the SQLite thread: a commit may have just registered it.
-                if await self._run(
-                    lambda: self._db.execute("SELECT 1 FROM files WHERE sha256 = ?", (path.name,)).fetchone()
-                ):
-                    continue
-                path.unlink(missing_ok=True)
+            elif not dry_run and not await self._run(self._unlink_stray, path):
+                continue
             report.append(f"{what} {path} {size} bytes")
         return report
+
+    # -- upload sessions -----------------------------------------------------
+    def session_path(self, session_id: str) -> Path:
+        return self.upload_dir / session_id
+
+    async def open_session(self, session: UploadSession) -> None:
+        await self._run(lambda: self._db.execute(
+            'INSERT INTO upload_sessions (id, owner, "offset", size_bytes, checksum, chunk_size, created_at,'
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (session.id, session.owner, session.offset, session.size_bytes, session.checksum, session.chunk_size,
+             iso(session.created_at), iso(session.updated_at))).close())
+
+    def _session_row(self, session_id: str) -> UploadSession | None:
+        row = self._db.execute("SELECT * FROM upload_sessions WHERE id = ?", (session_id,)).fetchone()
+        return _row_session(row) if row else None
+
+    async def get_session(self, session_id: str) -> UploadSession | None:
+        if not _SESSION_ID_RE.fullmatch(session_id):
+            return None
+        return await self._run(self._session_row, session_id)
+
+    async def count_sessions(self, owner: str, updated_after: datetime) -> tuple[int, int]:
+        mine, everyone = await self._run(lambda: tuple(self._db.execute(
+            "SELECT coalesce(sum(owner = ?), 0), count(*) FROM upload_sessions WHERE updated_at > ?",
+            (owner, iso(updated_after))).fetchone()))
+        return mine, everyone
+
+    def session_writer(self, session_id: str) -> SessionWriter:
+        return _EmbeddedSessionWriter(self, session_id)
+
+    def _lock_session(self, session_id: str, token: str) -> UploadSession:
+        """Take a session's write lock (one conditional UPDATE: SQLite serialises writers, across processes too)."""
+        at = now()
+        row = self._db.execute(
+            "UPDATE upload_sessions SET lock_token = ?, lock_until = ? WHERE id = ?"
+            " AND (lock_token IS NULL OR lock_until < ?) RETURNING *",
+            (token, iso(at + SESSION_LOCK_TTL), session_id, iso(at))).fetchone()
+        if row is not None:
+            return _row_session(row)
+        if self._db.execute("SELECT 1 FROM upload_sessions WHERE id = ?", (session_id,)).fetchone():
+            raise SessionBusy(f"upload session {session_id} is being written by another request")
+        raise SessionMissing(f"no upload session {session_id}")
+
+    def _renew_session_lock(self, session_id: str, token: str) -> bool:
+        return self._db.execute("UPDATE upload_sessions SET lock_until = ? WHERE id = ? AND lock_token = ?",
+                                (iso(now() + SESSION_LOCK_TTL), session_id, token)).rowcount == 1
+
+    def _unlock_session(self, session_id: str, token: str) -> None:
+        self._db.execute("UPDATE upload_sessions SET lock_token = NULL, lock_until = NULL"
+                         " WHERE id = ? AND lock_token = ?", (session_id, token))
+
+    def _advance_session(self, session_id: str, token: str, offset: int) -> UploadSession:
+        row = self._db.execute(
+            'UPDATE upload_sessions SET "offset" = ?, updated_at = ? WHERE id = ? AND lock_token = ? RETURNING *',
+            (offset, iso(now()), session_id, token)).fetchone()
+        if row is None:
+            raise SessionBusy(f"upload session {session_id}: its write lock lapsed and another request took it")
+        return _row_session(row)
+
+    def _commit_session(self, session_id: str, token: str, sha256: str, size: int, chunk_size: int) -> StoredFile:
+        """The session's file becomes a blob and its row goes, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("DELETE FROM upload_sessions WHERE id = ? AND lock_token = ? RETURNING id",
+                          (session_id, token)).fetchone() is None:
+                raise SessionBusy(f"upload session {session_id}: its write lock lapsed and another request took it")
+            stored = self._register_blob(self.session_path(session_id), sha256, size, chunk_size)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return stored
+
+    def _delete_session(self, session_id: str) -> bool:
+        token = secrets.token_hex(8)
+        try:
+            self._lock_session(session_id, token)
+        except SessionMissing:
+            return False
+        self._db.execute("DELETE FROM upload_sessions WHERE id = ? AND lock_token = ?", (session_id, token))
+        # Unlinked on this thread after the row: no writer can hold the file now.
+        self.session_path(session_id).unlink(missing_ok=True)
+        return True
+
+    async def delete_session(self, session_id: str) -> bool:
+        if not _SESSION_ID_RE.fullmatch(session_id):
+            return False
+        self.session_hashes.forget(session_id)
+        return await self._run(self._delete_session, session_id)
+
+    async def sessions_updated_before(self, before: datetime) -> list[UploadSession]:
+        rows = await self._run(lambda: self._db.execute(
+            "SELECT * FROM upload_sessions WHERE updated_at < ? ORDER BY updated_at", (iso(before),)).fetchall())
+        return [_row_session(r) for r in rows]
 
     async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         end = file.size if length is None else min(file.size, offset + length)
@@ -691,6 +827,14 @@ class EmbeddedStorage(Storage):
                 yield data
         finally:
             os.close(fd)
+
+
+_SESSION_ID_RE = re.compile(r"[0-9a-f]{24}")
+
+
+def _row_session(row: sqlite3.Row) -> UploadSession:
+    return UploadSession(row["id"], row["owner"], row["offset"], row["size_bytes"], row["checksum"],
+                         row["chunk_size"], parse_iso(row["created_at"]), parse_iso(row["updated_at"]))
 
 
 def _row_file(row: sqlite3.Row) -> StoredFile:
@@ -752,6 +896,111 @@ class _EmbeddedWriter(FileWriter):
                 self._file.close()
 
         await asyncio.to_thread(discard)
+
+
+class _EmbeddedSessionWriter(SessionWriter):
+    """Appends to uploads/<id>; the row's offset moves only after an fsync, so it never counts lost bytes."""
+
+    def __init__(self, store: EmbeddedStorage, session_id: str) -> None:
+        super().__init__(store, session_id)
+        self._store = store
+        self._path = store.session_path(session_id)
+        self._token = secrets.token_hex(8)
+        self._file = None
+        self._locked = False
+        self._renewed = 0.0
+
+    async def _acquire(self) -> UploadSession:
+        session = await self._store._run(self._store._lock_session, self.session_id, self._token)
+        self._locked = True
+        self._renewed = time.monotonic()
+        return session
+
+    async def _release(self) -> None:
+        try:
+            if self._file is not None:
+                file, self._file = self._file, None
+                await asyncio.to_thread(file.close)
+            if self._locked:
+                self._locked = False
+                await self._store._run(self._store._unlock_session, self.session_id, self._token)
+        except Exception:
+            pass  # the lock then lapses after SESSION_LOCK_TTL
+
+    async def _discard_beyond(self, offset: int) -> None:
+        def open_at() -> None:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._file = os.fdopen(fd, "r+b", buffering=0)
+            length = os.fstat(fd).st_size
+            if length < offset:
+                raise FileMissing(f"upload session {self.session_id}: {length} bytes stored, {offset} recorded")
+            if length > offset:
+                os.ftruncate(fd, offset)
+            self._file.seek(offset)
+
+        await asyncio.to_thread(open_at)
+
+    async def _read_prefix(self) -> AsyncIterator[bytes]:
+        fd = await asyncio.to_thread(os.open, self._path, os.O_RDONLY)
+        try:
+            pos, end = 0, self.session.offset
+            while pos < end:
+                data = await asyncio.to_thread(os.pread, fd, min(_READ_SIZE, end - pos), pos)
+                if not data:
+                    raise FileMissing(f"upload session {self.session_id} is shorter than its offset")
+                pos += len(data)
+                yield data
+        finally:
+            os.close(fd)
+
+    async def _still_held(self) -> bool:
+        """Whether our lock still holds, renewing it once a third of its time has passed.
+
+        Asked before each write to the file: a lock lapses only after its holder
+        went that long without renewing, so a writer that froze past it finds
+        out here, before it writes over (or truncates) the bytes of the request
+        that took the session over.
+        """
+        if time.monotonic() - self._renewed > SESSION_LOCK_TTL.total_seconds() / 3:
+            if not await self._store._run(self._store._renew_session_lock, self.session_id, self._token):
+                return False
+            self._renewed = time.monotonic()
+        return True
+
+    async def _hold_lock(self) -> None:
+        if not await self._still_held():
+            self._locked = False
+            raise SessionBusy(f"upload session {self.session_id}: its write lock lapsed")
+
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        await self._hold_lock()
+        await asyncio.get_running_loop().run_in_executor(pipeline.threads, self._write_batch, batch, offset)
+
+    def _write_batch(self, batch: list[bytes], offset: int) -> None:
+        pipeline.write_pieces(self._file.fileno(), batch, offset)
+        pipeline.start_writeback(self._file.fileno(), offset, sum(map(len, batch)))
+
+    def _sync(self) -> None:
+        os.fsync(self._file.fileno())
+
+    async def _checkpoint(self) -> UploadSession:
+        await self._hold_lock()
+        await asyncio.to_thread(self._sync)
+        return await self._store._run(self._store._advance_session, self.session_id, self._token, self.size)
+
+    async def _commit(self) -> StoredFile:
+        await self._hold_lock()
+        await asyncio.to_thread(self._sync)
+        stored = await self._store._run(self._store._commit_session, self.session_id, self._token, self.sha256,
+                                        self.size, self.chunk_size)
+        self._locked = False  # the row, and its lock, are gone
+        return stored
+
+    async def _cancel(self) -> None:
+        # FileWriter.cancel waited for any batch still being written: nothing lands after the truncate.
+        if self._file is not None and self.session is not None and self._locked and await self._still_held():
+            # This request's bytes go now (the next writer would cut them anyway).
+            await asyncio.to_thread(os.ftruncate, self._file.fileno(), self.session.offset)
 
 
 def _remove_unless_locked(path: Path, dry_run: bool) -> bool:

@@ -12,16 +12,21 @@ first chunk a byte range needs instead of reading from the start to seek.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
+    BulkWriteError,
+    CollectionInvalid,
     ConnectionFailure,
     DuplicateKeyError,
     NetworkTimeout,
@@ -35,19 +40,26 @@ from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
+    SESSION_LOCK_TTL,
     DuplicateModel,
     FileMissing,
     FileWriter,
     ModelDocument,
     ModelQuery,
     RegistryStats,
+    SessionBusy,
+    SessionHashes,
+    SessionMissing,
+    SessionWriter,
     Storage,
     StorageError,
     StorageUnavailable,
     StoredFile,
+    UploadSession,
     ValueRefused,
 )
 from .live_uploads import LiveUploads
+from .session_locks import SessionLocks
 
 # Chunk documents per cursor batch when reading: bounds memory per download.
 _READ_BATCH_BYTES = 1024 * 1024
@@ -65,6 +77,14 @@ def _oid(value: str) -> ObjectId | None:
         return ObjectId(value)
     except (InvalidId, TypeError):
         return None
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def _session_oid(session_id: str) -> ObjectId | None:
+    """Session ids are spelt one way only (ObjectId would also take upper case), as on the embedded backend."""
+    return ObjectId(session_id) if isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) else None
 
 
 def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
@@ -134,6 +154,20 @@ def _unavailable(e: BaseException) -> StorageUnavailable | None:
 
 
 _BAD_VALUE = 2  # the server's error code for a value it will not take
+_NAMESPACE_EXISTS = 48
+
+
+@contextlib.contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Driver errors as the StorageError the HTTP layer maps (for code _guard cannot wrap)."""
+    try:
+        yield
+    except BulkWriteError as e:
+        # Its text would carry every document of the batch, chunk data and all.
+        first = (e.details.get("writeErrors") or [{}])[0]
+        raise StorageError(f"MongoDB: insert failed: {first.get('errmsg', 'write error')}") from e
+    except PyMongoError as e:
+        raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
 
 def _guard(fn):
@@ -176,6 +210,11 @@ class MongoStorage(Storage):
         self._content_lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task] = set()
         self.live_uploads = LiveUploads(self.db[f"{bucket}.uploads_in_progress"])
+        # An upload session's full chunks are GridFS chunks whose files_id is the
+        # session's _id (no files document until it completes); see _GridFSSessionWriter.
+        self.sessions = self.db["upload_sessions"]
+        self.session_locks = SessionLocks(self.db["upload_session_locks"])
+        self.session_hashes = SessionHashes()
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -203,6 +242,17 @@ class MongoStorage(Storage):
         # sparse, so files other tools wrote without our metadata do not collide.
         await self.files.create_index("metadata.sha256", unique=True, sparse=True)
         await self.live_uploads.create_index()
+        # count_sessions (per owner and in all) and sessions_updated_before.
+        await self.sessions.create_index([("owner", ASCENDING), ("updated_at", ASCENDING)])
+        await self.sessions.create_index("updated_at")
+        # Created now, not by the first lock in the middle of a request.
+        try:
+            await self.db.create_collection("upload_session_locks")
+        except CollectionInvalid:
+            pass
+        except OperationFailure as e:
+            if e.code != _NAMESPACE_EXISTS:  # another replica starting at the same moment
+                raise
 
     async def close(self) -> None:
         # A last chance for pending cleanups whose database is already back.
@@ -440,8 +490,12 @@ class MongoStorage(Storage):
         # Chunks without a files document: an upload that died before its
         # commit, or one still running. Chunk ids are made when they are
         # written, so a running upload's newest chunk is always young.
+        # Upload sessions' chunks have no files document either, however old.
+        # Sessions are read before files: one that completes in between has
+        # its files document by then.
+        sessions = set(await self.sessions.distinct("_id"))
         stored = set(await self.files.distinct("_id"))
-        orphans = set(await self.chunks.distinct("files_id")) - stored
+        orphans = set(await self.chunks.distinct("files_id")) - stored - sessions
         # Read after the chunks: a writer records itself before its first chunk.
         writing = await self.live_uploads.live()
         for files_id in orphans:
@@ -542,6 +596,58 @@ class MongoStorage(Storage):
                 return_document=ReturnDocument.AFTER,
             )
 
+    # -- upload sessions -----------------------------------------------------
+    @_guard
+    async def open_session(self, session: UploadSession) -> None:
+        await self.sessions.insert_one({
+            "_id": ObjectId(session.id),
+            "owner": session.owner,
+            "offset": session.offset,
+            "size_bytes": session.size_bytes,
+            "checksum": session.checksum,
+            "chunk_size": session.chunk_size,
+            "created_at": session.created_at,
+            "updated_at": session.updated_at,
+            "tail": b"",  # the bytes past the last full chunk
+        })
+
+    @_guard
+    async def get_session(self, session_id: str) -> UploadSession | None:
+        oid = _session_oid(session_id)
+        raw = await self.sessions.find_one({"_id": oid}, {"tail": 0}) if oid else None
+        return _session(raw) if raw else None
+
+    @_guard
+    async def count_sessions(self, owner: str, updated_after: datetime) -> tuple[int, int]:
+        live = {"updated_at": {"$gt": updated_after}}
+        return (await self.sessions.count_documents({"owner": owner, **live}),
+                await self.sessions.count_documents(live))
+
+    def session_writer(self, session_id: str) -> SessionWriter:
+        return _GridFSSessionWriter(self, session_id)
+
+    @_guard
+    async def delete_session(self, session_id: str) -> bool:
+        oid = _session_oid(session_id)
+        if oid is None:
+            return False
+        token = await self.session_locks.acquire(oid)
+        try:
+            # The document first: chunks left by a failure after it are orphans gc removes.
+            if (await self.sessions.delete_one({"_id": oid})).deleted_count != 1:
+                return False
+            if await self.files.find_one({"_id": oid}, {"_id": 1}) is None:
+                await self.chunks.delete_many({"files_id": oid})
+            # else a commit published these chunks and stopped before removing the session.
+            return True
+        finally:
+            self.session_hashes.forget(session_id)
+            await self.session_locks.release(oid, token)
+
+    @_guard
+    async def sessions_updated_before(self, before: datetime) -> list[UploadSession]:
+        return [_session(raw) async for raw in self.sessions.find({"updated_at": {"$lt": before}}, {"tail": 0})]
+
     async def read_file(self, file: StoredFile, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         end = file.size if length is None else min(file.size, offset + length)
         if offset >= end:
@@ -573,23 +679,52 @@ class MongoStorage(Storage):
             await cursor.close()
 
 
+def _session(raw: dict[str, Any]) -> UploadSession:
+    return UploadSession(str(raw["_id"]), raw["owner"], raw["offset"], raw["size_bytes"], raw["checksum"],
+                         raw["chunk_size"], raw["created_at"], raw["updated_at"])
+
+
 def _stored_file(raw: dict[str, Any]) -> StoredFile:
     meta = raw.get("metadata") or {}
     return StoredFile(str(raw["_id"]), raw["length"], meta.get("sha256", ""), raw["chunkSize"], raw["uploadDate"])
 
 
-class _GridFSWriter(FileWriter):
-    def __init__(self, store: MongoStorage, chunk_size: int) -> None:
-        super().__init__(chunk_size)
-        self._store = store
-        self._files_id = ObjectId()
-        # The bytes after the last full chunk: views of pieces already received.
-        self._tail: list[memoryview] = []
-        self._tail_size = 0
-        self._n = 0
+async def _publish(store: MongoStorage, files_id: ObjectId, size: int, chunk_size: int, sha256: str) -> StoredFile:
+    """Make the chunks of ``files_id`` (all written) stored content, claimed; or, if the same
+    content is already stored, claim that copy and remove these chunks."""
+    existing = await store.claim(sha256)
+    if existing is None:
+        files_doc = {
+            "_id": files_id,
+            "length": size,
+            "chunkSize": chunk_size,
+            "uploadDate": now(),
+            "filename": sha256,
+            "metadata": {"sha256": sha256, "claims": 1, "claimed_at": now()},
+        }
+        try:
+            await _retry_busy(lambda: store.files.insert_one(files_doc))
+            return _stored_file(files_doc)
+        except DuplicateKeyError:
+            # Someone committed the same content a moment ago.
+            existing = await store.claim(sha256)
+            if existing is None:
+                raise
+    # Same content is already stored: keep that copy, drop ours.
+    await store.chunks.delete_many({"files_id": files_id})
+    return _stored_file(existing)
 
-    def _cut_chunks(self, pieces: list[bytes], final: bool) -> list[dict[str, Any]]:
-        """Chunk documents of the tail and these pieces, each chunk's bytes copied once."""
+
+class _Chunks:
+    """Cuts a stream of pieces into GridFS chunk documents, each chunk's bytes copied once."""
+
+    def __init__(self, files_id: ObjectId, chunk_size: int, n: int = 0, tail: bytes = b"") -> None:
+        self.files_id, self.chunk_size, self.n = files_id, chunk_size, n
+        # The bytes after the last full chunk: views of pieces already received.
+        self._tail: list[memoryview] = [memoryview(tail)] if tail else []
+        self._tail_size = len(tail)
+
+    def cut(self, pieces: list[bytes], final: bool = False) -> list[dict[str, Any]]:
         cs = self.chunk_size
         docs = []
         for piece in pieces:
@@ -605,16 +740,30 @@ class _GridFSWriter(FileWriter):
             docs.append(self._chunk())
         return docs
 
-    def _chunk(self) -> dict[str, Any]:
-        doc = {"files_id": self._files_id, "n": self._n, "data": b"".join(self._tail)}
-        self._n += 1
+    def tail(self) -> bytes:
+        return b"".join(self._tail)
+
+    def clear(self) -> None:
         self._tail, self._tail_size = [], 0
+
+    def _chunk(self) -> dict[str, Any]:
+        doc = {"files_id": self.files_id, "n": self.n, "data": b"".join(self._tail)}
+        self.n += 1
+        self.clear()
         return doc
+
+
+class _GridFSWriter(FileWriter):
+    def __init__(self, store: MongoStorage, chunk_size: int) -> None:
+        super().__init__(chunk_size)
+        self._store = store
+        self._files_id = ObjectId()
+        self._chunks = _Chunks(self._files_id, chunk_size)
 
     async def _insert(self, docs: list[dict[str, Any]]) -> None:
         if not docs:
             return
-        if self._n == len(docs):
+        if docs[0]["n"] == 0:
             # The first chunks: gc must know they belong to a live upload.
             await self._store.live_uploads.add(self._files_id)
         # An insert the server has received completes even if the request is
@@ -625,7 +774,7 @@ class _GridFSWriter(FileWriter):
 
     async def _store_batch(self, batch: list[bytes], offset: int) -> None:
         try:
-            await self._insert(self._cut_chunks(batch, final=False))
+            await self._insert(self._chunks.cut(batch))
         except PyMongoError as e:
             if (unavailable := _unavailable(e)) is not None:
                 raise unavailable from e
@@ -634,33 +783,13 @@ class _GridFSWriter(FileWriter):
     async def _commit(self) -> StoredFile:
         store = self._store
         try:
-            last = asyncio.ensure_future(self._insert(self._cut_chunks([], final=True)))
+            last = asyncio.ensure_future(self._insert(self._chunks.cut([], final=True)))
             try:
                 await asyncio.shield(last)  # as every batch's insert (see _insert)
             except asyncio.CancelledError:
                 await asyncio.wait([last])
                 raise
-            existing = await store.claim(self.sha256)
-            if existing is None:
-                files_doc = {
-                    "_id": self._files_id,
-                    "length": self.size,
-                    "chunkSize": self.chunk_size,
-                    "uploadDate": now(),
-                    "filename": self.sha256,
-                    "metadata": {"sha256": self.sha256, "claims": 1, "claimed_at": now()},
-                }
-                try:
-                    await _retry_busy(lambda: store.files.insert_one(files_doc))
-                    return _stored_file(files_doc)
-                except DuplicateKeyError:
-                    # Someone committed the same content a moment ago.
-                    existing = await store.claim(self.sha256)
-                    if existing is None:
-                        raise
-            # Same content is already stored: keep that copy, drop ours.
-            await store.chunks.delete_many({"files_id": self._files_id})
-            return _stored_file(existing)
+            return await _publish(store, self._files_id, self.size, self.chunk_size, self.sha256)
         except BaseException as e:
             await self._cancel()
             if (unavailable := _unavailable(e)) is not None:
@@ -670,7 +799,7 @@ class _GridFSWriter(FileWriter):
             await store.live_uploads.remove(self._files_id)
 
     async def _cancel(self) -> None:
-        self._tail, self._tail_size = [], 0
+        self._chunks.clear()
         try:
             await self._store.chunks.delete_many({"files_id": self._files_id})
         except PyMongoError as e:
@@ -681,3 +810,149 @@ class _GridFSWriter(FileWriter):
                         self._files_id, e.__class__.__name__)
             self._store.remove_chunks_later(self._files_id)
         await self._store.live_uploads.remove(self._files_id)
+
+
+# A writer renews its session's lock before each batch of chunks it inserts
+# and before a checkpoint or commit, and while bytes arrive without filling a
+# batch, once this much of SESSION_LOCK_TTL has passed since the last renewal.
+_RENEW_AFTER = SESSION_LOCK_TTL.total_seconds() / 6
+
+
+class _GridFSSessionWriter(SessionWriter):
+    """Appends to an upload session: full chunks as GridFS chunks of the session's id,
+    the rest (less than a chunk) in the session document as its ``tail``."""
+
+    def __init__(self, store: MongoStorage, session_id: str) -> None:
+        super().__init__(store, session_id)
+        self._store = store
+        self._oid = _session_oid(session_id)
+        self._token: str | None = None
+        self._lost = False  # our lock lapsed and another request took the session
+        self._renewed_at = 0.0
+        self._tail = b""  # the stored tail (bytes past the last full chunk) this request started from
+        self._chunks: _Chunks | None = None
+
+    async def _acquire(self) -> UploadSession:
+        store, oid = self._store, self._oid
+        if oid is None:
+            raise SessionMissing(f"no upload session {self.session_id}")
+        with _storage_errors():
+            self._token = await _retry_busy(lambda: store.session_locks.acquire(oid))
+            self._renewed_at = time.monotonic()
+            try:
+                raw = await store.sessions.find_one({"_id": oid})
+                if raw is not None and await store.files.find_one({"_id": oid}, {"_id": 1}) is not None:
+                    # Its commit published the content, then stopped before removing the session.
+                    await store.sessions.delete_one({"_id": oid})
+                    raw = None
+            except BaseException:
+                await self._release()
+                raise
+        if raw is None:
+            await self._release()
+            raise SessionMissing(f"no upload session {self.session_id}")
+        session = _session(raw)
+        self._tail = raw["tail"]
+        self._chunks = _Chunks(oid, session.chunk_size, session.offset // session.chunk_size, self._tail)
+        return session
+
+    async def _release(self) -> None:
+        if self._token is not None and self._oid is not None:
+            token, self._token = self._token, None
+            await self._store.session_locks.release(self._oid, token)
+
+    async def _discard_beyond(self, offset: int) -> None:
+        # The chunk holding ``offset`` is never stored before a commit (the
+        # session document keeps that tail), so from there on all is leftover.
+        with _storage_errors():
+            await _retry_busy(lambda: self._store.chunks.delete_many(
+                {"files_id": self._oid, "n": {"$gte": offset // self.chunk_size}}))
+
+    async def _read_prefix(self) -> AsyncIterator[bytes]:
+        session = self.session
+        full = session.offset // session.chunk_size * session.chunk_size
+        prefix = StoredFile(self.session_id, full, "", session.chunk_size, session.created_at)
+        async for piece in self._store.read_file(prefix):
+            yield piece
+        if self._tail:
+            yield self._tail
+
+    async def _renew(self) -> None:
+        store, oid, token = self._store, self._oid, self._token
+        if not await _retry_busy(lambda: store.session_locks.renew(oid, token)):
+            self._lost = True
+            raise SessionBusy(f"upload session {self.session_id}: its lock lapsed and another request took it")
+        self._renewed_at = time.monotonic()
+
+    async def _insert(self, docs: list[dict[str, Any]]) -> None:
+        # Each batch is shielded by FileWriter (and the last one by _commit), as _GridFSWriter's:
+        # _cancel runs only once an insert the server has is done.
+        if docs:
+            await self._renew()  # and so no chunk lands in a session another request took over
+            await _retry_busy(lambda: self._store.chunks.insert_many(docs, ordered=True))
+
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        with _storage_errors():
+            docs = self._chunks.cut(batch)
+            if docs:
+                await self._insert(docs)
+            elif time.monotonic() - self._renewed_at > _RENEW_AFTER:
+                await self._renew()
+
+    async def _checkpoint(self) -> UploadSession:
+        store, session = self._store, self.session
+        try:
+            with _storage_errors():
+                await self._renew()
+                tail, at = self._chunks.tail(), now()
+                # Conditional on the offset we started from: a writer that lost
+                # its lock changes nothing.
+                result = await _retry_busy(lambda: store.sessions.update_one(
+                    {"_id": self._oid, "offset": session.offset},
+                    {"$set": {"offset": self.size, "tail": tail, "updated_at": at}}))
+            if result.matched_count != 1:
+                raise SessionMissing(f"no upload session {self.session_id}")
+        except BaseException:
+            await self._cancel()
+            raise
+        return replace(session, offset=self.size, updated_at=at)
+
+    async def _commit(self) -> StoredFile:
+        store = self._store
+        try:
+            with _storage_errors():
+                last = asyncio.ensure_future(self._insert(self._chunks.cut([], final=True)))
+                try:
+                    await asyncio.shield(last)
+                except asyncio.CancelledError:
+                    await asyncio.wait([last])
+                    raise
+                await self._renew()
+                stored = await _publish(store, self._oid, self.size, self.chunk_size, self.sha256)
+        except BaseException:
+            # Nothing published: the session stays at its offset without this request's bytes.
+            await self._cancel()
+            raise
+        try:
+            await _retry_busy(lambda: store.sessions.delete_one({"_id": self._oid}))
+        except PyMongoError as e:
+            # The content is stored; the next request on this session finds its
+            # files document and removes the session then.
+            log.warning("upload session %s completed but not removed: %s", self.session_id, e.__class__.__name__)
+        return stored
+
+    async def _cancel(self) -> None:
+        # FileWriter.cancel waited for any batch still being inserted: nothing lands after the delete.
+        if self._chunks is not None:
+            self._chunks.clear()
+        if self._lost or self._token is None or self.session is None:
+            return
+        try:
+            if not await self._store.session_locks.renew(self._oid, self._token):
+                return  # our lock lapsed: whatever lies beyond the offset is the new holder's
+            await self._store.chunks.delete_many(
+                {"files_id": self._oid, "n": {"$gte": self.session.offset // self.chunk_size}})
+        except PyMongoError as e:
+            # The next writer (its _discard_beyond) or delete_session removes them.
+            log.info("upload session %s: this request's chunks stay until the next one: %s",
+                     self.session_id, e.__class__.__name__)
