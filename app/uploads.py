@@ -107,6 +107,14 @@ def raw_body_filename(request: web.Request) -> str | None:
     return clean_filename(name)
 
 
+async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
+    """The raw body, each piece as aiohttp received it: iter_any() joins the pieces
+    already buffered into a new bytes object, a copy of every byte at upload speed."""
+    async for piece, _ in request.content.iter_chunks():
+        if piece:  # (b"", True) marks the end of an HTTP chunk of a chunked body
+            yield piece
+
+
 async def fill(writer: FileWriter, pieces: AsyncIterator[bytes], settings: Settings) -> None:
     """Write every piece; on return ``writer.sha256`` and ``writer.size`` cover them all."""
     async for piece in pieces:
