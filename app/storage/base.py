@@ -344,15 +344,11 @@ class FileWriter(abc.ABC):
         # Any way out other than a commit (an error, a cancelled task) discards.
         await self.cancel()
 
+    @abc.abstractmethod
     async def _store_batch(self, batch: list[bytes], offset: int) -> None:
         """Store a batch of pieces, the content's bytes from ``offset`` on, after those
-        stored before. Runs while a thread hashes the same batch. A backend overrides
-        this, or implements _write to be given the pieces one by one."""
-        for piece in batch:
-            await self._write(piece)
-
-    async def _write(self, data: bytes) -> None:
-        raise NotImplementedError
+        stored before; runs while a thread hashes the same batch. The pieces are the
+        caller's: keep them (or views of them), never change them."""
 
     @abc.abstractmethod
     async def _commit(self) -> StoredFile: ...
