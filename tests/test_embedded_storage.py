@@ -168,3 +168,18 @@ async def test_settling_blobs_among_concurrent_writes_is_safe(tmp_path):
         assert all([await store.release_file(f.file_id) for f in stored])
     finally:
         await store.close()
+
+
+def test_batch_writes_resume_after_a_short_pwritev(tmp_path, monkeypatch):
+    """pwritev may write less than asked (a signal, a 2 GiB cap): the rest follows, in order, once."""
+    from app.storage import pipeline
+
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, offset: real(fd, [memoryview(bufs[0])[:3]], offset))
+    pieces = [os.urandom(10), os.urandom(1), os.urandom(7)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        pipeline.write_pieces(fd, pieces, 5)
+        assert os.pread(fd, 100, 0) == b"\0" * 5 + b"".join(pieces)
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +33,8 @@ def write_pieces(fd: int, pieces: list[bytes], offset: int) -> None:
     """Write the pieces at ``offset`` without joining them (pwritev may write less than asked)."""
     while pieces:
         written = os.pwritev(fd, pieces[:_IOV_MAX], offset)
+        if not written:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += written
         while pieces and written >= len(pieces[0]):
             written -= len(pieces[0])
