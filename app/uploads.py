@@ -110,8 +110,12 @@ def raw_body_filename(request: web.Request) -> str | None:
 async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
     """The raw body, each piece as aiohttp received it: iter_any() joins the pieces
     already buffered into a new bytes object, a copy of every byte at upload speed."""
-    async for piece, _ in request.content.iter_chunks():
-        if piece:  # (b"", True) marks the end of an HTTP chunk of a chunked body
+    content = request.content
+    # Not iter_chunks(): on an empty body (aiohttp's one shared EMPTY_PAYLOAD, whose
+    # "end already reported" flag is process-wide) it never ends after the first time.
+    while not content.at_eof():
+        piece, _ = await content.readchunk()  # (b"", True) ends an HTTP chunk; b"" with False, the body
+        if piece:
             yield piece
 
 

@@ -127,6 +127,15 @@ async def limited(aiohttp_client, settings):
 # ---------------------------------------------------------------------------
 
 
+async def test_empty_bodies_one_after_another_are_each_stored(client):
+    """aiohttp gives every empty body the same reader object, with state left by the
+    previous one: reading an empty body must end however often it happens."""
+    for _ in range(3):
+        model_id = await register(client)
+        resp = await asyncio.wait_for(upload_raw(client, model_id, b""), 10)
+        check_upload_answer(await json_of(resp, 201), model_id, b"")
+
+
 @pytest.mark.parametrize("size", SIZES)
 async def test_raw_upload_round_trip_is_byte_exact(client, size):
     storage = await storage_of(client)
