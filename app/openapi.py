@@ -655,7 +655,7 @@ def operations(settings: Settings) -> dict[str, Json]:
     upload_id = [{"name": "upload_id", "in": "path", "required": True,
                   "description": "the session's id, as POST answered it (24 lowercase hex digits; anything else "
                                  "is 404 upload_not_found, as an unknown, expired or another key's session is)",
-                  "schema": {"type": "string"}}]
+                  "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}]
     session_headers = header_refs("UploadLocation", "UploadRange")
     blob_stored = answer("stored: the blob's digest and size", "BlobAnswer", header_refs("BlobLocation"))
     busy = error_response(errors.UPLOAD_BUSY, headers=header_refs("RetryAfter"))

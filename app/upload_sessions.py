@@ -21,6 +21,7 @@ import hashlib
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import AsyncIterator, Awaitable, Callable
 
 import http_sf
@@ -119,7 +120,7 @@ def owner_of(identity: object | None) -> str:
     return identity.digest.hex() if identity is not None else ""
 
 
-def expires_at(session: UploadSession, settings: Settings):
+def expires_at(session: UploadSession, settings: Settings) -> datetime:
     return session.updated_at + settings.upload_session_ttl
 
 
@@ -278,7 +279,7 @@ async def cancel(storage: Storage, settings: Settings, owner: str, session_id: s
         raise not_found(session_id)
 
 
-async def remove_expired(storage: Storage, ttl, dry_run: bool) -> list[str]:
+async def remove_expired(storage: Storage, ttl: timedelta, dry_run: bool) -> list[str]:
     """`model-service gc`: sessions idle for UPLOAD_SESSION_TTL and their bytes; one line each."""
     lines = []
     for session in await storage.sessions_updated_before(clock.now() - ttl):

@@ -394,6 +394,43 @@ async def test_download_responses_match_the_document(client, contract):
 
 
 @embedded_only
+async def test_upload_session_responses_match_the_document(client, contract):
+    uploads, session = "/api/v1/uploads", "/api/v1/uploads/{upload_id}"
+    data = os.urandom(3000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    opened = await contract.check("POST", uploads, await client.post(uploads, json={"size_bytes": 3000}), 202)
+    contract.schema("UploadSessionAnswer", opened)
+    url = f"{uploads}/{opened['id']}"
+    await contract.check("GET", session, await client.get(url), 200)
+    resp = await client.patch(url, data=data[:1000], headers={"Content-Range": "bytes 0-999/3000"})
+    assert (await contract.check("PATCH", session, resp, 202))["offset"] == 1000
+    await contract.check("HEAD", session, await client.head(url), 200)
+    resp = await client.patch(url, data=data[:10], headers={"Content-Range": "bytes 0-9/3000"})
+    assert (await contract.check("PATCH", session, resp, 416))["error"]["offset"] == 1000
+    for headers in ({"Content-Range": "bytes x"}, {"Content-Digest": "sha-256=1"}):
+        await contract.check("PATCH", session, await client.patch(url, data=data[1000:], headers=headers), 400)
+    resp = await client.patch(url, data=data[1000:], headers={"Content-Digest": f"sha-256=:{'A' * 43}=:"})
+    await contract.check("PATCH", session, resp, 422)
+    await contract.check("PUT", session, await client.put(url, params={"digest": digest}), 422)
+    await contract.check("PUT", session, await client.put(url, params={"digest": "x"}), 400)
+    resp = await client.put(url, params={"digest": digest}, data=data[1000:])
+    contract.schema("BlobAnswer", await contract.check("PUT", session, resp, 201))
+    await contract.check("GET", session, await client.get(url), 404)
+    await contract.check("HEAD", session, await client.head(url), 404)
+    await contract.check("POST", uploads, await client.post(uploads, json={"checksum": digest}), 201)
+    await contract.check("POST", uploads, await client.post(uploads, json={"size_bytes": -1}), 400)
+    await contract.check("POST", uploads, await client.post(uploads, json={"size_bytes": 10**12}), 413)
+    doomed = (await (await client.post(uploads)).json())["id"]
+    await contract.check("DELETE", session, await client.delete(f"{uploads}/{doomed}"), 204)
+    await contract.check("DELETE", session, await client.delete(f"{uploads}/{doomed}"), 404)
+    model_id = (await register(client, "attached"))["model_id"]
+    resp = await client.post(f"{MODELS}/{model_id}/upload", params={"digest": digest})
+    await contract.check("POST", M_ID + "/upload", resp, 201)
+    resp = await client.put(f"{MODELS}/{model_id}/upload", params={"digest": "sha256:" + "0" * 64})
+    await contract.check("PUT", M_ID + "/upload", resp, 422)
+
+
+@embedded_only
 async def test_snapshot_responses_match_the_document(client, contract):
     files = {"config.json": b'{"a": 1}', "w/weights.bin": os.urandom(5000)}
     for data in files.values():

@@ -333,15 +333,17 @@ async def test_a_second_writer_gets_409_while_a_patch_holds_the_session(client):
 
 async def test_a_client_cut_mid_patch_leaves_an_exact_offset_and_the_content_verifies(client):
     storage, settings = client.app[STORAGE], client.app[SETTINGS]
-    data = os.urandom(6 * 2**20)
+    # 12 MiB: half of it passes the MongoDB writer's 4 MiB batches.
+    data = os.urandom(14 * 2**20)
     sid = (await open_session(client))["id"]
     await patch(client, sid, 0, data[:2**20])
-    chunk = data[2**20:5 * 2**20]
+    chunk = data[2**20:13 * 2**20]
     head = (f"PATCH {UPLOADS}/{sid} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(chunk)}\r\n"
-            f"Content-Range: bytes {2**20}-{5 * 2**20 - 1}/*\r\n\r\n").encode()
+            f"Content-Range: bytes {2**20}-{13 * 2**20 - 1}/*\r\n\r\n").encode()
     sock = socket.create_connection((client.server.host, client.server.port))
     try:
-        sock.sendall(head + chunk[:len(chunk) // 2])
+        # From a thread: the server runs on this event loop and must read while we send.
+        await asyncio.to_thread(sock.sendall, head + chunk[:len(chunk) // 2])
 
         async def partial_stored():
             return await asyncio.to_thread(held_bytes, storage, settings, sid) > 2**20
@@ -352,18 +354,47 @@ async def test_a_client_cut_mid_patch_leaves_an_exact_offset_and_the_content_ver
         sock.close()
     assert await offset_of(client, sid) == 2**20
 
-    async def resumed():
-        resp = await client.patch(f"{UPLOADS}/{sid}", data=data[2**20:],
-                                  headers=chunk_headers(2**20, data[2**20:]))
-        if resp.status == 409:
-            return False  # the server has not noticed the cut yet
-        return await json_of(resp, 202)
+    async def released():
+        return not await asyncio.to_thread(lock_held, storage, settings, sid)
 
-    assert (await wait_for(resumed, "the cut request's lock to go"))["offset"] == len(data)
+    await wait_for(released, "the cut request to end")
+    # Its bytes are gone, not merely uncounted.
+    assert await offset_of(client, sid) == 2**20
+    assert await asyncio.to_thread(held_bytes, storage, settings, sid) == 2**20
+    await patch(client, sid, 2**20, data[2**20:2 * 2**20])
+    await patch(client, sid, 2 * 2**20, data[2 * 2**20:])
     resp = await client.put(f"{UPLOADS}/{sid}?digest=sha256:{sha(data)}")
     await json_of(resp, 201)
     blob = await storage.find_blob(sha(data))
     assert b"".join([piece async for piece in storage.read_file(blob)]) == data
+
+
+def _exchange(host: str, port: int, head: bytes, body: bytes | None) -> list[bytes]:
+    """Send a request head with Expect: 100-continue; the body only if invited. The status lines seen."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head)
+        first = sock.recv(65536)
+        seen = [first.split(b"\r\n", 1)[0]]
+        if first.startswith(b"HTTP/1.1 100") and body is not None:
+            sock.sendall(body)
+            seen.append(sock.recv(65536).split(b"\r\n", 1)[0])
+        return seen
+
+
+async def test_expect_100_continue_invites_the_chunk_only_once_it_would_be_accepted(client):
+    sid = (await open_session(client))["id"]
+    host, port = client.server.host, client.server.port
+
+    def head(start: int) -> bytes:
+        return (f"PATCH {UPLOADS}/{sid} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+                f"Content-Range: bytes {start}-{start + 4}/*\r\n\r\n").encode()
+
+    # A chunk at the wrong offset is refused before its body is sent.
+    refused = await asyncio.to_thread(_exchange, host, port, head(5), b"abcde")
+    assert [line[:12] for line in refused] == [b"HTTP/1.1 416"]
+    accepted = await asyncio.to_thread(_exchange, host, port, head(0), b"abcde")
+    assert [line[:12] for line in accepted] == [b"HTTP/1.1 100", b"HTTP/1.1 202"]
+    assert await offset_of(client, sid) == 5
 
 
 async def test_expired_sessions_are_404_and_gc_removes_their_bytes_but_never_a_live_ones(

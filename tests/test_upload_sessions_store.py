@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 from bson import ObjectId
+from pymongo.errors import AutoReconnect
 
 from app import clock
 from app.storage import DEFAULT_CHUNK_SIZE, make_storage
-from app.storage.base import SESSION_LOCK_TTL, SessionBusy, SessionMissing, UploadSession
+from app.storage.base import SESSION_LOCK_TTL, SessionBusy, SessionMissing, StorageUnavailable, UploadSession
 from tests.test_storage_files import read_all, store
 from tests.transfer_helpers import leftovers
 
@@ -375,3 +376,151 @@ async def test_a_session_gone_mid_request_is_missing(storage):
     with pytest.raises(SessionMissing):
         async with storage.session_writer(str(ObjectId())):
             pass
+
+
+@bounded
+async def test_a_request_cancelled_mid_write_changes_nothing(storage):
+    """The request task is cancelled (the client left) while a write may be under way in the store."""
+    session = await new_session(storage)
+    first = os.urandom(CS + 3)
+    await append(storage, session.id, first)
+    for delay in (0, 0.001, 0.005, 0.02):
+        writer = storage.session_writer(session.id)
+
+        async def request():
+            async with writer:
+                await writer.write(os.urandom(12 * MiB))  # several write batches
+                await writer.checkpoint()
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            continue  # it finished first: nothing to check at this delay
+        assert (await storage.get_session(session.id)).offset == len(first)
+        assert await session_bytes(storage, session.id) <= len(first)
+    got = await storage.get_session(session.id)
+    rest = os.urandom(100)
+    async with storage.session_writer(session.id) as w:
+        before = w.size
+        await w.write(rest)
+        stored = await w.commit()
+    await storage.settle_file(stored.file_id)
+    assert before == got.offset
+    assert (await read_all(storage, stored))[:len(first)] == first
+    assert stored.size == got.offset + 100
+
+
+async def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_a_commit_that_died_after_publishing_leaves_the_content_alone(storage):
+    """The files document was inserted, then the process died: its session document and lock stay."""
+    session = await new_session(storage)
+    data = os.urandom(3 * CS + 5)
+    await append(storage, session.id, data[:CS + 1])
+    stored = await commit(storage, session.id, data[CS + 1:])
+    assert stored.file_id == session.id  # new content keeps the session's chunks, under its id
+    locks = storage.db["upload_session_locks"]
+
+    async def died_after_publishing():
+        await storage.open_session(UploadSession(session.id, "", CS + 1, None, None, CS, session.created_at,
+                                                 clock.now()))
+        await locks.insert_one({"_id": ObjectId(session.id), "token": "dead", "until": clock.now()})
+
+    await died_after_publishing()
+    with pytest.raises(SessionMissing):
+        await append(storage, session.id, b"more")
+    assert await storage.get_session(session.id) is None
+    assert await read_all(storage, stored) == data
+    await died_after_publishing()
+    assert await storage.delete_session(session.id) is True
+    assert await read_all(storage, stored) == data
+    assert await locks.count_documents({}) == 0
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_a_commit_whose_session_removal_failed_is_settled_later(storage, monkeypatch):
+    session = await new_session(storage)
+    data = os.urandom(2 * CS + 5)
+    real = storage.sessions.delete_one
+    failures = []
+
+    async def fails_once(*args, **kwargs):
+        if not failures:
+            failures.append(args)
+            raise AutoReconnect("connection lost (test)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(storage.sessions, "delete_one", fails_once)
+    stored = await commit(storage, session.id, data)  # the content is stored: the commit succeeds
+    assert failures and await read_all(storage, stored) == data
+
+    async def settled():
+        return (await storage.get_session(session.id) is None
+                and await storage.db["upload_session_locks"].count_documents({}) == 0)
+
+    await wait_until(settled, "settled")
+    assert await read_all(storage, stored) == data
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_the_database_gone_mid_request(storage, mongo_server):
+    session = await new_session(storage)
+    first = os.urandom(CS + 5)
+    await append(storage, session.id, first)
+    w = storage.session_writer(session.id)
+    await w.__aenter__()
+    await w.write(os.urandom(5 * MiB))  # in the store, beyond the offset
+    mongo_server.stop()
+    try:
+        with pytest.raises(StorageUnavailable):
+            await w.write(os.urandom(5 * MiB))
+            await w.checkpoint()
+    finally:
+        await w.__aexit__(None, None, None)  # its clean-up cannot reach the database either
+    mongo_server.start()
+    # The lock it could not release goes as soon as the database is back, not SESSION_LOCK_TTL later.
+    deadline = time.monotonic() + SESSION_LOCK_TTL.total_seconds() / 2
+    while True:
+        try:
+            got = await append(storage, session.id, b"x")
+            break
+        except (SessionBusy, StorageUnavailable):
+            assert time.monotonic() < deadline, "the session stayed busy"
+            await asyncio.sleep(0.2)
+    # Settled before its lock went: nothing of the failed request is left beyond the offset.
+    assert await session_bytes(storage, session.id) == CS
+    assert got.offset == len(first) + 1
+    stored = await commit(storage, session.id)
+    assert await read_all(storage, stored) == first + b"x"
+
+
+@bounded
+@pytest.mark.parametrize("backend", ["mongodb"])
+async def test_gc_forgets_lapsed_locks_of_sessions_that_are_gone(storage):
+    locks = storage.db["upload_session_locks"]
+    live = await new_session(storage)
+    await append(storage, live.id, b"x" * (CS + 1))
+    gone = ObjectId()
+    lapsed = clock.now() - timedelta(minutes=5)
+    await locks.insert_one({"_id": ObjectId(live.id), "token": "dead", "until": lapsed})
+    await locks.insert_one({"_id": gone, "token": "dead", "until": lapsed})
+    await storage.collect_garbage(timedelta(hours=1), dry_run=True)
+    assert await locks.count_documents({}) == 2
+    await storage.collect_garbage(timedelta(hours=1), dry_run=False)
+    # The live session's lapsed lock stays: the next request takes it over (and discards).
+    assert [d["_id"] async for d in locks.find({})] == [ObjectId(live.id)]
+    assert (await append(storage, live.id, b"y")).offset == CS + 2

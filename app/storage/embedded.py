@@ -911,7 +911,17 @@ class _EmbeddedSessionWriter(SessionWriter):
         self._renewed = 0.0
 
     async def _acquire(self) -> UploadSession:
-        session = await self._store._run(self._store._lock_session, self.session_id, self._token)
+        # The UPDATE runs on the SQLite thread whatever happens to this task: a
+        # request cancelled meanwhile (its client left) waits for it and unlocks.
+        locking = asyncio.ensure_future(self._store._run(self._store._lock_session, self.session_id, self._token))
+        try:
+            session = await asyncio.shield(locking)
+        except asyncio.CancelledError:
+            await asyncio.wait([locking])
+            if not locking.cancelled() and locking.exception() is None:
+                self._locked = True
+                await self._release()
+            raise
         self._locked = True
         self._renewed = time.monotonic()
         return session

@@ -259,6 +259,7 @@ class MongoStorage(Storage):
         for task in list(self._cleanups):
             task.cancel()
         self.live_uploads.close()
+        self.session_locks.close()
         await self.client.close()
 
     async def ping(self) -> None:
@@ -510,7 +511,26 @@ class MongoStorage(Storage):
             report.append(f"{count} orphan chunks of files_id {files_id} (upload never committed)")
         if not dry_run:
             await self.live_uploads.forget_stale()
+            await self.session_locks.forget_lapsed(sessions)
         return report
+
+    def settle_session_later(self, session_id: ObjectId, token: str) -> None:
+        """_settle_session then release the lock, once the database is back (a writer's clean-up failed)."""
+        task = asyncio.create_task(self._settle_session_when_back(session_id, token))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _settle_session_when_back(self, session_id: ObjectId, token: str) -> None:
+        delay, deadline = 0.5, asyncio.get_running_loop().time() + SESSION_LOCK_TTL.total_seconds()
+        # After that the lock has lapsed, and the request that takes it over settles the session.
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                if await _settle_session(self, session_id, token):
+                    await self.session_locks.release(session_id, token)
+                return
+            except PyMongoError:
+                delay = min(delay * 2, 8.0)
 
     def remove_chunks_later(self, files_id: ObjectId) -> None:
         task = asyncio.create_task(self._remove_chunks_when_back(files_id))
@@ -631,8 +651,9 @@ class MongoStorage(Storage):
         oid = _session_oid(session_id)
         if oid is None:
             return False
-        token = await self.session_locks.acquire(oid)
+        token = self.session_locks.new_token()
         try:
+            await self.session_locks.acquire(oid, token)
             # The document first: chunks left by a failure after it are orphans gc removes.
             if (await self.sessions.delete_one({"_id": oid})).deleted_count != 1:
                 return False
@@ -818,15 +839,43 @@ class _GridFSWriter(FileWriter):
 _RENEW_AFTER = SESSION_LOCK_TTL.total_seconds() / 6
 
 
+async def _settle_session(store: MongoStorage, oid: ObjectId, token: str) -> bool:
+    """Make a session whose last writer failed consistent again, while ``token`` holds its lock
+    (False if it does not): no chunk beyond the stored offset, and no session left by a commit
+    that went through. Afterwards the lock can be released as after any request.
+
+    What is stored decides, not what the failed writer believed: a checkpoint or
+    commit whose answer was lost may or may not have happened.
+    """
+    if not await store.session_locks.renew(oid, token):
+        return False
+    if await store.files.find_one({"_id": oid}, {"_id": 1}) is not None:
+        await store.sessions.delete_one({"_id": oid})  # its commit published the content
+        return True
+    raw = await store.sessions.find_one({"_id": oid}, {"offset": 1, "chunk_size": 1})
+    beyond = {"n": {"$gte": raw["offset"] // raw["chunk_size"]}} if raw else {}
+    await store.chunks.delete_many({"files_id": oid, **beyond})
+    return True
+
+
 class _GridFSSessionWriter(SessionWriter):
     """Appends to an upload session: full chunks as GridFS chunks of the session's id,
-    the rest (less than a chunk) in the session document as its ``tail``."""
+    the rest (less than a chunk) in the session document as its ``tail``.
+
+    A lock released the ordinary way leaves the session consistent (nothing
+    beyond its offset, no files document under its id): a writer that fails
+    settles the session first (_settle_session), at once or, with the database
+    out of reach, once it is back. So only a request that takes over a lapsed
+    lock has anything to discard, and the others skip that query (which the
+    FerretDB test server answers with a scan of every chunk it stores).
+    """
 
     def __init__(self, store: MongoStorage, session_id: str) -> None:
         super().__init__(store, session_id)
         self._store = store
         self._oid = _session_oid(session_id)
         self._token: str | None = None
+        self._unsettled = False  # the session may hold more than its offset says: settle before releasing
         self._lost = False  # our lock lapsed and another request took the session
         self._renewed_at = 0.0
         self._tail = b""  # the stored tail (bytes past the last full chunk) this request started from
@@ -837,18 +886,25 @@ class _GridFSSessionWriter(SessionWriter):
         if oid is None:
             raise SessionMissing(f"no upload session {self.session_id}")
         with _storage_errors():
-            self._token = await _retry_busy(lambda: store.session_locks.acquire(oid))
-            self._renewed_at = time.monotonic()
+            # Known before the insert, and the insert shielded: a request cancelled
+            # meanwhile (its client left) still releases the lock it may have taken.
+            self._token = token = store.session_locks.new_token()
+            acquiring = asyncio.ensure_future(_retry_busy(lambda: store.session_locks.acquire(oid, token)))
             try:
-                raw = await store.sessions.find_one({"_id": oid})
-                if raw is not None and await store.files.find_one({"_id": oid}, {"_id": 1}) is not None:
+                self._unsettled = await asyncio.shield(acquiring)  # until _discard_beyond has run
+                self._renewed_at = time.monotonic()
+                if self._unsettled and await store.files.find_one({"_id": oid}, {"_id": 1}) is not None:
                     # Its commit published the content, then stopped before removing the session.
                     await store.sessions.delete_one({"_id": oid})
-                    raw = None
+                raw = await store.sessions.find_one({"_id": oid})
             except BaseException:
+                await asyncio.wait([acquiring])
+                if not acquiring.cancelled():
+                    acquiring.exception()  # retrieved: the error raised here is the one that counts
                 await self._release()
                 raise
         if raw is None:
+            self._unsettled = False  # what chunks a vanished session left are gc's orphans
             await self._release()
             raise SessionMissing(f"no upload session {self.session_id}")
         session = _session(raw)
@@ -857,16 +913,23 @@ class _GridFSSessionWriter(SessionWriter):
         return session
 
     async def _release(self) -> None:
-        if self._token is not None and self._oid is not None:
-            token, self._token = self._token, None
+        if self._token is None or self._oid is None:
+            return
+        token, self._token = self._token, None
+        if self._unsettled and not self._lost:
+            self._store.settle_session_later(self._oid, token)
+        else:
             await self._store.session_locks.release(self._oid, token)
 
     async def _discard_beyond(self, offset: int) -> None:
+        if not self._unsettled:
+            return  # its last writer released the lock the ordinary way: nothing is there
         # The chunk holding ``offset`` is never stored before a commit (the
         # session document keeps that tail), so from there on all is leftover.
         with _storage_errors():
             await _retry_busy(lambda: self._store.chunks.delete_many(
                 {"files_id": self._oid, "n": {"$gte": offset // self.chunk_size}}))
+        self._unsettled = False
 
     async def _read_prefix(self) -> AsyncIterator[bytes]:
         session = self.session
@@ -930,15 +993,15 @@ class _GridFSSessionWriter(SessionWriter):
                 await self._renew()
                 stored = await _publish(store, self._oid, self.size, self.chunk_size, self.sha256)
         except BaseException:
-            # Nothing published: the session stays at its offset without this request's bytes.
+            # Published or not (an insert whose answer was lost), _settle_session finds out.
             await self._cancel()
             raise
         try:
             await _retry_busy(lambda: store.sessions.delete_one({"_id": self._oid}))
         except PyMongoError as e:
-            # The content is stored; the next request on this session finds its
-            # files document and removes the session then.
+            # The content is stored: the session goes when the database is back.
             log.warning("upload session %s completed but not removed: %s", self.session_id, e.__class__.__name__)
+            self._unsettled = True
         return stored
 
     async def _cancel(self) -> None:
@@ -948,11 +1011,10 @@ class _GridFSSessionWriter(SessionWriter):
         if self._lost or self._token is None or self.session is None:
             return
         try:
-            if not await self._store.session_locks.renew(self._oid, self._token):
-                return  # our lock lapsed: whatever lies beyond the offset is the new holder's
-            await self._store.chunks.delete_many(
-                {"files_id": self._oid, "n": {"$gte": self.session.offset // self.chunk_size}})
+            # Our lock may have lapsed: whatever lies beyond the offset is then the new holder's.
+            self._lost = not await _settle_session(self._store, self._oid, self._token)
+            self._unsettled = False
         except PyMongoError as e:
-            # The next writer (its _discard_beyond) or delete_session removes them.
-            log.info("upload session %s: this request's chunks stay until the next one: %s",
-                     self.session_id, e.__class__.__name__)
+            log.info("upload session %s: its clean-up waits for the database (%s)", self.session_id,
+                     e.__class__.__name__)
+            self._unsettled = True
