@@ -25,8 +25,8 @@ from bson import ObjectId
 
 from app.appkeys import STORAGE
 from app.http import sendfile
-from app.storage import pipeline
 from app.server import create_app
+from app.storage import pipeline
 from tests.transfer_helpers import (
     CS,
     FILE_METADATA_FIELDS,

@@ -26,6 +26,7 @@ import orjson
 from bson import ObjectId
 
 from ..clock import iso, now, parse_iso
+from . import pipeline
 from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
@@ -47,7 +48,6 @@ from .base import (
     StoredFile,
     UploadSession,
 )
-from . import pipeline
 
 # A session's stored prefix is re-read (to re-hash it) in pieces this large.
 _READ_SIZE = 1024 * 1024
