@@ -200,6 +200,8 @@ async def _receive(writer: SessionWriter, chunk: Chunk, pieces: AsyncIterator[by
     await invite()
     end = start + chunk.length if chunk.length is not None else None
     running = hashlib.sha256() if chunk.sha256 is not None else None
+    if running is not None:
+        writer.hash_also(running)  # in a thread, beside the content's own sha256
     async for piece in pieces:
         reach = writer.size + len(piece)
         if end is not None and reach > end:
@@ -208,9 +210,8 @@ async def _receive(writer: SessionWriter, chunk: Chunk, pieces: AsyncIterator[by
             raise too_large(settings.max_file_size)
         if size is not None and reach > size:
             raise invalid_range(f"the body goes past the {size} bytes announced")
-        if running is not None:
-            running.update(piece)
         await writer.write(piece)
+    await writer.flush()  # writer.sha256 and running cover every piece
     got = writer.size - start
     if end is not None and got != chunk.length:
         raise invalid_range(f"the body has {got} bytes, not the {chunk.length} of its Content-Range")

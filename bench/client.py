@@ -13,6 +13,8 @@ Jobs:
   ttfb_probe    alternate 1 MiB ranges at given offsets on one connection
   segmented     one file in P parallel ranges, assembled, then sha256-checked
   upload        N concurrent streaming PUTs (aiohttp client), distinct content each
+  upload_session  the same through an upload session: POST, PATCH chunks with Content-Range, PUT ?digest=
+  hash          hashlib.sha256 over the same bytes as an upload, in one thread (the ceiling an upload is held to)
   gridfs_*      the same shapes through PyMongo's async GridFS, no HTTP (the peer)
   mongo_query   list/search/get through the raw driver (metadata peer)
 """
@@ -264,14 +266,17 @@ def _assembled(source: rawhttp.Source, view: memoryview, records: list[dict], wa
     return {"wall": wall, "records": records, "sha256": digest, "sha256_ok": ok, "hash_time": hash_time}
 
 
-async def _stream_variant(source: rawhttp.Source, prefix: bytes, piece: int):
-    """The source file with its first bytes replaced by `prefix`: distinct content per upload."""
+async def _stream_variant(source: rawhttp.Source, prefix: bytes, piece: int, lo: int = 0, hi: int | None = None):
+    """Bytes [lo, hi) of the source file with its first bytes replaced by `prefix`: distinct content per upload."""
     mv = memoryview(source.map)
+    hi = source.size if hi is None else hi
     try:
-        yield prefix
-        pos = len(prefix)
-        while pos < source.size:
-            yield mv[pos:pos + piece]
+        pos = lo
+        if pos < len(prefix):
+            yield prefix[pos:min(hi, len(prefix))]
+            pos = len(prefix)
+        while pos < hi:
+            yield mv[pos:min(hi, pos + piece)]
             pos += piece
     finally:
         mv.release()
@@ -325,6 +330,100 @@ async def job_upload(job: dict) -> dict:
         start.set()
         records = await asyncio.gather(*tasks)
     return {"wall": _end(t0), "records": records}
+
+
+async def job_upload_session(job: dict) -> dict:
+    """Concurrent uploads of distinct variants through upload sessions: POST /api/v1/uploads, PATCH
+    chunks of ``chunk`` bytes (Content-Range, streamed), PUT ?digest= (no body); the 201's digest checked."""
+    import aiohttp
+
+    source = _source(job["expect"])
+    start = asyncio.Event()
+    chunk = job["chunk"]
+
+    async def one(session, up: dict) -> dict:
+        prefix = bytes.fromhex(up["prefix"])
+        rec = {"status": 0, "bytes": source.size, "total": None, "verified": False, "error": None,
+               "verify": "service sha256 (PUT ?digest=)"}
+        await start.wait()
+        t0 = time.perf_counter()
+        try:
+            async with session.post(job["url"], json={"size_bytes": source.size}) as resp:
+                if resp.status != 202:
+                    raise RuntimeError(f"POST: status {resp.status}: {(await resp.read())[:300]!r}")
+                location = resp.headers["Location"]
+            url = job["url"].split("/api/")[0] + location
+            for lo in range(0, source.size, chunk):
+                hi = min(lo + chunk, source.size)
+                headers = {"Content-Range": f"bytes {lo}-{hi - 1}/{source.size}", "Content-Length": str(hi - lo),
+                           "Content-Type": "application/octet-stream"}
+                async with session.patch(url, data=_stream_variant(source, prefix, 1 << 20, lo, hi),
+                                         headers=headers) as resp:
+                    body = await resp.read()
+                    if resp.status != 202:
+                        raise RuntimeError(f"PATCH {lo}-{hi - 1}: status {resp.status}: {body[:300]!r}")
+            async with session.put(url, params={"digest": f"sha256:{up['sha256']}"}) as resp:
+                rec["status"] = resp.status
+                body = await resp.read()
+            rec["total"] = time.perf_counter() - t0
+            if resp.status != 201:
+                rec["error"] = f"PUT: status {resp.status}: {body[:300]!r}"
+            elif json.loads(body) != {"digest": f"sha256:{up['sha256']}", "size_bytes": source.size}:
+                rec["error"] = f"PUT answered {body[:300]!r}"
+            else:
+                rec["verified"] = True
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rec["total"] = time.perf_counter() - t0
+        rec["ok"] = rec["error"] is None and rec["verified"]
+        return rec
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=job.get("timeout", 900))
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+        tasks = [asyncio.create_task(one(s, up)) for up in job["uploads"]]
+        await asyncio.sleep(0)
+        t0 = _begin()
+        start.set()
+        records = await asyncio.gather(*tasks)
+    return {"wall": _end(t0), "records": records}
+
+
+async def job_hash(job: dict) -> dict:
+    """hashlib.sha256 over the bytes an upload of this variant sends, in one thread (one update of
+    the whole mapped file after its prefix: no copy, nothing else)."""
+    source = _source(job["expect"])
+    prefix = bytes.fromhex(job["prefix"])
+    mv = memoryview(source.map)
+    try:
+        t0 = _begin()
+        running = hashlib.sha256(prefix)
+        running.update(mv[len(prefix):])
+        digest = running.hexdigest()
+        wall = _end(t0)
+    finally:
+        mv.release()
+    ok = digest == job["sha256"]
+    return {"wall": wall, "records": [{"status": 200, "bytes": source.size, "total": wall, "verified": ok, "ok": ok,
+                                       "verify": "sha256 of the variant", "error": None if ok else
+                                       f"sha256 {digest}, expected {job['sha256']}"}]}
+
+
+class _VariantReader:
+    """A file-like view of the source with its first bytes replaced by `prefix` (for upload_from_stream)."""
+
+    def __init__(self, source: rawhttp.Source, prefix: bytes) -> None:
+        self._view, self._prefix, self._pos = memoryview(source.map), prefix, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
+        pos, self._pos = self._pos, end
+        if pos < len(self._prefix):
+            return self._prefix[pos:end] + bytes(self._view[len(self._prefix):end])
+        return bytes(self._view[pos:end])
+
+    def close(self) -> None:
+        self._view.release()
 
 
 # -- GridFS peer jobs (raw PyMongo async, no HTTP) ---------------------------------
@@ -449,7 +548,8 @@ async def job_gridfs_segmented(job: dict) -> dict:
 
 
 async def job_gridfs_write(job: dict) -> dict:
-    """Concurrent raw GridFS uploads (open_upload_stream + write) of distinct variants; then checked and deleted."""
+    """Concurrent raw GridFS uploads (upload_from_stream of a file-like view) of distinct variants; then checked
+    and deleted."""
     from bson import ObjectId
 
     source = _source(job["expect"])
@@ -459,19 +559,19 @@ async def job_gridfs_write(job: dict) -> dict:
     async def one(up: dict) -> dict:
         rec = {"status": 0, "bytes": source.size, "total": None, "verified": False, "error": None,
                "verify": "files.length and chunk count"}
+        reader = _VariantReader(source, bytes.fromhex(up["prefix"]))
         await start.wait()
         t0 = time.perf_counter()
         try:
-            stream = bucket.open_upload_stream(up["name"], chunk_size_bytes=job["chunk_size"])
-            async for piece in _stream_variant(source, bytes.fromhex(up["prefix"]), 1 << 20):
-                await stream.write(bytes(piece))  # GridIn takes bytes (or str / file objects), not memoryviews
-            await stream.close()
+            file_id = await bucket.upload_from_stream(up["name"], reader, chunk_size_bytes=job["chunk_size"])
             rec["total"] = time.perf_counter() - t0
-            rec["file_id"] = str(stream._id)
+            rec["file_id"] = str(file_id)
             rec["status"] = 200
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {e}"
             rec["total"] = time.perf_counter() - t0
+        finally:
+            reader.close()
         return rec
 
     try:
@@ -585,6 +685,8 @@ JOBS = {
     "ttfb_probe": job_ttfb_probe,
     "segmented": job_segmented,
     "upload": job_upload,
+    "upload_session": job_upload_session,
+    "hash": job_hash,
     "gridfs_read": job_gridfs_read,
     "gridfs_ranges": job_gridfs_ranges,
     "gridfs_ttfb_probe": job_gridfs_ttfb_probe,

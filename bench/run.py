@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -43,10 +44,12 @@ ROUND_BYTES = 2000 * MB  # what a download round moves at least, in back-to-back
 RANGE_CONCURRENCY = 4
 SEGMENTS = 8
 UPLOAD_LEVELS = (1, 4)
+RSS_UPLOADS = 8  # concurrent uploads of the larger file while the service's RSS is sampled
+SESSION_CHUNK = 32 * MiB  # PATCH size of the session upload (the client's default)
 META_OPS = ("list", "search", "get")
 META_CONCURRENCY = 16
 META_SAMPLE_IDS = 256
-VARIANTS = max(UPLOAD_LEVELS)
+VARIANTS = max(*UPLOAD_LEVELS, RSS_UPLOADS)
 FILES_CACHE = REPO / ".cache" / "bench-files"
 
 
@@ -254,7 +257,8 @@ class Context:
                     self.say(f"could not drop {store.db}: {e}")
 
     @contextmanager
-    def service(self, store: Store, workers: int, chunk_size: int | None = None, label: str = ""):
+    def service(self, store: Store, workers: int, chunk_size: int | None = None, label: str = "",
+                pin: bool = True):
         biggest = max(max(self.opts.sizes), max(self.opts.mongo_sizes or [0]))
         # Explicit, so that nothing in the caller's environment (LiveService
         # passes it through) turns on auth or rate limits, or caps downloads.
@@ -270,7 +274,7 @@ class Context:
             raise RuntimeError("this checkout of the service has no WORKERS / --workers setting")
         name = f"{store.backend}-{label or 'service'}-w{workers}" + (f"-cs{chunk_size}" if chunk_size else "")
         svc = procs.Service(env, self.logs / f"{name}-{secrets.token_hex(2)}.log", workers)
-        pin = self.pinned(workers)
+        pin = pin and self.pinned(workers)
         svc.start(pin=pin)
         procs.client_cpus = procs.other_cpus() if pin else None
         try:
@@ -613,11 +617,22 @@ def scenario_segmented(ctx: Context, backend: str) -> None:
                     peer, transfer_metrics, expected_requests=SEGMENTS, progress=_mbs)
 
 
+_session_rounds = itertools.count()
+
+
 def _upload_pair(ctx: Context, backend: str, store: Store, svc: procs.Service, f: SourceFile, c: int, w: int,
-                 chunk_size: int):
+                 chunk_size: int, method: str = "PUT"):
     counter = iter(range(10**6))
 
     def ours():
+        if method == "session":
+            # Content committed by a session stays for BLOB_GRACE: each round sends another variant.
+            n = next(_session_rounds)
+            ups = [f.variants[(n * c + i) % VARIANTS] for i in range(c)]
+            job = {"job": "upload_session", "url": f"{svc.url}/api/v1/uploads", "chunk": SESSION_CHUNK,
+                   "expect": f.spec(), "uploads": [{"prefix": p, "sha256": h} for p, h in ups]}
+            r, fig = procs.run_client(job, svc.pid)
+            return r, fig, f"service w{w} (session)"
         ids = []
         for i in range(c):
             status, body = svc.api("POST", "/api/v1/models", {"name": f"upload-{secrets.token_hex(4)}",
@@ -660,21 +675,40 @@ def _upload_pair(ctx: Context, backend: str, store: Store, svc: procs.Service, f
                    "expect": f.spec(), "chunk_size": chunk_size,
                    "uploads": [{"name": f"peer-{i}", "prefix": f.variants[i][0]} for i in range(c)]}
             r, fig = procs.run_client(job, None)
-            return r, fig, "pymongo gridfs"
+            return r, fig, "pymongo upload_from_stream"
     return ours, peer
 
 
+def _hashlib_peer(f: SourceFile):
+    def peer():
+        prefix, sha256 = f.variants[0]
+        r, fig = procs.run_client({"job": "hash", "expect": f.spec(), "prefix": prefix, "sha256": sha256}, None)
+        return r, fig, "hashlib.sha256, one thread"
+    return peer
+
+
 def scenario_upload(ctx: Context, backend: str) -> None:
-    """5. Upload throughput: one stream and 4 concurrent, distinct content each."""
-    small, _ = ctx.sizes(backend)
+    """5. Upload throughput: one stream and 4 concurrent (PUT), one session; each single stream also against
+    hashlib.sha256 of the same bytes in one thread; the service's RSS while 8 clients upload the larger file."""
+    small, large = ctx.sizes(backend)
     f = ctx.file(small)
     w = ctx.opts.workers[0]
     default_chunk = 255 * 1024
-    with ctx.fresh_store(backend, "upload") as store, ctx.service(store, w, label="upload") as svc:
-        for c in UPLOAD_LEVELS:
-            ours, peer = _upload_pair(ctx, backend, store, svc, f, c, w, default_chunk)
-            ctx.measure(backend, "upload", {"concurrency": c, "size_mb": round(small / MB)}, ctx.opts.rounds,
+    point = {"size_mb": round(small / MB)}
+    # Not pinned: the service hashes and writes in threads beside its event loop, which one CPU would serialise.
+    with ctx.fresh_store(backend, "upload") as store, ctx.service(store, w, label="upload", pin=False) as svc:
+        for method, c in [("PUT", c) for c in UPLOAD_LEVELS] + [("session", 1)]:
+            ours, peer = _upload_pair(ctx, backend, store, svc, f, c, w, default_chunk, method)
+            ctx.measure(backend, "upload", {"method": method, "concurrency": c, **point}, ctx.opts.rounds,
                         ours, peer, upload_metrics, expected_requests=c, progress=_mbs)
+        for method in ("PUT", "session"):
+            ours, _ = _upload_pair(ctx, backend, store, svc, f, 1, w, default_chunk, method)
+            ctx.measure(backend, "upload_hashlib", {"method": method, "concurrency": 1, **point}, ctx.opts.rounds,
+                        ours, _hashlib_peer(f), upload_metrics, expected_requests=1, progress=_mbs)
+        big = ctx.file(large)
+        ours, _ = _upload_pair(ctx, backend, store, svc, big, RSS_UPLOADS, w, default_chunk)
+        ctx.measure(backend, "upload_rss", {"method": "PUT", "concurrency": RSS_UPLOADS, "size_mb": round(large / MB)},
+                    1, ours, None, upload_metrics, expected_requests=RSS_UPLOADS, progress=_mbs)
 
 
 # -- metadata -------------------------------------------------------------------------------------------

@@ -35,6 +35,21 @@ def test_bench_quick_completes_with_zero_errors(tmp_path):
     for record in results["summary"]:
         assert record["ours_errors"] == 0 and record["peer_errors"] == 0, record["point"]
         assert record["ours_requests"] > 0, record["point"]
+    for backend in ("embedded", "mongodb"):
+        uploads = {(r["scenario"], r["point"]["method"], r["point"]["concurrency"]): r for r in results["summary"]
+                   if r["backend"] == backend and r["scenario"].startswith("upload")}
+        # Each upload variant ran, against its peer, and every body it sent was verified (the
+        # service's sha256 of it, or the files document's length and chunk count): bytes, never speeds.
+        assert set(uploads) == {("upload", "PUT", 1), ("upload", "PUT", 4), ("upload", "session", 1),
+                                ("upload_hashlib", "PUT", 1), ("upload_hashlib", "session", 1),
+                                ("upload_rss", "PUT", 8)}, (backend, sorted(uploads))
+        for key, r in uploads.items():
+            assert r["ours_verified"] == r["ours_requests"] == r["point"]["concurrency"] * r["rounds"], (backend, key)
+            if key[0] != "upload_rss":
+                assert r["peer_verified"] == r["peer_requests"] > 0, (backend, key)
+        assert uploads[("upload_hashlib", "PUT", 1)]["peer_who"] == "hashlib.sha256, one thread"
+        rss = uploads[("upload_rss", "PUT", 8)]
+        assert rss["ours_rss_peak_mb_max"] > 0 and rss["metrics"]["gb"]["ours"] > 0
     [errors] = [t for t in results["targets"] if t["target"].startswith("zero errors")]
     assert errors["met"], errors
     assert (out / "summary.md").exists() and list(out.glob("*.png"))

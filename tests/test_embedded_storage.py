@@ -118,15 +118,14 @@ async def test_an_upload_cancelled_while_its_bytes_are_being_written_leaves_no_t
     store = EmbeddedStorage(str(tmp_path))
     await store.open()
     entered, release = threading.Event(), threading.Event()
-    real_write_buffer = _EmbeddedWriter._write_buffer
+    real_write_batch = _EmbeddedWriter._write_batch
 
-    def slow_write_buffer(writer) -> None:
-        with memoryview(writer._buffer):  # held, as file.write holds it while the disk is slow
-            entered.set()
-            release.wait(10)
-        real_write_buffer(writer)
+    def slow_write_batch(writer, batch, offset) -> None:
+        entered.set()
+        release.wait(10)  # the disk is slow
+        real_write_batch(writer, batch, offset)
 
-    monkeypatch.setattr(_EmbeddedWriter, "_write_buffer", slow_write_buffer)
+    monkeypatch.setattr(_EmbeddedWriter, "_write_batch", slow_write_batch)
 
     async def upload() -> None:
         async with store.file_writer() as writer:
@@ -169,3 +168,18 @@ async def test_settling_blobs_among_concurrent_writes_is_safe(tmp_path):
         assert all([await store.release_file(f.file_id) for f in stored])
     finally:
         await store.close()
+
+
+def test_batch_writes_resume_after_a_short_pwritev(tmp_path, monkeypatch):
+    """pwritev may write less than asked (a signal, a 2 GiB cap): the rest follows, in order, once."""
+    from app.storage import pipeline
+
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, offset: real(fd, [memoryview(bufs[0])[:3]], offset))
+    pieces = [os.urandom(10), os.urandom(1), os.urandom(7)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        pipeline.write_pieces(fd, pieces, 5)
+        assert os.pread(fd, 100, 0) == b"\0" * 5 + b"".join(pieces)
+    finally:
+        os.close(fd)

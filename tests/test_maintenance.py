@@ -90,6 +90,7 @@ async def test_gc_removes_leftovers_but_not_uploads_in_progress(storage, setting
     # An upload in progress: written, not committed, fresh.
     running = storage.file_writer()
     await running.write(os.urandom(5 * 1024 * 1024))
+    await running.flush()  # its bytes are in the store
     if storage.kind == "mongodb":
         await storage.files.update_one({"_id": ObjectId(orphan.file_id)}, {"$set": {"uploadDate": two_hours_ago}})
         # Chunks of an upload that died two hours ago.

@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from bson import ObjectId
 
-from app.storage import DEFAULT_CHUNK_SIZE, FileMissing
+from app.storage import DEFAULT_CHUNK_SIZE, FileMissing, pipeline
 from tests.transfer_helpers import leftovers
 
 
@@ -99,6 +100,40 @@ async def test_writer_cancelled_mid_write_leaves_nothing(storage):
     # give it time to show up.
     await asyncio.sleep(1)
     assert await leftovers(storage) == before
+
+
+class _RecordingHash:
+    """A sha256 that notes which threads fed it."""
+
+    def __init__(self) -> None:
+        self.real, self.threads = hashlib.sha256(), set()
+
+    def update(self, piece) -> None:
+        self.threads.add(threading.get_ident())
+        self.real.update(piece)
+
+    def hexdigest(self) -> str:
+        return self.real.hexdigest()
+
+
+async def test_bytes_are_hashed_beside_the_event_loop_not_on_it(storage):
+    """sha256 runs in threads (hashlib releases the GIL) while the loop goes on receiving;
+    sha256 is refused while bytes are still on their way through, and right after flush()."""
+    data = os.urandom(2 * pipeline.BATCH + 12_345)
+    recording = _RecordingHash()
+    async with storage.file_writer() as w:
+        w._hash = recording
+        for i in range(0, len(data), 100_000):
+            await w.write(data[i:i + 100_000])
+        assert w.size == len(data)
+        with pytest.raises(RuntimeError, match="flush"):
+            w.sha256
+        await w.flush()
+        assert w.sha256 == hashlib.sha256(data).hexdigest()
+        stored = await w.commit()
+    await storage.settle_file(stored.file_id)
+    assert recording.threads and threading.get_ident() not in recording.threads
+    assert await read_all(storage, stored) == data
 
 
 async def test_identical_content_is_stored_once(storage):

@@ -238,7 +238,8 @@ async def test_a_dead_writers_lock_is_taken_over_and_its_bytes_discarded(storage
     await append(storage, session.id, kept)
     dead = storage.session_writer(session.id)
     await dead.__aenter__()
-    await dead.write(os.urandom(5 * MiB))  # reaches the store, never counted
+    await dead.write(os.urandom(5 * MiB))
+    await dead.flush()  # reaches the store, never counted
     assert await session_bytes(storage, session.id) > len(kept)
     with pytest.raises(SessionBusy):
         await append(storage, session.id, b"too early")

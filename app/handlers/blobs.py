@@ -73,7 +73,7 @@ async def put_blob(request: web.Request) -> web.Response:
         await invite_body(request)
         # Leaving the writer's block other than by its commit discards what it wrote.
         async with storage.file_writer(settings.gridfs_chunk_size) as writer:
-            await uploads.fill(writer, request.content.iter_any(), settings)
+            await uploads.fill(writer, uploads.body_pieces(request), settings)
             stored = await registry.store_blob(storage, writer, sha256, settings.blob_grace)
     return json_response(BlobAnswer(digest=f"sha256:{sha256}", size_bytes=stored.size), status=201)
 

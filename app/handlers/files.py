@@ -39,7 +39,7 @@ async def _store_body(request: web.Request, sha256: str | None) -> uploads.Recei
             raise ApiError(errors.MISSING_FILE, "multipart body has no 'file' part")
         return received
     filename = uploads.raw_body_filename(request)
-    stored = await uploads.store_stream(storage, request.content.iter_any(), settings, sha256)
+    stored = await uploads.store_stream(storage, uploads.body_pieces(request), settings, sha256)
     content_type = request.headers.get("Content-Type") or "application/octet-stream"
     return uploads.Received(stored, filename or "", content_type)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from .. import auth, clock, errors, upload_sessions, urls
+from .. import auth, clock, errors, upload_sessions, uploads, urls
 from ..appkeys import SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
@@ -80,7 +80,7 @@ async def append(request: web.Request) -> web.Response:
     async with request.app[UPLOAD_SLOTS].slot(request):
         session = await upload_sessions.append(
             request.app[STORAGE], settings, _owner(request), _session_id(request), chunk,
-            request.content.iter_any(), lambda: invite_body(request))
+            uploads.body_pieces(request), lambda: invite_body(request))
     return _answer(request, session, 202)
 
 
@@ -99,7 +99,7 @@ async def complete(request: web.Request) -> web.Response:
     async with request.app[UPLOAD_SLOTS].slot(request):
         stored = await upload_sessions.complete(
             request.app[STORAGE], settings, _owner(request), _session_id(request), sha256, chunk,
-            request.content.iter_any(), lambda: invite_body(request))
+            uploads.body_pieces(request), lambda: invite_body(request))
     return _blob_answer(stored)
 
 

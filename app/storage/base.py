@@ -14,10 +14,13 @@ Model documents cross this interface as plain dicts (``ModelDocument``) with
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import AsyncIterator, TypedDict
+
+from . import pipeline
 
 __all__ = [
     "CLAIM_GRACE",
@@ -231,26 +234,80 @@ class SessionHashes:
 
 
 class FileWriter(abc.ABC):
-    """Receives a file's bytes; nothing is visible to readers until commit()."""
+    """Receives a file's bytes; nothing is visible to readers until commit().
+
+    The loop thread only collects the pieces given to write(); threads hash and
+    store them a batch at a time (see pipeline), one batch in their hands while
+    the next is collected. ``size`` counts every byte written; ``sha256`` (and
+    ``_hash``, the running hashlib object, which a SessionWriter resuming a
+    session sets before its first write) covers them once flush() has returned.
+    """
 
     def __init__(self, chunk_size: int) -> None:
         self.chunk_size = chunk_size
         self.size = 0
         self._hash = hashlib.sha256()
         self._done = False
+        self._queued: list[bytes] = []
+        self._queued_size = 0
+        # The batch the threads are hashing and storing; shielded from the
+        # request's cancellation, so cancel() can wait for it before discarding.
+        self._in_threads: asyncio.Future | None = None
+        self._also: list[hashlib._Hash] = []  # see hash_also
 
     @property
     def sha256(self) -> str:
+        if self._queued or self._in_threads is not None:
+            raise RuntimeError("sha256 of bytes still being hashed: await flush() first")
         return self._hash.hexdigest()
 
     async def write(self, data: bytes) -> None:
+        """Take a piece; it is kept, not copied, until a thread has hashed and stored it."""
         if self._done:
             raise RuntimeError("write after commit or cancel")
         if not data:
             return
-        self._hash.update(data)
+        if type(data) is not bytes:
+            data = bytes(data)  # a caller's buffer may change after this returns
+        self._queued.append(data)
+        self._queued_size += len(data)
         self.size += len(data)
-        await self._write(data)
+        if self._queued_size >= pipeline.BATCH:
+            await self._pass_on()
+
+    def hash_also(self, running: "hashlib._Hash") -> None:
+        """Feed ``running`` too with every byte written from now on (a chunk's own digest), in a
+        thread beside the content's hash; it covers them once flush() has returned."""
+        if self._queued or self._in_threads is not None:
+            raise RuntimeError("hash_also while bytes are still being hashed: await flush() first")
+        self._also.append(running)
+
+    async def flush(self) -> None:
+        """Wait until every byte written so far is hashed and stored (not yet durable)."""
+        if self._queued:
+            await self._pass_on()
+        await self._settle()
+
+    async def _pass_on(self) -> None:
+        await self._settle()
+        batch, self._queued, self._queued_size = self._queued, [], 0
+        self._in_threads = asyncio.ensure_future(self._process(batch, self.size - sum(map(len, batch))))
+
+    async def _settle(self) -> None:
+        if self._in_threads is not None:
+            await asyncio.shield(self._in_threads)  # its error, if any, is this writer's from now on
+            self._in_threads = None
+
+    async def _process(self, batch: list[bytes], offset: int) -> None:
+        loop = asyncio.get_running_loop()
+        hashing = [loop.run_in_executor(pipeline.threads, pipeline.hash_pieces, running, batch)
+                   for running in (self._hash, *self._also)]
+        try:
+            await self._store_batch(batch, offset)
+        finally:
+            await asyncio.wait(hashing)  # each hash is touched by one thread at a time
+        for done in hashing:
+            done.result()
 
     async def commit(self) -> StoredFile:
         """Make the content readable; identical content is stored only once.
@@ -260,6 +317,7 @@ class FileWriter(abc.ABC):
         """
         if self._done:
             raise RuntimeError("commit after commit or cancel")
+        await self.flush()
         self._done = True
         return await self._commit()
 
@@ -268,7 +326,16 @@ class FileWriter(abc.ABC):
         if self._done:
             return
         self._done = True
+        self._queued = []
+        await self._quiesce()
         await self._cancel()
+
+    async def _quiesce(self) -> None:
+        """Wait for the threads to be done with this writer (a batch still being stored, say)."""
+        if self._in_threads is not None:
+            await asyncio.wait([self._in_threads])
+            if not self._in_threads.cancelled():
+                self._in_threads.exception()  # retrieved: the upload already failed for its own reason
 
     async def __aenter__(self) -> "FileWriter":
         return self
@@ -278,7 +345,10 @@ class FileWriter(abc.ABC):
         await self.cancel()
 
     @abc.abstractmethod
-    async def _write(self, data: bytes) -> None: ...
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        """Store a batch of pieces, the content's bytes from ``offset`` on, after those
+        stored before; runs while a thread hashes the same batch. The pieces are the
+        caller's: keep them (or views of them), never change them."""
 
     @abc.abstractmethod
     async def _commit(self) -> StoredFile: ...
@@ -320,8 +390,10 @@ class SessionWriter(FileWriter):
             running = self.store.session_hashes.get(self.session_id, self.session.offset)
             if running is None:
                 running = hashlib.sha256()
+                loop = asyncio.get_running_loop()
                 async for piece in self._read_prefix():
-                    running.update(piece)
+                    # In a thread, as for new bytes: a prefix of GBs would hold the loop for seconds.
+                    await loop.run_in_executor(pipeline.threads, running.update, piece)
             self._hash = running
             self.size = self.session.offset
         except BaseException:
@@ -339,6 +411,7 @@ class SessionWriter(FileWriter):
         """Make this request's bytes durable and advance the offset over them; the session as it is now."""
         if self._done:
             raise RuntimeError("checkpoint after commit or cancel")
+        await self.flush()
         self._done = True
         session = await self._checkpoint()
         self.store.session_hashes.put(self.session_id, session.offset, self._hash)

@@ -26,6 +26,7 @@ import orjson
 from bson import ObjectId
 
 from ..clock import iso, now, parse_iso
+from . import pipeline
 from .base import (
     CLAIM_GRACE,
     DEFAULT_CHUNK_SIZE,
@@ -48,7 +49,7 @@ from .base import (
     UploadSession,
 )
 
-# Temp-file writes are batched to this size; one thread hop per MiB.
+# A session's stored prefix is re-read (to re-hash it) in pieces this large.
 _READ_SIZE = 1024 * 1024
 # Download pieces: small enough that 64 downloads hold little memory between
 # them, large enough that per-piece overhead stays small.
@@ -856,30 +857,22 @@ class _EmbeddedWriter(FileWriter):
         self._store = store
         self._path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
         self._file = None
-        # Network reads arrive in small pieces; one thread hop per MiB, not per piece.
-        self._buffer = bytearray()
-        self._flushing: asyncio.Future | None = None
 
-    async def _write(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= _READ_SIZE:
-            # Shielded: a cancelled upload stops waiting, but the thread writes on,
-            # and _cancel must wait for it before it discards the file under it.
-            self._flushing = asyncio.ensure_future(asyncio.to_thread(self._write_buffer))
-            await asyncio.shield(self._flushing)
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(pipeline.threads, self._write_batch, batch, offset)
 
-    def _write_buffer(self) -> None:
+    def _write_batch(self, batch: list[bytes], offset: int) -> None:
         if self._file is None:
-            self._file = open(self._path, "xb")
+            self._file = open(self._path, "xb", buffering=0)
             # Held until the file is renamed into blobs/ or removed: `gc`, another
             # process, leaves a locked temp file alone however old it is.
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-        self._file.write(self._buffer)
-        self._buffer.clear()
+        pipeline.write_pieces(self._file.fileno(), batch, offset)
+        pipeline.start_writeback(self._file.fileno(), offset, sum(map(len, batch)))
 
     def _finish_file(self) -> None:
-        self._write_buffer()
-        self._file.flush()
+        if self._file is None:  # nothing was written: an empty file
+            self._write_batch([], 0)
         os.fsync(self._file.fileno())
 
     async def _commit(self) -> StoredFile:
@@ -896,13 +889,7 @@ class _EmbeddedWriter(FileWriter):
         return stored
 
     async def _cancel(self) -> None:
-        if self._flushing is not None:
-            await asyncio.wait([self._flushing])
-            if not self._flushing.cancelled():
-                self._flushing.exception()  # retrieved: the upload already failed for its own reason
-
         def discard() -> None:
-            self._buffer.clear()
             # Removed before it is closed, which would unlock it for gc.
             self._path.unlink(missing_ok=True)
             if self._file is not None:
@@ -921,8 +908,6 @@ class _EmbeddedSessionWriter(SessionWriter):
         self._token = secrets.token_hex(8)
         self._file = None
         self._locked = False
-        self._buffer = bytearray()
-        self._flushing: asyncio.Future | None = None
         self._renewed = 0.0
 
     async def _acquire(self) -> UploadSession:
@@ -997,20 +982,15 @@ class _EmbeddedSessionWriter(SessionWriter):
             self._locked = False
             raise SessionBusy(f"upload session {self.session_id}: its write lock lapsed")
 
-    async def _write(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= _READ_SIZE:
-            await self._hold_lock()
-            # Shielded, as _EmbeddedWriter's: _cancel waits for the thread before it truncates.
-            self._flushing = asyncio.ensure_future(asyncio.to_thread(self._write_buffer))
-            await asyncio.shield(self._flushing)
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        await self._hold_lock()
+        await asyncio.get_running_loop().run_in_executor(pipeline.threads, self._write_batch, batch, offset)
 
-    def _write_buffer(self) -> None:
-        self._file.write(self._buffer)
-        self._buffer.clear()
+    def _write_batch(self, batch: list[bytes], offset: int) -> None:
+        pipeline.write_pieces(self._file.fileno(), batch, offset)
+        pipeline.start_writeback(self._file.fileno(), offset, sum(map(len, batch)))
 
     def _sync(self) -> None:
-        self._write_buffer()
         os.fsync(self._file.fileno())
 
     async def _checkpoint(self) -> UploadSession:
@@ -1027,11 +1007,7 @@ class _EmbeddedSessionWriter(SessionWriter):
         return stored
 
     async def _cancel(self) -> None:
-        if self._flushing is not None:
-            await asyncio.wait([self._flushing])
-            if not self._flushing.cancelled():
-                self._flushing.exception()  # retrieved: the request already failed for its own reason
-        self._buffer.clear()
+        # FileWriter.cancel waited for any batch still being written: nothing lands after the truncate.
         if self._file is not None and self.session is not None and self._locked and await self._still_held():
             # This request's bytes go now (the next writer would cut them anyway).
             await asyncio.to_thread(os.ftruncate, self._file.fileno(), self.session.offset)

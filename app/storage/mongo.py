@@ -61,9 +61,6 @@ from .base import (
 from .live_uploads import LiveUploads
 from .session_locks import SessionLocks
 
-# Chunks per insert_many: large enough to amortise round trips, small enough
-# that a writer holds only a few MB.
-_WRITE_BATCH_BYTES = 4 * 1024 * 1024
 # Chunk documents per cursor batch when reading: bounds memory per download.
 _READ_BATCH_BYTES = 1024 * 1024
 
@@ -739,55 +736,80 @@ async def _publish(store: MongoStorage, files_id: ObjectId, size: int, chunk_siz
     return _stored_file(existing)
 
 
+class _Chunks:
+    """Cuts a stream of pieces into GridFS chunk documents, each chunk's bytes copied once."""
+
+    def __init__(self, files_id: ObjectId, chunk_size: int, n: int = 0, tail: bytes = b"") -> None:
+        self.files_id, self.chunk_size, self.n = files_id, chunk_size, n
+        # The bytes after the last full chunk: views of pieces already received.
+        self._tail: list[memoryview] = [memoryview(tail)] if tail else []
+        self._tail_size = len(tail)
+
+    def cut(self, pieces: list[bytes], final: bool = False) -> list[dict[str, Any]]:
+        cs = self.chunk_size
+        docs = []
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                take = min(cs - self._tail_size, len(view))
+                self._tail.append(view[:take])
+                self._tail_size += take
+                view = view[take:]
+                if self._tail_size == cs:
+                    docs.append(self._chunk())
+        if final and self._tail_size:
+            docs.append(self._chunk())
+        return docs
+
+    def tail(self) -> bytes:
+        return b"".join(self._tail)
+
+    def clear(self) -> None:
+        self._tail, self._tail_size = [], 0
+
+    def _chunk(self) -> dict[str, Any]:
+        doc = {"files_id": self.files_id, "n": self.n, "data": b"".join(self._tail)}
+        self.n += 1
+        self.clear()
+        return doc
+
+
 class _GridFSWriter(FileWriter):
     def __init__(self, store: MongoStorage, chunk_size: int) -> None:
         super().__init__(chunk_size)
         self._store = store
         self._files_id = ObjectId()
-        self._buffer = bytearray()
-        self._pending: list[dict[str, Any]] = []
-        self._n = 0
-        self._batch = max(1, _WRITE_BATCH_BYTES // chunk_size)
-        self._inflight: asyncio.Task | None = None
+        self._chunks = _Chunks(self._files_id, chunk_size)
 
-    def _cut_chunks(self, final: bool) -> None:
-        cs = self.chunk_size
-        while len(self._buffer) >= cs or (final and self._buffer):
-            piece = bytes(self._buffer[:cs])
-            del self._buffer[:cs]
-            self._pending.append({"files_id": self._files_id, "n": self._n, "data": piece})
-            self._n += 1
+    async def _insert(self, docs: list[dict[str, Any]]) -> None:
+        if not docs:
+            return
+        if docs[0]["n"] == 0:
+            # The first chunks: gc must know they belong to a live upload.
+            await self._store.live_uploads.add(self._files_id)
+        # An insert the server has received completes even if the request is
+        # cancelled (the client left): FileWriter shields this batch from the
+        # request's cancellation, and cancel() waits for it, or a late insert
+        # landing after _cancel's delete would leave orphan chunks.
+        await _retry_busy(lambda: self._store.chunks.insert_many(docs, ordered=True))
 
-    async def _flush(self) -> None:
-        if self._pending:
-            if self._n == len(self._pending):
-                # The first chunks: gc must know they belong to a live upload.
-                await self._store.live_uploads.add(self._files_id)
-            batch, self._pending = self._pending, []
-            # Shielded: an insert the server has already received completes
-            # even if this request is cancelled (the client left), so _cancel
-            # can wait for it. Cancelling it would only stop our waiting, and a
-            # late insert landing after _cancel's delete would leave orphan chunks.
-            self._inflight = asyncio.ensure_future(
-                _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True)))
-            await asyncio.shield(self._inflight)
-
-    async def _write(self, data: bytes) -> None:
-        self._buffer += data
-        self._cut_chunks(final=False)
-        if len(self._pending) >= self._batch:
-            try:
-                await self._flush()
-            except PyMongoError as e:
-                if (unavailable := _unavailable(e)) is not None:
-                    raise unavailable from e
-                raise
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
+        try:
+            await self._insert(self._chunks.cut(batch))
+        except PyMongoError as e:
+            if (unavailable := _unavailable(e)) is not None:
+                raise unavailable from e
+            raise
 
     async def _commit(self) -> StoredFile:
         store = self._store
         try:
-            self._cut_chunks(final=True)
-            await self._flush()
+            last = asyncio.ensure_future(self._insert(self._chunks.cut([], final=True)))
+            try:
+                await asyncio.shield(last)  # as every batch's insert (see _insert)
+            except asyncio.CancelledError:
+                await asyncio.wait([last])
+                raise
             return await _publish(store, self._files_id, self.size, self.chunk_size, self.sha256)
         except BaseException as e:
             await self._cancel()
@@ -798,12 +820,7 @@ class _GridFSWriter(FileWriter):
             await store.live_uploads.remove(self._files_id)
 
     async def _cancel(self) -> None:
-        self._buffer.clear()
-        self._pending.clear()
-        if self._inflight is not None and not self._inflight.done():
-            await asyncio.wait([self._inflight])
-            if not self._inflight.cancelled():
-                self._inflight.exception()  # retrieved: only that no chunk lands after the delete matters
+        self._chunks.clear()
         try:
             await self._store.chunks.delete_many({"files_id": self._files_id})
         except PyMongoError as e:
@@ -861,12 +878,8 @@ class _GridFSSessionWriter(SessionWriter):
         self._unsettled = False  # the session may hold more than its offset says: settle before releasing
         self._lost = False  # our lock lapsed and another request took the session
         self._renewed_at = 0.0
-        self._tail = b""
-        self._buffer = bytearray()
-        self._pending: list[dict[str, Any]] = []
-        self._n = 0
-        self._batch = 1
-        self._inflight: asyncio.Task | None = None
+        self._tail = b""  # the stored tail (bytes past the last full chunk) this request started from
+        self._chunks: _Chunks | None = None
 
     async def _acquire(self) -> UploadSession:
         store, oid = self._store, self._oid
@@ -896,9 +909,7 @@ class _GridFSSessionWriter(SessionWriter):
             raise SessionMissing(f"no upload session {self.session_id}")
         session = _session(raw)
         self._tail = raw["tail"]
-        self._buffer = bytearray(self._tail)
-        self._n = session.offset // session.chunk_size
-        self._batch = max(1, _WRITE_BATCH_BYTES // session.chunk_size)
+        self._chunks = _Chunks(oid, session.chunk_size, session.offset // session.chunk_size, self._tail)
         return session
 
     async def _release(self) -> None:
@@ -929,14 +940,6 @@ class _GridFSSessionWriter(SessionWriter):
         if self._tail:
             yield self._tail
 
-    def _cut_chunks(self, final: bool) -> None:
-        cs = self.chunk_size
-        while len(self._buffer) >= cs or (final and self._buffer):
-            piece = bytes(self._buffer[:cs])
-            del self._buffer[:cs]
-            self._pending.append({"files_id": self._oid, "n": self._n, "data": piece})
-            self._n += 1
-
     async def _renew(self) -> None:
         store, oid, token = self._store, self._oid, self._token
         if not await _retry_busy(lambda: store.session_locks.renew(oid, token)):
@@ -944,21 +947,18 @@ class _GridFSSessionWriter(SessionWriter):
             raise SessionBusy(f"upload session {self.session_id}: its lock lapsed and another request took it")
         self._renewed_at = time.monotonic()
 
-    async def _flush(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            # Shielded as _GridFSWriter's: _cancel waits for an insert the server has.
-            self._inflight = asyncio.ensure_future(
-                _retry_busy(lambda: self._store.chunks.insert_many(batch, ordered=True)))
-            await asyncio.shield(self._inflight)
+    async def _insert(self, docs: list[dict[str, Any]]) -> None:
+        # Each batch is shielded by FileWriter (and the last one by _commit), as _GridFSWriter's:
+        # _cancel runs only once an insert the server has is done.
+        if docs:
+            await self._renew()  # and so no chunk lands in a session another request took over
+            await _retry_busy(lambda: self._store.chunks.insert_many(docs, ordered=True))
 
-    async def _write(self, data: bytes) -> None:
-        self._buffer += data
-        self._cut_chunks(final=False)
+    async def _store_batch(self, batch: list[bytes], offset: int) -> None:
         with _storage_errors():
-            if len(self._pending) >= self._batch:
-                await self._renew()  # and so no chunk lands in a session another request took over
-                await self._flush()
+            docs = self._chunks.cut(batch)
+            if docs:
+                await self._insert(docs)
             elif time.monotonic() - self._renewed_at > _RENEW_AFTER:
                 await self._renew()
 
@@ -967,8 +967,7 @@ class _GridFSSessionWriter(SessionWriter):
         try:
             with _storage_errors():
                 await self._renew()
-                await self._flush()
-                tail, at = bytes(self._buffer), now()
+                tail, at = self._chunks.tail(), now()
                 # Conditional on the offset we started from: a writer that lost
                 # its lock changes nothing.
                 result = await _retry_busy(lambda: store.sessions.update_one(
@@ -985,9 +984,13 @@ class _GridFSSessionWriter(SessionWriter):
         store = self._store
         try:
             with _storage_errors():
-                self._cut_chunks(final=True)
+                last = asyncio.ensure_future(self._insert(self._chunks.cut([], final=True)))
+                try:
+                    await asyncio.shield(last)
+                except asyncio.CancelledError:
+                    await asyncio.wait([last])
+                    raise
                 await self._renew()
-                await self._flush()
                 stored = await _publish(store, self._oid, self.size, self.chunk_size, self.sha256)
         except BaseException:
             # Published or not (an insert whose answer was lost), _settle_session finds out.
@@ -1002,12 +1005,9 @@ class _GridFSSessionWriter(SessionWriter):
         return stored
 
     async def _cancel(self) -> None:
-        self._buffer.clear()
-        self._pending.clear()
-        if self._inflight is not None and not self._inflight.done():
-            await asyncio.wait([self._inflight])
-            if not self._inflight.cancelled():
-                self._inflight.exception()  # retrieved: only that no chunk lands after the delete matters
+        # FileWriter.cancel waited for any batch still being inserted: nothing lands after the delete.
+        if self._chunks is not None:
+            self._chunks.clear()
         if self._lost or self._token is None or self.session is None:
             return
         try:
