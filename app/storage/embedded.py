@@ -208,17 +208,20 @@ class EmbeddedStorage(Storage):
         self.upload_dir.mkdir(exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
-        # First, so that workers opening the same database at once wait for
-        # each other's schema set-up instead of failing with "locked".
         db.execute("PRAGMA busy_timeout=10000")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        # Workers opening one new database set it up one at a time: busy_timeout
+        # does not cover switching it to WAL, which then failed with "database is
+        # locked" in about one start of four workers in fifteen.
+        with open(self.root / "registry.setup.lock", "a") as setup_lock:
+            fcntl.flock(setup_lock.fileno(), fcntl.LOCK_EX)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            had_references = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'model_files'").fetchone() is not None
+            files_columns = {row["name"] for row in db.execute("PRAGMA table_info(files)")}
+            db.executescript(_SCHEMA)
+            self._migrate(db, had_references, files_columns)
         db.create_function("icontains", 2, _icontains, deterministic=True)
-        had_references = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'model_files'").fetchone() is not None
-        files_columns = {row["name"] for row in db.execute("PRAGMA table_info(files)")}
-        db.executescript(_SCHEMA)
-        self._migrate(db, had_references, files_columns)
         self._db = db
         reader = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None,
                                  check_same_thread=False)
