@@ -477,6 +477,9 @@ async def test_a_416_that_does_not_move_is_refused(aiohttp_server, tmp_path, big
 def test_sizes_and_limits():
     assert sessions.parse_size("64MiB", "x") == 64 * MiB == sessions.parse_size("64M", "x")
     assert sessions.parse_size("1048576", "x") == MiB and sessions.parse_size("512k", "x") == 512 * 1024
+    # Decimal with a B, as the service's MAX_FILE_SIZE reads them.
+    assert sessions.parse_size("64MB", "x") == 64 * 10**6 and sessions.parse_size("1GB", "x") == 10**9
+    assert sessions.parse_size("100B", "x") == 100 and sessions.parse_size("2KiB", "x") == 2048
     for bad in ("", "-1", "1.5M", "1X", "M"):
         with pytest.raises(ValueError):
             sessions.parse_size(bad, "x")

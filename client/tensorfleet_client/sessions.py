@@ -74,11 +74,17 @@ Advance = Callable[[int], None]  # the offset reached so far in one file
 
 
 def parse_size(value: str, what: str) -> int:
-    """A size in bytes: ``1048576``, ``1M``, ``1MiB``, ``64MB`` (k, M, G, T are powers of 1024)."""
+    """A size in bytes: ``1048576``, ``512k``, ``64M``, ``64MiB``, ``64MB``.
+
+    k, M, G, T and KiB, MiB, GiB, TiB are powers of 1024; KB, MB, GB, TB powers of
+    1000, as the service's own settings (MAX_FILE_SIZE) and dd read them.
+    """
     m = _SIZE_RE.match(value)
     if not m:
         raise ValueError(f"{what}: not a size: {value!r} (for example 64MiB, 512k, 1073741824)")
-    return int(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " ")
+    letter, suffix = m[2].lower(), (m[3] or "").lower()
+    base = 1000 if letter and suffix == "b" else 1024
+    return int(m[1]) * base ** " kmgt".index(letter or " ")
 
 
 def check_chunk_size(n: int, minimum: int = MIN_CHUNK) -> int:
