@@ -24,6 +24,7 @@ from . import pipeline
 
 __all__ = [
     "CLAIM_GRACE",
+    "ContentGone",
     "DEFAULT_CHUNK_SIZE",
     "DOWNLOAD_HISTORY",
     "DuplicateModel",
@@ -127,6 +128,10 @@ class ValueRefused(StorageError):
 
 class SessionBusy(StorageError):
     """Another request holds this upload session's write lock (answer 409, retry later)."""
+
+
+class ContentGone(StorageError):
+    """The content was deleted, or is being deleted, before it could be leased (lease_files)."""
 
 
 class SessionMissing(StorageError):
@@ -545,6 +550,31 @@ class Storage(abc.ABC):
         """settle_file for each (a backend may do it in fewer round trips)."""
         for file_id in file_ids:
             await self.settle_file(file_id)
+
+    # -- leases: content a reader holds, across processes ----------------------
+    async def lease_files(self, file_ids: list[str], owner: str, until: datetime) -> dict[str, str]:
+        """Lease stored content for a reader: {file_id: lease_id} for each file leased.
+
+        Until the lease is dropped or ``until`` passes, no release (by any
+        process) deletes that content. A file that is gone, or whose deletion
+        has begun, gets no lease: it is absent from the result and nothing is
+        left behind for it. ``owner`` names the process (app.leases.REPLICA_ID).
+        """
+        raise NotImplementedError
+
+    async def renew_leases(self, lease_ids: list[str], until: datetime) -> None:
+        """Extend these leases (the owner's heartbeat); missing ones are ignored."""
+        raise NotImplementedError
+
+    async def drop_leases(self, lease_ids: list[str]) -> list[str]:
+        """End these leases, then release each content whose release waited for a lease
+        (see release_file) and that nothing holds any more; the file ids deleted."""
+        raise NotImplementedError
+
+    async def release_pending(self) -> list[str]:
+        """Try again every release that waited for leases (their holders may have died and
+        their leases expired); the file ids deleted. Replicas call it every LEASE_TTL; gc too."""
+        raise NotImplementedError
 
     # -- blobs (content by sha256, for snapshots) ---------------------------
     @abc.abstractmethod
