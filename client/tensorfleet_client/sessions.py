@@ -52,7 +52,6 @@ from .errors import (
     ProtocolError,
     RateLimited,
     ServerError,
-    error_for,
 )
 from .transport import TRANSIENT_ERRORS, Transport, read_json_body, retry_after
 
@@ -262,16 +261,6 @@ def _offset_of_416(error: ModelServiceError, body: dict | None, size: int, what:
     return _offset({"offset": int(m[1]) + 1}, size, what)
 
 
-async def _error(transport: Transport, resp: aiohttp.ClientResponse) -> tuple[ModelServiceError, dict | None]:
-    try:
-        raw = await resp.content.read(64 * 1024)
-        body = orjson.loads(raw) if raw else None
-    except (orjson.JSONDecodeError, aiohttp.ClientError, asyncio.TimeoutError):
-        body = None
-    return error_for(resp.status, body, dict(resp.headers),
-                     f"{resp.method} {resp.url.path} failed: {resp.status} {resp.reason}"), body
-
-
 def _transient(e: BaseException) -> bool:
     if isinstance(e, (ConnectionFailed, ServerError, RateLimited, *TRANSIENT_ERRORS)):
         return True
@@ -295,7 +284,8 @@ def _chunk_digest(path: Path, start: int, length: int) -> str:
     return "sha-256=:" + base64.b64encode(h.digest()).decode() + ":"
 
 
-async def _chunk_body(path: Path, start: int, length: int, advance: Callable[[int], None]) -> AsyncIterator[bytes]:
+async def file_range_body(path: Path, start: int, length: int, advance: Callable[[int], None]) -> AsyncIterator[bytes]:
+    """Bytes [start, start+length) of the file as a request body, read in a thread; ``advance`` is told each block."""
     with open(path, "rb") as f:
         f.seek(start)
         left = length
@@ -332,7 +322,7 @@ class _Upload:
                 _check_blob(await _json(resp, what), self.digest, self.size, what)
                 return None
             if resp.status != 202:
-                raise (await _error(self.transport, resp))[0]
+                raise await self.transport.error(resp)
             doc = await _json(resp, what)
             session_id = _session_id(self.transport, resp, doc)
         return session_id, _offset(doc, self.size, what)
@@ -344,7 +334,7 @@ class _Upload:
             if resp.status == 404:
                 raise _Gone()
             if resp.status != 200:
-                raise (await _error(self.transport, resp))[0]
+                raise await self.transport.error(resp)
             doc = await _json(resp, what)
         for key, mine in (("size_bytes", self.size), ("checksum", self.digest)):
             if doc.get(key) is not None and doc.get(key) != mine:
@@ -370,7 +360,7 @@ class _Upload:
         def body() -> AsyncIterator[bytes]:
             nonlocal done
             done = start
-            return _chunk_body(self.path, start, length, advance)
+            return file_range_body(self.path, start, length, advance)
 
         resp = await self.transport.send("PATCH", f"{UPLOADS}/{session_id}", headers=headers, body=body,
                                          idempotent=False)
@@ -397,7 +387,7 @@ class _Upload:
     async def _raise(self, resp: aiohttp.ClientResponse, session_id: str, what: str, start: int) -> None:
         if resp.status == 404:
             raise _Gone()
-        error, body = await _error(self.transport, resp)
+        error, body = await self.transport.error_and_body(resp)
         if resp.status == 416:
             offset = _offset_of_416(error, body, self.size, what)
             if offset == start:

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import quote
 
 import orjson
@@ -463,25 +463,13 @@ async def missing_blobs(transport: Transport, digests: Sequence[str]) -> set[str
     return missing
 
 
-async def _blob_body(path: Path, size: int, sent: Callable[[int], None]) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:
-        left = size
-        while left > 0:
-            block = await asyncio.to_thread(f.read, min(BLOCK, left))
-            if not block:
-                raise ModelServiceError(f"{path} got shorter while it was being sent", code="file_changed")
-            left -= len(block)
-            sent(len(block))
-            yield block
-
-
 async def put_blob(transport: Transport, path: Path, sha256: str, size: int,
                    sent: Callable[[int], None]) -> None:
     """One request with the whole file (small files; larger ones go through ``sessions.upload``)."""
     digest = f"sha256:{sha256}"
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
     resp = await transport.send("PUT", f"{BLOBS}/{digest}", headers=headers, expect100=True,
-                                body=lambda: _blob_body(path, size, sent))
+                                body=lambda: sessions.file_range_body(path, 0, size, sent))
     async with resp:
         if resp.status not in (200, 201):
             raise await transport.error(resp)

@@ -177,13 +177,18 @@ class Transport:
 
     async def error(self, resp: aiohttp.ClientResponse) -> ModelServiceError:
         """The exception for an error response, from its status and (a bounded read of) its JSON body."""
+        return (await self.error_and_body(resp))[0]
+
+    async def error_and_body(self, resp: aiohttp.ClientResponse) -> tuple[ModelServiceError, Any]:
+        """error(), and the JSON body it was made from (None if there was none), for callers that
+        read more of it (an upload session's offset)."""
         try:
             raw = await resp.content.read(64 * 1024)
             body = orjson.loads(raw) if raw else None
         except (orjson.JSONDecodeError, aiohttp.ClientError, asyncio.TimeoutError):
             body = None
         return error_for(resp.status, body, dict(resp.headers),
-                         f"{resp.method} {resp.url.path} failed: {resp.status} {resp.reason}")
+                         f"{resp.method} {resp.url.path} failed: {resp.status} {resp.reason}"), body
 
     async def json(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                    json: Any = None, ok: tuple[int, ...] = (200, 201)) -> Any:
