@@ -298,10 +298,22 @@ async def test_stalled_body_is_408_at_body_timeout_and_leaves_nothing(request, b
             writer.write(sent)
             await writer.drain()
             if form != "json":
-                # The upload is under way: its bytes are in the store's temporary state.
-                await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, TEMP_WAIT,
-                                     "the upload's temp state",
-                                     TEMP_POLL)
+                # The upload is under way: its bytes are in the store's temporary state. A byte
+                # now and then keeps BODY_TIMEOUT from ending it while a busy test server is
+                # still storing them (it ended it before they landed once, late in a CI run).
+                async def trickle() -> None:
+                    while True:
+                        await asyncio.sleep(0.5)
+                        writer.write(chunk(b"x") if form == "chunked" else b"x")
+                        await writer.drain()
+
+                trickling = asyncio.create_task(trickle())
+                try:
+                    await async_wait_for(lambda: temp_state(data_dir, mongo, db) >= 4 * MIB, TEMP_WAIT,
+                                         "the upload's temp state", TEMP_POLL)
+                finally:
+                    trickling.cancel()
+                    await asyncio.gather(trickling, return_exceptions=True)
             stalled_at = time.monotonic()
             data, closed = await read_until_closed(reader, 2 + 6)
             waited = time.monotonic() - stalled_at
