@@ -26,7 +26,6 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
-    CollectionInvalid,
     ConnectionFailure,
     DuplicateKeyError,
     NetworkTimeout,
@@ -59,7 +58,7 @@ from .base import (
     ValueRefused,
 )
 from .live_uploads import LiveUploads
-from .session_locks import SessionLocks
+from .mongo_locks import LockBusy, Locks
 
 # Chunk documents per cursor batch when reading: bounds memory per download.
 _READ_BATCH_BYTES = 1024 * 1024
@@ -154,7 +153,6 @@ def _unavailable(e: BaseException) -> StorageUnavailable | None:
 
 
 _BAD_VALUE = 2  # the server's error code for a value it will not take
-_NAMESPACE_EXISTS = 48
 
 
 @contextlib.contextmanager
@@ -213,7 +211,7 @@ class MongoStorage(Storage):
         # An upload session's full chunks are GridFS chunks whose files_id is the
         # session's _id (no files document until it completes); see _GridFSSessionWriter.
         self.sessions = self.db["upload_sessions"]
-        self.session_locks = SessionLocks(self.db["upload_session_locks"])
+        self.session_locks = Locks(self.db["upload_session_locks"], SESSION_LOCK_TTL, "upload session")
         self.session_hashes = SessionHashes()
 
     # -- lifecycle -------------------------------------------------------
@@ -245,14 +243,8 @@ class MongoStorage(Storage):
         # count_sessions (per owner and in all) and sessions_updated_before.
         await self.sessions.create_index([("owner", ASCENDING), ("updated_at", ASCENDING)])
         await self.sessions.create_index("updated_at")
-        # Created now, not by the first lock in the middle of a request.
-        try:
-            await self.db.create_collection("upload_session_locks")
-        except CollectionInvalid:
-            pass
-        except OperationFailure as e:
-            if e.code != _NAMESPACE_EXISTS:  # another replica starting at the same moment
-                raise
+        await self.session_locks.create_index()
+        await self.session_locks.adopt_earlier_shape()
 
     async def close(self) -> None:
         # A last chance for pending cleanups whose database is already back.
@@ -514,13 +506,13 @@ class MongoStorage(Storage):
             await self.session_locks.forget_lapsed(sessions)
         return report
 
-    def settle_session_later(self, session_id: ObjectId, token: str) -> None:
+    def settle_session_later(self, session_id: ObjectId, token: ObjectId) -> None:
         """_settle_session then release the lock, once the database is back (a writer's clean-up failed)."""
         task = asyncio.create_task(self._settle_session_when_back(session_id, token))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _settle_session_when_back(self, session_id: ObjectId, token: str) -> None:
+    async def _settle_session_when_back(self, session_id: ObjectId, token: ObjectId) -> None:
         delay, deadline = 0.5, asyncio.get_running_loop().time() + SESSION_LOCK_TTL.total_seconds()
         # After that the lock has lapsed, and the request that takes it over settles the session.
         while asyncio.get_running_loop().time() < deadline:
@@ -653,7 +645,7 @@ class MongoStorage(Storage):
             return False
         token = self.session_locks.new_token()
         try:
-            await self.session_locks.acquire(oid, token)
+            await _lock_session(self, oid, token)
             # The document first: chunks left by a failure after it are orphans gc removes.
             if (await self.sessions.delete_one({"_id": oid})).deleted_count != 1:
                 return False
@@ -839,7 +831,15 @@ class _GridFSWriter(FileWriter):
 _RENEW_AFTER = SESSION_LOCK_TTL.total_seconds() / 6
 
 
-async def _settle_session(store: MongoStorage, oid: ObjectId, token: str) -> bool:
+async def _lock_session(store: MongoStorage, oid: ObjectId, token: ObjectId) -> bool:
+    """Take the session's write lock (Locks.acquire); SessionBusy while another request holds it."""
+    try:
+        return await store.session_locks.acquire(oid, token)
+    except LockBusy:
+        raise SessionBusy(f"upload session {oid} is being written") from None
+
+
+async def _settle_session(store: MongoStorage, oid: ObjectId, token: ObjectId) -> bool:
     """Make a session whose last writer failed consistent again, while ``token`` holds its lock
     (False if it does not): no chunk beyond the stored offset, and no session left by a commit
     that went through. Afterwards the lock can be released as after any request.
@@ -874,7 +874,7 @@ class _GridFSSessionWriter(SessionWriter):
         super().__init__(store, session_id)
         self._store = store
         self._oid = _session_oid(session_id)
-        self._token: str | None = None
+        self._token: ObjectId | None = None
         self._unsettled = False  # the session may hold more than its offset says: settle before releasing
         self._lost = False  # our lock lapsed and another request took the session
         self._renewed_at = 0.0
@@ -889,7 +889,7 @@ class _GridFSSessionWriter(SessionWriter):
             # Known before the insert, and the insert shielded: a request cancelled
             # meanwhile (its client left) still releases the lock it may have taken.
             self._token = token = store.session_locks.new_token()
-            acquiring = asyncio.ensure_future(_retry_busy(lambda: store.session_locks.acquire(oid, token)))
+            acquiring = asyncio.ensure_future(_retry_busy(lambda: _lock_session(store, oid, token)))
             try:
                 self._unsettled = await asyncio.shield(acquiring)  # until _discard_beyond has run
                 self._renewed_at = time.monotonic()
