@@ -252,6 +252,25 @@ async def test_a_new_hour_prunes_tallies_past_the_history(stores):
     assert [d["_id"] async for d in store.downloads.find({})] == [kept]
 
 
+@bounded
+async def test_gc_folds_leftover_events_and_forgets_lapsed_model_locks(stores):
+    store = stores[0]
+    model_id = await new_model(store)
+    oid = ObjectId(model_id)
+    long_ago = clock.now() - timedelta(minutes=5)
+    # A download whose fold failed, and no download of that model since.
+    await store.download_events.insert_one({"_id": ObjectId.from_datetime(long_ago), "model": oid,
+                                            "hour": hour(0)})
+    lapsed = ObjectId()
+    await store.model_locks.acquire(lapsed, store.model_locks.new_token(), ttl=timedelta(seconds=-1))
+    await store.collect_garbage(timedelta(hours=1), dry_run=True)
+    assert await store.db["model_locks"].count_documents({}) == 1
+    assert (await store.get_model(model_id))["download_count"] == 0
+    await store.collect_garbage(timedelta(hours=1), dry_run=False)
+    assert await store.db["model_locks"].count_documents({}) == 0
+    assert await counted(store, model_id, hour(1)) == (1, {hour(0): 1})
+
+
 # -- model updates -----------------------------------------------------------
 @bounded
 async def test_racing_swaps_each_return_the_file_they_replaced_exactly_once(stores):

@@ -655,6 +655,8 @@ class MongoStorage(Storage):
         if not dry_run:
             await self.live_uploads.forget_stale()
             await self.session_locks.forget_lapsed(sessions)
+            await self.model_locks.forget_lapsed()
+            await self.fold_leftover_downloads()
         return report
 
     def settle_session_later(self, session_id: ObjectId, token: ObjectId) -> None:
