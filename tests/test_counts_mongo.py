@@ -341,9 +341,11 @@ async def test_a_lapsed_lock_is_taken_over_by_exactly_one_replica(stores):
         tokens = [s.model_locks.new_token() for s in stores]
         results = await asyncio.gather(*(s.model_locks.acquire(key, t) for s, t in zip(stores, tokens)),
                                        return_exceptions=True)
-        assert [r for r in results if r is True] == [True], results
-        assert all(isinstance(r, LockBusy) for r in results if r is not True), results
-        winner = results.index(True)
+        # One winner; it may not be the replica that removed the lapsed lock, so it may not know
+        # there was one (acquire's docstring).
+        won = [i for i, r in enumerate(results) if not isinstance(r, LockBusy)]
+        assert len(won) == 1 and results[won[0]] in (True, False), results
+        winner = won[0]
         held = await stores[1].db["model_locks"].find({"key": key}).to_list(None)
         assert [h["_id"] for h in held] == [tokens[winner]]
         # The dead holder, back, has lost it: renewing fails, releasing leaves the new lock alone.

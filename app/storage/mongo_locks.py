@@ -78,7 +78,10 @@ class Locks:
         lock is live.
 
         True if it took over a lapsed lock: its holder died or stalled, and may have
-        left what the lock guards half-written.
+        left what the lock guards half-written. Only the taker that removed the lapsed
+        lock learns of it: should another insert win right after that removal, the
+        winner answers False, and the remover LockBusy. (An upload session's writer that
+        meets the leftovers then fails one request, whose clean-up removes them.)
         """
         took_over = False
         for _ in range(_ATTEMPTS):
