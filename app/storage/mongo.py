@@ -159,6 +159,14 @@ async def _retry_busy(call):
             await asyncio.sleep(0.01 * 2**attempt)
 
 
+async def _all(*aws) -> None:
+    """Await them together; then raise the first error, once none is still running (a write
+    still in flight after its caller gave the model's lock up would race the next holder)."""
+    for result in await asyncio.gather(*aws, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
 def _unavailable(e: BaseException) -> StorageUnavailable | None:
     """What a driver error means when the database is out of reach or (still) busy; None otherwise."""
     if isinstance(e, _UNAVAILABLE):
@@ -406,9 +414,13 @@ class MongoStorage(Storage):
                 await self.model_locks.release(oid, token)  # an insert whose answer was lost may have landed
                 raise
             try:
-                await self._fold_held(oid)
-            finally:
+                folded = await self._fold_held(oid)
+            except BaseException:
                 await self.model_locks.release(oid, token)
+                raise
+            # Its events go while the lock is given up: a holder that reads them before they
+            # are gone finds their fold applied everywhere, and only deletes them.
+            await _all(self._delete_events(folded), self.model_locks.release(oid, token))
             if await _retry_busy(lambda: self.download_events.find_one({"model": oid}, {"_id": 1})) is None:
                 return False
         return True
@@ -427,8 +439,9 @@ class MongoStorage(Storage):
         except (PyMongoError, StorageError) as e:
             log.info("download events of model %s not folded yet: %s", oid, e.__class__.__name__)
 
-    async def _fold_held(self, oid: ObjectId) -> None:
-        """Fold the model's events; the caller holds the model's lock.
+    async def _fold_held(self, oid: ObjectId) -> list[ObjectId]:
+        """Fold the model's events; the caller holds the model's lock, and deletes the events
+        whose ids this returns.
 
         A fold that dies midway neither loses nor doubles a count: it marks its events
         with a fold id first, sets ``last_fold`` to that id beside each $inc, and deletes
@@ -445,32 +458,42 @@ class MongoStorage(Storage):
                 fresh.append(e)
         for fold_id, marked in unfinished.items():
             await self._apply_fold(oid, fold_id, marked)
-        if fresh:
-            fold_id, ids = ObjectId(), [e["_id"] for e in fresh]
+            await self._delete_events([e["_id"] for e in marked])
+        ids = [e["_id"] for e in fresh]
+        if ids:
+            fold_id = ObjectId()
             await _retry_busy(lambda: self.download_events.update_many({"_id": {"$in": ids}},
                                                                        {"$set": {"fold": fold_id}}))
             await self._apply_fold(oid, fold_id, fresh)
+        return ids
+
+    async def _delete_events(self, ids: list[ObjectId]) -> None:
+        if ids:
+            await _retry_busy(lambda: self.download_events.delete_many({"_id": {"$in": ids}}))
 
     async def _apply_fold(self, oid: ObjectId, fold_id: ObjectId, events: list[dict[str, Any]]) -> None:
+        """Each target's $inc where this fold is not applied yet, all at once (each target has
+        one writer: this holder)."""
         not_yet = {"last_fold": {"$ne": fold_id}}
-        # The model may be gone: its events still count in the hourly tallies.
-        await _retry_busy(lambda: self.models.update_one(
-            {"_id": oid, **not_yet}, {"$inc": {"download_count": len(events)}, "$set": {"last_fold": fold_id}}))
-        for hour, n in Counter(e["hour"] for e in events).items():
+
+        async def tally(hour: datetime, n: int) -> None:
             try:
                 result = await _retry_busy(lambda: self.download_tallies.update_one(
                     {"_id": {"m": oid, "h": hour}, **not_yet},
                     {"$inc": {"count": n}, "$set": {"last_fold": fold_id}}, upsert=True))
             except DuplicateKeyError:
-                continue  # the tally has this fold already (so the upsert's filter missed it)
+                return  # the tally has this fold already (so the upsert's filter missed it)
             if result.upserted_id is not None:
                 # A new hour: old ones go (not with a TTL index: FerretDB lacks them).
                 # Other models' tallies too: one this old is written by no fold.
                 cutoff = hour - DOWNLOAD_HISTORY
                 await _retry_busy(lambda: self.download_tallies.delete_many({"_id.h": {"$lt": cutoff}}))
                 await _retry_busy(lambda: self.downloads.delete_many({"_id": {"$lt": cutoff}}))
-        ids = [e["_id"] for e in events]
-        await _retry_busy(lambda: self.download_events.delete_many({"_id": {"$in": ids}}))
+
+        # The model may be gone: its events still count in the hourly tallies.
+        await _all(_retry_busy(lambda: self.models.update_one(
+            {"_id": oid, **not_yet}, {"$inc": {"download_count": len(events)}, "$set": {"last_fold": fold_id}})),
+            *(tally(hour, n) for hour, n in Counter(e["hour"] for e in events).items()))
 
     async def fold_leftover_downloads(self) -> int:
         """Fold the download events of models whose fold failed and that no download
