@@ -373,8 +373,9 @@ class MongoStorage(Storage):
             yield
         finally:
             await self.model_locks.release(oid, token)
-        # Downloads that found the lock busy left their events to its holder (record_download).
-        await self._fold(oid)
+            # Downloads that found the lock busy left their events to its holder (record_download),
+            # whether the update went through or not.
+            await self._fold(oid)
 
     async def record_download(self, model_id: str, at: datetime) -> None:
         """Exact across processes, and durable once this returns: a download is an event
