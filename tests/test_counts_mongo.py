@@ -199,10 +199,17 @@ async def test_a_download_during_a_fold_is_folded_by_that_folds_holder(stores, m
 
 
 @bounded
-async def test_a_download_that_found_the_lock_busy_is_folded_by_its_holder(stores):
-    """The holder may be an update: it looks for events after releasing the lock, as a fold does."""
+@pytest.mark.parametrize("update_fails", [False, True], ids=["update", "failed-update"])
+async def test_a_download_that_found_the_lock_busy_is_folded_by_its_holder(stores, monkeypatch, update_fails):
+    """The holder may be an update: it looks for events after releasing the lock, as a fold does,
+    whether its update went through or not."""
     holder, updater, downloader = stores[0], stores[1], stores[2]
     model_id = await new_model(holder)
+    if update_fails:
+        async def fails(*args, **kwargs):
+            raise AutoReconnect("connection lost (test)")
+
+        monkeypatch.setattr(updater.models, "find_one_and_update", fails)
     oid, token = ObjectId(model_id), holder.model_locks.new_token()
     assert await holder.model_locks.acquire(oid, token) is False
     update = asyncio.ensure_future(updater.update_model(model_id, {"description": "new"}))
@@ -210,7 +217,11 @@ async def test_a_download_that_found_the_lock_busy_is_folded_by_its_holder(store
     assert (await downloader.get_model(model_id))["download_count"] == 0
     assert not update.done()
     await holder.model_locks.release(oid, token)
-    assert (await update)["description"] == "new"
+    if update_fails:
+        with pytest.raises(StorageUnavailable):
+            await update
+    else:
+        assert (await update)["description"] == "new"
     # No later download came: the update's holder folded it.
     assert await downloader.db["download_events"].count_documents({}) == 0
     assert (await downloader.get_model(model_id))["download_count"] == 1
