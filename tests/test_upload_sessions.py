@@ -106,7 +106,7 @@ def lock_held(storage, settings, session_id: str) -> bool:
             row = db.execute("SELECT lock_token FROM upload_sessions WHERE id = ?", (session_id,)).fetchone()
         return bool(row and row[0])
     with MongoClient(settings.mongodb_url, serverSelectionTimeoutMS=5000) as c:
-        return c[settings.mongodb_db]["upload_session_locks"].find_one({"_id": ObjectId(session_id)}) is not None
+        return c[settings.mongodb_db]["upload_session_locks"].find_one({"key": ObjectId(session_id)}) is not None
 
 
 async def wait_for(condition, what: str, timeout: float = 20.0):

@@ -100,7 +100,7 @@ async def expire_lock(storage, session_id: str) -> None:
     """What a writer that stalled past SESSION_LOCK_TTL (or died) leaves in the store: its lock, past its time."""
     past = clock.now() - timedelta(minutes=5)
     if storage.kind == "mongodb":
-        result = await storage.db["upload_session_locks"].update_one({"_id": ObjectId(session_id)},
+        result = await storage.db["upload_session_locks"].update_one({"key": ObjectId(session_id)},
                                                                      {"$set": {"until": past}})
         assert result.matched_count == 1
     else:
@@ -436,7 +436,7 @@ async def test_a_commit_that_died_after_publishing_leaves_the_content_alone(stor
     async def died_after_publishing():
         await storage.open_session(UploadSession(session.id, "", CS + 1, None, None, CS, session.created_at,
                                                  clock.now()))
-        await locks.insert_one({"_id": ObjectId(session.id), "token": "dead", "until": clock.now()})
+        await locks.insert_one({"_id": ObjectId(), "key": ObjectId(session.id), "until": clock.now()})
 
     await died_after_publishing()
     with pytest.raises(SessionMissing):
@@ -516,11 +516,11 @@ async def test_gc_forgets_lapsed_locks_of_sessions_that_are_gone(storage):
     await append(storage, live.id, b"x" * (CS + 1))
     gone = ObjectId()
     lapsed = clock.now() - timedelta(minutes=5)
-    await locks.insert_one({"_id": ObjectId(live.id), "token": "dead", "until": lapsed})
-    await locks.insert_one({"_id": gone, "token": "dead", "until": lapsed})
+    await locks.insert_one({"_id": ObjectId(), "key": ObjectId(live.id), "until": lapsed})
+    await locks.insert_one({"_id": ObjectId(), "key": gone, "until": lapsed})
     await storage.collect_garbage(timedelta(hours=1), dry_run=True)
     assert await locks.count_documents({}) == 2
     await storage.collect_garbage(timedelta(hours=1), dry_run=False)
     # The live session's lapsed lock stays: the next request takes it over (and discards).
-    assert [d["_id"] async for d in locks.find({})] == [ObjectId(live.id)]
+    assert [d["key"] async for d in locks.find({})] == [ObjectId(live.id)]
     assert (await append(storage, live.id, b"y")).offset == CS + 2

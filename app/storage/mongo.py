@@ -16,6 +16,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Iterator
@@ -26,7 +27,6 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
-    CollectionInvalid,
     ConnectionFailure,
     DuplicateKeyError,
     NetworkTimeout,
@@ -59,13 +59,27 @@ from .base import (
     ValueRefused,
 )
 from .live_uploads import LiveUploads
-from .session_locks import SessionLocks
+from .mongo_locks import LockBusy, Locks
 
 # Chunk documents per cursor batch when reading: bounds memory per download.
 _READ_BATCH_BYTES = 1024 * 1024
 
 # Retries (about 15 minutes with backoff) to remove a cancelled upload's chunks.
 _CLEANUP_ATTEMPTS = 40
+
+# A model's lock (model documents and download tallies are written under it):
+# held for a write or two, so a lock this old belongs to a holder that died.
+_MODEL_LOCK_TTL = timedelta(seconds=30)
+# How long a model update waits for the lock before answering 503.
+_MODEL_LOCK_WAIT = 10.0
+
+# Folds one download's fold runs before it leaves the rest to a background task
+# (while downloads of the model keep coming, there is always more to fold).
+_FOLD_ROUNDS = 3
+
+# Download events older than this are folded by gc: their own fold failed and
+# no later download of that model came to fold them.
+_LEFTOVER_EVENTS = timedelta(minutes=1)
 
 log = logging.getLogger("app.storage.mongo")
 
@@ -102,6 +116,7 @@ def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
 def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
     doc = dict(raw)
     doc["id"] = str(doc.pop("_id"))
+    doc.pop("last_fold", None)  # record_download's bookkeeping, not the model's
     if isinstance(doc.get("parent_model_id"), ObjectId):
         doc["parent_model_id"] = str(doc["parent_model_id"])
     fm = doc.get("file_metadata")
@@ -144,6 +159,14 @@ async def _retry_busy(call):
             await asyncio.sleep(0.01 * 2**attempt)
 
 
+async def _all(*aws) -> None:
+    """Await them together; then raise the first error, once none is still running (a write
+    still in flight after its caller gave the model's lock up would race the next holder)."""
+    for result in await asyncio.gather(*aws, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
 def _unavailable(e: BaseException) -> StorageUnavailable | None:
     """What a driver error means when the database is out of reach or (still) busy; None otherwise."""
     if isinstance(e, _UNAVAILABLE):
@@ -154,7 +177,6 @@ def _unavailable(e: BaseException) -> StorageUnavailable | None:
 
 
 _BAD_VALUE = 2  # the server's error code for a value it will not take
-_NAMESPACE_EXISTS = 48
 
 
 @contextlib.contextmanager
@@ -206,14 +228,21 @@ class MongoStorage(Storage):
         self.models = self.db["models"]
         self.files = self.db[f"{bucket}.files"]
         self.chunks = self.db[f"{bucket}.chunks"]
+        # Download counting (record_download): events, folded under the model's lock into the
+        # model's download_count and per (model, hour) tallies. download_hours holds the global
+        # hourly tallies of earlier versions: read until they age out.
+        self.download_events = self.db["download_events"]
+        self.download_tallies = self.db["download_tallies"]
         self.downloads = self.db["download_hours"]
+        self.model_locks = Locks(self.db["model_locks"], _MODEL_LOCK_TTL, "model")
         self._content_lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task] = set()
+        self._folding: dict[ObjectId, asyncio.Task] = {}  # background folds (_fold_later)
         self.live_uploads = LiveUploads(self.db[f"{bucket}.uploads_in_progress"])
         # An upload session's full chunks are GridFS chunks whose files_id is the
         # session's _id (no files document until it completes); see _GridFSSessionWriter.
         self.sessions = self.db["upload_sessions"]
-        self.session_locks = SessionLocks(self.db["upload_session_locks"])
+        self.session_locks = Locks(self.db["upload_session_locks"], SESSION_LOCK_TTL, "upload session")
         self.session_hashes = SessionHashes()
 
     # -- lifecycle -------------------------------------------------------
@@ -245,21 +274,20 @@ class MongoStorage(Storage):
         # count_sessions (per owner and in all) and sessions_updated_before.
         await self.sessions.create_index([("owner", ASCENDING), ("updated_at", ASCENDING)])
         await self.sessions.create_index("updated_at")
-        # Created now, not by the first lock in the middle of a request.
-        try:
-            await self.db.create_collection("upload_session_locks")
-        except CollectionInvalid:
-            pass
-        except OperationFailure as e:
-            if e.code != _NAMESPACE_EXISTS:  # another replica starting at the same moment
-                raise
+        await self.session_locks.create_index()
+        await self.session_locks.adopt_earlier_shape()
+        await self.model_locks.create_index()
+        await self.download_events.create_index("model")
+        # Statistics and pruning read tallies by hour.
+        await self.download_tallies.create_index("_id.h")
 
     async def close(self) -> None:
         # A last chance for pending cleanups whose database is already back.
-        for task in list(self._cleanups):
+        for task in [*self._cleanups, *self._folding.values()]:
             task.cancel()
         self.live_uploads.close()
         self.session_locks.close()
+        self.model_locks.close()
         await self.client.close()
 
     async def ping(self) -> None:
@@ -324,25 +352,158 @@ class MongoStorage(Storage):
             update["$unset"] = to_unset
         if not update:
             return await self.get_model(model_id)
-        raw = await self.models.find_one_and_update(
-            {"_id": oid}, update, return_document=ReturnDocument.BEFORE if return_previous else ReturnDocument.AFTER
-        )
+        # Under the model's lock: FerretDB runs find-and-modify as "find, then write",
+        # so without it two replicas' updates could both return the same previous document.
+        async with self._model_lock(oid):
+            raw = await self.models.find_one_and_update(
+                {"_id": oid}, update, return_document=ReturnDocument.BEFORE if return_previous else ReturnDocument.AFTER
+            )
         return _from_mongo(raw) if raw else None
 
-    @_guard
-    async def record_download(self, model_id: str, at: datetime) -> None:
-        await self.models.update_one({"_id": ObjectId(model_id)}, {"$inc": {"download_count": 1}})
-        # One document per hour, bounded whatever the traffic. Old hours are
-        # pruned when a new one starts (not with a TTL index: FerretDB lacks them).
-        hour = at.replace(minute=0, second=0, microsecond=0)
+    @contextlib.asynccontextmanager
+    async def _model_lock(self, oid: ObjectId) -> AsyncIterator[None]:
+        """Hold the model's lock (waiting for it up to _MODEL_LOCK_WAIT, then StorageUnavailable)."""
+        token = self.model_locks.new_token()
         try:
-            result = await self.downloads.update_one({"_id": hour}, {"$inc": {"count": 1}}, upsert=True)
-        except DuplicateKeyError:
-            # Another process created this hour's document at the same moment.
-            await self.downloads.update_one({"_id": hour}, {"$inc": {"count": 1}})
+            await self.model_locks.wait(oid, token, timeout=_MODEL_LOCK_WAIT)
+        except BaseException:
+            await self.model_locks.release(oid, token)  # an insert whose answer was lost may have landed
+            raise
+        try:
+            yield
+        finally:
+            await self.model_locks.release(oid, token)
+            # Downloads that found the lock busy left their events to its holder (record_download),
+            # whether the update went through or not.
+            await self._fold(oid)
+
+    async def record_download(self, model_id: str, at: datetime) -> None:
+        """Exact across processes, and durable once this returns: a download is an event
+        document (an insert, atomic on every server, where FerretDB loses concurrent $inc),
+        which the holder of the model's lock folds into the model's download_count and its
+        (model, hour) tally; see _fold."""
+        oid = ObjectId(model_id)
+        event = {"_id": ObjectId(), "model": oid, "hour": at.replace(minute=0, second=0, microsecond=0)}
+        with _storage_errors():
+            await _retry_busy(lambda: self.download_events.insert_one(event))
+        await self._fold(oid)
+
+    async def _fold(self, oid: ObjectId) -> None:
+        """Fold the model's download events now; never raises (an event left is folded by the
+        model's next fold, or gc's)."""
+        try:
+            if await self._fold_rounds(oid, _FOLD_ROUNDS):
+                self._fold_later(oid)
+        except (PyMongoError, StorageError) as e:
+            log.info("download events of model %s not folded yet: %s", oid, e.__class__.__name__)
+
+    async def _fold_rounds(self, oid: ObjectId, rounds: int) -> bool:
+        """Up to ``rounds`` folds of the model's events while its lock is free; True if events are
+        still there after the last.
+
+        Insert, then look: a download inserts its event before it tries the lock, and a
+        holder looks for events after releasing it, so an event whose download found the
+        lock busy is there when that holder looks, and that holder folds it.
+        """
+        for _ in range(rounds):
+            token = self.model_locks.new_token()
+            try:
+                await _retry_busy(lambda: self.model_locks.acquire(oid, token))
+            except LockBusy:
+                return False  # its holder looks after releasing
+            except BaseException:
+                await self.model_locks.release(oid, token)  # an insert whose answer was lost may have landed
+                raise
+            try:
+                folded = await self._fold_held(oid)
+            except BaseException:
+                await self.model_locks.release(oid, token)
+                raise
+            # Its events go while the lock is given up: a holder that reads them before they
+            # are gone finds their fold applied everywhere, and only deletes them.
+            await _all(self._delete_events(folded), self.model_locks.release(oid, token))
+            if await _retry_busy(lambda: self.download_events.find_one({"model": oid}, {"_id": 1})) is None:
+                return False
+        return True
+
+    def _fold_later(self, oid: ObjectId) -> None:
+        """Fold on in the background, one task per model, so that no download waits for others'."""
+        if oid in self._folding:
             return
-        if result.upserted_id is not None:
-            await self.downloads.delete_many({"_id": {"$lt": hour - DOWNLOAD_HISTORY}})
+        self._folding[oid] = task = asyncio.create_task(self._fold_in_background(oid))
+        task.add_done_callback(lambda _: self._folding.pop(oid, None))
+
+    async def _fold_in_background(self, oid: ObjectId) -> None:
+        try:
+            while await self._fold_rounds(oid, _FOLD_ROUNDS):
+                await asyncio.sleep(0)
+        except (PyMongoError, StorageError) as e:
+            log.info("download events of model %s not folded yet: %s", oid, e.__class__.__name__)
+
+    async def _fold_held(self, oid: ObjectId) -> list[ObjectId]:
+        """Fold the model's events; the caller holds the model's lock, and deletes the events
+        whose ids this returns.
+
+        A fold that dies midway neither loses nor doubles a count: it marks its events
+        with a fold id first, sets ``last_fold`` to that id beside each $inc, and deletes
+        the events last. A later fold finishes a fold whose marked events it finds, on
+        the targets whose ``last_fold`` is not that fold's (one fold is applied at a
+        time, so a target's ``last_fold`` is that fold's if it has it).
+        """
+        events = await _retry_busy(lambda: self.download_events.find({"model": oid}).to_list(None))
+        fresh, unfinished = [], {}
+        for e in events:
+            if "fold" in e:
+                unfinished.setdefault(e["fold"], []).append(e)
+            else:
+                fresh.append(e)
+        for fold_id, marked in unfinished.items():
+            await self._apply_fold(oid, fold_id, marked)
+            await self._delete_events([e["_id"] for e in marked])
+        ids = [e["_id"] for e in fresh]
+        if ids:
+            fold_id = ObjectId()
+            await _retry_busy(lambda: self.download_events.update_many({"_id": {"$in": ids}},
+                                                                       {"$set": {"fold": fold_id}}))
+            await self._apply_fold(oid, fold_id, fresh)
+        return ids
+
+    async def _delete_events(self, ids: list[ObjectId]) -> None:
+        if ids:
+            await _retry_busy(lambda: self.download_events.delete_many({"_id": {"$in": ids}}))
+
+    async def _apply_fold(self, oid: ObjectId, fold_id: ObjectId, events: list[dict[str, Any]]) -> None:
+        """Each target's $inc where this fold is not applied yet, all at once (each target has
+        one writer: this holder)."""
+        not_yet = {"last_fold": {"$ne": fold_id}}
+
+        async def tally(hour: datetime, n: int) -> None:
+            try:
+                result = await _retry_busy(lambda: self.download_tallies.update_one(
+                    {"_id": {"m": oid, "h": hour}, **not_yet},
+                    {"$inc": {"count": n}, "$set": {"last_fold": fold_id}}, upsert=True))
+            except DuplicateKeyError:
+                return  # the tally has this fold already (so the upsert's filter missed it)
+            if result.upserted_id is not None:
+                # A new hour: old ones go (not with a TTL index: FerretDB lacks them).
+                # Other models' tallies too: one this old is written by no fold.
+                cutoff = hour - DOWNLOAD_HISTORY
+                await _retry_busy(lambda: self.download_tallies.delete_many({"_id.h": {"$lt": cutoff}}))
+                await _retry_busy(lambda: self.downloads.delete_many({"_id": {"$lt": cutoff}}))
+
+        # The model may be gone: its events still count in the hourly tallies.
+        await _all(_retry_busy(lambda: self.models.update_one(
+            {"_id": oid, **not_yet}, {"$inc": {"download_count": len(events)}, "$set": {"last_fold": fold_id}})),
+            *(tally(hour, n) for hour, n in Counter(e["hour"] for e in events).items()))
+
+    async def fold_leftover_downloads(self) -> int:
+        """Fold the download events of models whose fold failed and that no download
+        has come to fold since (gc). The number of models."""
+        old = ObjectId.from_datetime(now() - _LEFTOVER_EVENTS)
+        models = await self.download_events.distinct("model", {"_id": {"$lt": old}})
+        for oid in models:
+            await self._fold(oid)
+        return len(models)
 
     @_guard
     async def delete_model(self, model_id: str) -> ModelDocument | None:
@@ -409,7 +570,7 @@ class MongoStorage(Storage):
         has_file = {"$match": {"file_metadata.file_id": {"$exists": True}}}
         has_files = {"$match": {"snapshot_digest": {"$exists": True}}}
         (groups, downloads, single, shards, file_bytes, snapshot_bytes, with_file, with_files, added,
-         recent) = await asyncio.gather(
+         earlier, tallies) = await asyncio.gather(
             self.models.aggregate([{"$group": {"_id": {"a": "$algorithm", "s": "$status"}, "n": {"$sum": 1}}}]),
             self._aggregate_one(self.models, [{"$group": {"_id": None, "n": {"$sum": "$download_count"}}}], "n"),
             # Distinct content per kind of version, merged below: content shared by
@@ -431,6 +592,10 @@ class MongoStorage(Storage):
             self.models.count_documents({"snapshot_digest": {"$exists": True}}),
             self.models.count_documents({"created_at": {"$gte": since_added}}),
             self.downloads.find({"_id": {"$gte": since_downloads}}).to_list(None),
+            self.download_tallies.aggregate([
+                {"$match": {"_id.h": {"$gte": since_downloads}}},
+                {"$group": {"_id": "$_id.h", "n": {"$sum": "$count"}}},
+            ]),
         )
         sizes: dict[ObjectId, int] = {}
         for cursor in (single, shards):
@@ -443,9 +608,11 @@ class MongoStorage(Storage):
             a, st = g["_id"]["a"], g["_id"]["s"]
             by_algorithm[a] = by_algorithm.get(a, 0) + g["n"]
             by_status[st] = by_status.get(st, 0) + g["n"]
-        by_hour = {h["_id"]: h["count"] for h in recent}
+        by_hour = Counter({h["_id"]: h["count"] for h in earlier})  # download_hours of earlier versions
+        async for t in tallies:
+            by_hour[t["_id"]] += t["n"]
         return RegistryStats(by_algorithm, by_status, downloads, stored, with_files, model_bytes, added,
-                             sum(by_hour.values()), by_hour)
+                             sum(by_hour.values()), dict(by_hour))
 
     # -- files -----------------------------------------------------------
     def file_writer(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileWriter:
@@ -512,15 +679,17 @@ class MongoStorage(Storage):
         if not dry_run:
             await self.live_uploads.forget_stale()
             await self.session_locks.forget_lapsed(sessions)
+            await self.model_locks.forget_lapsed()
+            await self.fold_leftover_downloads()
         return report
 
-    def settle_session_later(self, session_id: ObjectId, token: str) -> None:
+    def settle_session_later(self, session_id: ObjectId, token: ObjectId) -> None:
         """_settle_session then release the lock, once the database is back (a writer's clean-up failed)."""
         task = asyncio.create_task(self._settle_session_when_back(session_id, token))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _settle_session_when_back(self, session_id: ObjectId, token: str) -> None:
+    async def _settle_session_when_back(self, session_id: ObjectId, token: ObjectId) -> None:
         delay, deadline = 0.5, asyncio.get_running_loop().time() + SESSION_LOCK_TTL.total_seconds()
         # After that the lock has lapsed, and the request that takes it over settles the session.
         while asyncio.get_running_loop().time() < deadline:
@@ -653,7 +822,7 @@ class MongoStorage(Storage):
             return False
         token = self.session_locks.new_token()
         try:
-            await self.session_locks.acquire(oid, token)
+            await _lock_session(self, oid, token)
             # The document first: chunks left by a failure after it are orphans gc removes.
             if (await self.sessions.delete_one({"_id": oid})).deleted_count != 1:
                 return False
@@ -839,7 +1008,15 @@ class _GridFSWriter(FileWriter):
 _RENEW_AFTER = SESSION_LOCK_TTL.total_seconds() / 6
 
 
-async def _settle_session(store: MongoStorage, oid: ObjectId, token: str) -> bool:
+async def _lock_session(store: MongoStorage, oid: ObjectId, token: ObjectId) -> bool:
+    """Take the session's write lock (Locks.acquire); SessionBusy while another request holds it."""
+    try:
+        return await store.session_locks.acquire(oid, token)
+    except LockBusy:
+        raise SessionBusy(f"upload session {oid} is being written") from None
+
+
+async def _settle_session(store: MongoStorage, oid: ObjectId, token: ObjectId) -> bool:
     """Make a session whose last writer failed consistent again, while ``token`` holds its lock
     (False if it does not): no chunk beyond the stored offset, and no session left by a commit
     that went through. Afterwards the lock can be released as after any request.
@@ -874,7 +1051,7 @@ class _GridFSSessionWriter(SessionWriter):
         super().__init__(store, session_id)
         self._store = store
         self._oid = _session_oid(session_id)
-        self._token: str | None = None
+        self._token: ObjectId | None = None
         self._unsettled = False  # the session may hold more than its offset says: settle before releasing
         self._lost = False  # our lock lapsed and another request took the session
         self._renewed_at = 0.0
@@ -889,7 +1066,7 @@ class _GridFSSessionWriter(SessionWriter):
             # Known before the insert, and the insert shielded: a request cancelled
             # meanwhile (its client left) still releases the lock it may have taken.
             self._token = token = store.session_locks.new_token()
-            acquiring = asyncio.ensure_future(_retry_busy(lambda: store.session_locks.acquire(oid, token)))
+            acquiring = asyncio.ensure_future(_retry_busy(lambda: _lock_session(store, oid, token)))
             try:
                 self._unsettled = await asyncio.shield(acquiring)  # until _discard_beyond has run
                 self._renewed_at = time.monotonic()
