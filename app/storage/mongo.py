@@ -59,7 +59,7 @@ from .base import (
     ValueRefused,
 )
 from .live_uploads import LiveUploads
-from .mongo_leases import CLAIM_OWNER, KEEP_OWNER, ContentLeases
+from .mongo_leases import KEEP_OWNER, ContentLeases, claim_owner
 from .session_locks import SessionLocks
 
 # Chunk documents per cursor batch when reading: bounds memory per download.
@@ -597,12 +597,13 @@ class MongoStorage(Storage):
                 found[raw["metadata"]["sha256"]] = _stored_file(raw)
         return found
 
-    async def _lease_blobs(self, sha256s: list[str], owner: str, until: datetime) -> dict[str, _Leased]:
+    async def _lease_blobs(self, sha256s: list[str], owner: str, until: datetime,
+                           dropped: bool = True) -> dict[str, _Leased]:
         """Of these sha256s, the stored ones, each leased: (content, lease id) by sha256."""
         leased: dict[str, _Leased] = {}
         found = await self._blobs(list(dict.fromkeys(sha256s)))
         for _ in range(_LEASE_ATTEMPTS):
-            got = await self.content.lease([ObjectId(f.file_id) for f in found.values()], owner, until)
+            got = await self.content.lease([ObjectId(f.file_id) for f in found.values()], owner, until, dropped)
             for sha256, f in found.items():
                 if (lease := got.get(ObjectId(f.file_id))) is not None:
                     leased[sha256] = (f, lease)
@@ -622,20 +623,26 @@ class MongoStorage(Storage):
     async def keep_blobs(self, sha256s: list[str], until: datetime) -> dict[str, StoredFile]:
         # A lease of its own per keep, never dropped: it simply ends (gc removes it
         # after), and a later keep never shortens an earlier one.
-        return {sha256: f for sha256, (f, _) in (await self._lease_blobs(sha256s, KEEP_OWNER, until)).items()}
+        kept = await self._lease_blobs(sha256s, KEEP_OWNER, until, dropped=False)
+        return {sha256: f for sha256, (f, _) in kept.items()}
 
     @_guard_steps
     async def claim_blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
-        return self._remember_claims(await self._lease_blobs(sha256s, CLAIM_OWNER, now() + CLAIM_GRACE))
+        return self._remember_claims(await self._lease_blobs(sha256s, claim_owner(), now() + CLAIM_GRACE))
 
     async def claim(self, sha256: str) -> StoredFile | None:
         """The stored copy of this content, claimed (a lease until CLAIM_GRACE; settle_file drops it), or None."""
-        return self._remember_claims(await self._lease_blobs([sha256], CLAIM_OWNER, now() + CLAIM_GRACE)).get(sha256)
+        return self._remember_claims(await self._lease_blobs([sha256], claim_owner(), now() + CLAIM_GRACE)).get(sha256)
 
     async def claim_new(self, files_id: ObjectId) -> None:
         """Claim content about to be published under ``files_id`` (before its files document exists)."""
-        lease = await self.content.insert(files_id, CLAIM_OWNER, now() + CLAIM_GRACE)
+        lease = await self.content.insert(files_id, claim_owner(), now() + CLAIM_GRACE)
         self._claims.setdefault(str(files_id), []).append(lease)
+
+    def abandon_claims(self, file_id: str) -> None:
+        """Nobody will settle these claims (their commit failed): they end at CLAIM_GRACE."""
+        for lease in self._claims.pop(file_id, []):
+            self.content.forget(lease)
 
     # -- upload sessions -----------------------------------------------------
     @_guard
@@ -756,8 +763,8 @@ async def _publish(store: MongoStorage, files_id: ObjectId, size: int, chunk_siz
             if existing is None:
                 raise
         except BaseException:
-            # Stored or not (an answer lost), nobody will settle this claim: it ends at CLAIM_GRACE.
-            store._claims.pop(str(files_id), None)
+            # Stored or not (an answer lost), the commit failed: nobody will settle this claim.
+            store.abandon_claims(str(files_id))
             raise
     # Same content is already stored: keep that copy, drop ours.
     if existing.file_id != str(files_id):

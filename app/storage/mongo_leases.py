@@ -23,6 +23,7 @@ so the last reader completes a release that waited for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -47,9 +48,12 @@ _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 # Ids per $in or insert_many: bounds the size of one command.
 _BATCH = 1000
 
-# Claims name the process that took them, for diagnosis.
-CLAIM_OWNER = f"claim:{socket.gethostname()}:{os.getpid()}"
 KEEP_OWNER = "keep"
+
+
+def claim_owner() -> str:
+    """A claim names the process that took it, for diagnosis (asked each time: workers fork)."""
+    return f"claim:{socket.gethostname()}:{os.getpid()}"
 
 Retry = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
@@ -91,9 +95,11 @@ class ContentLeases:
         self._leased[doc["_id"]] = file_id
         return doc["_id"]
 
-    async def lease(self, file_ids: list[ObjectId], owner: str, until: datetime) -> dict[ObjectId, ObjectId]:
+    async def lease(self, file_ids: list[ObjectId], owner: str, until: datetime,
+                    dropped: bool = True) -> dict[ObjectId, ObjectId]:
         """{file id: lease id} for each file leased; a file gone, or being deleted and then
-        gone, gets none (and no lease is left for it)."""
+        gone, gets none (and no lease is left for it). ``dropped``: whether the lease will be
+        dropped (a keep's simply ends)."""
         docs = [{"_id": ObjectId(), "file_id": f, "owner": owner, "until": until}
                 for f in dict.fromkeys(file_ids)]
         if not docs:
@@ -105,17 +111,20 @@ class ContentLeases:
             present: set[ObjectId] = set()
             for batch in _batches([d["file_id"] for d in docs]):
                 present |= {raw["_id"] async for raw in self._files.find({"_id": {"$in": batch}}, {"_id": 1})}
-        except PyMongoError:
-            # Leave nothing behind if the database lets us; else the leases expire.
-            try:
+        except BaseException:
+            # Nobody will drop them: leave nothing behind if the database lets us, else they expire.
+            with contextlib.suppress(PyMongoError):
                 await self._delete_leases([d["_id"] for d in docs])
-            except PyMongoError:
-                pass
             raise
         await self._delete_leases([d["_id"] for d in docs if d["file_id"] not in present])
         leased = {d["file_id"]: d["_id"] for d in docs if d["file_id"] in present}
-        self._leased.update((lease, file) for file, lease in leased.items())
+        if dropped:
+            self._leased.update((lease, file) for file, lease in leased.items())
         return leased
+
+    def forget(self, lease_id: ObjectId) -> None:
+        """A lease this process will not drop after all (it simply ends)."""
+        self._leased.pop(lease_id, None)
 
     async def renew(self, lease_ids: list[ObjectId], until: datetime) -> None:
         # Only the owner writes its leases (gc removes them a minute after they end).
