@@ -578,10 +578,11 @@ class MongoStorage(Storage):
         # One claim each time a file is named (the same content twice: two claims).
         leases = []
         for file_id in file_ids:
-            if held := self._claims.get(file_id):
+            key = str(oid) if (oid := _oid(file_id)) is not None else file_id  # as StoredFile spells it
+            if held := self._claims.get(key):
                 leases.append(held.pop())
                 if not held:
-                    del self._claims[file_id]
+                    del self._claims[key]
         if leases:
             await self.content.drop(leases)
 
