@@ -225,8 +225,15 @@ class ContentLeases:
         return (await self._retry(lambda: self._files.delete_one({"_id": file_id}))).deleted_count == 1
 
     async def release_pending(self) -> list[ObjectId]:
+        # Every replica calls this (every LEASE_TTL): what dead ones leased, and keeps,
+        # which nobody drops, go here too, not only when an operator runs gc.
+        await self._forget_expired()
         waiting = [raw["_id"] async for raw in self.pending.find({}, {"_id": 1})]
         return await self._release_unleased(waiting)
+
+    async def _forget_expired(self) -> int:
+        expired = {"until": {"$lt": now() - EXPIRED_SLACK}}
+        return (await self._retry(lambda: self.leases.delete_many(expired))).deleted_count
 
     # -- gc ----------------------------------------------------------------------
     async def collect(self, dry_run: bool) -> list[str]:
@@ -234,7 +241,6 @@ class ContentLeases:
         content that is gone) and complete the releases whose leases have expired: one line per
         file deleted (the bookkeeping is logged, not reported: it is no stored content)."""
         at = now()
-        expired = {"until": {"$lt": at - EXPIRED_SLACK}}
         stale = [t async for t in self.tombstones.find({"at": {"$lt": at - STALE_TOMBSTONE}})]
         marks = [raw["_id"] async for raw in self.pending.find({}, {"_id": 1})]
         sizes: dict[ObjectId, int] = {}
@@ -244,7 +250,7 @@ class ContentLeases:
         vanished = [file_id for file_id in marks if file_id not in sizes]
         if dry_run:
             return []
-        ended = (await self._retry(lambda: self.leases.delete_many(expired))).deleted_count
+        ended = await self._forget_expired()
         for t in stale:
             await self._retry(lambda t=t: self.tombstones.delete_one({"_id": t["_id"], "token": t["token"]}))
         for file_id in vanished:
