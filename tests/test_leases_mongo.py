@@ -134,6 +134,34 @@ async def test_the_last_drop_and_a_release_racing_leave_nothing(settings, order)
 
 
 @bounded
+async def test_many_readers_on_many_replicas_and_a_release(settings):
+    """Nine downloads on three replicas hold one file while a fourth replica releases it: each
+    reads it whole after the release as before, they finish at the same moment, and the one
+    drop that ends the last lease deletes the content; nothing of the protocol is left."""
+    async with replicas(settings, 4) as (a, *replica):
+        data, stored = await stored_content(a)
+        holding = asyncio.Barrier(9 + 1)
+        released = asyncio.Event()
+
+        async def download(storage):
+            leased = await storage.lease_files([stored.file_id], OWNER, later(minutes=5))
+            assert await read_all(storage, stored) == data
+            await holding.wait()
+            await released.wait()
+            assert await read_all(storage, stored) == data
+            return await storage.drop_leases(list(leased.values()))
+
+        downloads = [asyncio.ensure_future(download(r)) for r in replica * 3]
+        await holding.wait()
+        assert await a.release_file(stored.file_id) is False
+        released.set()
+        dropped = await asyncio.gather(*downloads)
+        assert sorted(dropped) == [[]] * 8 + [[stored.file_id]]
+        assert await gone(a, stored)
+        assert await bookkeeping(a) == NOTHING
+
+
+@bounded
 async def test_a_pending_release_is_completed_by_the_last_drop(settings):
     async with replicas(settings, 4) as (a, b, c, d):
         data, stored = await stored_content(a)
