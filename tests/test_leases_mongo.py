@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from bson import ObjectId
@@ -52,7 +52,7 @@ async def replicas(settings, n: int):
             await s.close()
 
 
-def later(**delta) -> "clock.datetime":
+def later(**delta) -> datetime:
     return clock.now() + timedelta(**delta)
 
 
