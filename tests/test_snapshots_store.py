@@ -18,6 +18,7 @@ from app import clock, snapshots
 from app.appkeys import STORAGE
 from app.config import Settings
 from app.server import create_app
+from app.storage.mongo_leases import KEEP_OWNER
 from tests.api_helpers import MODELS, expect_error, get_model, json_of, listing, model_url, register, snapshot
 
 BLOBS = "/api/v1/blobs"
@@ -341,8 +342,11 @@ async def _age(storage, data: bytes, by: timedelta) -> None:
             "UPDATE files SET uploaded_at = ?, kept_until = ? WHERE sha256 = ?",
             (clock.iso(past), clock.iso(past + Settings.blob_grace), sha256)))
     else:
-        await storage.files.update_one({"metadata.sha256": sha256}, {"$set": {
-            "uploadDate": past, "metadata.kept_until": past + Settings.blob_grace}})
+        raw = await storage.files.find_one({"metadata.sha256": sha256})
+        await storage.files.update_one({"_id": raw["_id"]}, {"$set": {"uploadDate": past}})
+        # Its keeps are leases: each ends as it would have, BLOB_GRACE after it was taken.
+        await storage.content.leases.update_many({"file_id": raw["_id"], "owner": KEEP_OWNER},
+                                                 {"$set": {"until": past + Settings.blob_grace}})
 
 
 async def _past_grace(client, *blobs: bytes) -> None:

@@ -59,6 +59,7 @@ from .base import (
     ValueRefused,
 )
 from .live_uploads import LiveUploads
+from .mongo_leases import KEEP_OWNER, ContentLeases, claim_owner
 from .mongo_locks import LockBusy, Locks
 
 # Chunk documents per cursor batch when reading: bounds memory per download.
@@ -80,6 +81,11 @@ _FOLD_ROUNDS = 3
 # Download events older than this are folded by gc: their own fold failed and
 # no later download of that model came to fold them.
 _LEFTOVER_EVENTS = timedelta(minutes=1)
+
+# Leasing content by sha256 again after its copy was deleted under us: each
+# failure means a deletion finished in between, so a few attempts suffice.
+_LEASE_ATTEMPTS = 3
+_Leased = tuple[StoredFile, ObjectId]  # content, and the id of the lease on it
 
 log = logging.getLogger("app.storage.mongo")
 
@@ -125,15 +131,6 @@ def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
     if doc.get("files"):
         doc["files"] = [{**e, "file_id": str(e["file_id"])} for e in doc["files"]]
     return doc
-
-
-def _referring(oid: ObjectId) -> dict[str, Any]:
-    """Models whose file, or one of whose snapshot files, is this content."""
-    return {"$or": [{"file_metadata.file_id": oid}, {"files.file_id": oid}]}
-
-
-def _not_kept(at: datetime) -> dict[str, Any]:
-    return {"$or": [{"metadata.kept_until": {"$exists": False}}, {"metadata.kept_until": {"$lt": at}}]}
 
 
 def _busy(e: OperationFailure) -> bool:
@@ -192,11 +189,18 @@ def _storage_errors() -> Iterator[None]:
         raise (_unavailable(e) or StorageError(f"MongoDB: {e}")) from e
 
 
-def _guard(fn):
-    """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable."""
+def _guard(fn, retry: bool = True):
+    """Translate driver errors that mean 'database unreachable' (or busy) into StorageUnavailable.
+
+    ``retry``: run the call again while the server is busy; False for a protocol of
+    several writes, whose steps each retry on their own (a repeat of the whole would
+    repeat the steps that went through).
+    """
 
     async def wrapper(*args, **kwargs):
         try:
+            if not retry:
+                return await fn(*args, **kwargs)
             return await _retry_busy(lambda: fn(*args, **kwargs))
         except PyMongoError as e:
             if isinstance(e, OperationFailure) and e.code == _BAD_VALUE:
@@ -206,6 +210,10 @@ def _guard(fn):
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _guard_steps(fn):
+    return _guard(fn, retry=False)
 
 
 class MongoStorage(Storage):
@@ -235,7 +243,10 @@ class MongoStorage(Storage):
         self.download_tallies = self.db["download_tallies"]
         self.downloads = self.db["download_hours"]
         self.model_locks = Locks(self.db["model_locks"], _MODEL_LOCK_TTL, "model")
-        self._content_lock = asyncio.Lock()
+        self.content = ContentLeases(self.db, self.files, self.chunks, self.models, _retry_busy)
+        # The claims this process took and has not settled, by file id: lease ids.
+        # A claim is always settled by the process that took it.
+        self._claims: dict[str, list[ObjectId]] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._folding: dict[ObjectId, asyncio.Task] = {}  # background folds (_fold_later)
         self.live_uploads = LiveUploads(self.db[f"{bucket}.uploads_in_progress"])
@@ -271,6 +282,7 @@ class MongoStorage(Storage):
         # sparse, so files other tools wrote without our metadata do not collide.
         await self.files.create_index("metadata.sha256", unique=True, sparse=True)
         await self.live_uploads.create_index()
+        await self.content.create_indexes()
         # count_sessions (per owner and in all) and sessions_updated_before.
         await self.sessions.create_index([("owner", ASCENDING), ("updated_at", ASCENDING)])
         await self.sessions.create_index("updated_at")
@@ -624,36 +636,44 @@ class MongoStorage(Storage):
         raw = await self.files.find_one({"_id": oid}) if oid else None
         return _stored_file(raw) if raw else None
 
-    @_guard
+    @_guard_steps
     async def release_file(self, file_id: str) -> bool:
         oid = _oid(file_id)
-        if oid is None or await self.models.find_one(_referring(oid), {"_id": 1}):
-            return False
-        # Files document first: from then on no reader can start on the chunks.
-        # A recent claim means an upload of the same content is about to use it.
-        async with self._content_lock:
-            result = await self.files.delete_one({"_id": oid, "$and": [
-                {"$or": [{"metadata.claims": {"$lte": 0}}, {"metadata.claims": {"$exists": False}},
-                         {"metadata.claimed_at": {"$lt": now() - CLAIM_GRACE}}]},
-                _not_kept(now()),
-            ]})
-        if result.deleted_count != 1:
-            return False
-        await self.chunks.delete_many({"files_id": oid})
-        return True
+        return oid is not None and await self.content.release(oid)
+
+    # -- leases (see mongo_leases) ------------------------------------------------
+    @_guard_steps
+    async def lease_files(self, file_ids: list[str], owner: str, until: datetime) -> dict[str, str]:
+        named = {oid: file_id for file_id in file_ids if (oid := _oid(file_id)) is not None}
+        leased = await self.content.lease(list(named), owner, until)
+        return {named[oid]: str(lease) for oid, lease in leased.items()}
+
+    @_guard_steps
+    async def renew_leases(self, lease_ids: list[str], until: datetime) -> None:
+        await self.content.renew([oid for lease in lease_ids if (oid := _oid(lease)) is not None], until)
+
+    @_guard_steps
+    async def drop_leases(self, lease_ids: list[str]) -> list[str]:
+        deleted = await self.content.drop([oid for lease in lease_ids if (oid := _oid(lease)) is not None])
+        return [str(oid) for oid in deleted]
+
+    @_guard_steps
+    async def release_pending(self) -> list[str]:
+        return [str(oid) for oid in await self.content.release_pending()]
 
     @_guard
     async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
-        report = []
+        # First what dead processes left of the lease protocol, so that the
+        # releases below meet only live leases and tombstones.
+        report = await self.content.collect(dry_run)
         cutoff = now() - min_age
         referenced = set(await self.models.distinct("file_metadata.file_id"))
         referenced |= set(await self.models.distinct("files.file_id"))
-        # Committed content no model refers to (release_file re-checks references and claims).
-        async for f in self.files.find({"uploadDate": {"$lt": cutoff}, **_not_kept(now())},
-                                       {"length": 1, "metadata": 1}):
+        # Committed content no model refers to (release_file re-checks references and leases).
+        async for f in self.files.find({"uploadDate": {"$lt": cutoff}}, {"length": 1}):
             if f["_id"] in referenced:
                 continue
-            if dry_run or await self.release_file(str(f["_id"])):
+            if dry_run or await self.content.release(f["_id"]):
                 report.append(f"file {f['_id']} {f['length']} bytes (no model refers to it)")
         # Chunks without a files document: an upload that died before its
         # commit, or one still running. Chunk ids are made when they are
@@ -718,13 +738,22 @@ class MongoStorage(Storage):
                 delay = min(delay * 2, 30.0)
         log.warning("gave up removing chunks of cancelled upload %s; `model-service gc` will", files_id)
 
-    @_guard
+    @_guard_steps
     async def settle_file(self, file_id: str) -> None:
-        oid = _oid(file_id)
-        if oid is not None:
-            async with self._content_lock:
-                await self.files.update_one({"_id": oid, "metadata.claims": {"$gt": 0}},
-                                            {"$inc": {"metadata.claims": -1}})
+        await self.settle_files([file_id])
+
+    @_guard_steps
+    async def settle_files(self, file_ids: list[str]) -> None:
+        # One claim each time a file is named (the same content twice: two claims).
+        leases = []
+        for file_id in file_ids:
+            key = str(oid) if (oid := _oid(file_id)) is not None else file_id  # as StoredFile spells it
+            if held := self._claims.get(key):
+                leases.append(held.pop())
+                if not held:
+                    del self._claims[key]
+        if leases:
+            await self.content.drop(leases)
 
     @_guard
     async def find_blob(self, sha256: str) -> StoredFile | None:
@@ -738,52 +767,52 @@ class MongoStorage(Storage):
                 found[raw["metadata"]["sha256"]] = _stored_file(raw)
         return found
 
-    @_guard
+    async def _lease_blobs(self, sha256s: list[str], owner: str, until: datetime,
+                           dropped: bool = True) -> dict[str, _Leased]:
+        """Of these sha256s, the stored ones, each leased: (content, lease id) by sha256."""
+        leased: dict[str, _Leased] = {}
+        found = await self._blobs(list(dict.fromkeys(sha256s)))
+        for _ in range(_LEASE_ATTEMPTS):
+            got = await self.content.lease([ObjectId(f.file_id) for f in found.values()], owner, until, dropped)
+            for sha256, f in found.items():
+                if (lease := got.get(ObjectId(f.file_id))) is not None:
+                    leased[sha256] = (f, lease)
+            # Deleted before our lease: the same content may have been stored again since.
+            gone = [sha256 for sha256 in found if sha256 not in leased]
+            if not gone:
+                break
+            found = await self._blobs(gone)
+        return leased
+
+    def _remember_claims(self, claims: dict[str, _Leased]) -> dict[str, StoredFile]:
+        for f, lease in claims.values():
+            self._claims.setdefault(f.file_id, []).append(lease)
+        return {sha256: f for sha256, (f, _) in claims.items()}
+
+    @_guard_steps
     async def keep_blobs(self, sha256s: list[str], until: datetime) -> dict[str, StoredFile]:
-        wanted = list(dict.fromkeys(sha256s))
-        for i in range(0, len(wanted), 1000):
-            # $max: a later keep never shortens an earlier one.
-            await self.files.update_many({"metadata.sha256": {"$in": wanted[i:i + 1000]}},
-                                         {"$max": {"metadata.kept_until": until}})
-        return await self._blobs(wanted)
+        # A lease of its own per keep, never dropped: it simply ends (gc removes it
+        # after), and a later keep never shortens an earlier one.
+        kept = await self._lease_blobs(sha256s, KEEP_OWNER, until, dropped=False)
+        return {sha256: f for sha256, (f, _) in kept.items()}
 
-    @_guard
+    @_guard_steps
     async def claim_blobs(self, sha256s: list[str]) -> dict[str, StoredFile]:
-        # Found first, so that a commit missing blobs claims nothing; then one
-        # single-document claim each (what claim() does for an upload), which
-        # stays exact where find-and-modify is not atomic across connections.
-        wanted = list(dict.fromkeys(sha256s))
-        present = await self._blobs(wanted)
-        claimed: dict[str, StoredFile] = {}
-        for sha256 in wanted:
-            if sha256 in present and (raw := await self.claim(sha256)) is not None:
-                claimed[sha256] = _stored_file(raw)
-        return claimed
+        return self._remember_claims(await self._lease_blobs(sha256s, claim_owner(), now() + CLAIM_GRACE))
 
-    @_guard
-    async def settle_files(self, file_ids: list[str]) -> None:
-        oids = list(dict.fromkeys(oid for f in file_ids if (oid := _oid(f)) is not None))
-        if len(oids) != len(file_ids):
-            # The same content twice: two claims to drop, which one update_many would not.
-            for file_id in file_ids:
-                await self.settle_file(file_id)
-            return
-        async with self._content_lock:
-            for i in range(0, len(oids), 1000):
-                await self.files.update_many({"_id": {"$in": oids[i:i + 1000]}, "metadata.claims": {"$gt": 0}},
-                                             {"$inc": {"metadata.claims": -1}})
+    async def claim(self, sha256: str) -> StoredFile | None:
+        """The stored copy of this content, claimed (a lease until CLAIM_GRACE; settle_file drops it), or None."""
+        return self._remember_claims(await self._lease_blobs([sha256], claim_owner(), now() + CLAIM_GRACE)).get(sha256)
 
-    async def claim(self, sha256: str) -> dict[str, Any] | None:
-        """The stored copy of this content, claimed (see CLAIM_GRACE), or None."""
-        # The lock makes claim and release take turns within this process, which
-        # a database whose find-and-modify is not atomic (FerretDB) needs; across
-        # processes MongoDB's atomic single-document updates do the same.
-        async with self._content_lock:
-            return await self.files.find_one_and_update(
-                {"metadata.sha256": sha256},
-                {"$inc": {"metadata.claims": 1}, "$set": {"metadata.claimed_at": now()}},
-                return_document=ReturnDocument.AFTER,
-            )
+    async def claim_new(self, files_id: ObjectId) -> None:
+        """Claim content about to be published under ``files_id`` (before its files document exists)."""
+        lease = await self.content.insert(files_id, claim_owner(), now() + CLAIM_GRACE)
+        self._claims.setdefault(str(files_id), []).append(lease)
+
+    def abandon_claims(self, file_id: str) -> None:
+        """Nobody will settle these claims (their commit failed): they end at CLAIM_GRACE."""
+        for lease in self._claims.pop(file_id, []):
+            self.content.forget(lease)
 
     # -- upload sessions -----------------------------------------------------
     @_guard
@@ -884,25 +913,33 @@ async def _publish(store: MongoStorage, files_id: ObjectId, size: int, chunk_siz
     content is already stored, claim that copy and remove these chunks."""
     existing = await store.claim(sha256)
     if existing is None:
+        # Claimed before it is visible: no release can take it between the two.
+        await store.claim_new(files_id)
         files_doc = {
             "_id": files_id,
             "length": size,
             "chunkSize": chunk_size,
             "uploadDate": now(),
             "filename": sha256,
-            "metadata": {"sha256": sha256, "claims": 1, "claimed_at": now()},
+            "metadata": {"sha256": sha256},
         }
         try:
             await _retry_busy(lambda: store.files.insert_one(files_doc))
             return _stored_file(files_doc)
         except DuplicateKeyError:
             # Someone committed the same content a moment ago.
+            await store.settle_file(str(files_id))
             existing = await store.claim(sha256)
             if existing is None:
                 raise
+        except BaseException:
+            # Stored or not (an answer lost), the commit failed: nobody will settle this claim.
+            store.abandon_claims(str(files_id))
+            raise
     # Same content is already stored: keep that copy, drop ours.
-    await store.chunks.delete_many({"files_id": files_id})
-    return _stored_file(existing)
+    if existing.file_id != str(files_id):
+        await store.chunks.delete_many({"files_id": files_id})
+    return existing
 
 
 class _Chunks:
