@@ -53,11 +53,11 @@ LEASE_TTL = 3
 # socket send buffer autotunes up to 4 MB here), so the service is still reading it from GridFS.
 BIG = 12 * 2**20
 # How long anything that should happen "soon" may take, a few lease periods.
-SOON = 10 * LEASE_TTL
+SOON = 5 * LEASE_TTL
 
 
 @pytest.fixture(scope="module")
-def cluster(request, tmp_path_factory):
+def module_cluster(request, tmp_path_factory):
     mongo = request.getfixturevalue("mongo")
     db_name = f"t_replicas_{uuid.uuid4().hex[:8]}"
     try:
@@ -73,6 +73,14 @@ def cluster(request, tmp_path_factory):
         if mongo.server is None or mongo.server.running:
             with mongo.sync_client() as c:
                 c.drop_database(db_name)
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The module's replicas, each running (a test that killed or stopped one and failed left it so)."""
+    stopped = [i for i in range(len(module_cluster.replicas)) if not module_cluster.running(i)]
+    module_cluster.restart(*stopped)
+    return module_cluster
 
 
 @pytest.fixture
