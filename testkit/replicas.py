@@ -56,7 +56,7 @@ http {{
         keepalive 64;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen_options};
         client_max_body_size 0;
         location / {{
             proxy_pass http://replicas;
@@ -76,9 +76,13 @@ http {{
 
 
 class Balancer:
-    """nginx round-robin over ``ports`` on 127.0.0.1."""
+    """nginx round-robin over ``ports`` on 127.0.0.1.
 
-    def __init__(self, work: Path, ports: list[int], workers: int = 1) -> None:
+    ``client_sndbuf`` (e.g. "64k") caps the socket buffer towards clients, so that a client that stops
+    reading stops nginx, and the replica behind it, soon after (tests of what happens mid-stream).
+    """
+
+    def __init__(self, work: Path, ports: list[int], workers: int = 1, client_sndbuf: str | None = None) -> None:
         binary = nginx_binary()
         if binary is None:
             raise BalancerUnavailable("the replicas tests and bench need nginx as the load balancer "
@@ -92,8 +96,9 @@ class Balancer:
         self.url = f"http://127.0.0.1:{self.port}"
         # A replica that refused a connection is skipped for a second only: a restarted one is back at once.
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;" for p in ports)
-        (self.dir / "nginx.conf").write_text(BALANCER_CONF.format(workers=workers, dir=self.dir, port=self.port,
-                                                                  servers=servers))
+        (self.dir / "nginx.conf").write_text(BALANCER_CONF.format(
+            workers=workers, dir=self.dir, port=self.port, servers=servers,
+            listen_options=f" sndbuf={client_sndbuf}" if client_sndbuf else ""))
         self._proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> "Balancer":
@@ -139,11 +144,12 @@ class Balancer:
 class Replicas:
     """N service processes on one MongoDB database (``mongo_url``, ``db_name``) and a Balancer in front.
 
-    ``env`` is added to every replica's environment (it may override the defaults below).
+    ``env`` is added to every replica's environment (it may override the defaults below);
+    ``balancer_sndbuf`` is the Balancer's ``client_sndbuf``.
     """
 
     def __init__(self, n: int, mongo_url: str, db_name: str, work: Path, env: dict[str, str] | None = None,
-                 balancer_workers: int = 1) -> None:
+                 balancer_workers: int = 1, balancer_sndbuf: str | None = None) -> None:
         self.work = work
         base = {
             "MONGODB_URL": mongo_url, "MONGODB_DB": db_name, "MONGODB_TIMEOUT_MS": "5000",
@@ -160,7 +166,7 @@ class Replicas:
             data.mkdir(parents=True, exist_ok=True)
             self.replicas.append(LiveService({**base, "DATA_DIR": str(data / "data"), **(env or {})},
                                              data / "service.log"))
-        self.balancer = Balancer(work, [r.port for r in self.replicas], balancer_workers)
+        self.balancer = Balancer(work, [r.port for r in self.replicas], balancer_workers, balancer_sndbuf)
 
     @property
     def url(self) -> str:

@@ -49,8 +49,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.mongo]
 MODELS = "/api/v1/models"
 UPLOADS = "/api/v1/uploads"
 LEASE_TTL = 3
-# Bigger than every buffer between the service and a reader that stopped reading (the service's
-# socket send buffer autotunes up to 4 MB here), so the service is still reading it from GridFS.
+# Bigger than every buffer between the service and a reader that stopped reading, so the service is
+# still reading it from GridFS: the service's socket send buffer (autotuned, at most net.ipv4.tcp_wmem's
+# 4 MB here), the reader's 16 KB; through nginx also nginx's 64 KB towards the reader and its receive
+# buffer from the service (autotuned to the rate nginx drains it, which is the stalled reader's).
 BIG = 12 * 2**20
 # How long anything that should happen "soon" may take, a few lease periods.
 SOON = 5 * LEASE_TTL
@@ -61,7 +63,8 @@ def module_cluster(request, tmp_path_factory):
     mongo = request.getfixturevalue("mongo")
     db_name = f"t_replicas_{uuid.uuid4().hex[:8]}"
     try:
-        replicas = Replicas(3, mongo.url, db_name, tmp_path_factory.mktemp("replicas"), {"MAX_FILE_SIZE": "64MB"})
+        replicas = Replicas(3, mongo.url, db_name, tmp_path_factory.mktemp("replicas"), {"MAX_FILE_SIZE": "64MB"},
+                            balancer_sndbuf="64k")
     except BalancerUnavailable as e:
         cannot_run(str(e))
     replicas.start()
@@ -228,16 +231,21 @@ async def test_content_changed_on_one_replica_while_another_streams_it(cluster, 
             seen.append(stored(db, file_id))
             await asyncio.sleep(0.2)
         body = await slow.rest()
+        if route == "balancer":
+            # Round-robin sent the stream and the change to different replicas (nginx logs a request when
+            # it ends: the first download of the model logged is the slow one).
+            await wait_for(lambda: any(r[3] == f"{MODELS}/{model_id}/download" for r in cluster.balancer.requests()),
+                           10, lambda: "nginx did not log the stream")
+            mine = [r for r in cluster.balancer.requests() if r[3].startswith(f"{MODELS}/{model_id}")]
+            stream = next(r for r in mine if r[2] == "GET" and r[3].endswith("/download"))
+            changes = [r for r in mine[:mine.index(stream)] if r[2] in ("PUT", "DELETE")]
+            assert changes[-1][1] != stream[1], f"nginx sent the stream and the change to one replica: {mine}"
 
         assert len(body) == len(old) and sha(body) == sha(old), \
             f"the streaming replica's download broke off: {len(body)} of {len(old)} bytes" \
             f"{', matching' if old.startswith(body) else ', NOT matching'} the old content"
-        if route == "direct":
-            # Through nginx the service may have handed the whole file to nginx's socket (its receive
-            # buffer autotunes up to net.ipv4.tcp_rmem's maximum) and be done with it: only directly is
-            # the service sure to be still streaming here (its send buffer is at most 4 MB, BIG is 12).
-            assert all(s == whole for s in seen), \
-                f"the old content was deleted while it streamed: (files doc, chunks) {sorted(Counter(seen).items())}"
+        assert all(s == whole for s in seen), \
+            f"the old content was deleted while it streamed: (files doc, chunks) {sorted(Counter(seen).items())}"
         # Afterwards it goes (the last reader's lease dropped completes the release).
         await wait_for(lambda: stored(db, file_id) == (False, 0), SOON,
                        lambda: f"old content {file_id} still stored after its last reader finished: "
@@ -249,13 +257,6 @@ async def test_content_changed_on_one_replica_while_another_streams_it(cluster, 
             for base in [*cluster.urls, cluster.url]:
                 async with http.get(f"{base}{MODELS}/{model_id}") as r:
                     assert r.status == 404, (base, r.status)
-    if route == "balancer":
-        # Round-robin sent the stream and the change to different replicas (nginx logs a request when it
-        # ends: the first download of the model logged is the slow one).
-        mine = [r for r in cluster.balancer.requests() if r[3].startswith(f"{MODELS}/{model_id}")]
-        stream = next(r for r in mine if r[2] == "GET" and r[3].endswith("/download"))
-        changes = [r for r in mine[:mine.index(stream)] if r[2] in ("PUT", "DELETE")]
-        assert changes[-1][1] != stream[1], f"nginx sent the stream and the change to one replica: {mine}"
 
 
 # -- (b) a replica killed while it streams ----------------------------------------------------------
