@@ -265,6 +265,11 @@ async def test_content_changed_on_one_replica_while_another_streams_it(cluster, 
 
 async def test_a_killed_replicas_leases_expire_and_gc_removes_what_it_held(cluster, db):
     old, new = os.urandom(BIG), os.urandom(1000)
+
+    def live_leases() -> int:
+        return db["content_leases"].count_documents(
+            {"file_id": {"$in": [file_id, oid(file_id)]}, "until": {"$gt": datetime.now(timezone.utc)}})
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         model_id = await register(http, cluster.url, "killed-while-streaming")
         file_id = (await upload(http, cluster.urls[0], model_id, old))["file_id"]
@@ -272,23 +277,21 @@ async def test_a_killed_replicas_leases_expire_and_gc_removes_what_it_held(clust
         assert slow.status == 200, slow.headers
         await slow.read(64 * 1024)
         await upload(http, cluster.urls[0], model_id, new)
-        held = stored(db, file_id)
-        cluster.kill(1)
-        after_kill = stored(db, file_id)
-        body = await slow.rest(30)
-        assert len(body) < len(old)  # it was killed mid-stream
-        assert held[0] and after_kill[0], \
-            f"the replaced content went while replica 1 streamed it: before the kill {held}, after {after_kill}"
-
-        # The surviving replicas would also complete the release (release_pending every LEASE_TTL);
-        # stopped, only gc can: that is what this test is about.
-        cluster.stop_replica(0)
-        cluster.stop_replica(2)
         try:
-            # Replica 1's lease on it lapses within LEASE_TTL of its last renewal.
-            await wait_for(lambda: db["content_leases"].count_documents(
-                {"file_id": {"$in": [file_id, oid(file_id)]}, "until": {"$gt": datetime.now(timezone.utc)}}) == 0,
-                3 * LEASE_TTL, lambda: "replica 1's lease did not expire")
+            # The other replicas would complete the release once replica 1's lease lapses
+            # (release_pending every LEASE_TTL); stopped first, only gc can: that is what this is about.
+            cluster.stop_replica(0)
+            cluster.stop_replica(2)
+            held, leases = stored(db, file_id), live_leases()
+            cluster.kill(1)
+            after_kill = stored(db, file_id)
+            body = await slow.rest(30)
+            assert len(body) < len(old)  # it was killed mid-stream
+            assert held[0] and after_kill[0], \
+                f"the replaced content went while replica 1 streamed it: before the kill {held}, after {after_kill}"
+            assert leases > 0, "no live lease document for the content replica 1 was streaming"
+            # Replica 1's lease lapses within LEASE_TTL of its last renewal; nothing else removes the content.
+            await wait_for(lambda: live_leases() == 0, 3 * LEASE_TTL, lambda: "replica 1's lease did not expire")
             assert stored(db, file_id)[0], "the content went before gc ran, with no replica running"
             env = {**os.environ, "MONGODB_URL": cluster.mongo.url, "MONGODB_DB": cluster.db_name, "LEASE_TTL": "3"}
             gc = subprocess.run([sys.executable, "-m", "app", "gc", "--min-age", "0s"], cwd=REPO, env=env,
@@ -296,7 +299,7 @@ async def test_a_killed_replicas_leases_expire_and_gc_removes_what_it_held(clust
             assert gc.returncode == 0, gc.stdout + gc.stderr
             assert stored(db, file_id) == (False, 0), f"gc left the killed replica's content: {gc.stdout}"
         finally:
-            cluster.restart(0, 1, 2)
+            cluster.restart(*(i for i in range(3) if not cluster.running(i)))
         assert sha(await download(http, cluster.url, model_id)) == sha(new)
 
 
