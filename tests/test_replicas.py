@@ -432,9 +432,14 @@ def test_seed_style_load_through_the_balancer(cluster):
     # What the tests before it left behind (each of those checks its own) is not this run's doing.
     left = mongo_orphans(cluster.mongo, cluster.db_name)
 
+    logged = [len(r.log()) for r in cluster.replicas]
+
     def orphans():
         return {k: v - left[k] for k, v in mongo_orphans(cluster.mongo, cluster.db_name).items()}
-    check_load(cluster.url, profile, orphans, cluster.logs)
+
+    def logs():
+        return "\n".join(f"--- replica {i} ---\n{r.log()[logged[i]:]}" for i, r in enumerate(cluster.replicas))
+    check_load(cluster.url, profile, orphans, logs)
     spread = Counter(r[1] for r in cluster.balancer.requests()[before:])
     assert len(spread) == 3 and min(spread.values()) > 0.2 * sum(spread.values()), \
         f"the balancer did not spread the load over the replicas: {dict(spread)}"
