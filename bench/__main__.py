@@ -17,8 +17,10 @@ from pathlib import Path
 
 DEFAULTS = {"sizes": "256MB,1GB", "concurrency": "1,4,16,64", "workers": "1,2", "chunk_sizes": "255KiB,1MiB,4MiB",
             "duration": 5.0, "meta_models": 10_000, "rounds": 3}
-QUICK = {"sizes": "8MB,24MB", "concurrency": "1,4,16", "workers": "1,2", "chunk_sizes": "255KiB,1MiB,4MiB",
-         "duration": 1.0, "meta_models": 300, "rounds": 1}
+# --quick checks that every scenario runs and reports (never a figure), so the least that does: one
+# chunk size other than the default (which every other scenario uses), two concurrency levels, 100 models.
+QUICK = {"sizes": "8MB,24MB", "concurrency": "1,4", "workers": "1,2", "chunk_sizes": "1MiB",
+         "duration": 1.0, "meta_models": 100, "rounds": 1}
 FERRETDB_SIZES = "16MB,64MB"
 QUICK_FERRETDB_SIZES = "4MB,12MB"
 
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             "concurrency, per worker count), ranges (random 1 MiB ranges of the larger file from 4 connections;\n"
             "TTFB at offset 0 vs 90%), segmented (the larger file in 8 parallel ranges, sha256-verified),\n"
             "upload (1 and 4 concurrent), metadata (list/search/get against a registry, wrk), chunksize\n"
-            "(mongodb: GRIDFS_CHUNK_SIZE compared), client (embedded: single stream via aiohttp's client).\n\n"
+            "(mongodb: GRIDFS_CHUNK_SIZE compared), client (embedded: single stream via aiohttp's client),\n"
+            "replicas (mongodb: 1, 2, 3 service processes behind nginx; ratios to one replica).\n\n"
             "peers: nginx (sendfile) for the embedded backend; raw PyMongo async GridFS on the same database\n"
             "for the mongodb backend (on the FerretDB test server only ratios are reported).\n\n"
             "examples:\n"

@@ -176,15 +176,42 @@ def run_client(job: dict, sample_pid: int | None, timeout: float = 1800) -> tupl
 # -- the service -------------------------------------------------------------------------
 
 
-class Service:
+class Endpoint:
+    """Where the service answers on 127.0.0.1: one instance, or a balancer in front of several."""
+
+    def __init__(self, url: str, port: int, pid: int | None = None) -> None:
+        self.url, self.port, self._pid = url, port, pid
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def raw_get(self, path: str, timeout: float = 120) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+
+class Service(Endpoint):
     """One service instance (backend, workers, chunk size), started with LiveService."""
 
     def __init__(self, env: dict[str, str], log_path: Path, workers: int) -> None:
         self.workers = workers
         env = {"LOG_LEVEL": "WARNING", "WORKERS": str(workers), **env}
         self.live = LiveService(env, log_path)
-        self.url = self.live.url
-        self.port = self.live.port
+        super().__init__(self.live.url, self.live.port)
 
     def start(self, pin: bool = False) -> "Service":
         self.live.start(timeout=60)
@@ -217,23 +244,6 @@ class Service:
 
     def stop(self) -> None:
         self.live.stop()
-
-    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def raw_get(self, path: str, timeout: float = 120) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
 
 
 def service_capabilities() -> dict:

@@ -444,6 +444,21 @@ def _section_tables(md: Md, rows: list[dict], backend: str, ratios: bool) -> Non
         md.table(["GRIDFS_CHUNK_SIZE", "stored chunk", "operation", *tput_head, "peak RSS", "errors"],
                  [[f"{r['point']['chunk_kib']} KiB", f"{r['point']['effective_chunk_kib']} KiB", r["point"]["op"],
                    *tput_cols(r), rss(r), _err(r)] for r in rows_of("chunksize")])
+    if rows_of("replicas"):
+        md.p("### Replicas behind nginx (one database)")
+        md.p()
+        md.p("Separate service processes on one database, nginx round-robin in front, measured through nginx; "
+             "ratios to one replica. Everything shares this machine's cores, so the ratios show the cost of "
+             "coordination between replicas, not a speed-up (see the note below).")
+        md.p()
+
+        def figure(r):
+            return r["metrics"]["mb_s" if r["point"]["op"].startswith("download") else "req_s"]["ours"]
+        one = {r["point"]["op"]: figure(r) for r in rows_of("replicas") if r["point"]["replicas"] == 1}
+        md.table(["replicas", "operation", "MB/s or req/s", "ratio to one replica", "errors"],
+                 [[str(r["point"]["replicas"]), r["point"]["op"], _f(figure(r), "{:.1f}"),
+                   _x(figure(r) / one[r["point"]["op"]]) if one.get(r["point"]["op"]) else "–", _err(r)]
+                  for r in sorted(rows_of("replicas"), key=lambda r: (r["point"]["op"], r["point"]["replicas"]))])
     if rows_of("aiohttp_client"):
         md.p("### Client check: single stream through aiohttp's client instead of the lean one")
         md.p()

@@ -256,9 +256,7 @@ class Context:
                 except Exception as e:  # noqa: BLE001 - cleanup must not hide the scenario's outcome
                     self.say(f"could not drop {store.db}: {e}")
 
-    @contextmanager
-    def service(self, store: Store, workers: int, chunk_size: int | None = None, label: str = "",
-                pin: bool = True):
+    def service_env(self, store: Store, chunk_size: int | None = None) -> dict[str, str]:
         biggest = max(max(self.opts.sizes), max(self.opts.mongo_sizes or [0]))
         # Explicit, so that nothing in the caller's environment (LiveService
         # passes it through) turns on auth or rate limits, or caps downloads.
@@ -270,6 +268,12 @@ class Context:
             env.update({"MONGODB_URL": "", "DATA_DIR": str(store.data_dir)})
         else:
             env.update({"MONGODB_URL": self.mongodb().url, "MONGODB_DB": store.db, "GRIDFS_BUCKET": "models"})
+        return env
+
+    @contextmanager
+    def service(self, store: Store, workers: int, chunk_size: int | None = None, label: str = "",
+                pin: bool = True):
+        env = self.service_env(store, chunk_size)
         if workers > 1 and not self.capabilities["workers"]:
             raise RuntimeError("this checkout of the service has no WORKERS / --workers setting")
         name = f"{store.backend}-{label or 'service'}-w{workers}" + (f"-cs{chunk_size}" if chunk_size else "")
@@ -705,10 +709,13 @@ def scenario_upload(ctx: Context, backend: str) -> None:
             ours, _ = _upload_pair(ctx, backend, store, svc, f, 1, w, default_chunk, method)
             ctx.measure(backend, "upload_hashlib", {"method": method, "concurrency": 1, **point}, ctx.opts.rounds,
                         ours, _hashlib_peer(f), upload_metrics, expected_requests=1, progress=_mbs)
-        big = ctx.file(large)
+        # --quick checks that it runs and reports: the smaller file (8 uploads of the larger one took 37 s of
+        # a 3.5 min smoke run on the FerretDB test server).
+        big = ctx.file(small if ctx.opts.quick else large)
         ours, _ = _upload_pair(ctx, backend, store, svc, big, RSS_UPLOADS, w, default_chunk)
-        ctx.measure(backend, "upload_rss", {"method": "PUT", "concurrency": RSS_UPLOADS, "size_mb": round(large / MB)},
-                    1, ours, None, upload_metrics, expected_requests=RSS_UPLOADS, progress=_mbs)
+        ctx.measure(backend, "upload_rss",
+                    {"method": "PUT", "concurrency": RSS_UPLOADS, "size_mb": round(big.size / MB)}, 1, ours,
+                    None, upload_metrics, expected_requests=RSS_UPLOADS, progress=_mbs)
 
 
 # -- metadata -------------------------------------------------------------------------------------------
@@ -1013,6 +1020,87 @@ def scenario_client(ctx: Context, backend: str) -> None:
                     ours, peer, transfer_metrics, expected_requests=1, progress=_mbs)
 
 
+# -- replicas -------------------------------------------------------------------------------------------
+
+REPLICA_COUNTS = (1, 2, 3)
+QUICK_REPLICA_COUNTS = (1, 2)  # --quick: that it runs and reports, in half the time
+REPLICA_DOWNLOADS = 8  # concurrent downloads through the balancer
+REPLICA_MODELS = 100  # registry size for get-by-id
+
+
+def scenario_replicas(ctx: Context, backend: str) -> None:
+    """Replicas (mongodb): 1, 2 and 3 service processes on one database behind nginx round-robin (as a
+    Kubernetes Deployment runs them); aggregate download MB/s and get-by-id req/s through the balancer,
+    reported as ratios to one replica."""
+    if backend != "mongodb":
+        return
+    from testkit.replicas import Replicas
+
+    small, _ = ctx.sizes(backend)
+    f = ctx.file(small)
+    d = _metadata_duration(ctx, backend)
+    conns = _metadata_connections(ctx, backend)
+    with ctx.fresh_store(backend, "replicas") as store:
+        env = {k: v for k, v in ctx.service_env(store).items() if k not in ("MONGODB_URL", "MONGODB_DB")}
+        model, sample = None, []
+        for n in QUICK_REPLICA_COUNTS if ctx.opts.quick else REPLICA_COUNTS:
+            cluster = Replicas(n, ctx.mongodb().url, store.db, ctx.work / f"replicas-{n}-{secrets.token_hex(2)}",
+                               {**env, "LEASE_TTL": "10"})
+            cluster.start()
+            try:
+                ep = procs.Endpoint(cluster.url, cluster.balancer.port, cluster.balancer.pid)
+                if model is None:
+                    model = ctx.upload_as_is(ep, f, "replicas")
+                    ids = _seed(ctx, store, ep, REPLICA_MODELS)
+                    sample = ids[:: max(1, len(ids) // META_SAMPLE_IDS)][:META_SAMPLE_IDS]
+                for i in range(n):  # each replica's first download unrecorded (round-robin: n of them)
+                    ctx.warm(cluster.balancer.port, f"{model.path}?warm={i}", f)
+                repeat = batches(ctx, small, REPLICA_DOWNLOADS)
+
+                def download(n=n):
+                    r, fig = procs.run_client(get_job(ctx, cluster.balancer.port, model.path, f, REPLICA_DOWNLOADS,
+                                                      True, repeat), None)
+                    return r, fig, f"{n} replica{'s' * (n > 1)} behind nginx"
+
+                ctx.measure(backend, "replicas", {"replicas": n, "op": f"download x{REPLICA_DOWNLOADS}",
+                                                  "size_mb": round(small / MB), "batches": repeat},
+                            ctx.opts.rounds, download, None, transfer_metrics,
+                            expected_requests=REPLICA_DOWNLOADS * repeat, progress=_mbs)
+                script = _wrk_get_script(ctx.work / f"replicas-get-{n}.lua", sample, "/api/v1/models/", "")
+
+                def get(n=n):
+                    r = _wrk(cluster.url + "/", d, conns, script)
+                    _settle(r)
+                    return r, {}, f"{n} replica{'s' * (n > 1)} behind nginx"
+
+                ctx.measure(backend, "replicas", {"replicas": n, "op": "get", "models": len(ids),
+                                                  "connections": conns},
+                            ctx.opts.rounds, get, None, query_metrics, progress=lambda m: f"{m['req_s']:.0f} req/s")
+            finally:
+                cluster.stop()
+    ctx.notes.append(_replica_ratios(ctx))
+
+
+def _replica_ratios(ctx: Context) -> str:
+    def median(op_prefix: str, n: int, key: str) -> float:
+        values = [r["metrics"][key] for r in ctx.records if r["scenario"] == "replicas" and r["ok"]
+                  and r["point"]["replicas"] == n and r["point"]["op"].startswith(op_prefix) and key in r["metrics"]]
+        return stats.median(values) if values else float("nan")
+
+    counts = sorted({r["point"]["replicas"] for r in ctx.records if r["scenario"] == "replicas"})
+    parts = []
+    for label, op, key in (("download MB/s", "download", "mb_s"), ("get-by-id req/s", "get", "req_s")):
+        one = median(op, 1, key)
+        parts.append(f"{label} {one:.1f} with one replica; " + ", ".join(
+            f"{n} replicas {median(op, n, key) / one:.2f}x" for n in counts[1:]))
+    return ("replicas (mongodb, nginx round-robin, ratios to one replica): " + "; ".join(parts) +
+            f". On this {os.cpu_count()}-core machine the replicas, nginx, the database and the client share "
+            "the same cores, so more replicas cannot add capacity: these ratios show the cost of coordination "
+            "(leases, locks, the balancer hop), not a speed-up. A ratio above 1 means one replica left the cores "
+            "idle (waiting on the database, one query per connection at a time on the FerretDB test server), "
+            "not that replicas scale; that needs a core, or a host, for each.")
+
+
 SCENARIOS: dict[str, Callable[[Context, str], None]] = {
     "single": scenario_single,
     "concurrent": scenario_concurrent,
@@ -1022,6 +1110,7 @@ SCENARIOS: dict[str, Callable[[Context, str], None]] = {
     "metadata": scenario_metadata,
     "chunksize": scenario_chunksize,
     "client": scenario_client,
+    "replicas": scenario_replicas,
 }
 
 

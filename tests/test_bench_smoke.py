@@ -32,6 +32,12 @@ def test_bench_quick_completes_with_zero_errors(tmp_path):
     scenarios = {(r["backend"], r["scenario"]) for r in results["summary"]}
     for scenario in ("single", "concurrent", "ranges", "segmented", "upload", "metadata"):
         assert ("embedded", scenario) in scenarios and ("mongodb", scenario) in scenarios, scenario
+    # mongodb only: chunk sizes, and replicas behind nginx (--quick: 1 and 2), reported as ratios.
+    assert {r["point"]["chunk_kib"] for r in results["summary"] if r["scenario"] == "chunksize"} == {1024}
+    replicas = {(r["point"]["replicas"], r["point"]["op"].split()[0]) for r in results["summary"]
+                if r["scenario"] == "replicas"}
+    assert replicas == {(1, "download"), (1, "get"), (2, "download"), (2, "get")}, replicas
+    assert any(n.startswith("replicas (mongodb") and "2 replicas" in n for n in results["notes"]), results["notes"]
     for record in results["summary"]:
         assert record["ours_errors"] == 0 and record["peer_errors"] == 0, record["point"]
         assert record["ours_requests"] > 0, record["point"]

@@ -29,6 +29,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import pytest
@@ -108,13 +109,7 @@ class Live:
     def orphans(self) -> dict[str, set]:
         """Stored files no model refers to, models whose file is missing, and stray temp files or chunks."""
         if self.backend == "mongodb":
-            with self.mongo.sync_client() as c:
-                db = c[self.db_name]
-                referenced = set(db["models"].distinct("file_metadata.file_id"))
-                stored = set(db["models.files"].distinct("_id"))
-                chunked = set(db["models.chunks"].distinct("files_id"))
-            return {"unreferenced files": stored - referenced, "missing files": referenced - stored,
-                    "chunks without a file": chunked - stored}
+            return mongo_orphans(self.mongo, self.db_name)
         db = sqlite3.connect(f"file:{self.data_dir / 'registry.sqlite3'}?mode=ro", uri=True)
         try:
             referenced = {r[0] for r in db.execute("SELECT file_id FROM models WHERE file_id IS NOT NULL")}
@@ -126,6 +121,17 @@ class Live:
                 "blobs without a files row": blobs - set(files.values()),
                 "files rows without a blob": set(files.values()) - blobs,
                 "temp files": {p.name for p in (self.data_dir / "tmp").iterdir()}}
+
+
+def mongo_orphans(mongo, db_name: str) -> dict[str, set]:
+    """Stored files no model refers to, models whose file is missing, and chunks without a files document."""
+    with mongo.sync_client() as c:
+        db = c[db_name]
+        referenced = set(db["models"].distinct("file_metadata.file_id"))
+        stored = set(db["models.files"].distinct("_id"))
+        chunked = set(db["models.chunks"].distinct("files_id"))
+    return {"unreferenced files": stored - referenced, "missing files": referenced - stored,
+            "chunks without a file": chunked - stored}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -340,10 +346,16 @@ def _report(tally: Tally, elapsed: float) -> str:
 
 
 def test_200_concurrent_clients_mixing_reads_downloads_and_uploads(live):
-    service = live.service
-    profile = PROFILES[live.backend]
-    tally, elapsed = asyncio.run(_run_load(service.url, profile))
-    log = service.log()
+    check_load(live.service.url, PROFILES[live.backend], live.orphans, live.service.log)
+
+
+def check_load(base: str, profile: Profile, orphans: Callable[[], dict[str, set]], logs: Callable[[], str]) -> None:
+    """Run the load against ``base`` and check everything the load test checks.
+
+    ``orphans`` reads the store's inconsistencies (see Live.orphans), ``logs`` the service's log(s).
+    """
+    tally, elapsed = asyncio.run(_run_load(base, profile))
+    log = logs()
     report = _report(tally, elapsed)
     print("\n" + report)
     if " ERROR " in log:
@@ -352,11 +364,11 @@ def test_200_concurrent_clients_mixing_reads_downloads_and_uploads(live):
     # The store is consistent afterwards: every stored file belongs to a model and every model's file is
     # there (checked whatever else failed, so a failed request that leaked its file shows up too).
     deadline = time.monotonic() + 30
-    while any(live.orphans().values()) and time.monotonic() < deadline:
+    while any(orphans().values()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    orphans = {k: sorted(map(str, v))[:5] for k, v in live.orphans().items() if v}
-    if orphans:
-        report += f"\nstore inconsistent after the run: {orphans}"
+    inconsistent = {k: sorted(map(str, v))[:5] for k, v in orphans().items() if v}
+    if inconsistent:
+        report += f"\nstore inconsistent after the run: {inconsistent}"
 
     server_errors = {k: n for k, n in tally.statuses.items() if k[2] >= 500}
     assert not server_errors, f"5xx answers: {server_errors}\n{report}"
@@ -372,4 +384,4 @@ def test_200_concurrent_clients_mixing_reads_downloads_and_uploads(live):
     assert tally.statuses[("download", "whole", 200)] > 0 and tally.statuses[("download", "ranged", 206)] > 0, report
     assert tally.statuses[("upload", "upload", 201)] > 0 and tally.statuses[("upload", "register_with_file", 201)] > 0
     assert "Traceback" not in log and "unhandled error" not in log, log[-5000:]
-    assert not orphans, f"the store is inconsistent after the run: {orphans}"
+    assert not inconsistent, f"the store is inconsistent after the run: {inconsistent}"
