@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from bson import ObjectId
+from pymongo import ReadPreference
 
 from app import clock
 from app.storage import make_storage
@@ -401,3 +402,22 @@ async def test_leases_of_many_files_at_once(settings):
         assert await bookkeeping(a) == NOTHING
         assert all([await gone(a, f) for f in files])
 
+
+
+async def test_coordination_reads_the_primary_and_writes_a_majority_whatever_the_url_says(settings):
+    """A lease, a lock or a files document acknowledged by one member only could be rolled back by a
+    fail-over, and one read from a secondary could miss a deletion marker; chunks keep the URL's
+    write concern (their files document, written after them with w: majority, covers them)."""
+    import dataclasses
+
+    url = settings.mongodb_url.rstrip("/") + "/?w=1&readPreference=secondaryPreferred"
+    storage = make_storage(dataclasses.replace(settings, mongodb_url=url))
+    try:
+        for coll in (storage.models, storage.files, storage.content.leases, storage.content.tombstones,
+                     storage.content.pending, storage.download_events, storage.sessions):
+            assert coll.write_concern.document == {"w": "majority"}, coll.name
+            assert coll.read_preference == ReadPreference.PRIMARY, coll.name
+        assert storage.chunks.write_concern.document == {"w": 1}
+        assert storage.chunks.read_preference == ReadPreference.PRIMARY
+    finally:
+        await storage.close()

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReadPreference, ReturnDocument, WriteConcern
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
@@ -232,10 +232,16 @@ class MongoStorage(Storage):
             appname="tensorfleet-model-service",
             **client_options,
         )
-        self.db = self.client[db_name]
+        # Whatever the URL says: reads from the primary (a client reads its model right after
+        # writing it; leases, locks and tombstones must see the latest writes) and writes
+        # acknowledged by a majority (they survive a fail-over). Chunks alone keep the URL's
+        # write concern: their files document, written after them with w: majority, is
+        # acknowledged only once the oplog up to it, chunks included, is on that majority.
+        self.db = self.client.get_database(db_name, read_preference=ReadPreference.PRIMARY,
+                                           write_concern=WriteConcern("majority"))
         self.models = self.db["models"]
         self.files = self.db[f"{bucket}.files"]
-        self.chunks = self.db[f"{bucket}.chunks"]
+        self.chunks = self.client.get_database(db_name, read_preference=ReadPreference.PRIMARY)[f"{bucket}.chunks"]
         # Download counting (record_download): events, folded under the model's lock into the
         # model's download_count and per (model, hour) tallies. download_hours holds the global
         # hourly tallies of earlier versions: read until they age out.
