@@ -187,11 +187,11 @@ class FileLeases:
                 await self._heartbeat
             self._heartbeat = None
         await self.drain()
-
-    async def drain(self) -> None:
-        """Wait for the drops under way, then drop what readers cut short still hold."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._held:
+        if self._held:  # readers cut short that never left their block
             held, self._held = self._held, {}
             await self._drop_leases([lease.lease_id for lease in held.values()])
+
+    async def drain(self) -> None:
+        """Wait for the drops under way (the releases they complete included)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
