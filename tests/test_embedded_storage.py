@@ -56,7 +56,7 @@ async def test_download_counts_and_leases_skip_the_fsync_and_nothing_else_does(t
             stored = await w.commit()
         # Each write, the connection it ran on, and its setting as SQLite itself reports it.
         seen = []
-        for name in ("_db", "_fast"):
+        for name in ("_db", "_fast", "_on_loop"):
             monkeypatch.setattr(store, name, _Spy(getattr(store, name), name, seen))
         await store.record_download(model_id, now)
         leases = await store.lease_files([stored.file_id], "test", now + timedelta(minutes=1))
@@ -67,13 +67,15 @@ async def test_download_counts_and_leases_skip_the_fsync_and_nothing_else_does(t
         assert await store.drop_leases(list(leases.values())) == [stored.file_id]
         writes = {statement: (connection, synchronous) for connection, statement, synchronous in seen}
         # 1 = NORMAL: no fsync per commit, 2 = FULL for everything else.
-        for statement in ("UPDATE models SET download_count", "INSERT INTO content_leases",
-                          "UPDATE content_leases SET", "DELETE FROM content_leases WHERE id"):
-            assert writes[statement] == ("_fast", 1), statement
+        assert writes["UPDATE models SET download_count"] == ("_fast", 1)
+        assert writes["UPDATE content_leases SET"] == ("_fast", 1)
+        # A download's lease and its drop run on the loop's own connection (not busy here).
+        assert writes["INSERT INTO content_leases"] == ("_on_loop", 1)
+        assert writes["DELETE FROM content_leases WHERE id"] == ("_on_loop", 1)
         for statement in ("UPDATE models SET", "UPDATE files SET", "INSERT OR IGNORE INTO content_pending",
                           "DELETE FROM files WHERE file_id"):
             assert writes[statement] == ("_db", 2), statement
-        assert all(synchronous == (1 if connection == "_fast" else 2) for connection, _, synchronous in seen)
+        assert all(synchronous == (2 if connection == "_db" else 1) for connection, _, synchronous in seen)
         doc = await store.get_model(model_id)
         assert doc["download_count"] == 1 and doc["description"] == "after"
         assert await store.file_info(stored.file_id) is None
@@ -337,3 +339,28 @@ async def test_a_release_in_another_worker_never_removes_content_a_commit_just_s
         errors.append(failures.get())
     assert (lost, errors[:3]) == (0, []), f"{lost} of 40 committed (claimed) contents lost their blob to a release"
     assert releaser.exitcode == 0
+
+
+async def test_a_lease_taken_while_another_writer_holds_the_database_queues_for_it(tmp_path):
+    """Leases and drops run on the loop's own connection, which never waits: busy, they queue for
+    the SQLite thread (which waits for the lock) instead of failing."""
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    blocker = sqlite3.connect(tmp_path / "registry.sqlite3", isolation_level=None, check_same_thread=False)
+    try:
+        stored = await _commit(store)
+        blocker.execute("BEGIN IMMEDIATE")  # another worker's write transaction
+        leasing = asyncio.ensure_future(store.lease_files([stored.file_id], "t", clock.now() + timedelta(minutes=1)))
+        await asyncio.sleep(0)
+        blocker.execute("COMMIT")
+        leases = await asyncio.wait_for(leasing, 10)
+        assert list(leases) == [stored.file_id]
+        blocker.execute("BEGIN IMMEDIATE")
+        dropping = asyncio.ensure_future(store.drop_leases(list(leases.values())))
+        await asyncio.sleep(0)
+        blocker.execute("COMMIT")
+        assert await asyncio.wait_for(dropping, 10) == []
+        assert blocker.execute("SELECT count(*) FROM content_leases").fetchone()[0] == 0
+    finally:
+        blocker.close()
+        await store.close()
