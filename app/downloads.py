@@ -31,15 +31,7 @@ from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
 from .snapshot_tar import TarLayout
-from .storage.base import (
-    ContentGone,
-    FileMissing,
-    ModelDocument,
-    Storage,
-    StorageError,
-    StorageUnavailable,
-    StoredFile,
-)
+from .storage.base import ContentGone, FileMissing, ModelDocument, Storage, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
