@@ -146,6 +146,9 @@ class Settings:
     max_upload_sessions: int = 16
     max_upload_sessions_total: int = 512
     upload_session_ttl: timedelta = timedelta(hours=24)
+    # Seconds a reader's lease on stored content outlives its last renewal
+    # (app/leases.py): how long content a crashed process was streaming stays.
+    lease_ttl: float = 60.0
 
     @property
     def storage_kind(self) -> str:
@@ -198,6 +201,7 @@ class Settings:
                                            1, 10_000_000),
             upload_session_ttl=_duration(env, "UPLOAD_SESSION_TTL", cls.upload_session_ttl, timedelta(seconds=1),
                                          timedelta(days=365)),
+            lease_ttl=_int(env, "LEASE_TTL", int(cls.lease_ttl), 2, 86_400),
         )
 
     def describe(self) -> str:

@@ -8,13 +8,18 @@ around its body takes the leases, the slot, the count and the metrics;
 app/http/fileresponse.py answers the request (preconditions, ranges, sendfile)
 knowing none of that. Bodies are read through ``prefetch`` (the next chunk is
 read while the previous one is written).
+
+The lease is taken just before the response starts. Content deleted between
+the lookup and the lease (its model replaced or deleted, by any process) is
+ContentGone: the download then looks its URL up again and answers with what
+the model points at now, or 404 if the model went too.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from urllib.parse import quote
@@ -26,7 +31,7 @@ from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
 from .snapshot_tar import TarLayout
-from .storage.base import FileMissing, ModelDocument, Storage, StorageError, StorageUnavailable, StoredFile
+from .storage.base import ContentGone, FileMissing, ModelDocument, Storage, StorageError, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
@@ -136,9 +141,41 @@ def _file_reader(storage: Storage, f: StoredFile):
     return read
 
 
-async def send(request: web.Request, doc: ModelDocument,
-               others: Iterable[ModelDocument] = ()) -> web.StreamResponse:
+# What a download URL names: its model, and the other versions a by-name URL may
+# have served (for date_is_strong). Raises ApiError (404) as the URL's lookup does.
+Lookup = Callable[[], Awaitable[tuple[ModelDocument, Iterable[ModelDocument]]]]
+
+# Lookups per download: content replaced again each time between the lookup and
+# the lease is a store being rewritten faster than it can be read (503, retry).
+_LOOKUPS = 3
+
+
+async def _with_current(lookup: Lookup, answer: Callable[[ModelDocument, Iterable[ModelDocument]],
+                                                         Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """``answer`` for what the URL names now: looked up again when its content went before it was leased."""
+    for _ in range(_LOOKUPS):
+        doc, others = await lookup()
+        try:
+            return await answer(doc, others)
+        except ContentGone as e:
+            log.info("content of model %s went before its download started; looking it up again: %s", doc["id"], e)
+    raise ApiError(errors.STORAGE_UNAVAILABLE,
+                   f"the model's file was replaced or deleted {_LOOKUPS} times while this download started; retry",
+                   {"Retry-After": "1"})
+
+
+async def send(request: web.Request, lookup: Lookup) -> web.StreamResponse:
     """``/download``: a single-file version's file, or a committed snapshot's tar."""
+    return await _with_current(lookup, lambda doc, others: _send_download(request, doc, others))
+
+
+async def send_file(request: web.Request, lookup: Lookup, path: str) -> web.StreamResponse:
+    """``/files/{path}``: one file of a version, as ``/download`` sends one; never counted as a download."""
+    return await _with_current(lookup, lambda doc, others: _send_one_file(request, doc, path, others))
+
+
+async def _send_download(request: web.Request, doc: ModelDocument,
+                         others: Iterable[ModelDocument]) -> web.StreamResponse:
     if snapshots.is_snapshot(doc):
         return await _send_tar(request, doc, others)
     f = stored_file(doc)
@@ -150,9 +187,8 @@ async def send(request: web.Request, doc: ModelDocument,
     return await _send(request, doc, representation, [f.file_id], counts=True)
 
 
-async def send_file(request: web.Request, doc: ModelDocument, path: str,
-                    others: Iterable[ModelDocument] = ()) -> web.StreamResponse:
-    """``/files/{path}``: one file of a version, as ``/download`` sends one; never counted as a download."""
+async def _send_one_file(request: web.Request, doc: ModelDocument, path: str,
+                         others: Iterable[ModelDocument]) -> web.StreamResponse:
     entry = snapshots.find(doc, path)
     if entry is None:
         # The rules after the lookup: a single-file version's path is its
@@ -253,7 +289,8 @@ async def count_download(request: web.Request, doc: ModelDocument) -> None:
 @asynccontextmanager
 async def _downloading(request: web.Request, doc: ModelDocument, file_ids: list[str],
                        transfer: fileresponse.Transfer, counts: bool) -> AsyncIterator[None]:
-    """Around a download's body: its leases, its slot, its count and its metrics."""
+    """Around a download's body: its leases, its slot, its count and its metrics (ContentGone
+    before anything is sent if the content went since the lookup)."""
     # The leases first: a model deleted or replaced while this waits for a
     # slot keeps its files until this download has sent them.
     async with request.app[LEASES].reading(*file_ids), request.app[DOWNLOAD_SLOTS].slot():

@@ -2,7 +2,9 @@
 
 They read the same environment variables as ``serve`` and are safe to run
 while the service is up: cleanup deletes through the same path as the API,
-and gc only removes what no model refers to and no upload is writing.
+and gc only removes what no model refers to, no upload is writing and no
+download holds (a release a download held back, gc completes once the
+download's lease is gone or expired).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from datetime import timedelta
 
 from . import clock, registry, snapshots, upload_sessions, validation
 from .config import ConfigError, Settings
-from .leases import FileLeases
 from .storage import ModelQuery, StorageError, make_storage
 
 _AGE_RE = re.compile(r"^(\d+)([smhdw])$")
@@ -40,7 +41,6 @@ async def _with_storage(settings: Settings, work):
 
 async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -> int:
     cutoff = clock.now() - older_than
-    leases = FileLeases(storage)
     removed = skip = 0
     while True:
         query = ModelQuery(status=status, created_before=cutoff, sort_field="created_at", sort_desc=False,
@@ -54,12 +54,11 @@ async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -
                     f"created {clock.iso(doc['created_at'])} {size} bytes")
             if dry_run:
                 print(f"would delete {line}")
-            elif await registry.delete(storage, leases, doc["id"]):
+            elif await registry.delete(storage, doc["id"]):
                 print(f"deleted {line}")
             removed += 1
         # Deleted models leave the result set; in a dry run, page forward.
         skip += len(docs) if dry_run else 0
-    await leases.drain()
     print(f"{'would delete' if dry_run else 'deleted'} {removed} model(s)")
     return 0
 

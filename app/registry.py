@@ -8,7 +8,8 @@ which numbers again.
 
 Attaching a file: a stored upload is claimed (settled) once a model points at
 it, and released again if none does; the file a model stops pointing at is
-released through the leases, which keep it while a download still reads it.
+released (storage.release_file), which a download still reading it, in any
+process, holds back with its lease until it is done (app/leases.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from bson import ObjectId
 from . import clock, errors, snapshots, versions
 from .errors import ApiError
 from .http import preconditions
-from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
 from .render import LAST_MODIFIED_SHARED
@@ -187,20 +187,14 @@ async def settle_all_latest(storage: Storage, page: int = 500) -> int:
                 for name in sorted(n for n, c in counts.items() if c > 1 or n in marked)])
 
 
-async def delete(storage: Storage, leases: FileLeases, model_id: str) -> ModelDocument | None:
+async def delete(storage: Storage, model_id: str) -> ModelDocument | None:
     """Delete a model and release its files (each kept while another model shares it)."""
     doc = await storage.delete_model(model_id)
     if doc is not None:
-        await _release_all(leases, snapshots.file_ids(doc))
+        await _release_all(storage, snapshots.file_ids(doc))
     if doc is not None and not doc.get(SUPERSEDED):
         await settle_latest(storage, doc["name"])
     return doc
-
-
-# Uploads to one model take turns swapping its file in: the swap returns the
-# file it replaced, and that must be exact even on a database whose
-# find-and-modify is not atomic (FerretDB, the test server).
-_model_locks = KeyedLocks()
 
 
 @asynccontextmanager
@@ -221,37 +215,39 @@ def _count_upload(doc: ModelDocument, received: Received) -> None:
     UPLOAD_BYTES.inc(received.stored.size)
 
 
-async def attach_file(storage: Storage, leases: FileLeases, doc: ModelDocument,
-                      received: Received) -> StoredFileMetadata:
+async def attach_file(storage: Storage, doc: ModelDocument, received: Received) -> StoredFileMetadata:
     """Point the model at its new file, then release whatever file it had before; the new file_metadata."""
     fm = file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
     async with _claiming(storage, received):
-        async with _model_locks(doc["id"]):
-            # Replacing a file within the second it was uploaded leaves two
-            # contents with one Last-Modified: mark it, so an If-Range date
-            # naming that second is not trusted (downloads.date_is_strong).
-            # A committed snapshot's files and tar are dated by its creation.
-            stored = await storage.get_model(doc["id"]) or {}
-            current = stored.get("file_metadata")
-            if (current and current["checksum"] != fm["checksum"]
-                    and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
-                fm[LAST_MODIFIED_SHARED] = True
-            if snapshots.is_snapshot(stored) and preconditions.same_second(stored["created_at"], fm["uploaded_at"]):
-                fm[LAST_MODIFIED_SHARED] = True
-            # A committed snapshot becomes a single-file version: its files go, in the same update.
-            previous = await storage.update_model(
-                doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"],
-                            **dict.fromkeys(snapshots.SNAPSHOT_FIELDS)},
-                return_previous=True)
+        # Replacing a file within the second it was uploaded leaves two
+        # contents with one Last-Modified: mark it, so an If-Range date
+        # naming that second is not trusted (downloads.date_is_strong).
+        # A committed snapshot's files and tar are dated by its creation.
+        # Read before the swap, so an upload racing this one may be missed:
+        # the mark then errs only if both land within one second.
+        stored = await storage.get_model(doc["id"]) or {}
+        current = stored.get("file_metadata")
+        if (current and current["checksum"] != fm["checksum"]
+                and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
+            fm[LAST_MODIFIED_SHARED] = True
+        if snapshots.is_snapshot(stored) and preconditions.same_second(stored["created_at"], fm["uploaded_at"]):
+            fm[LAST_MODIFIED_SHARED] = True
+        # A committed snapshot becomes a single-file version: its files go, in the same update.
+        # update_model is atomic across processes: ``previous`` is exactly the
+        # document this swap replaced, however many uploads race (any replica).
+        previous = await storage.update_model(
+            doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"],
+                        **dict.fromkeys(snapshots.SNAPSHOT_FIELDS)},
+            return_previous=True)
         if previous is None:
             # The model was deleted while its file was uploading.
             raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")
-    await _release_all(leases, [f for f in snapshots.file_ids(previous) if f != fm["file_id"]])
+    await _release_all(storage, [f for f in snapshots.file_ids(previous) if f != fm["file_id"]])
     _count_upload(doc, received)
     return fm
 
 
-async def attach_blob(storage: Storage, leases: FileLeases, doc: ModelDocument, sha256: str,
+async def attach_blob(storage: Storage, doc: ModelDocument, sha256: str,
                       filename: str | None) -> StoredFileMetadata:
     """Point a model at a stored blob (POST /models/{id}/upload?digest=), as an upload's file is attached:
     claimed first, so no release or gc removes it in between; 422 missing_blobs if it is not stored."""
@@ -260,13 +256,13 @@ async def attach_blob(storage: Storage, leases: FileLeases, doc: ModelDocument, 
         raise ApiError(errors.MISSING_BLOBS, f"blob sha256:{sha256} is not stored; upload it first (PUT "
                                              "/api/v1/blobs/<digest> or an upload session); nothing changed",
                        details={"missing": [f"sha256:{sha256}"]})
-    return await attach_file(storage, leases, doc, Received(blob, filename or "", "application/octet-stream"))
+    return await attach_file(storage, doc, Received(blob, filename or "", "application/octet-stream"))
 
 
-async def _release_all(leases: FileLeases, file_ids: list[str]) -> None:
-    """Release content a model no longer refers to, through the leases (kept while a download reads it)."""
+async def _release_all(storage: Storage, file_ids: list[str]) -> None:
+    """Release content a model no longer refers to (a download's lease holds it back until it is done)."""
     for file_id in file_ids:
-        await leases.release(file_id)
+        await storage.release_file(file_id)
 
 
 async def create_snapshot(storage: Storage, fields: ModelDocument, files: list[FileEntryIn],

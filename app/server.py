@@ -47,7 +47,7 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
-    app[LEASES] = FileLeases(app[STORAGE])
+    app[LEASES] = FileLeases(app[STORAGE], settings.lease_ttl)
     app.cleanup_ctx.append(_storage_lifecycle)
     setup_routes(app)
     _setup_cors(app, settings.cors_origins)
@@ -58,8 +58,9 @@ async def _storage_lifecycle(app: web.Application):
     storage = app[STORAGE]
     await storage.open()
     log.info("storage ready: %s", app[SETTINGS].describe())
+    await app[LEASES].start()
     yield
-    await app[LEASES].drain()
+    await app[LEASES].stop()
     await storage.close()
 
 

@@ -181,3 +181,14 @@ def test_upload_session_settings():
     for bad in ("0", "soon", "-1h", "1.5h", "366d"):
         with pytest.raises(ConfigError, match="^UPLOAD_SESSION_TTL"):
             Settings.from_env({"UPLOAD_SESSION_TTL": bad})
+
+
+def test_lease_ttl():
+    """LEASE_TTL: seconds a reader's lease on stored content outlives its last renewal (app/leases.py)."""
+    assert Settings.from_env({}).lease_ttl == 60
+    assert Settings.from_env({"LEASE_TTL": "2"}).lease_ttl == 2
+    assert Settings.from_env({"LEASE_TTL": " 300 "}).lease_ttl == 300
+    # Below 2 s the heartbeat (every LEASE_TTL/3) would renew faster than a busy store answers.
+    for bad in ("0", "1", "-5", "1.5", "60s", "soon", "86401"):
+        with pytest.raises(ConfigError, match="^LEASE_TTL "):
+            Settings.from_env({"LEASE_TTL": bad})

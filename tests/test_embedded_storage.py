@@ -1,9 +1,12 @@
-"""Embedded backend specifics: its SQLite schema upgrades in place; only download counts skip the fsync."""
+"""Embedded backend specifics: its SQLite schema upgrades in place; only download counts and leases skip
+the fsync; register and release of one content are atomic across worker processes."""
 
 import asyncio
 import os
 import sqlite3
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -43,38 +46,66 @@ async def _one_model(store: EmbeddedStorage) -> str:
     return doc["id"]
 
 
-async def test_a_download_count_skips_the_fsync_and_nothing_else_does(tmp_path, monkeypatch):
+async def test_download_counts_and_leases_skip_the_fsync_and_nothing_else_does(tmp_path, monkeypatch):
     store = EmbeddedStorage(str(tmp_path))
     await store.open()
     try:
         model_id, now = await _one_model(store), clock.now()
-        # The setting each statement ran under, as SQLite itself reports it.
+        async with store.file_writer() as w:
+            await w.write(b"leased bytes")
+            stored = await w.commit()
+        # Each write, the connection it ran on, and its setting as SQLite itself reports it.
         seen = []
-        db = store._db
-        monkeypatch.setattr(store, "_db", _Spy(db, seen))
+        for name in ("_db", "_fast", "_on_loop"):
+            monkeypatch.setattr(store, name, _Spy(getattr(store, name), name, seen))
         await store.record_download(model_id, now)
+        leases = await store.lease_files([stored.file_id], "test", now + timedelta(minutes=1))
+        await store.renew_leases(list(leases.values()), now + timedelta(minutes=2))
         await store.update_model(model_id, {"description": "after"})
-        assert ("UPDATE models SET download_count", 1) in seen  # 1 = NORMAL: no fsync per commit
-        assert ("UPDATE models SET", 2) in seen  # 2 = FULL for everything else
-        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        await store.settle_file(stored.file_id)
+        assert await store.release_file(stored.file_id) is False  # leased: remembered
+        assert await store.drop_leases(list(leases.values())) == [stored.file_id]
+        writes = {statement: (connection, synchronous) for connection, statement, synchronous in seen}
+        # 1 = NORMAL: no fsync per commit, 2 = FULL for everything else.
+        assert writes["UPDATE models SET download_count"] == ("_fast", 1)
+        assert writes["UPDATE content_leases SET"] == ("_fast", 1)
+        # A download's lease and its drop run on the loop's own connection (not busy here).
+        assert writes["INSERT INTO content_leases"] == ("_on_loop", 1)
+        assert writes["DELETE FROM content_leases WHERE id"] == ("_on_loop", 1)
+        for statement in ("UPDATE models SET", "UPDATE files SET", "INSERT OR IGNORE INTO content_pending",
+                          "DELETE FROM files WHERE file_id"):
+            assert writes[statement] == ("_db", 2), statement
+        assert all(synchronous == (2 if connection == "_db" else 1) for connection, _, synchronous in seen)
         doc = await store.get_model(model_id)
         assert doc["download_count"] == 1 and doc["description"] == "after"
+        assert await store.file_info(stored.file_id) is None
     finally:
         await store.close()
 
 
 class _Spy:
-    """A connection that notes (statement start, PRAGMA synchronous) for each UPDATE."""
+    """A connection that notes (its name, the write's first words, PRAGMA synchronous) for each write."""
 
-    def __init__(self, db, seen) -> None:
-        self._db, self._seen = db, seen
+    def __init__(self, db, name, seen) -> None:
+        self._db, self._name, self._seen = db, name, seen
 
     def execute(self, sql, *args):
-        if sql.startswith("UPDATE models SET"):
-            counting = "download_count = download_count" in sql
-            prefix = "UPDATE models SET download_count" if counting else "UPDATE models SET"
-            self._seen.append((prefix, self._db.execute("PRAGMA synchronous").fetchone()[0]))
+        self._note(sql)
         return self._db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._note(sql)
+        return self._db.executemany(sql, *args)
+
+    def _note(self, sql):
+        if sql.startswith(("UPDATE", "INSERT", "DELETE")):
+            words = sql.split("(")[0].split()
+            if sql.startswith(("UPDATE models SET download_count", "INSERT OR IGNORE", "DELETE")):
+                words = words[:5 if sql.startswith(("INSERT", "DELETE")) else 4]
+            else:
+                words = words[:3]
+            self._seen.append((self._name, " ".join(words),
+                               self._db.execute("PRAGMA synchronous").fetchone()[0]))
 
     def __getattr__(self, name):
         return getattr(self._db, name)
@@ -213,3 +244,123 @@ def test_workers_opening_one_new_database_at_once_all_start(tmp_path):
             p.join(timeout=30)
         failures += [o for o in outcomes if o != "ok"]
     assert failures == []
+
+
+CONTENT = b"the same bytes, committed by two worker processes" * 100
+
+
+async def _commit(store: EmbeddedStorage):
+    async with store.file_writer() as w:
+        await w.write(CONTENT)
+        return await w.commit()
+
+
+def _release_in_a_loop(data_dir: str, started, releases, failures, stop) -> None:
+    """A worker that commits CONTENT, settles and releases it, round after round, on a disk where
+    removing a blob takes a while (so any gap between a release's COMMIT and its unlink is wide)."""
+    real_unlink = Path.unlink
+    blobs = str(Path(data_dir) / "blobs")
+
+    def slow_unlink(self, missing_ok=False):
+        if str(self).startswith(blobs):
+            time.sleep(0.02)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    Path.unlink = slow_unlink
+
+    async def run() -> None:
+        store = EmbeddedStorage(data_dir)
+        await store.open()
+        try:
+            started.set()
+            while not stop.is_set():
+                try:
+                    stored = await _commit(store)
+                    await store.settle_file(stored.file_id)
+                    await store.release_file(stored.file_id)
+                except Exception as e:
+                    failures.put(repr(e))
+                with releases.get_lock():
+                    releases.value += 1
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+async def test_a_release_in_another_worker_never_removes_content_a_commit_just_stored(tmp_path):
+    """Worker A releases content while worker B commits the same bytes: B's commit (claimed) keeps
+    its blob. A release that unlinked after its COMMIT removed the blob B had just put in place."""
+    import multiprocessing
+
+    # spawn: a forked child would inherit thread pools (pipeline.threads) without their threads.
+    ctx = multiprocessing.get_context("spawn")
+    started, stop, releases, failures = ctx.Event(), ctx.Event(), ctx.Value("i", 0), ctx.Queue()
+    releaser = ctx.Process(target=_release_in_a_loop, args=(str(tmp_path), started, releases, failures, stop))
+    releaser.start()
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    try:
+        assert await asyncio.to_thread(started.wait, 30)
+        lost = 0
+        for _ in range(40):
+            try:
+                stored = await _commit(store)
+            except Exception as e:
+                failures.put(f"this worker: {e!r}")
+                continue
+            if stored is None:  # the row it counted its claim on went between its look and its claim
+                failures.put("this worker: a commit returned no stored file")
+                continue
+            # Claimed: no release may remove it now (nor a commit put another copy in its place).
+            blob = _inode(store.blob_path(stored.sha256))
+            # Let the other worker release twice first.
+            seen, deadline = releases.value, time.monotonic() + 10
+            while releases.value < seen + 2:
+                assert releaser.is_alive() and time.monotonic() < deadline, "the releasing worker stopped"
+                await asyncio.sleep(0.001)
+            if blob is None or _inode(store.blob_path(stored.sha256)) != blob \
+                    or await store.file_info(stored.file_id) is None:
+                lost += 1
+            await store.settle_file(stored.file_id)
+    finally:
+        stop.set()
+        await asyncio.to_thread(releaser.join, 30)
+        await store.close()
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert (lost, errors[:3]) == (0, []), f"{lost} of 40 committed (claimed) contents lost their blob to a release"
+    assert releaser.exitcode == 0
+
+
+async def test_a_lease_taken_while_another_writer_holds_the_database_queues_for_it(tmp_path):
+    """Leases and drops run on the loop's own connection, which never waits: busy, they queue for
+    the SQLite thread (which waits for the lock) instead of failing."""
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    blocker = sqlite3.connect(tmp_path / "registry.sqlite3", isolation_level=None, check_same_thread=False)
+    try:
+        stored = await _commit(store)
+        blocker.execute("BEGIN IMMEDIATE")  # another worker's write transaction
+        leasing = asyncio.ensure_future(store.lease_files([stored.file_id], "t", clock.now() + timedelta(minutes=1)))
+        await asyncio.sleep(0)
+        blocker.execute("COMMIT")
+        leases = await asyncio.wait_for(leasing, 10)
+        assert list(leases) == [stored.file_id]
+        blocker.execute("BEGIN IMMEDIATE")
+        dropping = asyncio.ensure_future(store.drop_leases(list(leases.values())))
+        await asyncio.sleep(0)
+        blocker.execute("COMMIT")
+        assert await asyncio.wait_for(dropping, 10) == []
+        assert blocker.execute("SELECT count(*) FROM content_leases").fetchone()[0] == 0
+    finally:
+        blocker.close()
+        await store.close()

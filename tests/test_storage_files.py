@@ -203,6 +203,8 @@ async def test_claimed_content_survives_a_release_until_settled(storage):
     assert await storage.release_file(first.file_id) is False
     assert await read_all(storage, first) == data
     await storage.settle_file(first.file_id)
-    # Where the release was remembered, settling the last claim completed it; else this one does.
-    await storage.release_file(first.file_id)
+    # The release the claim held back was remembered: dropping the claim completed it.
     assert await storage.file_info(first.file_id) is None
+    assert await storage.release_file(first.file_id) is False
+    with pytest.raises(FileMissing):
+        await read_all(storage, first)

@@ -40,6 +40,11 @@ async def model_or_404(request: web.Request) -> dict:
     return doc
 
 
+async def model_alone_or_404(request: web.Request) -> tuple[dict, list[dict]]:
+    """``model_or_404``'s model and no other versions: the shape ``named_models_or_404`` answers in."""
+    return await model_or_404(request), []
+
+
 async def named_model_or_404(request: web.Request) -> dict:
     """The latest version of {name}, or the one ``?version=`` asks for."""
     return (await named_models_or_404(request))[0]

@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from .. import downloads, errors, registry, snapshots, upload_sessions, uploads, urls
-from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
+from ..appkeys import SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http import preconditions
 from ..http.expect import invite_body
@@ -17,7 +17,7 @@ from ..http.json import json_response
 from ..render import file_metadata, files
 from ..schemas import FileInfo, SnapshotManifest, UploadAnswer
 from ..storage.base import ModelDocument
-from .common import model_or_404, named_models_or_404
+from .common import model_alone_or_404, model_or_404, named_models_or_404
 
 
 async def _receive(request: web.Request) -> uploads.Received:
@@ -50,7 +50,7 @@ async def upload(request: web.Request) -> web.Response:
         fm = await _attach_blob(request, doc)
     else:
         received = await _receive(request)
-        fm = await registry.attach_file(request.app[STORAGE], request.app[LEASES], doc, received)
+        fm = await registry.attach_file(request.app[STORAGE], doc, received)
     return json_response(UploadAnswer(success=True, model_id=doc["id"], file_metadata=file_metadata(fm)), status=201)
 
 
@@ -60,15 +60,15 @@ async def _attach_blob(request: web.Request, doc: ModelDocument):
     if request.body_exists:
         raise ApiError(errors.INVALID_PARAMETER, "?digest= attaches a stored blob: send no body with it")
     filename = uploads.clean_filename(request.query.get("filename"))
-    return await registry.attach_blob(request.app[STORAGE], request.app[LEASES], doc, sha256, filename)
+    return await registry.attach_blob(request.app[STORAGE], doc, sha256, filename)
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    return await downloads.send(request, await model_or_404(request))
+    return await downloads.send(request, lambda: model_alone_or_404(request))
 
 
 async def download_by_name(request: web.Request) -> web.StreamResponse:
-    return await downloads.send(request, *await named_models_or_404(request))
+    return await downloads.send(request, lambda: named_models_or_404(request))
 
 
 async def info(request: web.Request) -> web.Response:
@@ -143,10 +143,9 @@ def requested_path(request: web.Request) -> str:
 
 async def version_file(request: web.Request) -> web.StreamResponse:
     path = requested_path(request)
-    return await downloads.send_file(request, await model_or_404(request), path)
+    return await downloads.send_file(request, lambda: model_alone_or_404(request), path)
 
 
 async def version_file_by_name(request: web.Request) -> web.StreamResponse:
     path = requested_path(request)
-    doc, others = await named_models_or_404(request)
-    return await downloads.send_file(request, doc, path, others)
+    return await downloads.send_file(request, lambda: named_models_or_404(request), path)

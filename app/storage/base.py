@@ -544,7 +544,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def settle_file(self, file_id: str) -> None:
-        """Drop one claim a commit took on this content."""
+        """Drop one claim a commit took on this content (completing a release it held back, see release_file)."""
 
     async def settle_files(self, file_ids: list[str]) -> None:
         """settle_file for each (a backend may do it in fewer round trips)."""
@@ -629,5 +629,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def release_file(self, file_id: str) -> bool:
         """Delete stored content unless a model refers to it (by file_metadata or
-        one of its files), a commit's claim on it is unsettled (and younger than
-        CLAIM_GRACE) or it is kept (keep_blobs); True if deleted."""
+        one of its files), a reader's lease on it is live (lease_files), a
+        commit's claim on it is unsettled (and younger than CLAIM_GRACE) or it
+        is kept (keep_blobs); True if deleted.
+
+        Held back by a lease, claim or keep (not by a model), the release is
+        remembered: the last drop_leases or settle_file on the content, or
+        release_pending once what held it expired, completes it (re-checking
+        everything, a model referring to it again included)."""

@@ -1,10 +1,14 @@
 """Embedded backend: SQLite for metadata, a content-addressed directory for files.
 
 Runs with no server so that a fresh machine can start the service. SQLite is
-used from one dedicated thread (one connection, no locking games) so the event
-loop never blocks on it. File bytes go to ``tmp/`` first and are renamed into
-``blobs/<aa>/<sha256>`` only on commit, after an fsync: a reader sees the whole
-file or nothing, and a crash leaves at most a temp file that ``gc`` removes.
+used from one dedicated thread (no locking games within the process) so the
+event loop never blocks on it. File bytes go to ``tmp/`` first and are renamed
+into ``blobs/<aa>/<sha256>`` only on commit, after an fsync: a reader sees the
+whole file or nothing, and a crash leaves at most a temp file that ``gc`` removes.
+
+Worker processes (``WORKERS``) share the database file: whatever must hold
+across them (counts, leases, the blob a release removes or a commit puts in
+place) is one BEGIN IMMEDIATE transaction, which SQLite serialises.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import shutil
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import orjson
 from bson import ObjectId
@@ -111,6 +116,23 @@ CREATE TABLE IF NOT EXISTS upload_sessions (
     lock_until TEXT
 );
 CREATE INDEX IF NOT EXISTS upload_sessions_updated ON upload_sessions (updated_at);
+-- Content a reader holds (lease_files): no release deletes it while a lease is
+-- live. Written on the lease connection (synchronous=NORMAL): a power cut may
+-- lose the latest, which only lets a release through that its reader, dead
+-- with the machine, no longer needs.
+CREATE TABLE IF NOT EXISTS content_leases (
+    id TEXT PRIMARY KEY,
+    file_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    until TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS content_leases_file ON content_leases (file_id);
+-- Releases that a lease, a claim or a keep held back: the last drop_leases,
+-- settle_file or release_pending completes them.
+CREATE TABLE IF NOT EXISTS content_pending (
+    file_id TEXT PRIMARY KEY,
+    at TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 # Columns kept outside the JSON document because queries filter or sort on them.
@@ -184,6 +206,8 @@ class EmbeddedStorage(Storage):
         self.session_hashes = SessionHashes()
         self.db_path = self.root / "registry.sqlite3"
         self._db: sqlite3.Connection | None = None
+        self._fast: sqlite3.Connection | None = None  # see _connect
+        self._on_loop: sqlite3.Connection | None = None
         # A second, read-only connection used on the event loop itself, for
         # lookups by primary key (see get_model).
         self._reader: sqlite3.Connection | None = None
@@ -223,6 +247,24 @@ class EmbeddedStorage(Storage):
             self._migrate(db, had_references, files_columns)
         db.create_function("icontains", 2, _icontains, deterministic=True)
         self._db = db
+        # Leases and download counts: two writes per download, which must not
+        # each wait for an fsync. synchronous=NORMAL in WAL mode keeps them
+        # consistent, not durable across a power cut (the next FULL commit of
+        # the main connection syncs them too); used on the SQLite thread as well.
+        fast = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        fast.execute("PRAGMA busy_timeout=10000")
+        fast.execute("PRAGMA synchronous=NORMAL")
+        self._fast = fast
+        # The same, on the event loop itself, for a download's lease and its
+        # drop: a one-statement commit without fsync takes tens of microseconds,
+        # a hop to the SQLite thread and back more (bench/: 16 KB downloads, one
+        # connection). busy_timeout=0: busy means "take the queue", as for get_model;
+        # no checkpoints here (they sync the WAL), the SQLite thread's commits run them.
+        on_loop = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        on_loop.execute("PRAGMA busy_timeout=0")
+        on_loop.execute("PRAGMA synchronous=NORMAL")
+        on_loop.execute("PRAGMA wal_autocheckpoint=0")
+        self._on_loop = on_loop
         reader = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None,
                                  check_same_thread=False)
         reader.row_factory = sqlite3.Row
@@ -256,12 +298,16 @@ class EmbeddedStorage(Storage):
     async def close(self) -> None:
         if self._executor is None:
             return
-        if self._reader is not None:
-            self._reader, reader = None, self._reader
-            reader.close()
-        if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        for name in ("_reader", "_on_loop"):
+            db = getattr(self, name)
+            if db is not None:
+                setattr(self, name, None)
+                db.close()
+        for name in ("_fast", "_db"):
+            db = getattr(self, name)
+            if db is not None:
+                setattr(self, name, None)
+                await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
         self._executor.shutdown(wait=True)
         self._executor = None
 
@@ -375,13 +421,12 @@ class EmbeddedStorage(Storage):
         return await self._run(self._update, model_id, fields, return_previous)
 
     def _record_download(self, model_id: str, at: datetime) -> None:
-        db = self._db
-        hour = iso(at.replace(minute=0, second=0, microsecond=0))
         # Every download waits for its count before its first byte, so the
-        # count commits without its own fsync (in WAL mode the next FULL commit
-        # syncs it too): a power cut may lose the latest counts, never
-        # consistency, and TTFB is not an fsync.
-        db.execute("PRAGMA synchronous=NORMAL")
+        # count commits without its own fsync (the lease connection): a power
+        # cut may lose the latest counts, never consistency, and TTFB is not an
+        # fsync. One transaction: exact across worker processes.
+        db = self._fast
+        hour = iso(at.replace(minute=0, second=0, microsecond=0))
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("UPDATE models SET download_count = download_count + 1 WHERE id = ?", (model_id,))
@@ -394,8 +439,6 @@ class EmbeddedStorage(Storage):
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        finally:
-            db.execute("PRAGMA synchronous=FULL")
 
     async def record_download(self, model_id: str, at: datetime) -> None:
         await self._run(self._record_download, model_id, at)
@@ -538,8 +581,9 @@ class EmbeddedStorage(Storage):
         return await self._run(self._file_row, file_id)
 
     def _register_blob(self, tmp_path: Path, sha256: str, size: int, chunk_size: int) -> StoredFile:
-        # Runs on the SQLite thread, so two commits of the same content cannot
-        # interleave between "is it there?" and "put it there".
+        """Put the content in blobs/ (or find it there) and record it, claimed; inside the caller's
+        BEGIN IMMEDIATE transaction, which covers the rename: a release in another worker process
+        (also one transaction, see _release_one) cannot run between "is it there?" and "put it there"."""
         row = self._db.execute("SELECT file_id FROM files WHERE sha256 = ?", (sha256,)).fetchone()
         target = self.blob_path(sha256)
         if row is not None and target.exists():
@@ -560,12 +604,14 @@ class EmbeddedStorage(Storage):
         )
         return stored
 
+    def _register(self, tmp_path: Path, sha256: str, size: int, chunk_size: int) -> StoredFile:
+        with _transaction(self._db):
+            return self._register_blob(tmp_path, sha256, size, chunk_size)
+
     def _blob_rows(self, sha256s: list[str]) -> list[sqlite3.Row]:
         rows = []
-        for i in range(0, len(sha256s), 500):  # within SQLite's bound-parameter limit
-            part = sha256s[i:i + 500]
-            rows += self._db.execute(f"SELECT * FROM files WHERE sha256 IN ({', '.join('?' * len(part))})",
-                                     part).fetchall()
+        for part in _parts(sha256s):
+            rows += self._db.execute(f"SELECT * FROM files WHERE sha256 IN ({_marks(part)})", part).fetchall()
         return rows
 
     async def find_blob(self, sha256: str) -> StoredFile | None:
@@ -607,47 +653,164 @@ class EmbeddedStorage(Storage):
     async def settle_file(self, file_id: str) -> None:
         await self.settle_files([file_id])
 
-    def _settle(self, file_ids: list[str]) -> None:
-        # Returns nothing: a cursor handed back to the loop and dropped there is
-        # finalized off the SQLite thread, during its next statement (sqlite3 "API misuse").
+    def _settle(self, file_ids: list[str]) -> list[str]:
         db = self._db
         # One transaction: in autocommit mode each row would be a commit (and an fsync) of its own.
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             db.executemany("UPDATE files SET claims = max(claims - 1, 0) WHERE file_id = ?", [(f,) for f in file_ids])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            waiting = self._pending_among(db, file_ids)
+        # A release this claim held back can complete now (the claim was a lease too).
+        return self._release_all(waiting)
 
     async def settle_files(self, file_ids: list[str]) -> None:
+        # Returns nothing: a cursor handed back to the loop and dropped there is
+        # finalized off the SQLite thread, during its next statement (sqlite3 "API misuse").
         await self._run(self._settle, file_ids)
 
-    def _release(self, file_id: str) -> str | None:
+    # -- releases and leases ---------------------------------------------------
+    # One release is one BEGIN IMMEDIATE transaction (SQLite serialises those
+    # across the worker processes sharing the file): it looks for a model that
+    # refers to the content, a live lease, claim or keep, and either remembers
+    # the release (content_pending) or deletes the row and renames the blob
+    # aside before COMMIT. A lease (lease_files) is one transaction too, and
+    # leases only content whose row is there: so a reader either holds its
+    # lease before a release looks, or finds the content gone. A commit of the
+    # same bytes (_register) cannot slip between the row's deletion and the
+    # blob's, which an unlink after COMMIT allowed (it removed the new blob).
+    # Claims stay the files.claims counter and keeps files.kept_until: exact
+    # under these transactions, and settle_file completes a release a claim held back.
+
+    def _release_one(self, file_id: str) -> str | None:
+        """Release (see release_file); the sha256 of the content deleted, None if it stays."""
         db = self._db
+        aside: Path | None = None
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("SELECT 1 FROM model_files WHERE file_id = ? LIMIT 1", (file_id,)).fetchone():
-                db.execute("ROLLBACK")
+            at = now()
+            row = db.execute("SELECT sha256 FROM files WHERE file_id = ?", (file_id,)).fetchone()
+            if row is None or db.execute("SELECT 1 FROM model_files WHERE file_id = ? LIMIT 1",
+                                         (file_id,)).fetchone():
+                # Gone already, or a model needs it: nothing to wait for.
+                db.execute("DELETE FROM content_pending WHERE file_id = ?", (file_id,))
+                db.execute("COMMIT")
                 return None
-            row = db.execute(
-                "DELETE FROM files WHERE file_id = ? AND (claims = 0 OR claimed_at < ?)"
-                " AND (kept_until IS NULL OR kept_until < ?) RETURNING sha256",
-                (file_id, iso(now() - CLAIM_GRACE), iso(now())),
-            ).fetchone()
+            held = db.execute(
+                "SELECT EXISTS (SELECT 1 FROM content_leases WHERE file_id = ?1 AND until >= ?2)"
+                " OR EXISTS (SELECT 1 FROM files WHERE file_id = ?1 AND ((claims > 0 AND NOT claimed_at < ?3)"
+                " OR kept_until >= ?2))",
+                (file_id, iso(at), iso(at - CLAIM_GRACE))).fetchone()[0]
+            if held:
+                db.execute("INSERT OR IGNORE INTO content_pending (file_id, at) VALUES (?, ?)", (file_id, iso(at)))
+                db.execute("COMMIT")
+                return None
+            db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
+            db.execute("DELETE FROM content_pending WHERE file_id = ?", (file_id,))
+            db.execute("DELETE FROM content_leases WHERE file_id = ?", (file_id,))  # expired ones
+            target = self.blob_path(row["sha256"])
+            aside = target.with_name(f"{target.name}{_ASIDE}{secrets.token_hex(6)}")
+            try:
+                os.rename(target, aside)
+            except FileNotFoundError:
+                aside = None  # already missing (removed behind our back): the row goes anyway
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            if aside is not None:
+                os.rename(aside, self.blob_path(row["sha256"]))
             raise
-        if row is None:
-            return None
-        # Unlinked on this thread too, so a concurrent commit of the same
-        # content (also on this thread) never finds a row without its blob.
-        self.blob_path(row["sha256"]).unlink(missing_ok=True)
+        if aside is not None:
+            aside.unlink(missing_ok=True)
         return row["sha256"]
 
+    def _release_all(self, file_ids: list[str]) -> list[str]:
+        # On the main connection: a deletion must be durable before its blob goes.
+        return [f for f in file_ids if self._release_one(f) is not None]
+
     async def release_file(self, file_id: str) -> bool:
-        return await self._run(self._release, file_id) is not None
+        return await self._run(self._release_one, file_id) is not None
+
+    @staticmethod
+    def _pending_among(db: sqlite3.Connection, file_ids: list[str]) -> list[str]:
+        found = []
+        for part in _parts(file_ids):
+            found += [r[0] for r in db.execute(
+                f"SELECT file_id FROM content_pending WHERE file_id IN ({_marks(part)})", part)]
+        return found
+
+    @staticmethod
+    def _lease_part(db: sqlite3.Connection, part: list[str], owner: str, until: datetime) -> dict[str, str]:
+        """Lease up to _LEASE_PART files in one statement, its own transaction (each file is leased or not)."""
+        wanted = [value for file_id in part for value in (str(ObjectId()), file_id)]
+        return {file_id: lease_id for lease_id, file_id in db.execute(
+            "INSERT INTO content_leases (id, file_id, owner, until) SELECT w.column1, w.column2, ?, ?"
+            f" FROM (VALUES {', '.join(['(?, ?)'] * len(part))}) AS w JOIN files f ON f.file_id = w.column2"
+            " RETURNING id, file_id", [owner, iso(until), *wanted])}
+
+    def _lease(self, file_ids: list[str], owner: str, until: datetime) -> dict[str, str]:
+        leases = {}
+        for part in _parts(file_ids, _LEASE_PART):
+            leases.update(self._lease_part(self._fast, part, owner, until))
+        return leases
+
+    async def lease_files(self, file_ids: list[str], owner: str, until: datetime) -> dict[str, str]:
+        file_ids = list(dict.fromkeys(file_ids))
+        if self._on_loop is not None and len(file_ids) <= _LEASE_PART:
+            try:
+                return self._lease_part(self._on_loop, file_ids, owner, until)
+            except sqlite3.OperationalError:
+                pass  # busy (another writer, here or in another worker): queue like any other call
+        return await self._run(self._lease, file_ids, owner, until)
+
+    def _renew(self, lease_ids: list[str], until: datetime) -> None:
+        db = self._fast
+        with _transaction(db):
+            for part in _parts(lease_ids):
+                db.execute(f"UPDATE content_leases SET until = ? WHERE id IN ({_marks(part)})", [iso(until), *part])
+
+    async def renew_leases(self, lease_ids: list[str], until: datetime) -> None:
+        if lease_ids:
+            await self._run(self._renew, lease_ids, until)
+
+    @staticmethod
+    def _drop_part(db: sqlite3.Connection, part: list[str]) -> list[str]:
+        """End up to 500 leases in one statement; the files among theirs whose release waited."""
+        # The pending marks are looked for in the same statement, after the
+        # lease is gone: a release that saw the lease has left its mark by now.
+        return [file_id for file_id, pending in db.execute(
+            f"DELETE FROM content_leases WHERE id IN ({_marks(part)}) RETURNING file_id,"
+            " EXISTS (SELECT 1 FROM content_pending p WHERE p.file_id = content_leases.file_id)", part)
+            if pending]
+
+    def _drop(self, lease_ids: list[str]) -> list[str]:
+        waiting = [file_id for part in _parts(lease_ids) for file_id in self._drop_part(self._fast, part)]
+        return self._release_all(list(dict.fromkeys(waiting)))
+
+    async def drop_leases(self, lease_ids: list[str]) -> list[str]:
+        if not lease_ids:
+            return []
+        if self._on_loop is not None and len(lease_ids) <= 500:
+            try:
+                waiting = self._drop_part(self._on_loop, lease_ids)
+            except sqlite3.OperationalError:
+                pass  # busy: queue
+            else:
+                return await self._run(self._release_all, list(dict.fromkeys(waiting))) if waiting else []
+        return await self._run(self._drop, lease_ids)
+
+    def _release_pending(self) -> list[str]:
+        at = now()
+        # Only those nothing holds any more (or that a model took back, or that are gone):
+        # the others would each cost a transaction to learn that they stay.
+        ready = [r[0] for r in self._db.execute(
+            "SELECT file_id FROM content_pending p"
+            " WHERE NOT EXISTS (SELECT 1 FROM content_leases l WHERE l.file_id = p.file_id AND l.until >= ?1)"
+            " AND NOT EXISTS (SELECT 1 FROM files f WHERE f.file_id = p.file_id"
+            " AND ((f.claims > 0 AND NOT f.claimed_at < ?2) OR f.kept_until >= ?1))",
+            (iso(at), iso(at - CLAIM_GRACE)))]
+        return self._release_all(ready)
+
+    async def release_pending(self) -> list[str]:
+        return await self._run(self._release_pending)
 
     def _garbage(self, min_age: timedelta) -> tuple[list[str], set[str], set[str]]:
         """(unreferenced file ids, blob names the files table knows, upload session ids)."""
@@ -655,27 +818,42 @@ class EmbeddedStorage(Storage):
         cutoff = iso(now() - min_age)
         unreferenced = [r[0] for r in db.execute(
             "SELECT file_id FROM files WHERE file_id NOT IN (SELECT file_id FROM model_files)"
-            " AND (claims = 0 OR claimed_at < ?) AND uploaded_at < ? AND (kept_until IS NULL OR kept_until < ?)",
-            (cutoff, cutoff, iso(now())))]
+            " AND (claims = 0 OR claimed_at < ?1) AND uploaded_at < ?1 AND (kept_until IS NULL OR kept_until < ?2)"
+            " AND file_id NOT IN (SELECT file_id FROM content_leases WHERE until >= ?2)",
+            (cutoff, iso(now())))]
         known = {r[0] for r in db.execute("SELECT sha256 FROM files")}
         sessions = {r[0] for r in db.execute("SELECT id FROM upload_sessions")}
         return unreferenced, known, sessions
 
     def _unlink_stray(self, path: Path) -> bool:
         """Remove a blob without a files row or a session file without a session, unless one appeared
-        meanwhile; on the SQLite thread, where commits and new sessions record them."""
-        if path.parent == self.upload_dir:
-            known = self._db.execute("SELECT 1 FROM upload_sessions WHERE id = ?", (path.name,)).fetchone()
-        else:
-            known = self._db.execute("SELECT 1 FROM files WHERE sha256 = ?", (path.name,)).fetchone()
-        if known:
-            return False
-        path.unlink(missing_ok=True)
+        meanwhile; in a transaction, as commits (_register) and new sessions record them. A blob a
+        release renamed aside goes back where its row (still there: the release rolled back) needs it."""
+        db = self._db
+        with _transaction(db):
+            if path.parent == self.upload_dir:
+                known = db.execute("SELECT 1 FROM upload_sessions WHERE id = ?", (path.name,)).fetchone()
+            else:
+                sha256 = path.name.partition(_ASIDE)[0]
+                known = db.execute("SELECT 1 FROM files WHERE sha256 = ?", (sha256,)).fetchone()
+                if known and sha256 != path.name:
+                    target = self.blob_path(sha256)
+                    if not target.exists():
+                        os.replace(path, target)
+                        return False
+                    known = None  # a copy of content that is in place
+            if known:
+                return False
+            path.unlink(missing_ok=True)
         return True
 
     async def collect_garbage(self, min_age: timedelta, dry_run: bool) -> list[str]:
-        unreferenced, known, sessions = await self._run(self._garbage, min_age)
         report = []
+        if not dry_run:
+            # Releases whose readers died with their leases (expired now).
+            for file_id in await self.release_pending():
+                report.append(f"file {file_id} (its release waited for readers that are gone)")
+        unreferenced, known, sessions = await self._run(self._garbage, min_age)
         for file_id in unreferenced:
             info = await self.file_info(file_id)
             if info is None:
@@ -833,6 +1011,33 @@ class EmbeddedStorage(Storage):
 
 
 _SESSION_ID_RE = re.compile(r"[0-9a-f]{24}")
+# A released blob is renamed to <sha256><_ASIDE><token> inside its release's transaction and
+# unlinked after COMMIT; one a crash left in between, its row still there, gc puts back.
+_ASIDE = ".released-"
+# Files leased by one statement (two bound parameters each, within SQLite's limit).
+_LEASE_PART = 250
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE: the write lock from the start, so no other worker process writes in between."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _parts(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Slices small enough for SQLite's bound-parameter limit."""
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+def _marks(values: list[str]) -> str:
+    return ", ".join("?" * len(values))
 
 
 def _row_session(row: sqlite3.Row) -> UploadSession:
@@ -881,9 +1086,8 @@ class _EmbeddedWriter(FileWriter):
     async def _commit(self) -> StoredFile:
         try:
             await asyncio.to_thread(self._finish_file)
-            stored = await self._store._run(
-                self._store._register_blob, self._path, self.sha256, self.size, self.chunk_size
-            )
+            stored = await self._store._run(self._store._register, self._path, self.sha256, self.size,
+                                            self.chunk_size)
         except BaseException:
             await self._cancel()
             raise

@@ -1,0 +1,238 @@
+"""Several service processes on one DATA_DIR (embedded backend): what one does, the others respect.
+
+Three separate ``python -m app serve`` processes share a data folder, as
+``--workers`` does (and a WORKERS=2 service at the end): a download streaming
+through one keeps its content while another replaces or deletes the model,
+the content goes once the download is done (not before), and downloads
+through all of them are counted exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from testkit.live_service import LiveService
+from testkit.mongo_server import REPO, free_port
+from tests.snapshot_helpers import file_list, tar_of
+
+MODELS = "/api/v1/models"
+BIG = 32 * 1024 * 1024 + 11  # far beyond what socket buffers hold: the stream is mid-body while paused
+TIMEOUT = aiohttp.ClientTimeout(total=120)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """Three service processes on one DATA_DIR. BLOB_GRACE=0: a deleted snapshot's blobs are not kept."""
+    work = tmp_path_factory.mktemp("shared")
+    env = {"DATA_DIR": str(work / "data"), "MONGODB_URL": "", "BLOB_GRACE": "0"}
+    started = []
+    try:
+        for i in range(3):
+            service = LiveService(env, work / f"service{i}.log")
+            service.start()
+            started.append(service)
+        yield started, work / "data"
+    finally:
+        for service in started:
+            service.stop()
+
+
+async def _json(resp: aiohttp.ClientResponse, status: int):
+    body = await resp.json()
+    assert resp.status == status, body
+    return body
+
+
+async def _register(session, url: str, name: str) -> str:
+    async with session.post(f"{url}{MODELS}", json={"name": name, "algorithm": "x"}) as resp:
+        return (await _json(resp, 201))["model_id"]
+
+
+async def _upload(session, url: str, model_id: str, data: bytes) -> None:
+    async with session.put(f"{url}{MODELS}/{model_id}/upload?filename=m.bin", data=data) as resp:
+        await _json(resp, 201)
+
+
+async def _blob_stored(session, url: str, data: bytes) -> bool:
+    async with session.head(f"{url}/api/v1/blobs/sha256:{hashlib.sha256(data).hexdigest()}") as resp:
+        assert resp.status in (200, 404)
+        return resp.status == 200
+
+
+def _on_disk(data_dir: Path, data: bytes) -> bool:
+    sha = hashlib.sha256(data).hexdigest()
+    return (data_dir / "blobs" / sha[:2] / sha).exists()
+
+
+async def _wait_gone(session, urls: list[str], data_dir: Path, data: bytes) -> None:
+    deadline = time.monotonic() + 10
+    while any([await _blob_stored(session, url, data) for url in urls]) or _on_disk(data_dir, data):
+        assert time.monotonic() < deadline, "released content is still stored after its last reader finished"
+        await asyncio.sleep(0.05)
+
+
+async def _paused_download(session, url: str, expected_size: int):
+    """Start a download, read its first MiB and stop reading (a slow client): the response, the bytes so far."""
+    resp = await session.get(url, timeout=TIMEOUT)
+    assert resp.status == 200
+    assert int(resp.headers["Content-Length"]) == expected_size
+    return resp, await resp.content.readexactly(1024 * 1024)
+
+
+async def _replace_while_streaming(services, data_dir: Path) -> None:
+    (a, b, c), urls = services, [s.url for s in services]
+    old, new = os.urandom(BIG), os.urandom(BIG // 2)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        model_id = await _register(session, a.url, "replaced")
+        await _upload(session, a.url, model_id, old)
+        resp, first = await _paused_download(session, f"{b.url}{MODELS}/{model_id}/download", len(old))
+        try:
+            await _upload(session, a.url, model_id, new)  # replaced through A while B streams
+            # Not before: B's reader holds the old content, whichever process looks.
+            held = [await _blob_stored(session, url, old) for url in urls] + [_on_disk(data_dir, old)]
+            rest = await resp.read()
+        finally:
+            resp.release()
+        assert hashlib.sha256(first + rest).digest() == hashlib.sha256(old).digest()
+        assert held == [True] * 4
+        # Gone afterwards: B's last reader dropped its lease, which completed A's release.
+        await _wait_gone(session, urls, data_dir, old)
+        async with session.get(f"{c.url}{MODELS}/{model_id}/download") as fresh:
+            assert fresh.status == 200 and await fresh.read() == new
+
+
+def test_replaced_through_one_process_while_another_streams(services):
+    started, data_dir = services
+    asyncio.run(_replace_while_streaming(started, data_dir))
+
+
+def test_snapshot_deleted_through_one_process_while_another_streams_its_tar(services):
+    """The tar reads each file when its turn comes: the deleted version's later files must still be there."""
+    (a, b, c), data_dir = services
+    files = {"a.bin": os.urandom(12 * 1024 * 1024), "b.bin": os.urandom(12 * 1024 * 1024 + 5),
+             "c.bin": os.urandom(12 * 1024 * 1024 + 9)}
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            for data in files.values():
+                sha = hashlib.sha256(data).hexdigest()
+                async with session.put(f"{a.url}/api/v1/blobs/sha256:{sha}", data=data) as resp:
+                    await _json(resp, 201)
+            async with session.post(f"{a.url}{MODELS}", json={"name": "snap", "algorithm": "x",
+                                                               "files": file_list(files)}) as resp:
+                model_id = (await _json(resp, 201))["model_id"]
+            async with session.get(f"{a.url}{MODELS}/{model_id}") as resp:
+                created = (await _json(resp, 200))["created_at"]
+            # The tar's mtime: the version's creation, in whole seconds.
+            expected = tar_of(files, int(datetime.fromisoformat(created).timestamp()))
+            resp, first = await _paused_download(session, f"{b.url}{MODELS}/{model_id}/download", len(expected))
+            try:
+                async with session.delete(f"{a.url}{MODELS}/{model_id}") as deleted:
+                    await _json(deleted, 200)
+                held = [await _blob_stored(session, c.url, data) for data in files.values()]
+                rest = await resp.read()
+            finally:
+                resp.release()
+            assert hashlib.sha256(first + rest).digest() == hashlib.sha256(expected).digest()
+            assert held == [True] * 3
+            for data in files.values():
+                await _wait_gone(session, [a.url, b.url, c.url], data_dir, data)
+            async with session.get(f"{b.url}{MODELS}/{model_id}/download") as gone:
+                assert gone.status == 404
+
+    asyncio.run(scenario())
+
+
+async def _download_everywhere(urls: list[str], model_id: str, data: bytes, per_url: int) -> None:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
+        async def one(url: str) -> None:
+            async with session.get(f"{url}{MODELS}/{model_id}/download") as resp:
+                assert resp.status == 200 and await resp.read() == data
+
+        await asyncio.gather(*(one(url) for url in urls for _ in range(per_url)))
+
+
+async def _counts(session, url: str, model_id: str) -> tuple[int, int, int]:
+    async with session.get(f"{url}{MODELS}/{model_id}") as resp:
+        model = await _json(resp, 200)
+    async with session.get(f"{url}/api/v1/statistics") as resp:
+        stats = await _json(resp, 200)
+    return model["download_count"], stats["total_downloads"], stats["recent_activity"]["downloads_last_24_hours"]
+
+
+def test_concurrent_downloads_through_every_process_are_counted_exactly(services):
+    started, _ = services
+    urls = [s.url for s in started]
+    data = os.urandom(16 * 1024)
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            model_id = await _register(session, urls[0], "counted")
+            await _upload(session, urls[0], model_id, data)
+            before = await _counts(session, urls[0], model_id)
+            await _download_everywhere(urls, model_id, data, per_url=60)
+            return before, [await _counts(session, url, model_id) for url in urls]
+
+    (count, total, hourly), after = asyncio.run(scenario())
+    assert count == 0
+    assert after == [(180, total + 180, hourly + 180)] * 3
+
+
+def test_two_workers_on_one_data_dir(tmp_path):
+    """WORKERS=2 on a new DATA_DIR: both start, a replacement while one streams keeps the old bytes
+    (whichever worker each connection landed on), and downloads through both are counted exactly."""
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "HOST": "127.0.0.1", "PORT": str(port),
+           "MONGODB_URL": "", "WORKERS": "2"}
+    log = open(tmp_path / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            children = psutil.Process(proc.pid).children()
+            listening = [c for c in children
+                         if any(conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+                                for conn in c.net_connections("tcp"))]
+            if len(listening) == 2:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "service.log").read_text()
+            time.sleep(0.1)
+
+        class Both:  # one URL, two workers behind it
+            def __init__(self) -> None:
+                self.url = url
+
+        asyncio.run(_replace_while_streaming([Both(), Both(), Both()], tmp_path / "data"))
+
+        async def counting():
+            data = os.urandom(16 * 1024)
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+                model_id = await _register(session, url, "counted")
+                await _upload(session, url, model_id, data)
+                await _download_everywhere([url], model_id, data, per_url=100)
+                return await _counts(session, url, model_id)
+
+        count, _, _ = asyncio.run(counting())
+        assert count == 100
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
