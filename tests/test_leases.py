@@ -100,7 +100,7 @@ async def test_a_take_during_a_drop_waits_for_it_and_leases_again(storage, other
     leases = FileLeases(recording)
     async with leases.reading(f.file_id):
         pass
-    await recording.dropping.wait()  # the drop task is inside drop_leases, held
+    await asyncio.wait_for(recording.dropping.wait(), 10)  # the drop task is inside drop_leases, held
     entered = asyncio.Event()
 
     async def second_reader():
