@@ -7,7 +7,6 @@ tests race is what three replicas would.
 """
 
 import asyncio
-import functools
 import time
 from datetime import datetime, timedelta
 
@@ -19,18 +18,13 @@ from app import clock
 from app.storage.base import DOWNLOAD_HISTORY, StorageUnavailable
 from app.storage.mongo import MongoStorage
 from app.storage.mongo_locks import LockBusy
+from tests.support import deadlines
 
 BOUND = 120  # seconds: no test here may hang
 REPLICAS = 4
 
 
-def bounded(test):
-    @functools.wraps(test)
-    async def run(*args, **kwargs):
-        async with asyncio.timeout(BOUND):
-            return await test(*args, **kwargs)
-
-    return run
+bounded = deadlines.bounded(BOUND)
 
 
 @pytest.fixture

@@ -20,12 +20,12 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 
 from testkit.live_service import LiveService
 from testkit.mongo_server import REPO, free_port
 from tests.snapshot_helpers import file_list, tar_of
+from tests.support import deadlines
 
 MODELS = "/api/v1/models"
 BIG = 32 * 1024 * 1024 + 11  # far beyond what socket buffers hold: the stream is mid-body while paused
@@ -202,16 +202,7 @@ def test_two_workers_on_one_data_dir(tmp_path):
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            children = psutil.Process(proc.pid).children()
-            listening = [c for c in children
-                         if any(conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
-                                for conn in c.net_connections("tcp"))]
-            if len(listening) == 2:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "service.log").read_text()
-            time.sleep(0.1)
+        deadlines.listening_children(proc.pid, port, 2)
 
         class Both:  # one URL, two workers behind it
             def __init__(self) -> None:

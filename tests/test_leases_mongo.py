@@ -9,7 +9,6 @@ more: never under a lease, never left behind after the last one.
 
 import asyncio
 import contextlib
-import functools
 import os
 from datetime import datetime, timedelta
 
@@ -20,6 +19,7 @@ from pymongo import ReadPreference
 from app import clock
 from app.storage import make_storage
 from app.storage.mongo_leases import EXPIRED_SLACK, STALE_TOMBSTONE
+from tests.support import deadlines
 from tests.test_storage_files import read_all, store
 from tests.transfer_helpers import content_stored
 
@@ -31,13 +31,7 @@ OWNER = "test-replica"
 SIZE = 300_000  # two chunks: a deletion removes several documents
 
 
-def bounded(test):
-    @functools.wraps(test)
-    async def run(*args, **kwargs):
-        async with asyncio.timeout(BOUND):
-            return await test(*args, **kwargs)
-
-    return run
+bounded = deadlines.bounded(BOUND)
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,6 @@ or a cancel (the offset stays where it was).
 """
 
 import asyncio
-import functools
 import hashlib
 import os
 import sys
@@ -22,6 +21,7 @@ from pymongo.errors import AutoReconnect
 from app import clock
 from app.storage import DEFAULT_CHUNK_SIZE, make_storage
 from app.storage.base import SESSION_LOCK_TTL, SessionBusy, SessionMissing, StorageUnavailable, UploadSession
+from tests.support import deadlines
 from tests.test_storage_files import read_all, store
 from tests.transfer_helpers import leftovers
 
@@ -30,13 +30,7 @@ MiB = 1024 * 1024
 BOUND = 120  # seconds: no test here may hang
 
 
-def bounded(test):
-    @functools.wraps(test)
-    async def run(*args, **kwargs):
-        async with asyncio.timeout(BOUND):
-            return await test(*args, **kwargs)
-
-    return run
+bounded = deadlines.bounded(BOUND)
 
 
 def sha(data: bytes) -> str:

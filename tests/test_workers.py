@@ -10,6 +10,7 @@ import urllib.request
 import psutil
 
 from testkit.mongo_server import REPO, free_port
+from tests.support import deadlines
 
 
 def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):
@@ -28,17 +29,10 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        # Both workers are up and each one has the port open.
-        deadline = time.monotonic() + 30
-        while True:
-            children = psutil.Process(proc.pid).children()
-            listening = [c for c in children
-                         if any(conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
-                                for conn in c.net_connections("tcp"))]
-            if len(listening) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert len(listening) == 2  # (the other child is multiprocessing's resource tracker)
+        # Both workers are up and each one has the port open (the other child is
+        # multiprocessing's resource tracker).
+        listening = deadlines.listening_children(proc.pid, port, 2)
+        assert len(listening) == 2
 
         # Metrics add up over both workers, whichever one answers the scrape.
         for i in range(6):
