@@ -1,5 +1,9 @@
 """Protection against overload: rate limits and a download cap (draining at shutdown is app/drain.py).
 
+All of it is per process, by design: each replica and each worker keeps its own
+buckets and slots, so N processes allow N times the figures configured; a
+cluster-wide limit belongs at the ingress (README, Scaling out).
+
 - RATE_LIMIT / DOWNLOAD_RATE_LIMIT: token buckets per client (API key name
   when the request presents a valid one, else the client address), 429 with
   Retry-After. They run before authentication, so failed authentications

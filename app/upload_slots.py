@@ -7,6 +7,9 @@ them. An upload beyond the caps waits up to UPLOAD_QUEUE_SECONDS for a slot,
 its body unread, then is refused: 429 when this client still has its share in
 progress, 503 when the process has no slot left, both with Retry-After and
 Connection: close (the body was not read). 0 turns a cap off.
+
+Per process, as the rate limits are (app/limits.py): each replica and worker
+has its own slots.
 """
 
 from __future__ import annotations
