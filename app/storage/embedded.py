@@ -824,10 +824,17 @@ class EmbeddedStorage(Storage):
         # RESTART, not PASSIVE: a passive checkpoint never caught up with the
         # loop's commits, so the WAL never started over and kept growing.
         # Writers on the loop meanwhile find the database busy and queue here.
+        # At most _CHECKPOINT_WAIT_MS for the lock (other workers' writers and
+        # readers): everything queued for this thread waits behind it; a busy
+        # database is tried again _CHECKPOINT_EVERY commits later.
         db = self._fast
         if db is not None:
-            with suppress(sqlite3.Error):  # busy past busy_timeout: the next one catches up
-                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            db.execute(f"PRAGMA busy_timeout={_CHECKPOINT_WAIT_MS}")
+            try:
+                with suppress(sqlite3.OperationalError):
+                    db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                db.execute("PRAGMA busy_timeout=10000")
 
     def _release_pending(self) -> list[str]:
         at = now()
@@ -1051,6 +1058,7 @@ _LEASE_PART = 250
 # Commits on the loop's connection between two checkpoints: a lease or a drop
 # writes about two pages, so about SQLite's own 1,000-page autocheckpoint.
 _CHECKPOINT_EVERY = 500
+_CHECKPOINT_WAIT_MS = 200
 
 
 @contextmanager
