@@ -277,7 +277,7 @@ async def _send(request: web.Request, doc: ModelDocument, representation: filere
 
 async def count_download(request: web.Request, doc: ModelDocument) -> None:
     """One download of the version: its download_count, the hourly tally and the metric."""
-    metrics.DOWNLOADS.labels(metrics.algorithm_label(doc["algorithm"])).inc()
+    metrics.downloads(doc["algorithm"]).inc()
     try:
         await request.app[STORAGE].record_download(doc["id"], clock.now())
     except StorageError as e:

@@ -89,10 +89,11 @@ def request_id(request: web.BaseRequest) -> str | None:
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    incoming = request.headers.get(REQUEST_ID_HEADER)
     # An id only has to be unique, not secret: the Mersenne Twister, not a
     # getrandom() system call per request.
-    request[REQUEST_ID] = incoming if _SANE_ID.fullmatch(incoming) else f"{random.getrandbits(64):016x}"
+    request[REQUEST_ID] = (incoming if incoming is not None and _SANE_ID.fullmatch(incoming)
+                           else f"{random.getrandbits(64):016x}")
     return await handler(request)
 
 

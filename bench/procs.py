@@ -366,6 +366,55 @@ class Nginx:
         self._log.close()
 
 
+class Floor:
+    """bench/floor.py: a bare aiohttp-on-uvloop app returning the service's bytes pre-serialized (a peer)."""
+
+    def __init__(self, work: Path, models: dict[str, bytes], listing: bytes, file: Path, pin: bool = False) -> None:
+        self.dir = work / f"floor-{os.urandom(2).hex()}"
+        (self.dir / "models").mkdir(parents=True)
+        paths = {}
+        for mid, body in models.items():
+            paths[mid] = str(self.dir / "models" / f"{mid}.json")
+            Path(paths[mid]).write_bytes(body)
+        (self.dir / "list.json").write_bytes(listing)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.spec = self.dir / "spec.json"
+        self.spec.write_text(json.dumps({"port": self.port, "models": paths, "list": str(self.dir / "list.json"),
+                                         "file": str(file)}))
+        self.pin = pin
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> "Floor":
+        self._log = open(self.dir / "floor.log", "ab")
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.floor", str(self.spec)], cwd=REPO,
+                                      stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"bench.floor exited: {(self.dir / 'floor.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+                if self.pin:
+                    pin_tree(self.pid, server_cpus())
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("bench.floor did not start listening")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        terminate(proc, 10)
+        self._log.close()
+
+
 # -- MongoDB -------------------------------------------------------------------------------------
 
 

@@ -151,6 +151,20 @@ def targets(rows: list[dict], records: list[dict], meta: dict) -> list[dict]:
                 f"{v:.2f}x ({r['metrics']['ttfb_at_90_ms']['ours']:.2f} vs "
                 f"{r['metrics']['ttfb_at_0_ms']['ours']:.2f} ms;"
                 f" peer {r['metrics']['ttfb_90_over_0']['peer']:.2f}x)", v <= 1.5)
+    for r in _find(rows, "embedded", "floors"):
+        op, peer, m = r["point"]["op"], r["point"]["peer"], r["metrics"]
+        if op in ("get", "list"):
+            add(f"embedded: {op} req/s >= 0.7x a bare aiohttp handler returning the same bytes",
+                f"{m['req_s']['ratio']:.2f}x ({m['req_s']['ours']:.0f} vs {m['req_s']['peer']:.0f} req/s; p99 "
+                f"{m['lat_p99_ms']['ours']:.1f} vs {m['lat_p99_ms']['peer']:.1f} ms)", m["req_s"]["ratio"] >= 0.7)
+        elif op.startswith("download") and peer == "floor":
+            add(f"embedded: {op} over {r['point']['connections']} connections >= 0.5x a bare aiohttp handler",
+                f"{m['req_s']['ratio']:.2f}x ({m['req_s']['ours']:.0f} vs {m['req_s']['peer']:.0f} req/s)",
+                m["req_s"]["ratio"] >= 0.5)
+        elif op.startswith("ttfb"):
+            t = m["ttfb_p50_ms"]
+            add("embedded: time to first byte of one download <= 2x nginx's",
+                f"{t['ratio']:.2f}x ({t['ours']:.2f} vs {t['peer']:.2f} ms)", t["ratio"] <= 2.0)
     for r in _find(rows, "embedded", "upload_hashlib"):
         m = r["metrics"]["mb_s"]
         add(f"embedded: single-stream upload ({_method(r)}) >= 0.8x hashlib.sha256 of the same bytes in one thread",
@@ -435,6 +449,24 @@ def _section_tables(md: Md, rows: list[dict], backend: str, ratios: bool) -> Non
                        f"{_f(r['metrics']['lat_p50_ms']['ours'], '{:.1f}')} / "
                        f"{_f(r['metrics']['lat_p99_ms']['ours'], '{:.1f}')}", rss(r), _err(r)]
                       for r in rows_of("metadata")])
+    if rows_of("floors"):
+        md.p("### Per-request cost: the framework's floor and nginx")
+        md.p()
+        md.p("`floor`: bench/floor.py, a bare aiohttp handler on uvloop returning the service's own bytes "
+             "pre-serialized. req/s and p99 from wrk; the TTFB row: one download at a time, each on a new connection.")
+        md.p()
+
+        def fig(r, key, side, fmt):
+            return _f(r["metrics"].get(key, {}).get(side), fmt)
+
+        md.table(["request", "peer", "ours req/s", "peer req/s", "ours/peer", "p99 ours / peer (ms)",
+                  "TTFB p50 ours / peer (ms)", "errors"],
+                 [[r["point"]["op"], r["peer_who"] or r["point"]["peer"], fig(r, "req_s", "ours", "{:.0f}"),
+                   fig(r, "req_s", "peer", "{:.0f}"), _x(r["metrics"].get("req_s", {}).get("ratio")),
+                   f"{fig(r, 'lat_p99_ms', 'ours', '{:.1f}')} / {fig(r, 'lat_p99_ms', 'peer', '{:.1f}')}",
+                   f"{fig(r, 'ttfb_p50_ms', 'ours', '{:.2f}')} / {fig(r, 'ttfb_p50_ms', 'peer', '{:.2f}')}"
+                   + (f" = {_x(r['metrics']['ttfb_p50_ms']['ratio'])}" if "ttfb_p50_ms" in r["metrics"] else ""),
+                   _err(r)] for r in rows_of("floors")])
     if rows_of("chunksize"):
         md.p("### GRIDFS_CHUNK_SIZE")
         md.p()

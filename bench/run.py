@@ -963,6 +963,89 @@ def _measure_metadata(ctx: Context, backend: str, store: Store, svc: procs.Servi
                 query_metrics, progress=lambda m: f"{m['req_s']:.0f} req/s")
 
 
+# -- per-request cost: the framework's floor ---------------------------------------------------------------
+
+SMALL_FILE = 16 * 1024  # a snapshot's small file (config, tokenizer)
+SMALL_CONCURRENCY = 16
+TTFB_DOWNLOADS = 200  # one at a time, each on a new connection
+
+
+def scenario_floors(ctx: Context, backend: str) -> None:
+    """Per-request cost (issue 18): get-by-id and the listing against bench/floor.py (a bare aiohttp handler on
+    uvloop returning the service's own bytes), 16 KB whole-file downloads over 16 connections against the floor
+    and nginx (wrk), and the time to first byte of one download against nginx."""
+    if backend != "embedded":
+        return
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (Debian: apt-get install -y wrk)")
+    n = ctx.opts.meta_models
+    f = ctx.file(SMALL_FILE)
+    w = ctx.opts.workers[0]
+    d = ctx.opts.duration
+    with ctx.fresh_store(backend, "floors") as store, ctx.service(store, w, label="floors") as svc:
+        model = ctx.upload_as_is(svc, f, "small-file")
+        ids = _seed(ctx, store, svc, n)
+        sample = ids[:: max(1, len(ids) // META_SAMPLE_IDS)][:META_SAMPLE_IDS]
+        bodies = {}
+        for mid in sample:
+            status, bodies[mid] = svc.raw_get(f"/api/v1/models/{mid}")
+            if status != 200:
+                raise RuntimeError(f"get {mid}: status {status}")
+        status, listing = svc.raw_get(META_QUERIES["list"])
+        if status != 200:
+            raise RuntimeError(f"listing: status {status}")
+        floor = procs.Floor(ctx.work, bodies, listing, f.path, pin=ctx.pinned(w)).start()
+        try:
+            ngx = ctx.nginx(w)
+            nginx_path = f"/files/{f.name}"
+            for port, path in ((svc.port, model.path), (floor.port, "/file"), (ngx.port, nginx_path)):
+                ctx.warm(port, path, f)
+            scripts = ctx.work / "wrk"
+            scripts.mkdir(exist_ok=True)
+            get_script = _wrk_get_script(scripts / "floors-get.lua", sample, "/api/v1/models/", "")
+
+            def wrk_side(url, pid, who, script=None, conns=META_CONCURRENCY):
+                def side():
+                    with procs.Sampler(pid) as s:
+                        r = _wrk(url, d, conns, script)
+                    _settle(r)
+                    return r, s.figures(), who
+                return side
+
+            svc_who, floor_who, ngx_who = f"service w{w}", "bare aiohttp (bench/floor.py)", f"nginx w{w}"
+            for op, ours, peer in (
+                ("get", wrk_side(svc.url + "/", svc.pid, svc_who, get_script),
+                 wrk_side(floor.url + "/", floor.pid, floor_who, get_script)),
+                ("list", wrk_side(svc.url + META_QUERIES["list"], svc.pid, svc_who),
+                 wrk_side(floor.url + META_QUERIES["list"], floor.pid, floor_who)),
+            ):
+                ctx.measure(backend, "floors", {"op": op, "peer": "floor", "models": n,
+                                                "connections": META_CONCURRENCY},
+                            ctx.opts.rounds, ours, peer, query_metrics,
+                            progress=lambda m: f"{m['req_s']:.0f} req/s p99 {m['lat_p99_ms']:.1f} ms")
+            download = wrk_side(svc.url + model.path, svc.pid, svc_who, conns=SMALL_CONCURRENCY)
+            for name, peer in (("floor", wrk_side(floor.url + "/file", floor.pid, floor_who, conns=SMALL_CONCURRENCY)),
+                               ("nginx", wrk_side(ngx.url + nginx_path, ngx.pid, ngx_who, conns=SMALL_CONCURRENCY))):
+                ctx.measure(backend, "floors", {"op": "download 16KB", "peer": name,
+                                                "connections": SMALL_CONCURRENCY},
+                            ctx.opts.rounds, download, peer, query_metrics,
+                            progress=lambda m: f"{m['req_s']:.0f} req/s p99 {m['lat_p99_ms']:.1f} ms")
+            repeat = 20 if ctx.opts.quick else TTFB_DOWNLOADS
+
+            def ttfb_side(port, path, header, pid, who):
+                def side():
+                    r, fig = procs.run_client(get_job(ctx, port, path, f, 1, header, repeat), pid)
+                    return r, fig, who
+                return side
+
+            ctx.measure(backend, "floors", {"op": "ttfb 16KB", "peer": "nginx", "downloads": repeat},
+                        ctx.opts.rounds, ttfb_side(svc.port, model.path, True, svc.pid, svc_who),
+                        ttfb_side(ngx.port, nginx_path, False, ngx.pid, ngx_who), transfer_metrics,
+                        expected_requests=repeat, progress=lambda m: f"ttfb p50 {m['ttfb_p50_ms']:.2f} ms")
+        finally:
+            floor.stop()
+
+
 # -- chunk size -----------------------------------------------------------------------------------------
 
 
@@ -1111,6 +1194,7 @@ SCENARIOS: dict[str, Callable[[Context, str], None]] = {
     "chunksize": scenario_chunksize,
     "client": scenario_client,
     "replicas": scenario_replicas,
+    "floors": scenario_floors,
 }
 
 

@@ -32,6 +32,11 @@ def test_bench_quick_completes_with_zero_errors(tmp_path):
     scenarios = {(r["backend"], r["scenario"]) for r in results["summary"]}
     for scenario in ("single", "concurrent", "ranges", "segmented", "upload", "metadata"):
         assert ("embedded", scenario) in scenarios and ("mongodb", scenario) in scenarios, scenario
+    # embedded only: per-request cost against the bare aiohttp floor and nginx, each request kind once.
+    floors = {(r["point"]["op"], r["point"]["peer"]) for r in results["summary"] if r["scenario"] == "floors"}
+    assert floors == {("get", "floor"), ("list", "floor"), ("download 16KB", "floor"), ("download 16KB", "nginx"),
+                      ("ttfb 16KB", "nginx")}, floors
+    assert not any(r["backend"] == "mongodb" and r["scenario"] == "floors" for r in results["summary"])
     # mongodb only: chunk sizes, and replicas behind nginx (--quick: 1 and 2), reported as ratios.
     assert {r["point"]["chunk_kib"] for r in results["summary"] if r["scenario"] == "chunksize"} == {1024}
     replicas = {(r["point"]["replicas"], r["point"]["op"].split()[0]) for r in results["summary"]

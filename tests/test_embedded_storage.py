@@ -67,9 +67,9 @@ async def test_download_counts_and_leases_skip_the_fsync_and_nothing_else_does(t
         assert await store.drop_leases(list(leases.values())) == [stored.file_id]
         writes = {statement: (connection, synchronous) for connection, statement, synchronous in seen}
         # 1 = NORMAL: no fsync per commit, 2 = FULL for everything else.
-        assert writes["UPDATE models SET download_count"] == ("_fast", 1)
         assert writes["UPDATE content_leases SET"] == ("_fast", 1)
-        # A download's lease and its drop run on the loop's own connection (not busy here).
+        # A download's count, its lease and its drop run on the loop's own connection (not busy here).
+        assert writes["UPDATE models SET download_count"] == ("_on_loop", 1)
         assert writes["INSERT INTO content_leases"] == ("_on_loop", 1)
         assert writes["DELETE FROM content_leases WHERE id"] == ("_on_loop", 1)
         for statement in ("UPDATE models SET", "UPDATE files SET", "INSERT OR IGNORE INTO content_pending",
@@ -342,7 +342,7 @@ async def test_a_release_in_another_worker_never_removes_content_a_commit_just_s
 
 
 async def test_a_lease_taken_while_another_writer_holds_the_database_queues_for_it(tmp_path):
-    """Leases and drops run on the loop's own connection, which never waits: busy, they queue for
+    """Leases, drops and download counts run on the loop's own connection, which never waits: busy, they queue for
     the SQLite thread (which waits for the lock) instead of failing."""
     store = EmbeddedStorage(str(tmp_path))
     await store.open()
@@ -361,6 +361,37 @@ async def test_a_lease_taken_while_another_writer_holds_the_database_queues_for_
         blocker.execute("COMMIT")
         assert await asyncio.wait_for(dropping, 10) == []
         assert blocker.execute("SELECT count(*) FROM content_leases").fetchone()[0] == 0
+        # A download's count likewise.
+        model_id = await _one_model(store)
+        blocker.execute("BEGIN IMMEDIATE")
+        counting = asyncio.ensure_future(store.record_download(model_id, clock.now()))
+        await asyncio.sleep(0)
+        blocker.execute("COMMIT")
+        await asyncio.wait_for(counting, 10)
+        assert (await store.get_model(model_id))["download_count"] == 1
     finally:
         blocker.close()
+        await store.close()
+
+
+async def test_leases_and_drops_alone_keep_the_wal_bounded(tmp_path):
+    """A download's lease, count and drop commit on the loop's connection, which never checkpoints
+    (uncounted downloads, ranges after byte 0, only the lease and the drop): the SQLite thread must,
+    or the WAL grows without end (and every read with it)."""
+    store = EmbeddedStorage(str(tmp_path))
+    await store.open()
+    try:
+        stored = await _commit(store)
+        until = clock.now() + timedelta(minutes=1)
+        model_id = await _one_model(store)
+        for _ in range(2000):  # a counted download's three commits
+            leases = await store.lease_files([stored.file_id], "t", until)
+            await store.record_download(model_id, until)
+            assert await store.drop_leases(list(leases.values())) == []
+        await store.ping()  # runs after any checkpoint already queued for the SQLite thread
+        wal = tmp_path / "registry.sqlite3-wal"
+        # 6,000 commits of a few pages each: tens of MB had nothing checkpointed.
+        assert (await store.get_model(model_id))["download_count"] == 2000
+        assert wal.stat().st_size < 12 * 1024 * 1024, wal.stat().st_size
+    finally:
         await store.close()

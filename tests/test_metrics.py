@@ -74,3 +74,19 @@ async def test_storage_errors_are_counted(client, mongo_server):
     after = await scrape(client)
     assert value(after, "storage_operation_errors_total", operation="request") - \
         value(before, "storage_operation_errors_total", operation="request") >= 1
+
+
+def test_cached_children_are_prometheus_own_and_stay_bounded():
+    """The hot path's cached label children are the ones labels() gives, and hostile input
+    (any method token, any algorithm text) cannot grow the caches without bound."""
+    from app import metrics
+
+    before = len(metrics._durations)
+    children = {metrics.request_duration(None, f"X-{i}", 404) for i in range(200)}
+    assert children == {metrics.REQUEST_DURATION.labels("unmatched", "other", "404")}
+    assert len(metrics._durations) <= before + 1
+    assert metrics.request_duration(None, "GET", 404) is metrics.REQUEST_DURATION.labels("unmatched", "GET", "404")
+    assert metrics.downloads("Random Forest!") is metrics.DOWNLOADS.labels(metrics.algorithm_label("Random Forest!"))
+    for i in range(metrics._MAX_CACHED + 50):
+        metrics.downloads(f"algo-{i}")
+    assert len(metrics._downloads) <= metrics._MAX_CACHED

@@ -27,10 +27,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         metrics.IN_FLIGHT.dec()
         route = request.match_info.route
         resource = route.resource if route is not None else None
-        endpoint = resource.canonical if resource is not None else "unmatched"
-        metrics.REQUEST_DURATION.labels(endpoint, metrics.method_label(request.method), str(status)).observe(
-            time.perf_counter() - started
-        )
+        metrics.request_duration(resource, request.method, status).observe(time.perf_counter() - started)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
