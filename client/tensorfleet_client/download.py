@@ -432,6 +432,7 @@ class _Job:
         self.arrived = asyncio.Event()  # set when bytes land: the hasher looks again
         self.complete = False  # every byte is in: the hasher finishes and returns the digest
         self.abandoned = False  # the download failed: the hasher stops
+        self._hash_view = memoryview(bytearray(BLOCK))  # reused: the hasher is one task, one read at a time
 
     # -- resume state ------------------------------------------------------
 
@@ -584,12 +585,15 @@ class _Job:
         return ""
 
     def _hash_block(self, h, start: int, end: int) -> None:
+        # Into one reused 1 MiB buffer, which stays in the CPU's cache: a fresh 8 MiB bytes per read
+        # cost an mmap, 2048 page faults and a munmap, and was evicted before it was hashed.
+        view = self._hash_view
         while start < end:
-            block = os.pread(self.fd, end - start, start)
-            if not block:
+            n = os.preadv(self.fd, [view[:min(len(view), end - start)]], start)
+            if not n:
                 raise ProtocolError(f"{self.part} is shorter than the bytes recorded as downloaded")
-            h.update(block)
-            start += len(block)
+            h.update(view[:n])
+            start += n
 
     async def _stop_hasher(self, hasher: asyncio.Task) -> None:
         # Not cancelled: a thread reading the descriptor must finish before it is closed.
@@ -671,9 +675,16 @@ class _Job:
             if not m or int(m[1]) != seg.pos or int(m[2]) != seg.end - 1 or int(m[3]) != r.size:
                 raise ProtocolError(f"asked for bytes {seg.pos}-{seg.end - 1}/{r.size}, "
                                     f"got Content-Range {resp.headers.get('Content-Range')!r}")
-            block = self.limiter.block if self.limiter else BLOCK
+            content = resp.content
+            block = self.limiter.block if self.limiter else 0
             while seg.remaining > 0:
-                data = await resp.content.read(min(block, seg.remaining))
+                if block:
+                    data = await content.read(min(block, seg.remaining))
+                else:
+                    # Each piece as the socket delivered it: read(n) joined pieces into a copy of every byte.
+                    data, _ = await content.readchunk()
+                    if len(data) > seg.remaining:  # a body longer than the range asked for: the rest is not ours
+                        data = memoryview(data)[:seg.remaining]
                 if not data:
                     # A complete-looking end before the promised length: treat as cut off.
                     raise aiohttp.ClientPayloadError(f"response ended at byte {seg.pos} of {seg.end}")
