@@ -34,7 +34,7 @@ RESULTS = REPO / "bench" / "results"
 def tools(base: str, model_id: str, out: Path, parallel: int) -> dict[str, list[str]]:
     url = f"{base}/api/v1/models/{model_id}/download"
     return {
-        "client": [sys.executable, "-m", "tensorfleet_client", "pull", model_id, "--url", base, "--no-progress",
+        "client": [sys.executable, "-m", "app", "pull", model_id, "--url", base, "--no-progress",
                    "--parallel", str(parallel), "-o", str(out)],
         "curl": ["curl", "-sS", "--fail", "-o", str(out), url],
         "aria2c -x8": ["aria2c", "-x8", "-s8", "-k1M", "--quiet", "--allow-overwrite=true",
