@@ -7,10 +7,11 @@ far each range got, replaced whole at each save. Only
 once the whole file hashes to the server's ``X-File-Checksum`` is it renamed
 onto the target, so the target is either absent, the previous file, or the
 complete verified new one, whenever the process dies. With ``durable`` the
-file (and then its folder) is also fsynced before and after the rename, so
-that holds through a power loss or a kernel crash too; see download_file. Only a caller that asked for it
-(``overwrite``) has an existing target replaced: else the new file is hard-linked
-into place, which fails rather than replace a file that appeared meanwhile.
+file is also fsynced before the rename (and its folder after), so that this
+holds through a power loss or a kernel crash too; see download_file. Only a
+caller that asked for it (``overwrite``) has an existing target replaced: else
+the new file is hard-linked into place, which fails rather than replace a file
+that appeared meanwhile.
 
 Every request is a ``Range`` request with ``If-Range: <etag>``: if the file
 changes on the server between two requests, the server answers 200 instead of
