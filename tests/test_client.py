@@ -399,3 +399,28 @@ async def test_a_plain_download_does_not_wait_for_the_disk_but_the_cache_and_dur
         synced.clear()
         cached = await client.fetch(name, cache_dir=tmp_path / "cache")
         assert synced == [(str(cached) + ".part", False)]
+
+
+def test_pull_fsync_on_the_command_line_syncs_before_the_rename(live, tmp_path, monkeypatch):
+    from tensorfleet_client import cli
+
+    src = tmp_path / "src.bin"
+    write_random(src, 1_000_000)
+    with ModelServiceClient(live.url) as client:
+        model_id = client.push(src, name=unique("cli-fsync"), algorithm="x")
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".part"):
+            synced.append((path, os.path.exists(path.removesuffix(".part"))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "plain.bin"
+    assert cli.main(["pull", model_id, "--url", live.url, "--no-progress", "-o", str(out)]) == 0
+    assert synced == [] and out.read_bytes() == src.read_bytes()
+    out = tmp_path / "synced.bin"
+    assert cli.main(["pull", model_id, "--url", live.url, "--no-progress", "--fsync", "-o", str(out)]) == 0
+    assert synced == [(str(out) + ".part", False)] and out.read_bytes() == src.read_bytes()
