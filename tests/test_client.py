@@ -369,3 +369,58 @@ async def test_download_cut_mid_body_continues_from_where_it_stopped(aiohttp_ser
     assert seen == ["bytes=0-2999999", "bytes=1000000-2999999"]
     assert result.path == tmp_path / "fake-v1.0"  # the server's name is not a plain file name
     assert result.path.read_bytes() == data and result.bytes_transferred == 3_000_000
+
+
+async def test_a_plain_download_does_not_wait_for_the_disk_but_the_cache_and_durable_do(live, tmp_path, monkeypatch):
+    """README, Client: `pull -o` skips the fsync (as curl does); the cache and ``durable=True`` fsync the
+    verified file before it appears under its name."""
+    src = tmp_path / "src.bin"
+    write_random(src, 2_000_000)
+    synced: list[tuple[str, bool]] = []  # (the file synced, whether its target existed already)
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".part"):
+            synced.append((path, os.path.exists(path.removesuffix(".part"))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    async with AsyncModelServiceClient(live.url) as client:
+        name = unique("durable")
+        model_id = await client.push(src, name=name, algorithm="x")
+        plain = await client.download(model_id, tmp_path / "plain.bin")
+        assert plain.path.read_bytes() == src.read_bytes()
+        assert synced == []
+
+        durable = await client.download(model_id, tmp_path / "durable.bin", durable=True)
+        assert synced == [(str(durable.path) + ".part", False)]
+
+        synced.clear()
+        cached = await client.fetch(name, cache_dir=tmp_path / "cache")
+        assert synced == [(str(cached) + ".part", False)]
+
+
+def test_pull_fsync_on_the_command_line_syncs_before_the_rename(live, tmp_path, monkeypatch):
+    from tensorfleet_client import cli
+
+    src = tmp_path / "src.bin"
+    write_random(src, 1_000_000)
+    with ModelServiceClient(live.url) as client:
+        model_id = client.push(src, name=unique("cli-fsync"), algorithm="x")
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".part"):
+            synced.append((path, os.path.exists(path.removesuffix(".part"))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "plain.bin"
+    assert cli.main(["pull", model_id, "--url", live.url, "--no-progress", "-o", str(out)]) == 0
+    assert synced == [] and out.read_bytes() == src.read_bytes()
+    out = tmp_path / "synced.bin"
+    assert cli.main(["pull", model_id, "--url", live.url, "--no-progress", "--fsync", "-o", str(out)]) == 0
+    assert synced == [(str(out) + ".part", False)] and out.read_bytes() == src.read_bytes()

@@ -487,6 +487,28 @@ async def test_a_206_with_a_content_range_not_asked_for_is_refused(aiohttp_serve
     assert not target.exists()
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_a_206_body_longer_than_its_range_writes_nothing_past_the_range(aiohttp_server, place, parallel):
+    """The body is read as the socket delivers it: bytes past the range asked for are not written."""
+    tail = os.urandom(200_000)
+
+    class Longer(Liar):
+        async def download(self, request: web.Request) -> web.StreamResponse:
+            resp = await super().download(request)
+            if resp.status == 206:
+                resp.body = resp.body + tail  # Content-Length follows the body: the server sends it all
+            return resp
+
+    data = os.urandom(3 * dl.MiB)  # pieces of at least 1 MiB: 2 ranges need a file this large
+    liar = Longer(data)
+    url = await serve(aiohttp_server, liar)
+    target = place / "out" / "model.bin"
+    async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST) as client:
+        result = await client.download(ID, target, parallel=parallel)
+    assert result.size == len(data) and target.read_bytes() == data
+    assert len([m for m, *_ in liar.seen if m == "GET"]) == len(dl.split(len(data), parallel)) >= parallel
+
+
 async def test_a_part_file_of_another_file_of_the_same_size_is_not_resumed(aiohttp_server, place):
     old = os.urandom(len(DATA))
     liar = Liar()  # now serves DATA: same size as ``old``, another ETag

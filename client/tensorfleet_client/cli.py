@@ -392,7 +392,7 @@ def _pull(client, args: argparse.Namespace) -> int:
         else:
             result = client.download(args.model, args.output or ".", args.version, parallel=args.parallel,
                                      limit_rate=args.limit_rate, progress=bar, resume=not args.no_resume,
-                                     overwrite=args.force)
+                                     overwrite=args.force, durable=args.fsync)
     finally:
         if bar:
             bar.close()
@@ -560,6 +560,8 @@ def add_client_commands(subparsers, prog: str = "model-service") -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="keep the file in this cache and revalidate it (prints the cached path)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming a partial download")
+    p.add_argument("--fsync", action="store_true", help="sync the file to disk before it appears, so that it "
+                   "survives a power loss complete (a cache, --cache-dir, always is)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     p = add("list", _list, "list models (a table)")

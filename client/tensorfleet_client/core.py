@@ -279,7 +279,7 @@ class AsyncModelServiceClient:
     async def download(self, id_or_name: str, path: str | os.PathLike[str], version: str | None = None, *,
                        parallel: int | None = None, limit_rate: float | None = None,
                        progress: dl.Progress | None = None, resume: bool = True,
-                       overwrite: bool = False) -> dl.DownloadResult:
+                       overwrite: bool = False, durable: bool = False) -> dl.DownloadResult:
         """Download a model's file (by id, or the latest/``version`` of a name) to ``path``.
 
         ``path`` may be a directory: the file keeps the server's file name if
@@ -290,6 +290,8 @@ class AsyncModelServiceClient:
         its ``.part`` file; files over 64 MB come in ``parallel`` ranges
         (default 4). ``limit_rate`` caps the speed in bytes per second. A file
         larger than the free space there is refused (InsufficientSpace).
+        ``durable`` fsyncs the file before it appears (``dl.download_file``):
+        off by default, as with curl; ``fetch`` into the cache always does.
         """
         _, remote = await dl.probe(self.transport, id_or_name, version)
         assert isinstance(remote, dl.RemoteFile)
@@ -299,7 +301,8 @@ class AsyncModelServiceClient:
         elif not target.parent.is_dir():
             raise FileNotFoundError(f"no such directory: {target.parent}")
         return await dl.download_file(self.transport, remote, target, parallel=parallel,
-                                      limit_rate=limit_rate, progress=progress, resume=resume, overwrite=overwrite)
+                                      limit_rate=limit_rate, progress=progress, resume=resume, overwrite=overwrite,
+                                      durable=durable)
 
     async def fetch_result(self, name: str, version: str | None = None,
                            cache_dir: str | os.PathLike[str] | None = None, *, parallel: int | None = None,

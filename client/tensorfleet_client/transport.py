@@ -31,6 +31,9 @@ DEFAULT_URL = "http://localhost:8084"
 API = "/api/v1/models"
 USER_AGENT = "tensorfleet-model-client/0.1"
 MAX_JSON = 64 * 1024 * 1024  # a JSON answer larger than this is not held in memory, whatever the server sends
+# aiohttp pauses the socket once a response holds twice this much unread; at its 64 KiB default a
+# fast download paused and resumed reading (two epoll changes) for nearly every 256 KiB received.
+READ_BUFSIZE = 1024 * 1024
 
 # Statuses worth another try: overload and server-side trouble.
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -108,7 +111,8 @@ class Transport:
         if self._session is None or self._session.closed:
             # Not a session header: aiohttp would carry it along a redirect to any host.
             self._session = aiohttp.ClientSession(headers={"User-Agent": self._user_agent}, timeout=self._timeout,
-                                                  auto_decompress=False, middlewares=(self._own_origin_only,))
+                                                  auto_decompress=False, middlewares=(self._own_origin_only,),
+                                                  read_bufsize=READ_BUFSIZE)
         return self._session
 
     async def _own_origin_only(self, req: aiohttp.ClientRequest, handler) -> aiohttp.ClientResponse:
