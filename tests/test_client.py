@@ -371,12 +371,9 @@ async def test_download_cut_mid_body_continues_from_where_it_stopped(aiohttp_ser
     assert result.path.read_bytes() == data and result.bytes_transferred == 3_000_000
 
 
-async def test_a_plain_download_does_not_wait_for_the_disk_but_the_cache_and_durable_do(live, tmp_path, monkeypatch):
-    """README, Client: `pull -o` skips the fsync (as curl does); the cache and ``durable=True`` fsync the
-    verified file before it appears under its name."""
-    src = tmp_path / "src.bin"
-    write_random(src, 2_000_000)
-    synced: list[tuple[str, bool]] = []  # (the file synced, whether its target existed already)
+def _record_part_fsyncs(monkeypatch) -> list[tuple[str, bool]]:
+    """Every fsync of a ``.part`` file from now on: (the file synced, whether its final name existed already)."""
+    synced: list[tuple[str, bool]] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
@@ -386,6 +383,15 @@ async def test_a_plain_download_does_not_wait_for_the_disk_but_the_cache_and_dur
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+async def test_a_plain_download_does_not_wait_for_the_disk_but_the_cache_and_durable_do(live, tmp_path, monkeypatch):
+    """README, Client: `pull -o` skips the fsync (as curl does); the cache and ``durable=True`` fsync the
+    verified file before it appears under its name."""
+    src = tmp_path / "src.bin"
+    write_random(src, 2_000_000)
+    synced = _record_part_fsyncs(monkeypatch)
     async with AsyncModelServiceClient(live.url) as client:
         name = unique("durable")
         model_id = await client.push(src, name=name, algorithm="x")
@@ -408,16 +414,7 @@ def test_pull_fsync_on_the_command_line_syncs_before_the_rename(live, tmp_path, 
     write_random(src, 1_000_000)
     with ModelServiceClient(live.url) as client:
         model_id = client.push(src, name=unique("cli-fsync"), algorithm="x")
-    synced: list[tuple[str, bool]] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        if path.endswith(".part"):
-            synced.append((path, os.path.exists(path.removesuffix(".part"))))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = _record_part_fsyncs(monkeypatch)
     out = tmp_path / "plain.bin"
     assert cli.main(["pull", model_id, "--url", live.url, "--no-progress", "-o", str(out)]) == 0
     assert synced == [] and out.read_bytes() == src.read_bytes()
