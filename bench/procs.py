@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,8 @@ from pathlib import Path
 import psutil
 
 from testkit.live_service import LiveService
-from testkit.mongo_server import REPO, MongoTestServer, free_port, terminate
+from testkit.mongo_server import REPO, MongoTestServer
+from testkit.peer import NginxProcess, PeerProcess, nginx_binary
 
 # -- memory and CPU of a process tree --------------------------------------------
 
@@ -295,11 +294,6 @@ http {{
 """
 
 
-def nginx_binary() -> str | None:
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                          if os.path.exists(p)), None)
-
-
 def nginx_version() -> str:
     binary = nginx_binary()
     if not binary:
@@ -308,68 +302,40 @@ def nginx_version() -> str:
     return (proc.stderr or proc.stdout).strip().split("/")[-1]
 
 
-class Nginx:
+class Nginx(NginxProcess):
     """nginx serving the bench's files with sendfile: the HTTP file-serving ceiling (a peer)."""
 
     def __init__(self, work: Path, files_dir: Path, workers: int, pin: bool = False) -> None:
-        self.pin = pin
-        binary = nginx_binary()
-        if binary is None:
-            raise RuntimeError("nginx is not installed (Debian: apt-get install -y nginx-light)")
-        self.binary, self.workers = binary, workers
-        self.dir = work / f"nginx-w{workers}"
+        super().__init__(work / f"nginx-w{workers}", "nginx is not installed (Debian: apt-get install -y nginx-light)")
+        self.pin, self.workers = pin, workers
         self.meta_dir = work / "meta"
         self.upload_dir = work / f"nginx-upload-w{workers}"
-        for d in (self.dir, self.meta_dir, self.upload_dir):
+        for d in (self.meta_dir, self.upload_dir):
             d.mkdir(parents=True, exist_ok=True)
-        # Workers run as nobody when nginx starts as root: they must read the
-        # files and write uploads and body temp files.
+        # Workers run as nobody when nginx starts as root: they must read the files and write uploads.
         for d in (work, files_dir, self.meta_dir):
             d.chmod(0o755)
         self.upload_dir.chmod(0o777)
-        self.dir.chmod(0o777)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        (self.dir / "nginx.conf").write_text(NGINX_CONF.format(
+        self.write_conf(NGINX_CONF.format(
             workers=workers, dir=self.dir, port=self.port, files=files_dir, meta=self.meta_dir,
             upload=self.upload_dir))
-        self._proc: subprocess.Popen | None = None
 
     def start(self) -> "Nginx":
-        self._log = open(self.dir / "stderr.log", "ab")
-        self._proc = subprocess.Popen([self.binary, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir),
-                                       "-e", str(self.dir / "error.log")], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {(self.dir / 'error.log').read_text(errors='replace')[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
-                if self.pin:
-                    time.sleep(0.3)  # let the master fork its worker first
-                    pin_tree(self.pid, server_cpus())
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not start listening")
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        proc, self._proc = self._proc, None
-        terminate(proc, 10)  # SIGTERM: nginx's fast shutdown of master and workers
-        self._log.close()
+        def pin() -> None:
+            if self.pin:
+                time.sleep(0.3)  # let the master fork its worker first
+                pin_tree(self.pid, server_cpus())
+        self.launch_nginx(on_listening=pin)
+        return self
 
 
-class Floor:
+class Floor(PeerProcess):
     """bench/floor.py: a bare aiohttp-on-uvloop app returning the service's bytes pre-serialized (a peer)."""
 
+    name = "bench.floor"
+
     def __init__(self, work: Path, models: dict[str, bytes], listing: bytes, file: Path, pin: bool = False) -> None:
+        super().__init__()
         self.dir = work / f"floor-{os.urandom(2).hex()}"
         (self.dir / "models").mkdir(parents=True)
         paths = {}
@@ -377,42 +343,21 @@ class Floor:
             paths[mid] = str(self.dir / "models" / f"{mid}.json")
             Path(paths[mid]).write_bytes(body)
         (self.dir / "list.json").write_bytes(listing)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.spec = self.dir / "spec.json"
         self.spec.write_text(json.dumps({"port": self.port, "models": paths, "list": str(self.dir / "list.json"),
                                          "file": str(file)}))
         self.pin = pin
-        self._proc: subprocess.Popen | None = None
 
     def start(self) -> "Floor":
-        self._log = open(self.dir / "floor.log", "ab")
-        self._proc = subprocess.Popen([sys.executable, "-m", "bench.floor", str(self.spec)], cwd=REPO,
-                                      stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"bench.floor exited: {(self.dir / 'floor.log').read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
-                if self.pin:
-                    pin_tree(self.pid, server_cpus())
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("bench.floor did not start listening")
+        log = self.dir / "floor.log"
+        self.launch([sys.executable, "-m", "bench.floor", str(self.spec)], log, 30,
+                    lambda: log.read_text(errors="replace"), cwd=REPO,
+                    on_listening=self._pin)
+        return self
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        proc, self._proc = self._proc, None
-        terminate(proc, 10)
-        self._log.close()
+    def _pin(self) -> None:
+        if self.pin:
+            pin_tree(self.pid, server_cpus())
 
 
 # -- MongoDB -------------------------------------------------------------------------------------

@@ -34,10 +34,11 @@ from pathlib import Path
 
 from tensorfleet_client import ModelServiceClient
 
-from bench.procs import Sampler, nginx_binary
+from bench.procs import Sampler
 from testkit.files import sha256_of, write_random
 from testkit.live_service import LiveService
-from testkit.mongo_server import REPO, MongoTestServer, free_port, terminate
+from testkit.mongo_server import REPO, MongoTestServer, free_port
+from testkit.peer import NginxProcess
 
 RESULTS = REPO / "bench" / "results"
 MB = 1_000_000
@@ -75,32 +76,22 @@ http {{
 """
 
 
-class Nginx:
+class Nginx(NginxProcess):
     """nginx as the static peer and as a byte-counting proxy in front of the service."""
 
     def __init__(self, work: Path, tree: Path, service_url: str) -> None:
-        binary = nginx_binary()
-        if binary is None:
-            raise RuntimeError("nginx is not installed (Debian: apt-get install -y nginx-light)")
-        self.dir = work / "nginx"
-        self.dir.mkdir()
+        super().__init__(work / "nginx", "nginx is not installed (Debian: apt-get install -y nginx-light)")
         # Workers run as nobody when nginx starts as root.
-        for d in (work, tree, self.dir):
+        for d in (work, tree):
             d.chmod(0o755)
-        self.dir.chmod(0o777)
-        self.static_port, self.proxy_port = free_port(), free_port()
-        self.static_url = f"http://127.0.0.1:{self.static_port}"
+        # nginx binds both ports before it serves either: the static one answering means both do.
+        self.static_port, self.proxy_port = self.port, free_port()
+        self.static_url = self.url
         self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
-        (self.dir / "nginx.conf").write_text(NGINX_CONF.format(
+        self.write_conf(NGINX_CONF.format(
             dir=self.dir, tree=tree, static_port=self.static_port, proxy_port=self.proxy_port,
             service=service_url))
-        self._proc = subprocess.Popen([binary, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not (self.dir / "nginx.pid").exists():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nginx did not start: {(self.dir / 'error.log').read_text(errors='replace')}")
-            time.sleep(0.05)
+        self.launch_nginx()
 
     def wire(self) -> list[tuple[str, int, int, int]]:
         """(method, status, request bytes, response bytes) of every proxied request so far."""
@@ -112,10 +103,6 @@ class Nginx:
             method, status, received, sent = line.split()
             rows.append((method, int(status), int(received), int(sent)))
         return rows
-
-    def stop(self) -> None:
-        terminate(self._proc, 10)
-
 
 def model_tree(root: Path, files: dict[str, int]) -> dict[str, str]:
     """Write random files at the given relative paths; their sha256s."""

@@ -13,25 +13,16 @@ Used by tests/test_replicas.py and bench's "replicas" scenario.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .live_service import LiveService
-from .mongo_server import free_port, terminate
+from .peer import NginxProcess
 
 
 class BalancerUnavailable(RuntimeError):
     """nginx is not installed here."""
-
-
-def nginx_binary() -> str | None:
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                          if os.path.exists(p)), None)
 
 
 BALANCER_CONF = """\
@@ -75,7 +66,7 @@ http {{
 """
 
 
-class Balancer:
+class Balancer(NginxProcess):
     """nginx round-robin over ``ports`` on 127.0.0.1.
 
     ``client_sndbuf`` (e.g. "64k") caps the socket buffer towards clients, so that a client that stops
@@ -83,43 +74,21 @@ class Balancer:
     """
 
     def __init__(self, work: Path, ports: list[int], workers: int = 1, client_sndbuf: str | None = None) -> None:
-        binary = nginx_binary()
-        if binary is None:
-            raise BalancerUnavailable("the replicas tests and bench need nginx as the load balancer "
-                                      "(Debian: apt-get install -y nginx-light; make bench-tools)")
-        self.binary = binary
-        self.dir = work / "nginx-balancer"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # Workers run as nobody when nginx starts as root: they write body temp files here.
-        self.dir.chmod(0o777)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(work / "nginx-balancer", "the replicas tests and bench need nginx as the load balancer "
+                                                  "(Debian: apt-get install -y nginx-light; make bench-tools)")
         # A replica that refused a connection is skipped for a second only: a restarted one is back at once.
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;" for p in ports)
-        (self.dir / "nginx.conf").write_text(BALANCER_CONF.format(
+        self.write_conf(BALANCER_CONF.format(
             workers=workers, dir=self.dir, port=self.port, servers=servers,
             listen_options=f" sndbuf={client_sndbuf}" if client_sndbuf else ""))
-        self._proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def unavailable(message: str) -> Exception:
+        return BalancerUnavailable(message)
 
     def start(self, timeout: float = 15.0) -> "Balancer":
-        self._log = open(self.dir / "stderr.log", "ab")
-        self._proc = subprocess.Popen([self.binary, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir),
-                                       "-e", str(self.dir / "error.log")], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {self.error_log()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("nginx did not start listening")
-
-    def error_log(self) -> str:
-        path = self.dir / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        self.launch_nginx(timeout)
+        return self
 
     def requests(self) -> list[tuple[str, str, str, str]]:
         """(status, replica 127.0.0.1:port, method, path) of each request so far, in the order they ended."""
@@ -128,17 +97,6 @@ class Balancer:
             return []
         return [tuple(line.split()) for line in path.read_text(errors="replace").splitlines()
                 if len(line.split()) == 4]
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        proc, self._proc = self._proc, None
-        terminate(proc, 10)  # SIGTERM: nginx's fast shutdown of master and workers
-        self._log.close()
 
 
 class Replicas:
