@@ -215,30 +215,34 @@ def _count_upload(doc: ModelDocument, received: Received) -> None:
     UPLOAD_BYTES.inc(received.stored.size)
 
 
+def _date_shared(replaced: ModelDocument, fm: StoredFileMetadata) -> ModelDocument:
+    """The new file's metadata marked if its Last-Modified second is shared with the content it replaces.
+
+    Replacing a file within the second it was uploaded leaves two contents with
+    one Last-Modified: marked, an If-Range date naming that second is not
+    trusted (downloads.date_is_strong). A committed snapshot's files and tar
+    are dated by its creation.
+    """
+    current = replaced.get("file_metadata")
+    shared = ((current and current["checksum"] != fm["checksum"]
+               and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"]))
+              or (snapshots.is_snapshot(replaced) and preconditions.same_second(replaced["created_at"],
+                                                                                 fm["uploaded_at"])))
+    return {"file_metadata": {**fm, LAST_MODIFIED_SHARED: True}} if shared else {}
+
+
 async def attach_file(storage: Storage, doc: ModelDocument, received: Received) -> StoredFileMetadata:
     """Point the model at its new file, then release whatever file it had before; the new file_metadata."""
     fm = file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
     async with _claiming(storage, received):
-        # Replacing a file within the second it was uploaded leaves two
-        # contents with one Last-Modified: mark it, so an If-Range date
-        # naming that second is not trusted (downloads.date_is_strong).
-        # A committed snapshot's files and tar are dated by its creation.
-        # Read before the swap, so an upload racing this one may be missed:
-        # the mark then errs only if both land within one second.
-        stored = await storage.get_model(doc["id"]) or {}
-        current = stored.get("file_metadata")
-        if (current and current["checksum"] != fm["checksum"]
-                and preconditions.same_second(current["uploaded_at"], fm["uploaded_at"])):
-            fm[LAST_MODIFIED_SHARED] = True
-        if snapshots.is_snapshot(stored) and preconditions.same_second(stored["created_at"], fm["uploaded_at"]):
-            fm[LAST_MODIFIED_SHARED] = True
         # A committed snapshot becomes a single-file version: its files go, in the same update.
         # update_model is atomic across processes: ``previous`` is exactly the
-        # document this swap replaced, however many uploads race (any replica).
+        # document this swap replaced, however many uploads race (any replica),
+        # and so is the document _date_shared judges.
         previous = await storage.update_model(
             doc["id"], {"file_metadata": fm, "updated_at": fm["uploaded_at"],
                         **dict.fromkeys(snapshots.SNAPSHOT_FIELDS)},
-            return_previous=True)
+            return_previous=True, amend=lambda replaced: _date_shared(replaced, fm))
         if previous is None:
             # The model was deleted while its file was uploading.
             raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")

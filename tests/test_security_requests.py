@@ -289,6 +289,25 @@ async def test_if_range_date_after_a_replacement_in_the_same_second_sends_everyt
     assert resp.status == 206 and await resp.read() == data[10:20]
 
 
+async def test_if_range_date_after_racing_uploads_in_one_second_sends_everything(client):
+    """Two uploads racing to a new model: the one that lands second replaced the other's content within its
+    second, whichever order their reads came in (the mark is decided inside the swap, not before it)."""
+    raced = 0
+    deadline = time.monotonic() + 60
+    while raced < 10 and time.monotonic() < deadline:
+        model_id = await register(client)
+        started = time.time()
+        await asyncio.gather(*(upload_ok(client, model_id, payload(1000)) for _ in range(2)))
+        if int(time.time()) != int(started):
+            continue  # a second boundary may have fallen between the two: nothing shared then
+        url = f"{MODELS}/{model_id}/download"
+        head = await client.head(url)
+        raced += 1
+        resp = await client.get(url, headers={"Range": "bytes=10-19", "If-Range": head.headers["Last-Modified"]})
+        assert resp.status == 200 and "Content-Range" not in resp.headers, model_id
+    assert raced == 10
+
+
 async def test_if_range_date_by_name_when_a_new_version_came_in_the_same_second(client):
     name = "same_second"
     url = f"{MODELS}/by-name/{name}/download"

@@ -18,11 +18,12 @@ import asyncio
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import AsyncIterator, TypedDict
+from typing import AsyncIterator, Callable, TypedDict
 
 from . import pipeline
 
 __all__ = [
+    "Amend",
     "CLAIM_GRACE",
     "ContentGone",
     "DEFAULT_CHUNK_SIZE",
@@ -88,6 +89,10 @@ class ModelDocument(TypedDict, total=False):
     snapshot_digest: str
     total_size_bytes: int
     superseded: bool  # the registry's mark: a higher version of the name exists (not shown)
+
+
+# update_model's ``amend``: the fields to set as well, given the document just before the update.
+Amend = Callable[[ModelDocument], ModelDocument]
 
 
 # GridFS's standard chunk size; the embedded backend reports the same figure
@@ -488,9 +493,14 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def update_model(
-        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False,
+        amend: Amend | None = None,
     ) -> ModelDocument | None:
         """Set top-level fields (None removes one) in one atomic step.
+
+        ``amend``, if given, is called with the document as it is just before
+        the update, within the same atomic step; the fields it returns are set
+        too (a field whose value depends on what is being replaced).
 
         Returns the updated document, or with ``return_previous`` the document
         as it was just before (so a caller swapping a file learns which file it

@@ -37,6 +37,7 @@ from .base import (
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
     SESSION_LOCK_TTL,
+    Amend,
     DuplicateModel,
     FileMissing,
     FileWriter,
@@ -388,7 +389,8 @@ class EmbeddedStorage(Storage):
                 pass  # busy (a checkpoint, a recovery): queue like any other call
         return await self._run(self._get, model_id)
 
-    def _update(self, model_id: str, fields: ModelDocument, return_previous: bool) -> ModelDocument | None:
+    def _update(self, model_id: str, fields: ModelDocument, return_previous: bool,
+                amend: Amend | None) -> ModelDocument | None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -397,6 +399,8 @@ class EmbeddedStorage(Storage):
                 db.execute("ROLLBACK")
                 return None
             previous = dict(doc)
+            if amend is not None:
+                fields = {**fields, **amend(previous)}
             for key, value in fields.items():
                 if value is None:
                     doc.pop(key, None)
@@ -418,9 +422,9 @@ class EmbeddedStorage(Storage):
             raise
 
     async def update_model(
-        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False, amend: Amend | None = None
     ) -> ModelDocument | None:
-        return await self._run(self._update, model_id, fields, return_previous)
+        return await self._run(self._update, model_id, fields, return_previous, amend)
 
     def _record_download(self, model_id: str, at: datetime, db: sqlite3.Connection | None = None) -> None:
         # Every download waits for its count before its first byte, so the

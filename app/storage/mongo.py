@@ -41,6 +41,7 @@ from .base import (
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD_HISTORY,
     SESSION_LOCK_TTL,
+    Amend,
     DuplicateModel,
     FileMissing,
     FileWriter,
@@ -355,27 +356,29 @@ class MongoStorage(Storage):
 
     @_guard
     async def update_model(
-        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False
+        self, model_id: str, fields: ModelDocument, *, return_previous: bool = False, amend: Amend | None = None
     ) -> ModelDocument | None:
         oid = _oid(model_id)
         if oid is None:
             return None
-        to_set = _to_mongo({"id": model_id, **{k: v for k, v in fields.items() if v is not None}})
-        to_set.pop("_id")
-        to_unset = {k: "" for k, v in fields.items() if v is None}
-        update: dict[str, Any] = {}
-        if to_set:
-            update["$set"] = to_set
-        if to_unset:
-            update["$unset"] = to_unset
-        if not update:
-            return await self.get_model(model_id)
         # Under the model's lock: FerretDB runs find-and-modify as "find, then write",
         # so without it two replicas' updates could both return the same previous document.
         async with self._model_lock(oid):
+            if amend is not None:
+                # Under the lock, the document read here is the one the update replaces.
+                raw = await self.models.find_one({"_id": oid})
+                if raw is None:
+                    return None
+                fields = {**fields, **amend(_from_mongo(raw))}
+            to_set = _to_mongo({"id": model_id, **{k: v for k, v in fields.items() if v is not None}})
+            to_set.pop("_id")
+            to_unset = {k: "" for k, v in fields.items() if v is None}
+            update: dict[str, Any] = {"$set": to_set}  # never empty: it sets "id" at least
+            if to_unset:
+                update["$unset"] = to_unset
             raw = await self.models.find_one_and_update(
-                {"_id": oid}, update, return_document=ReturnDocument.BEFORE if return_previous else ReturnDocument.AFTER
-            )
+                {"_id": oid}, update,
+                return_document=ReturnDocument.BEFORE if return_previous else ReturnDocument.AFTER)
         return _from_mongo(raw) if raw else None
 
     @contextlib.asynccontextmanager
