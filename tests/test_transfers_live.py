@@ -110,15 +110,8 @@ def curl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
 
 
-def test_big_file_round_trip_with_curl(live, big_model, big_file, tmp_path):
-    _, digest = big_file
-    proc = curl("--fail", "-O", "-J", f"{live.url}/api/v1/models/{big_model}/download", timeout=600)
-    # -O -J writes into the current directory under the server's file name.
-    assert proc.returncode == 0, proc.stderr
-    Path("big.bin").replace(tmp_path / "big.bin")
-    assert sha256_of(tmp_path / "big.bin") == digest
-
-
+# The tests that need no big file come first: on FerretDB every chunk query scans the whole
+# collection, and the big file (300 MB) stays stored for the rest of the module.
 def test_curl_and_wget_resume_and_ranges(live, medium_file, tmp_path):
     path, digest = medium_file
     model_id = live.register(f"medium-{live.backend}")
@@ -166,6 +159,40 @@ async def _download(session: aiohttp.ClientSession, url: str) -> tuple[str, int]
             h.update(block)
             n += len(block)
     return h.hexdigest(), n
+
+
+def test_aborted_upload_leaves_nothing(live, tmp_path):
+    model_id = live.register(f"aborted-{live.backend}")
+    before = live.stored_state()
+    sent = 6 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", live.service.port)) as s:
+        s.sendall(
+            f"PUT /api/v1/models/{model_id}/upload HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {50 * 1024 * 1024}\r\n\r\n".encode()
+        )
+        s.sendall(os.urandom(sent))
+        # The client vanishes only once the service has stored some of the upload.
+        deadline = time.monotonic() + 30
+        while not live.upload_under_way(before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live.upload_under_way(before), "nothing of the upload reached the store"
+    # On FerretDB every chunk query scans the whole collection (here ~300 MB),
+    # so on a loaded machine the clean-up can take a while.
+    deadline = time.monotonic() + 90
+    while live.stored_state() != before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert live.stored_state() == before
+    doc = live.api("GET", f"/api/v1/models/{model_id}")
+    assert "file_metadata" not in doc
+
+
+def test_big_file_round_trip_with_curl(live, big_model, big_file, tmp_path):
+    _, digest = big_file
+    proc = curl("--fail", "-O", "-J", f"{live.url}/api/v1/models/{big_model}/download", timeout=600)
+    # -O -J writes into the current directory under the server's file name.
+    assert proc.returncode == 0, proc.stderr
+    Path("big.bin").replace(tmp_path / "big.bin")
+    assert sha256_of(tmp_path / "big.bin") == digest
 
 
 def test_memory_stays_flat_during_8_concurrent_big_downloads(live, big_model, big_file):
@@ -221,31 +248,6 @@ def test_client_leaving_mid_download_is_quiet(live, big_model):
     assert "Traceback" not in new_log and " ERROR " not in new_log, new_log
     health = live.api("GET", "/health")
     assert health["status"] == "healthy"
-
-
-def test_aborted_upload_leaves_nothing(live, tmp_path):
-    model_id = live.register(f"aborted-{live.backend}")
-    before = live.stored_state()
-    sent = 6 * 1024 * 1024
-    with socket.create_connection(("127.0.0.1", live.service.port)) as s:
-        s.sendall(
-            f"PUT /api/v1/models/{model_id}/upload HTTP/1.1\r\nHost: x\r\n"
-            f"Content-Type: application/octet-stream\r\nContent-Length: {50 * 1024 * 1024}\r\n\r\n".encode()
-        )
-        s.sendall(os.urandom(sent))
-        # The client vanishes only once the service has stored some of the upload.
-        deadline = time.monotonic() + 30
-        while not live.upload_under_way(before) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert live.upload_under_way(before), "nothing of the upload reached the store"
-    # On FerretDB every chunk query scans the whole collection (here ~300 MB),
-    # so on a loaded machine the clean-up can take a while.
-    deadline = time.monotonic() + 90
-    while live.stored_state() != before and time.monotonic() < deadline:
-        time.sleep(1)
-    assert live.stored_state() == before
-    doc = live.api("GET", f"/api/v1/models/{model_id}")
-    assert "file_metadata" not in doc
 
 
 @pytest.mark.parametrize("live", ["mongodb"], indirect=True)
