@@ -322,7 +322,7 @@ async def store_blob(storage: Storage, writer: FileWriter, sha256: str, grace: t
                        "nothing was kept")
     stored = await writer.commit()
     try:
-        await storage.keep_blobs([sha256], clock.now() + grace)
+        await keep_blob(storage, sha256, grace)
     finally:
         await storage.settle_file(stored.file_id)
     UPLOAD_BYTES.inc(stored.size)
