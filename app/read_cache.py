@@ -15,23 +15,29 @@ documents frozen with ``freeze``, never a dict some handler could change.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from .http.json import Tagged
 from .storage.base import Storage
 
 T = TypeVar("T")
 
-# Get-by-id bodies of a few KB each and listing pages of tens of KB: a few MB at most.
+# Bounded in entries and in (estimated) bytes: a listing page of MAX_PAGE_SIZE
+# models is tens of KB, a snapshot's body or document with MAX_FILES_PER_VERSION
+# files some MB; none may make the process grow with what clients ask for.
 MAX_ENTRIES = 4096
+MAX_BYTES = 64 * 1024 * 1024
 
 
 class ReadCache:
-    def __init__(self, storage: Storage, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, storage: Storage, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
         self._storage = storage
         self._max = max_entries
-        self._entries: OrderedDict[Hashable, tuple[Hashable, Any]] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._entries: OrderedDict[Hashable, tuple[Hashable, Any, int]] = OrderedDict()
 
     async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]], *, counts: bool = True) -> T:
         """``compute()``'s answer for ``key``, from the cache while the stamp is unchanged.
@@ -49,14 +55,33 @@ class ReadCache:
             entries.move_to_end(key)
             return hit[1]
         value = await compute()
-        entries[key] = (stamp, value)
-        entries.move_to_end(key)
-        if len(entries) > self._max:
-            entries.popitem(last=False)
+        old = entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old[2]
+        size = weight(value)
+        if size > self._max_bytes // 16:
+            return value  # computed each time rather than evict many others
+        entries[key] = (stamp, value, size)
+        self._bytes += size
+        while len(entries) > self._max or self._bytes > self._max_bytes:
+            self._bytes -= entries.popitem(last=False)[1][2]
         return value
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def weight(value: Any) -> int:
+    """About how many bytes a value holds: exact for bodies, an estimate for documents."""
+    if isinstance(value, Tagged):
+        return len(value.body) + 64
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, Mapping):
+        return 2048 + 1024 * len(value.get("files") or ())
+    if isinstance(value, tuple):
+        return 64 + sum(map(weight, value))
+    return 64
 
 
 def freeze(value: Any) -> Any:

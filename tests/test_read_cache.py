@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from app.appkeys import READ_CACHE, STORAGE
-from app.read_cache import ReadCache, freeze
+from app.read_cache import ReadCache, freeze, weight
 from app.storage.embedded import EmbeddedStorage
 from testkit.live_service import LiveService
 from tests.api_helpers import MODELS, get_model, json_of, listing, model_url, register
@@ -230,6 +230,22 @@ async def test_cache_stamp_is_read_before_the_value():
 
     assert await cache.get("k", racing) == "old"
     assert await cache.get("k", lambda: asyncio.sleep(0, "new")) == "new"
+
+
+async def test_cache_is_bounded_in_bytes():
+    store = _Stamped()
+    cache = ReadCache(store, max_bytes=1600)
+
+    async def body(size):
+        return b"x" * size
+
+    for i in range(40):
+        await cache.get(i, lambda: body(90))
+    assert len(cache) == 17  # 17 * 90 <= 1600 < 18 * 90
+    assert await cache.get("big", lambda: body(101)) == b"x" * 101  # over max_bytes / 16: not kept
+    assert len(cache) == 17 and cache._bytes == 17 * 90
+    snapshot = freeze({"id": "s", "files": [{"path": str(i)} for i in range(100)]})
+    assert weight(snapshot) > 100 * 512  # documents are weighed by their files
 
 
 def test_frozen_documents_cannot_be_changed():
