@@ -11,15 +11,16 @@ and that MongoDB, which has no cheap stamp, keeps nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from datetime import datetime, timezone
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from app.appkeys import READ_CACHE, STORAGE
 from app.read_cache import ReadCache, freeze, weight
+from app.server import create_app
 from app.storage.embedded import EmbeddedStorage
 from testkit.live_service import LiveService
 from tests.api_helpers import MODELS, get_model, json_of, listing, model_url, register
@@ -111,6 +112,18 @@ async def test_download_lookups_follow_replacements_and_deletes(client, backend)
     await json_of(resp, 200)
     assert (await client.get(by_id)).status == 404
     assert (await client.get(f"{MODELS}/by-name/cached-dl/download?version=v1.0")).status == 404
+
+
+async def test_a_kept_answer_still_asks_for_a_key(aiohttp_client, settings, backend):
+    app = create_app(dataclasses.replace(settings, enable_auth=True, api_keys="reader-key-1:read:dash"))
+    authed = await aiohttp_client(app)
+    await app[STORAGE].insert_model(_doc("c" * 24, "cached-auth"))
+    key = {"X-API-Key": "reader-key-1"}
+    for path in (model_url("c" * 24), MODELS, f"{MODELS}/by-name/cached-auth"):
+        for _ in range(2):
+            assert (await authed.get(path, headers=key)).status == 200
+        assert (await authed.get(path)).status == 401
+        assert (await authed.get(path, headers={"X-API-Key": "wrong"})).status == 401
 
 
 async def test_only_embedded_keeps_anything(client, backend):
