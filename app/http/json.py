@@ -56,10 +56,6 @@ def tagged(data: Any) -> Tagged:
     return Tagged(body, '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"')
 
 
-def cacheable_json(request: web.Request, data: Any) -> web.Response:
-    return conditional_json(request, tagged(data))
-
-
 def conditional_json(request: web.Request, answer: Tagged) -> web.Response:
     """A JSON answer with an ETag of its bytes; 304 when the client has them.
 
