@@ -19,8 +19,10 @@ import aiohttp
 import pytest
 
 from app.appkeys import READ_CACHE, STORAGE
+from app.downloads import file_headers
 from app.read_cache import ReadCache, freeze, weight
 from app.server import create_app
+from app.storage.base import StoredFile
 from app.storage.embedded import EmbeddedStorage
 from testkit.live_service import LiveService
 from tests.api_helpers import MODELS, get_model, json_of, listing, model_url, register
@@ -112,6 +114,27 @@ async def test_download_lookups_follow_replacements_and_deletes(client, backend)
     await json_of(resp, 200)
     assert (await client.get(by_id)).status == 404
     assert (await client.get(f"{MODELS}/by-name/cached-dl/download?version=v1.0")).status == 404
+
+
+async def test_download_headers_follow_the_model(client, backend):
+    model_id = (await register(client, "cached-headers", algorithm="first-algo"))["model_id"]
+    await _upload(client, model_id, b"headers")
+    resp = await client.get(model_url(model_id, "/download"))
+    assert resp.status == 200 and resp.headers["X-Model-Algorithm"] == "first-algo"
+    # The API never changes a model's algorithm; storage can (a migration).
+    await client.app[STORAGE].update_model(model_id, {"algorithm": "second-algo"})
+    resp = await client.get(model_url(model_id, "/download"))
+    assert resp.status == 200 and resp.headers["X-Model-Algorithm"] == "second-algo"
+    assert resp.headers["X-Model-Id"] == model_id and resp.headers["Content-Disposition"].endswith('"m.bin"')
+
+
+def test_file_headers_are_each_callers_own():
+    doc = {"id": "d" * 24, "name": "n", "algorithm": "a", "version": "v1.0"}
+    f = StoredFile("f", 1, "ab" * 32, 1024, datetime(2026, 1, 2, tzinfo=timezone.utc))
+    first = file_headers(doc, f, "m.bin")
+    first["X-Changed"] = "by one response"
+    assert "X-Changed" not in file_headers(doc, f, "m.bin")
+    assert file_headers(doc, f, "m.bin") == {k: v for k, v in first.items() if k != "X-Changed"}
 
 
 async def test_a_kept_answer_still_asks_for_a_key(aiohttp_client, settings, backend):
