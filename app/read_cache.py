@@ -58,7 +58,8 @@ class ReadCache:
         old = entries.pop(key, None)
         if old is not None:
             self._bytes -= old[2]
-        size = weight(value)
+        # The key too: a listing's names its search text, as long as a URL allows.
+        size = weight(value) + len(repr(key))
         if size > self._max_bytes // 16:
             return value  # computed each time rather than evict many others
         entries[key] = (stamp, value, size)

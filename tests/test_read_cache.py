@@ -275,10 +275,10 @@ async def test_cache_is_bounded_in_bytes():
     async def body(size):
         return b"x" * size
 
-    for i in range(40):
-        await cache.get(i, lambda: body(90))
+    for i in range(40, 80):  # keys of two characters' repr: 88 + 2 bytes each
+        await cache.get(i, lambda: body(88))
     assert len(cache) == 17  # 17 * 90 <= 1600 < 18 * 90
-    assert await cache.get("big", lambda: body(101)) == b"x" * 101  # over max_bytes / 16: not kept
+    assert await cache.get("big", lambda: body(96)) == b"x" * 96  # with its key over max_bytes / 16: not kept
     assert len(cache) == 17 and cache._bytes == 17 * 90
     snapshot = freeze({"id": "s", "files": [{"path": str(i)} for i in range(100)]})
     assert weight(snapshot) > 100 * 512  # documents are weighed by their files
