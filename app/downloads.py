@@ -18,6 +18,7 @@ the model points at now, or 404 if the model went too.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing, asynccontextmanager
@@ -73,15 +74,25 @@ def _model_headers(doc: ModelDocument) -> dict[str, str]:
 
 def file_headers(doc: ModelDocument, f: StoredFile, filename: str,
                  content_type: str = "application/octet-stream") -> dict[str, str]:
-    digest = base64.b64encode(bytes.fromhex(f.sha256)).decode()
+    # A copy: the response's headers are its own to change.
+    return dict(_file_headers(doc["id"], doc["name"], doc["algorithm"], doc["version"], f.sha256, f.uploaded_at,
+                              filename, content_type))
+
+
+# Computed once per file and model fields (base64, the HTTP date, the
+# disposition's quoting: ~19 us a download otherwise); keyed by all it reads.
+@functools.lru_cache(maxsize=4096)
+def _file_headers(model_id: str, name: str, algorithm: str, version: str, sha256: str, uploaded_at: datetime,
+                  filename: str, content_type: str) -> dict[str, str]:
+    digest = base64.b64encode(bytes.fromhex(sha256)).decode()
     return {
         "Content-Type": content_type,
         "Content-Disposition": content_disposition(filename),
         "Accept-Ranges": "bytes",
-        "ETag": f'"{f.sha256}"',
-        "Last-Modified": preconditions.http_date(f.uploaded_at),
-        **_model_headers(doc),
-        "X-File-Checksum": f"sha256:{f.sha256}",
+        "ETag": f'"{sha256}"',
+        "Last-Modified": preconditions.http_date(uploaded_at),
+        **_model_headers({"id": model_id, "name": name, "algorithm": algorithm, "version": version}),
+        "X-File-Checksum": f"sha256:{sha256}",
         "Repr-Digest": f"sha-256=:{digest}:",
     }
 

@@ -610,7 +610,7 @@ def operations(settings: Settings) -> dict[str, Json]:
                     "schema": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}}]
 
     def cacheable_document(op_id: str, summary: str, params: list[Json], bad: tuple[ErrorCode, ...]) -> Json:
-        """GET of a model document (http.json.cacheable_json): ETag, Cache-Control: no-cache, 304."""
+        """GET of a model document (http.json.conditional_json): ETag, Cache-Control: no-cache, 304."""
         cache_headers = header_refs("DocumentETag", "CacheControl")
         return op(op_id, "models", summary, {
             "200": answer("the full model document", "Model", cache_headers,

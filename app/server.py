@@ -10,12 +10,13 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import auth, connections, limits, logs, upload_slots
-from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
+from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .config import ConfigError, Settings
 from .drain import Drain
 from .handlers.metrics import metrics_middleware
 from .leases import FileLeases
 from .middleware import error_middleware
+from .read_cache import ReadCache
 from .routes import setup_routes
 from .storage import Storage, make_storage
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
     app[LEASES] = FileLeases(app[STORAGE], settings.lease_ttl)
+    app[READ_CACHE] = ReadCache(app[STORAGE])
     app.cleanup_ctx.append(_storage_lifecycle)
     setup_routes(app)
     _setup_cors(app, settings.cors_origins)

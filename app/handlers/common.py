@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from .. import errors, registry, urls, validation
-from ..appkeys import STORAGE
+from ..appkeys import READ_CACHE, STORAGE
 from ..auth import caller_name, is_admin
 from ..errors import ApiError
 from ..http.json import json_response
+from ..read_cache import freeze
 from ..schemas import RegistrationAnswer
 
 
@@ -40,21 +43,47 @@ async def model_or_404(request: web.Request) -> dict:
     return doc
 
 
-async def model_alone_or_404(request: web.Request) -> tuple[dict, list[dict]]:
-    """``model_or_404``'s model and no other versions: the shape ``named_models_or_404`` answers in."""
-    return await model_or_404(request), []
+async def model_alone_or_404(request: web.Request) -> tuple[Mapping, tuple]:
+    """``model_or_404``'s model and no other versions: the shape ``named_models_or_404`` answers in.
+
+    A download's lookup: frozen and kept (app/read_cache.py) while the model
+    is unchanged; its download_count may lag, downloads never show it.
+    """
+    model_id = request_model_id(request)
+
+    async def lookup() -> tuple[Mapping, tuple]:
+        doc = await request.app[STORAGE].get_model(model_id)
+        if doc is None:
+            raise not_found(model_id)
+        return freeze(doc), ()
+
+    return await request.app[READ_CACHE].get(("download", model_id), lookup, counts=False)
 
 
 async def named_model_or_404(request: web.Request) -> dict:
     """The latest version of {name}, or the one ``?version=`` asks for."""
-    return (await named_models_or_404(request))[0]
+    return (await _named_models(request, *named_target(request)))[0]
 
 
-async def named_models_or_404(request: web.Request) -> tuple[dict, list[dict]]:
+def named_target(request: web.Request) -> tuple[str, str | None]:
+    """The {name} of the URL and the ``?version=`` it asks for (None: the latest), validated."""
+    return validation.model_name(request.match_info["name"]), validation.version_param(request.query.get("version"))
+
+
+async def named_models_or_404(request: web.Request) -> tuple[Mapping, tuple[Mapping, ...]]:
     """``named_model_or_404``'s model, and the versions the URL may also have named:
-    every version of the name for "the latest", none for a pinned ``?version=``."""
-    name = validation.model_name(request.match_info["name"])
-    wanted = validation.version_param(request.query.get("version"))
+    every version of the name for "the latest", none for a pinned ``?version=``.
+
+    A download's lookup, frozen and kept as ``model_alone_or_404``'s."""
+    target = named_target(request)
+
+    async def lookup() -> tuple[Mapping, tuple[Mapping, ...]]:
+        return freeze(await _named_models(request, *target))
+
+    return await request.app[READ_CACHE].get(("download_named", *target), lookup, counts=False)
+
+
+async def _named_models(request: web.Request, name: str, wanted: str | None) -> tuple[dict, list[dict]]:
     docs = await request.app[STORAGE].models_named(name)
     if wanted is None:
         doc = registry.latest(docs)

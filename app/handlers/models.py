@@ -7,13 +7,13 @@ import math
 from aiohttp import web
 
 from .. import errors, registry, render, snapshots, uploads, validation
-from ..appkeys import SETTINGS, STORAGE, UPLOAD_SLOTS
+from ..appkeys import READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
-from ..http.json import cacheable_json, json_response, parse_json_object
+from ..http.json import conditional_json, encoded, json_body_response, json_response, parse_json_object, tagged
 from ..json_bodies import read_json_bytes, read_json_object
 from ..schemas import DeleteAnswer, ModelList, Pagination, UpdateAnswer, VersionList
-from .common import created, model_or_404, named_model_or_404, not_found, request_model_id, with_caller
+from .common import created, model_or_404, named_model_or_404, named_target, not_found, request_model_id, with_caller
 
 
 async def _read_model_body(request: web.Request) -> dict:
@@ -74,15 +74,25 @@ def _single_file(fields: dict) -> dict:
 
 async def list_models(request: web.Request) -> web.Response:
     query, page, limit = validation.listing(request.query, request.app[SETTINGS].max_page_size)
-    docs, total = await request.app[STORAGE].find_models(query)
-    return json_response(ModelList(
-        models=[render.summary(d) for d in docs],
-        pagination=Pagination(page=page, limit=limit, total=total, pages=math.ceil(total / limit)),
-    ))
+
+    async def page_body() -> bytes:
+        docs, total = await request.app[STORAGE].find_models(query)
+        return encoded(ModelList(
+            models=[render.summary(d) for d in docs],
+            pagination=Pagination(page=page, limit=limit, total=total, pages=math.ceil(total / limit)),
+        ))
+
+    # The query is the listing's whole input: the same query, the same page, until a model changes.
+    return json_body_response(await request.app[READ_CACHE].get(("list", query, page, limit), page_body))
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return cacheable_json(request, render.full(await model_or_404(request)))
+    model_id = request_model_id(request)
+
+    async def answer():
+        return tagged(render.full(await model_or_404(request)))
+
+    return conditional_json(request, await request.app[READ_CACHE].get(("model", model_id), answer))
 
 
 async def update_model(request: web.Request) -> web.Response:
@@ -116,4 +126,7 @@ async def list_versions(request: web.Request) -> web.Response:
 
 
 async def by_name(request: web.Request) -> web.Response:
-    return cacheable_json(request, render.full(await named_model_or_404(request)))
+    async def answer():
+        return tagged(render.full(await named_model_or_404(request)))
+
+    return conditional_json(request, await request.app[READ_CACHE].get(("by_name", *named_target(request)), answer))

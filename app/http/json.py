@@ -9,7 +9,7 @@ answers of ``schemas`` (and plain data) directly. Every error leaves as
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import orjson
@@ -31,29 +31,43 @@ def _plain(value: object) -> object:
 _encode = msgspec.json.Encoder(enc_hook=_plain).encode
 
 
+def encoded(data: Any) -> bytes:
+    return _encode(data)
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=_encode(data),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
+    return json_body_response(_encode(data), status, headers)
 
 
-def cacheable_json(request: web.Request, data: Any) -> web.Response:
+def json_body_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer already encoded (app/read_cache.py keeps such bodies)."""
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+class Tagged(NamedTuple):
+    """A JSON body and the ETag of its bytes."""
+
+    body: bytes
+    etag: str
+
+
+def tagged(data: Any) -> Tagged:
+    body = _encode(data)
+    return Tagged(body, '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"')
+
+
+def conditional_json(request: web.Request, answer: Tagged) -> web.Response:
     """A JSON answer with an ETag of its bytes; 304 when the client has them.
 
     Pollers (inference servers checking for a new version) then cost one
     small request and no body.
     """
-    body = _encode(data)
-    etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
     # no-cache: reuse only after revalidating, which is what the ETag is for.
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    headers = {"ETag": answer.etag, "Cache-Control": "no-cache"}
     if_none_match = request.headers.get("If-None-Match")
-    if if_none_match is not None and preconditions.weak_match(if_none_match, etag):
+    if if_none_match is not None and preconditions.weak_match(if_none_match, answer.etag):
         return web.Response(status=304, headers=headers)
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    return web.Response(body=answer.body, content_type="application/json", headers=headers)
 
 
 def error_response(error: ErrorCode, message: str, headers: dict[str, str] | None = None,

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import AsyncIterator, Callable, TypedDict
+from typing import AsyncIterator, Callable, Hashable, TypedDict
 
 from . import pipeline
 
@@ -490,6 +490,15 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def get_model(self, model_id: str) -> ModelDocument | None: ...
+
+    def read_stamp(self, counts: bool = True) -> Hashable | None:
+        """A value that changes whenever a model read (get_model, models_named, find_models) could answer
+        otherwise than before: after any change to any model, by this process, another one sharing the
+        store, or anything else writing to it. Read it BEFORE the read it validates (app/read_cache.py).
+        With ``counts=False`` it may stay put when only download counts changed, for reads that never
+        show them. None where no cheap stamp exists: nothing read is then kept.
+        """
+        return None
 
     @abc.abstractmethod
     async def update_model(

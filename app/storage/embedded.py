@@ -80,6 +80,25 @@ CREATE INDEX IF NOT EXISTS models_algorithm_status_created ON models (algorithm,
 CREATE INDEX IF NOT EXISTS models_created ON models (created_at DESC);
 CREATE INDEX IF NOT EXISTS models_downloads ON models (download_count DESC);
 CREATE INDEX IF NOT EXISTS models_file ON models (file_id);
+-- Read stamps (read_stamp): bumped by triggers, so every writer of models
+-- bumps them in its own transaction, whatever process or code it runs: one
+-- number for the models' contents, one for their download counts.
+CREATE TABLE IF NOT EXISTS read_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    models INTEGER NOT NULL,
+    counts INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO read_generation (id, models, counts) VALUES (1, 0, 0);
+CREATE TRIGGER IF NOT EXISTS models_inserted AFTER INSERT ON models
+    BEGIN UPDATE read_generation SET models = models + 1; END;
+CREATE TRIGGER IF NOT EXISTS models_deleted AFTER DELETE ON models
+    BEGIN UPDATE read_generation SET models = models + 1; END;
+-- Every column but download_count (tests/test_read_cache.py checks that none is missing).
+CREATE TRIGGER IF NOT EXISTS models_updated
+    AFTER UPDATE OF id, name, version, algorithm, status, created_by, created_at, file_id, doc, search_text
+    ON models BEGIN UPDATE read_generation SET models = models + 1; END;
+CREATE TRIGGER IF NOT EXISTS models_counted AFTER UPDATE OF download_count ON models
+    BEGIN UPDATE read_generation SET counts = counts + 1; END;
 CREATE TABLE IF NOT EXISTS download_hours (
     hour TEXT PRIMARY KEY,
     count INTEGER NOT NULL
@@ -388,6 +407,19 @@ class EmbeddedStorage(Storage):
             except sqlite3.OperationalError:
                 pass  # busy (a checkpoint, a recovery): queue like any other call
         return await self._run(self._get, model_id)
+
+    def read_stamp(self, counts: bool = True) -> tuple[int, int] | int | None:
+        # One row on the loop's read-only connection, a few microseconds: each
+        # statement there reads the latest commit of any connection, and the
+        # triggers in _SCHEMA bump these in the transaction of every change.
+        # Busy (a checkpoint, a recovery): no stamp, so nothing is cached.
+        if self._reader is None:
+            return None
+        try:
+            models, counted = self._reader.execute("SELECT models, counts FROM read_generation").fetchone()
+        except (sqlite3.OperationalError, TypeError):
+            return None
+        return (models, counted) if counts else models
 
     def _update(self, model_id: str, fields: ModelDocument, return_previous: bool,
                 amend: Amend | None) -> ModelDocument | None:
