@@ -30,10 +30,10 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Coroutine, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Awaitable, Iterable
 
 from . import clock
 from .locks import KeyedLocks
@@ -198,7 +198,7 @@ class FileLeases:
         if self._idle:
             self._expire_later()
 
-    def _spawn(self, work: Awaitable[None]) -> asyncio.Task:
+    def _spawn(self, work: Coroutine[None, None, None]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
