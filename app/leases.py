@@ -7,9 +7,20 @@ lease on it: the storage then remembers the release and completes it when the
 last lease is dropped, or, if the reader's process died, once its lease has
 expired (``release_pending``, which every process runs every LEASE_TTL).
 
-Local readers of one file share one lease: the first takes it, the last drops
-it. A heartbeat renews this process's leases every LEASE_TTL/3, so a lease
+Local readers of one file share one lease: the first takes it, the last lets
+it go. A heartbeat renews this process's leases every LEASE_TTL/3, so a lease
 outlives its reader's process by at most LEASE_TTL.
+
+A lease lingers for ``linger`` seconds (min(1 s, LEASE_TTL/3)) after its last
+reader, still renewed, and is dropped only if no reader took it meanwhile:
+back-to-back downloads of one file (a client's loop, ranges of one file over
+a few connections) then share one lease instead of writing a lease and its
+drop each. Releases made through this process (``release``) do not wait for
+its own lingering leases: they drop the idle ones first, and a lease whose
+readers are still reading is dropped as soon as its last reader leaves. A
+release made by another process waits for this process's linger, at most
+``linger`` longer than it would for the last reader alone (the drop that ends
+the linger completes it).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Coroutine, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,22 +45,39 @@ log = logging.getLogger("app.leases")
 REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 DEFAULT_TTL = 60.0
+# Long enough to span the gap between back-to-back requests for one file (a
+# millisecond or so), short enough that another process's release is barely
+# delayed; never more than a heartbeat period, so that delay stays well below
+# the LEASE_TTL a crashed reader's lease may already hold content.
+LINGER = 1.0
 
 
-@dataclass
+def default_linger(ttl: float) -> float:
+    return min(LINGER, ttl / 3)
+
+
+@dataclass(slots=True)
 class _Lease:
     lease_id: str
     readers: int
+    # Released through this process (release()): no linger after its last reader.
+    released: bool = False
 
 
 class FileLeases:
-    """The process's lease keeper: ``reading(*file_ids)`` around a body; ``start``/``stop`` with the app."""
+    """The process's lease keeper: ``reading(*file_ids)`` around a body, ``release(file_ids)``
+    for content this process stops referring to; ``start``/``stop`` with the app."""
 
-    def __init__(self, storage: Storage, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(self, storage: Storage, ttl: float = DEFAULT_TTL, linger: float | None = None) -> None:
         self._storage = storage
         self.ttl = ttl
+        self.linger = default_linger(ttl) if linger is None else linger
         self._held: dict[str, _Lease] = {}
-        # Taking and dropping one file's lease take turns: a reader never
+        # The leases without readers, to the loop time their linger ends. Every
+        # linger is as long, so insertion order is the order they end in.
+        self._idle: dict[str, float] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        # Taking, dropping and releasing one file take turns: a reader never
         # counts itself in on a lease that is being dropped.
         self._turns = KeyedLocks()
         self._tasks: set[asyncio.Task] = set()
@@ -67,7 +96,7 @@ class FileLeases:
             self._give_back(held)
 
     def holds(self, file_id: str) -> bool:
-        """Whether this process holds a lease on the file (for tests and diagnosis)."""
+        """Whether this process holds a lease on the file, lingering or read (for tests and diagnosis)."""
         return file_id in self._held
 
     def _until(self) -> datetime:
@@ -79,8 +108,12 @@ class FileLeases:
             wanted = []
             for file_id in file_ids:
                 lease = self._held.get(file_id)
-                if lease is not None and lease.readers:
-                    lease.readers += 1  # no drop can be under way while it has readers
+                if lease is not None:
+                    # Held, read or lingering: a drop that has not had its turn yet
+                    # sees the reader and leaves the lease (one that had it, popped it).
+                    if not lease.readers:
+                        self._idle.pop(file_id, None)
+                    lease.readers += 1
                     taken.append(file_id)
                 else:
                     wanted.append(file_id)
@@ -100,6 +133,8 @@ class FileLeases:
             for file_id in file_ids:
                 lease = self._held.get(file_id)
                 if lease is not None:  # taken meanwhile, or its drop has not had its turn yet
+                    if not lease.readers:
+                        self._idle.pop(file_id, None)
                     lease.readers += 1
                     taken.append(file_id)
                 else:
@@ -130,22 +165,52 @@ class FileLeases:
         for file_id in file_ids:
             lease = self._held.get(file_id)
             if lease is None:
-                continue  # dropped by drain() at shutdown already
+                continue  # dropped by stop() at shutdown already
             lease.readers -= 1
-            if not lease.readers:
+            if lease.readers:
+                continue
+            if lease.released:
                 ending.append(file_id)
+            else:
+                self._idle[file_id] = asyncio.get_running_loop().time() + self.linger
         if ending:
             # A task: a reader that is being cancelled (its client left) still drops its lease.
-            task = asyncio.get_running_loop().create_task(self._drop(sorted(ending)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._drop(sorted(ending)))
+        if self._idle and self._expiry is None:
+            self._expire_later()
+
+    def _expire_later(self) -> None:
+        self._expiry = asyncio.get_running_loop().call_at(next(iter(self._idle.values())), self._expire)
+
+    def _expire(self) -> None:
+        """Drop the leases whose linger has ended; one timer for all of them, set for the next one to end."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        ended = []
+        for file_id, until in self._idle.items():
+            if until > now:
+                break
+            ended.append(file_id)
+        for file_id in ended:
+            del self._idle[file_id]
+        if ended:
+            self._spawn(self._drop(sorted(ended)))
+        if self._idle:
+            self._expire_later()
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _drop(self, file_ids: list[str]) -> None:
         async with AsyncExitStack() as turns:
             for file_id in file_ids:
                 await turns.enter_async_context(self._turns(file_id))
+            # Not a lease a reader took meanwhile, nor one lingering again since (its own linger ends it).
             ending = [self._held.pop(file_id) for file_id in file_ids
-                      if file_id in self._held and not self._held[file_id].readers]
+                      if file_id in self._held and not self._held[file_id].readers and file_id not in self._idle]
             if ending:
                 await self._drop_leases([lease.lease_id for lease in ending])
 
@@ -156,6 +221,27 @@ class FileLeases:
             # Not renewed any more: they expire within LEASE_TTL, and release_pending
             # (here or in another process) completes what they held back.
             log.warning("could not drop %d lease(s); they expire within %g s: %s", len(lease_ids), self.ttl, e)
+
+    # -- releases made through this process ----------------------------------------
+    async def release(self, file_ids: Iterable[str]) -> None:
+        """``storage.release_file`` for content this process stopped referring to, unhindered by its idle leases.
+
+        A lingering lease on it is dropped first, in the file's turn, which the
+        release keeps: no reader here leases it again in between. A lease that
+        readers here still read is marked, so their last one drops it at once,
+        completing the release (in the storage, as a lease of any process does).
+        """
+        for file_id in dict.fromkeys(file_ids):
+            async with self._turns(file_id):
+                lease = self._held.get(file_id)
+                if lease is not None and lease.readers:
+                    lease.released = True
+                elif lease is not None:
+                    del self._held[file_id]
+                    self._idle.pop(file_id, None)
+                    # Shielded: a release cut short still drops the lease it popped.
+                    await asyncio.shield(self._spawn(self._drop_leases([lease.lease_id])))
+                await self._storage.release_file(file_id)
 
     # -- with the application ----------------------------------------------------
     async def start(self) -> None:
@@ -187,11 +273,18 @@ class FileLeases:
                 await self._heartbeat
             self._heartbeat = None
         await self.drain()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._idle.clear()
         if self._held:  # readers cut short that never left their block
             held, self._held = self._held, {}
             await self._drop_leases([lease.lease_id for lease in held.values()])
 
     async def drain(self) -> None:
-        """Wait for the drops under way (the releases they complete included)."""
-        while self._tasks:
+        """End every linger now, and wait for the drops under way (the releases they complete included)."""
+        while self._idle or self._tasks:
+            if self._idle:
+                ended, self._idle = sorted(self._idle), {}
+                self._spawn(self._drop(ended))
             await asyncio.gather(*self._tasks, return_exceptions=True)

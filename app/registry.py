@@ -9,7 +9,9 @@ which numbers again.
 Attaching a file: a stored upload is claimed (settled) once a model points at
 it, and released again if none does; the file a model stops pointing at is
 released (storage.release_file), which a download still reading it, in any
-process, holds back with its lease until it is done (app/leases.py).
+process, holds back with its lease until it is done (app/leases.py). The
+service releases through its lease keeper (``leases``), so that its own leases
+lingering after their last reader do not hold the release back.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bson import ObjectId
 from . import clock, errors, snapshots, versions
 from .errors import ApiError
 from .http import preconditions
+from .leases import FileLeases
 from .locks import KeyedLocks
 from .metrics import REGISTRATIONS, UPLOAD_BYTES, UPLOADS, algorithm_label
 from .render import LAST_MODIFIED_SHARED
@@ -187,11 +190,11 @@ async def settle_all_latest(storage: Storage, page: int = 500) -> int:
                 for name in sorted(n for n, c in counts.items() if c > 1 or n in marked)])
 
 
-async def delete(storage: Storage, model_id: str) -> ModelDocument | None:
+async def delete(storage: Storage, model_id: str, leases: FileLeases | None = None) -> ModelDocument | None:
     """Delete a model and release its files (each kept while another model shares it)."""
     doc = await storage.delete_model(model_id)
     if doc is not None:
-        await _release_all(storage, snapshots.file_ids(doc))
+        await _release_all(storage, snapshots.file_ids(doc), leases)
     if doc is not None and not doc.get(SUPERSEDED):
         await settle_latest(storage, doc["name"])
     return doc
@@ -231,7 +234,8 @@ def _date_shared(replaced: ModelDocument, fm: StoredFileMetadata) -> ModelDocume
     return {"file_metadata": {**fm, LAST_MODIFIED_SHARED: True}} if shared else {}
 
 
-async def attach_file(storage: Storage, doc: ModelDocument, received: Received) -> StoredFileMetadata:
+async def attach_file(storage: Storage, doc: ModelDocument, received: Received,
+                      leases: FileLeases | None = None) -> StoredFileMetadata:
     """Point the model at its new file, then release whatever file it had before; the new file_metadata."""
     fm = file_metadata(received, doc.get("format"), f"{doc['name']}-{doc['version']}")
     async with _claiming(storage, received):
@@ -246,13 +250,13 @@ async def attach_file(storage: Storage, doc: ModelDocument, received: Received) 
         if previous is None:
             # The model was deleted while its file was uploading.
             raise ApiError(errors.NOT_FOUND, f"no model with id {doc['id']}")
-    await _release_all(storage, [f for f in snapshots.file_ids(previous) if f != fm["file_id"]])
+    await _release_all(storage, [f for f in snapshots.file_ids(previous) if f != fm["file_id"]], leases)
     _count_upload(doc, received)
     return fm
 
 
 async def attach_blob(storage: Storage, doc: ModelDocument, sha256: str,
-                      filename: str | None) -> StoredFileMetadata:
+                      filename: str | None, leases: FileLeases | None = None) -> StoredFileMetadata:
     """Point a model at a stored blob (POST /models/{id}/upload?digest=), as an upload's file is attached:
     claimed first, so no release or gc removes it in between; 422 missing_blobs if it is not stored."""
     blob = (await storage.claim_blobs([sha256])).get(sha256)
@@ -260,11 +264,18 @@ async def attach_blob(storage: Storage, doc: ModelDocument, sha256: str,
         raise ApiError(errors.MISSING_BLOBS, f"blob sha256:{sha256} is not stored; upload it first (PUT "
                                              "/api/v1/blobs/<digest> or an upload session); nothing changed",
                        details={"missing": [f"sha256:{sha256}"]})
-    return await attach_file(storage, doc, Received(blob, filename or "", "application/octet-stream"))
+    return await attach_file(storage, doc, Received(blob, filename or "", "application/octet-stream"), leases)
 
 
-async def _release_all(storage: Storage, file_ids: list[str]) -> None:
-    """Release content a model no longer refers to (a download's lease holds it back until it is done)."""
+async def _release_all(storage: Storage, file_ids: list[str], leases: FileLeases | None) -> None:
+    """Release content a model no longer refers to (a download's lease holds it back until it is done).
+
+    Through the service's lease keeper when there is one (``leases``, the
+    app's LEASES): its idle lingering leases then do not delay the release.
+    """
+    if leases is not None:
+        await leases.release(file_ids)
+        return
     for file_id in file_ids:
         await storage.release_file(file_id)
 

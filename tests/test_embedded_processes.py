@@ -13,9 +13,11 @@ import asyncio
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 
@@ -153,6 +155,40 @@ def test_snapshot_deleted_through_one_process_while_another_streams_its_tar(serv
                 assert gone.status == 404
 
     asyncio.run(scenario())
+
+
+def _leases_on(data_dir: Path, data: bytes) -> int:
+    """Lease records on this content, whichever process holds them."""
+    with closing(sqlite3.connect(data_dir / "registry.sqlite3")) as db:
+        return db.execute("SELECT count(*) FROM content_leases l JOIN files f ON f.file_id = l.file_id"
+                          " WHERE f.sha256 = ?", (hashlib.sha256(data).hexdigest(),)).fetchone()[0]
+
+
+def test_released_through_one_process_just_after_another_downloaded_it_goes_when_its_linger_ends(services):
+    """B's back-to-back downloads share one lease, which lingers (1 s) after the last: A's release right
+    after is held back by it, and completed by B's drop when the linger ends."""
+    (a, b, c), data_dir = services
+    old = os.urandom(2 * 1024 * 1024 + 3)
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            model_id = await _register(session, a.url, "lingered")
+            await _upload(session, a.url, model_id, old)
+            for _ in range(5):
+                async with session.get(f"{b.url}{MODELS}/{model_id}/download") as resp:
+                    assert resp.status == 200 and await resp.read() == old
+            # These checks follow the last download within milliseconds, far inside its 1 s linger.
+            leases_after_downloads = _leases_on(data_dir, old)
+            await _upload(session, a.url, model_id, os.urandom(1000))  # A releases the old content
+            held = [_on_disk(data_dir, old), await _blob_stored(session, c.url, old)]
+            released = time.monotonic()
+            await _wait_gone(session, [a.url, b.url, c.url], data_dir, old)
+            return leases_after_downloads, held, time.monotonic() - released
+
+    leases_after_downloads, held, waited = asyncio.run(scenario())
+    assert leases_after_downloads == 1, "B's downloads did not share one lingering lease"
+    assert held == [True, True], "A's release did not wait for B's lingering lease"
+    assert waited < 5
 
 
 async def _download_everywhere(urls: list[str], model_id: str, data: bytes, per_url: int) -> None:

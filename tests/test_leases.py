@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
+import sqlite3
 import time
+from contextlib import closing
 from datetime import timedelta
 
 import pytest
+from bson import ObjectId
 
 from app import clock
 from app.appkeys import LEASES, STORAGE
 from app.leases import REPLICA_ID, FileLeases
 from app.storage import make_storage
 from app.storage.base import ContentGone
+from tests.support import deadlines
 
 
 @pytest.fixture
@@ -185,6 +190,164 @@ async def test_stop_drops_what_readers_still_hold(storage, other):
     assert REPLICA_ID.count(":") >= 2  # host:pid:token
 
 
+# -- a lease lingers after its last reader -----------------------------------------
+
+async def live_leases(storage, file_id: str) -> int:
+    """The lease records on this content in the store, whoever holds them."""
+    if storage.kind == "mongodb":
+        return await storage.content.leases.count_documents({"file_id": ObjectId(file_id)})
+    with closing(sqlite3.connect(storage.db_path)) as db:
+        return db.execute("SELECT count(*) FROM content_leases WHERE file_id = ?", (file_id,)).fetchone()[0]
+
+
+async def drops_settled(leases: FileLeases) -> None:
+    """Wait for the drop tasks already started (not for lingers: drain() would end those)."""
+    await asyncio.gather(*leases._tasks)
+
+
+@deadlines.bounded(60)
+async def test_back_to_back_readers_of_one_file_share_one_lease(storage, other):
+    f = await stored_content(storage)
+    recording = Recording(storage)
+    leases = FileLeases(recording)
+    leases.linger = 30.0  # far longer than the test: the lease must simply still be there
+    for _ in range(20):
+        async with leases.reading(f.file_id):
+            pass
+        await drops_settled(leases)
+    assert recording.calls == ["lease"] and leases.holds(f.file_id)
+    assert await live_leases(storage, f.file_id) == 1
+    # Lingering, it still protects the content against another process's release.
+    assert await other.release_file(f.file_id) is False
+    assert await other.file_info(f.file_id) is not None
+    await leases.drain()
+    assert recording.calls == ["lease", "drop", "dropped"] and not leases.holds(f.file_id)
+    assert await live_leases(storage, f.file_id) == 0
+    assert await storage.file_info(f.file_id) is None  # the drop completed the other's release
+
+
+@deadlines.bounded(60)
+async def test_a_linger_is_renewed_and_ends_with_the_drop_that_completes_another_processes_release(storage, other):
+    ttl = 0.6
+    f = await stored_content(storage)
+    recording = Recording(storage)
+    leases = FileLeases(recording, ttl=ttl)
+    leases.linger = 4 * ttl  # longer than an unrenewed lease lives: the heartbeat renews lingering leases too
+    await leases.start()
+    try:
+        async with leases.reading(f.file_id):
+            pass
+        left = time.monotonic()
+        # Another process releases the content while the lease lingers: held back, remembered.
+        assert await other.release_file(f.file_id) is False
+        while time.monotonic() < left + 2 * ttl:
+            assert await other.file_info(f.file_id) is not None, "deleted while the lease lingered"
+            assert await other.release_file(f.file_id) is False
+            await asyncio.sleep(ttl / 4)
+        assert recording.calls == ["lease"]
+
+        async def dropped():
+            return not leases.holds(f.file_id)
+        await wait_for(dropped, "the linger to end", timeout=30)
+        assert time.monotonic() - left >= 0.9 * leases.linger
+        assert recording.calls[:2] == ["lease", "drop"]
+
+        async def released():
+            return await other.file_info(f.file_id) is None
+        # The drop that ended the linger completed the other process's release: nothing else would before ttl*3.
+        await wait_for(released, "the release to complete", timeout=10)
+        assert await live_leases(storage, f.file_id) == 0
+    finally:
+        await leases.stop()
+
+
+@deadlines.bounded(60)
+async def test_a_reader_that_comes_while_a_lingers_drop_waits_for_its_turn_keeps_the_lease(storage, other):
+    f = await stored_content(storage)
+    recording = Recording(storage)
+    leases = FileLeases(recording)
+    leases.linger = 0.05
+    async with leases.reading(f.file_id):
+        pass
+    turn = leases._turns(f.file_id)
+    await turn.acquire()  # the file's turn, held here: the drop, once the linger ends, waits for it
+    holding = True
+    try:
+        async def drop_waits():
+            return bool(turn._waiters)
+        await wait_for(drop_waits, "the linger's drop to wait for the file's turn")
+        async with asyncio.timeout(10):
+            async with leases.reading(f.file_id):  # the lingering lease, taken again without a storage call
+                turn.release()
+                holding = False
+
+                async def drop_passed():
+                    return not turn.locked()
+                await wait_for(drop_passed, "the drop to have its turn")
+                await drops_settled(leases)
+                # The drop saw the reader and left the lease: it protects the content still.
+                assert recording.calls == ["lease"] and leases.holds(f.file_id)
+                assert await other.release_file(f.file_id) is False
+                assert await other.file_info(f.file_id) is not None
+    finally:
+        if holding:
+            turn.release()
+    await leases.drain()
+    assert recording.calls == ["lease", "drop", "dropped"]
+    assert await storage.file_info(f.file_id) is None
+
+
+@deadlines.bounded(60)
+async def test_a_release_through_the_keeper_drops_its_idle_lease_first(storage):
+    f = await stored_content(storage)
+    leases = FileLeases(storage)
+    leases.linger = 30.0
+    async with leases.reading(f.file_id):
+        pass
+    assert leases.holds(f.file_id)
+    await leases.release([f.file_id])
+    # At once, not after the linger: the lease was this process's own and idle.
+    assert await storage.file_info(f.file_id) is None and not leases.holds(f.file_id)
+    assert await live_leases(storage, f.file_id) == 0
+
+
+@deadlines.bounded(60)
+async def test_a_release_through_the_keeper_under_readers_completes_as_the_last_leaves(storage, other):
+    f = await stored_content(storage)
+    leases = FileLeases(storage)
+    leases.linger = 30.0
+    async with leases.reading(f.file_id):
+        async with leases.reading(f.file_id):
+            await leases.release([f.file_id])
+            assert await other.file_info(f.file_id) is not None  # read here: held back
+        await drops_settled(leases)
+        assert await other.file_info(f.file_id) is not None and leases.holds(f.file_id)
+
+    async def released():
+        return await storage.file_info(f.file_id) is None
+    # Without a linger: the last reader dropped the lease, which completed the release (30 s otherwise).
+    await wait_for(released, "the release to complete as the last reader left", timeout=10)
+    assert not leases.holds(f.file_id)
+
+
+@deadlines.bounded(60)
+async def test_stop_drops_lingering_leases_without_waiting_for_their_linger(storage, other):
+    f = await stored_content(storage)
+    leases = FileLeases(storage)
+    leases.linger = 300.0
+    await leases.start()
+    async with leases.reading(f.file_id):
+        pass
+    await drops_settled(leases)
+    assert leases.holds(f.file_id)
+    assert await other.release_file(f.file_id) is False  # held back by the lingering lease
+    async with asyncio.timeout(10):
+        await leases.stop()
+    assert not leases.holds(f.file_id)
+    assert await live_leases(storage, f.file_id) == 0
+    assert await storage.file_info(f.file_id) is None
+
+
 # -- downloads that find their content gone -------------------------------------
 
 async def _model_with_file(client, name: str, data: bytes) -> str:
@@ -264,3 +427,89 @@ async def test_content_that_keeps_going_is_503_after_three_lookups(client):
     assert (await resp.json())["error"]["code"] == "storage_unavailable"
     assert len(calls) == 3
     assert not client.app[LEASES].holds((await storage.get_model(model_id))["file_metadata"]["file_id"])
+
+
+# -- lingering leases through HTTP ---------------------------------------------------
+
+def _count_leases(storage) -> list[list[str]]:
+    real, calls = storage.lease_files, []
+
+    async def lease_files(file_ids, owner, until):
+        calls.append(list(file_ids))
+        return await real(file_ids, owner, until)
+
+    storage.lease_files = lease_files
+    return calls
+
+
+@deadlines.bounded(120)
+async def test_back_to_back_downloads_and_ranges_of_one_file_take_one_lease(client):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    model_id = await _model_with_file(client, "loop", data)
+    storage = client.app[STORAGE]
+    file_id = (await storage.get_model(model_id))["file_metadata"]["file_id"]
+    client.app[LEASES].linger = 60.0  # longer than the test, however slow the machine
+    calls = _count_leases(storage)
+    url = f"/api/v1/models/{model_id}/download"
+    for _ in range(5):  # one client downloading the file again and again
+        resp = await client.get(url)
+        assert resp.status == 200 and await resp.read() == data
+    rng = random.Random(18)
+
+    async def one_range():
+        start = rng.randrange(len(data) - 1024 * 1024)
+        resp = await client.get(url, headers={"Range": f"bytes={start}-{start + 1024 * 1024 - 1}"})
+        assert resp.status == 206
+        assert await resp.read() == data[start:start + 1024 * 1024]
+    for _ in range(3):  # 1 MiB ranges over four connections
+        await asyncio.gather(*(one_range() for _ in range(4)))
+    assert calls == [[file_id]]
+    assert client.app[LEASES].holds(file_id) and await live_leases(storage, file_id) == 1
+
+
+@pytest.mark.parametrize("change", ["replace", "delete"])
+@deadlines.bounded(120)
+async def test_a_release_through_this_service_deletes_at_once_despite_its_lingering_lease(client, change):
+    model_id = await _model_with_file(client, "lingered", os.urandom(70_000))
+    storage = client.app[STORAGE]
+    leases = client.app[LEASES]
+    leases.linger = 60.0
+    old = (await storage.get_model(model_id))["file_metadata"]["file_id"]
+    resp = await client.get(f"/api/v1/models/{model_id}/download")
+    assert resp.status == 200
+    await resp.read()
+    await drops_settled(leases)
+    assert leases.holds(old)  # the download's lease lingers
+    if change == "replace":
+        resp = await client.put(f"/api/v1/models/{model_id}/upload?filename=g.bin", data=os.urandom(80_000))
+        assert resp.status == 201
+    else:
+        resp = await client.delete(f"/api/v1/models/{model_id}")
+        assert resp.status in (200, 204)
+    # Deleted by the release itself, as with no reader at all: not when the linger ends.
+    assert await storage.file_info(old) is None
+    assert not leases.holds(old) and await live_leases(storage, old) == 0
+
+
+@deadlines.bounded(120)
+async def test_shutting_the_service_down_drops_its_lingering_leases(aiohttp_client, settings):
+    from app.server import create_app
+
+    client = await aiohttp_client(create_app(settings))
+    client.app[LEASES].linger = 300.0
+    model_id = await _model_with_file(client, "shutdown", os.urandom(20_000))
+    storage = client.app[STORAGE]
+    file_id = (await storage.get_model(model_id))["file_metadata"]["file_id"]
+    resp = await client.get(f"/api/v1/models/{model_id}/download")
+    assert resp.status == 200
+    await resp.read()
+    await drops_settled(client.app[LEASES])
+    assert client.app[LEASES].holds(file_id) and await live_leases(storage, file_id) == 1
+    async with asyncio.timeout(30):
+        await client.close()
+    observer = make_storage(settings)
+    await observer.open()
+    try:
+        assert await live_leases(observer, file_id) == 0
+    finally:
+        await observer.close()

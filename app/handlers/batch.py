@@ -14,7 +14,7 @@ from typing import get_args
 from aiohttp import web
 
 from .. import clock, errors, registry, validation
-from ..appkeys import STORAGE
+from ..appkeys import LEASES, STORAGE
 from ..errors import ApiError
 from ..http.json import json_response
 from ..json_bodies import read_json_object
@@ -57,7 +57,7 @@ def _parse(body: dict) -> tuple[str, list, dict]:
 async def _apply(request: web.Request, operation: str, model_id: str, fields: dict) -> str:
     storage = request.app[STORAGE]
     if operation == "delete":
-        return "ok" if await registry.delete(storage, model_id) else "not_found"
+        return "ok" if await registry.delete(storage, model_id, request.app[LEASES]) else "not_found"
     if operation == "update_status":
         changes = fields
     else:

@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from .. import downloads, errors, registry, snapshots, upload_sessions, uploads, urls
-from ..appkeys import SETTINGS, STORAGE, UPLOAD_SLOTS
+from ..appkeys import LEASES, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http import preconditions
 from ..http.expect import invite_body
@@ -50,7 +50,7 @@ async def upload(request: web.Request) -> web.Response:
         fm = await _attach_blob(request, doc)
     else:
         received = await _receive(request)
-        fm = await registry.attach_file(request.app[STORAGE], doc, received)
+        fm = await registry.attach_file(request.app[STORAGE], doc, received, request.app[LEASES])
     return json_response(UploadAnswer(success=True, model_id=doc["id"], file_metadata=file_metadata(fm)), status=201)
 
 
@@ -60,7 +60,7 @@ async def _attach_blob(request: web.Request, doc: ModelDocument):
     if request.body_exists:
         raise ApiError(errors.INVALID_PARAMETER, "?digest= attaches a stored blob: send no body with it")
     filename = uploads.clean_filename(request.query.get("filename"))
-    return await registry.attach_blob(request.app[STORAGE], doc, sha256, filename)
+    return await registry.attach_blob(request.app[STORAGE], doc, sha256, filename, request.app[LEASES])
 
 
 async def download(request: web.Request) -> web.StreamResponse:

@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 
 from .. import errors, registry, render, snapshots, uploads, validation
-from ..appkeys import READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
+from ..appkeys import LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
 from ..http.json import conditional_json, encoded, json_body_response, json_response, parse_json_object, tagged
@@ -106,7 +106,7 @@ async def update_model(request: web.Request) -> web.Response:
 
 async def delete_model(request: web.Request) -> web.Response:
     model_id = request_model_id(request)
-    if await registry.delete(request.app[STORAGE], model_id) is None:
+    if await registry.delete(request.app[STORAGE], model_id, request.app[LEASES]) is None:
         raise not_found(model_id)
     return json_response(DeleteAnswer(success=True, message="Model deleted successfully", deleted_id=model_id))
 

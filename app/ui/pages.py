@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from .. import auth, clock, errors, registry, snapshots, validation
-from ..appkeys import SETTINGS, STORAGE
+from ..appkeys import LEASES, SETTINGS, STORAGE
 from ..config import format_size
 from ..errors import ApiError
 from ..handlers import files
@@ -281,7 +281,7 @@ async def confirm_delete(request: web.Request, visit: Visit) -> web.Response:
 @page("admin")
 async def delete(request: web.Request, visit: Visit) -> web.StreamResponse:
     model_id = validation.model_id(request.match_info["id"])
-    doc = await registry.delete(request.app[STORAGE], model_id)
+    doc = await registry.delete(request.app[STORAGE], model_id, request.app[LEASES])
     if doc is None:
         raise ApiError(errors.NOT_FOUND, f"no model with id {model_id}")
     return see_other(PREFIX + "?" + urlencode({"deleted": f"{doc['name']} {doc['version']}"}))
