@@ -87,14 +87,13 @@ def request_id(request: web.BaseRequest) -> str | None:
     return request.get(REQUEST_ID)
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
+def assign_request_id(request: web.Request) -> None:
+    """The client's X-Request-ID when it is sane, else a new one (app/middleware.py, first thing)."""
     incoming = request.headers.get(REQUEST_ID_HEADER)
     # An id only has to be unique, not secret: the Mersenne Twister, not a
     # getrandom() system call per request.
     request[REQUEST_ID] = (incoming if incoming is not None and _SANE_ID.fullmatch(incoming)
                            else f"{random.getrandbits(64):016x}")
-    return await handler(request)
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -13,9 +13,8 @@ from . import auth, connections, limits, logs, upload_slots
 from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .config import ConfigError, Settings
 from .drain import Drain
-from .handlers.metrics import metrics_middleware
 from .leases import FileLeases
-from .middleware import error_middleware
+from .middleware import request_middleware
 from .read_cache import ReadCache
 from .routes import setup_routes
 from .storage import Storage, make_storage
@@ -25,9 +24,8 @@ log = logging.getLogger("app")
 
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
     """Build the application; the storage is opened on start-up and closed on cleanup."""
-    # Metrics outermost, so they see the status the error middleware chose.
     drain = Drain()
-    middlewares = [logs.request_id_middleware, metrics_middleware, error_middleware, drain.middleware()]
+    middlewares = [request_middleware(drain)]
     keys = ()
     if settings.enable_auth:
         keys = auth.load_keys(settings.api_keys_file, settings.api_keys)

@@ -1,33 +1,12 @@
-"""GET /metrics: Prometheus text exposition, plus request metrics middleware."""
+"""GET /metrics: Prometheus text exposition (requests are measured in app/middleware.py)."""
 
 from __future__ import annotations
-
-import time
 
 from aiohttp import web
 
 from .. import metrics, registry
 from ..appkeys import STORAGE
 from ..storage.base import StorageError
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    metrics.IN_FLIGHT.inc()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as e:
-        status = e.status
-        raise
-    finally:
-        metrics.IN_FLIGHT.dec()
-        route = request.match_info.route
-        resource = route.resource if route is not None else None
-        metrics.request_duration(resource, request.method, status).observe(time.perf_counter() - started)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
