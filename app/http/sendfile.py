@@ -65,13 +65,15 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
         os.close(fd)
         raise ConnectionResetError("the client closed the connection") from e
     sent = 0
-    # Corked before the headers go, so that they leave in one segment with
-    # the file's first bytes, as nginx's tcp_nopush does: for a small range
-    # that is one packet instead of two.
+    # Corked while the file goes, so that the kernel sends full segments. The
+    # headers have already left: aiohttp's StreamResponse sends them at
+    # prepare(), so unlike nginx's tcp_nopush they are a packet of their own
+    # (measured: no cost per request on loopback, and an earlier first byte).
     _cork(sock, True)
     try:
         # Headers (and any multipart preamble) first, all the way out of the
-        # transport's buffer, so the file's bytes follow them in order.
+        # transport's buffer, so the file's bytes follow them in order (a
+        # writer that still holds its headers sends them now).
         send_headers = getattr(writer, "send_headers", None)
         if send_headers is not None:
             send_headers()
