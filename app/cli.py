@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from . import logs
-from .config import ConfigError, Settings
 from .maintenance import add_maintenance_commands
-from .storage import StorageUnavailable
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # The server's modules load here, not with the command line: ``model-service pull`` never needs them.
+    from . import logs
+    from .config import ConfigError, Settings
+    from .storage import StorageUnavailable
+
     try:
         settings = Settings.from_env()
     except ConfigError as e:

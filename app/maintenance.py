@@ -14,10 +14,15 @@ import asyncio
 import re
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-from . import clock, registry, snapshots, upload_sessions, validation
-from .config import ConfigError, Settings
-from .storage import ModelQuery, StorageError, make_storage
+from .schemas import STATUSES
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+# The store's modules are imported by the commands that use them: the parser is built for every
+# ``model-service`` command, and ``model-service pull`` should not load the server to download a file.
 
 _AGE_RE = re.compile(r"^(\d+)([smhdw])$")
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -31,6 +36,8 @@ def parse_age(text: str) -> timedelta:
 
 
 async def _with_storage(settings: Settings, work):
+    from .storage import make_storage
+
     storage = make_storage(settings)
     await storage.open()
     try:
@@ -40,6 +47,9 @@ async def _with_storage(settings: Settings, work):
 
 
 async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -> int:
+    from . import clock, registry, snapshots
+    from .storage import ModelQuery
+
     cutoff = clock.now() - older_than
     removed = skip = 0
     while True:
@@ -64,6 +74,8 @@ async def _cleanup(storage, status: str, older_than: timedelta, dry_run: bool) -
 
 
 async def _gc(storage, min_age: timedelta, dry_run: bool, session_ttl: timedelta) -> int:
+    from . import registry, upload_sessions
+
     if not dry_run:
         # Models registered before versions were marked superseded.
         if settled := await registry.settle_all_latest(storage):
@@ -78,6 +90,9 @@ async def _gc(storage, min_age: timedelta, dry_run: bool, session_ttl: timedelta
 
 
 def _run(args: argparse.Namespace, work) -> int:
+    from .config import ConfigError, Settings
+    from .storage import StorageError
+
     try:
         settings = Settings.from_env()
     except ConfigError as e:
@@ -92,7 +107,7 @@ def _run(args: argparse.Namespace, work) -> int:
 
 def add_maintenance_commands(sub) -> None:
     p = sub.add_parser("cleanup", help="delete old models of a status, and their files")
-    p.add_argument("--status", required=True, choices=validation.STATUSES)
+    p.add_argument("--status", required=True, choices=STATUSES)
     p.add_argument("--older-than", required=True, type=parse_age, metavar="AGE", help="e.g. 90d, 12h")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.set_defaults(func=lambda a: _run(a, lambda s, _: _cleanup(s, a.status, a.older_than, a.dry_run)))

@@ -141,3 +141,48 @@ def test_the_client_alone_installs_without_the_server_and_pushes_pulls_fetches(r
     assert fetched["downloaded"] == 3_000_000 and fetched["again_cached"] and fetched["same"]
     assert sha256_of(Path(fetched["path"])) == digest
     print(f"install {install_seconds:.1f} s, all {time.monotonic() - started:.1f} s")
+
+
+# What a command line may load before it knows which command it runs, and what a pull of one file loads:
+# start-up is paid by every pull (a fifth of a small pull's CPU was modules it never ran).
+STARTUP_PROBE = """
+import sys
+{setup}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tqdm", "aiohttp", "app", "tensorfleet_client"))
+print("\\n".join(loaded))
+"""
+
+
+def loaded_after(setup: str) -> set[str]:
+    proc = subprocess.run([sys.executable, "-c", STARTUP_PROBE.format(setup=setup)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=True)
+    return set(proc.stdout.split())
+
+
+@pytest.mark.parametrize("setup", [
+    "import tensorfleet_client",
+    "from tensorfleet_client.cli import main",
+    "from app.cli import build_parser; build_parser()",
+])
+def test_a_command_line_starts_without_the_client_or_server_machinery(setup):
+    heavy = {m for m in loaded_after(setup)
+             if m.split(".")[0] in ("tqdm", "aiohttp")
+             or m in ("app.storage", "app.logs", "app.registry", "app.server", "tensorfleet_client.core",
+                      "tensorfleet_client.download", "tensorfleet_client.snapshot", "tensorfleet_client.cache")}
+    assert heavy == set()
+
+
+def test_a_pull_of_one_file_loads_neither_the_folder_nor_the_cache_code_nor_a_progress_bar():
+    loaded = loaded_after("from tensorfleet_client.sync import ModelServiceClient")
+    assert "tensorfleet_client.download" in loaded  # the probe sees what a pull loads
+    assert not loaded & {"tqdm", "tensorfleet_client.snapshot", "tensorfleet_client.cache"}
+
+
+def test_the_package_still_exports_every_name_lazily():
+    import tensorfleet_client
+
+    for name in tensorfleet_client.__all__:
+        assert getattr(tensorfleet_client, name) is not None, name
+    assert "ModelServiceClient" in dir(tensorfleet_client)
+    with pytest.raises(AttributeError):
+        tensorfleet_client.NoSuchName  # noqa: B018

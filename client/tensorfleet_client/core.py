@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
 
 import orjson
 
-from . import cache, rules, sessions, snapshot
 from . import download as dl
+from . import rules, sessions
 from .errors import ChecksumMismatch, ProtocolError
 from .manifest import Manifest
 from .transport import API, USER_AGENT, RetryPolicy, Transport, read_json_body
+
+if TYPE_CHECKING:
+    from . import snapshot
 
 
 def _query(filters: Mapping[str, Any]) -> dict[str, str]:
@@ -196,11 +199,15 @@ class AsyncModelServiceClient:
         path = Path(path)
         if not path.is_dir():
             raise NotADirectoryError(f"not a folder: {path}")
+        from . import snapshot  # here, not at the top: a plain push or pull never loads it
+
         return await snapshot.push_folder(self.transport, path, metadata, progress=progress,
                                           sessions_config=self.sessions)
 
     async def manifest(self, id_or_name: str, version: str | None = None) -> Manifest:
         """A version's list of files (checked against the path rules) and snapshot digest."""
+        from . import snapshot  # here, not at the top: a plain push or pull never loads it
+
         _, m, _ = await snapshot.get_manifest(self.transport, id_or_name, version)
         assert m is not None
         return m
@@ -213,6 +220,8 @@ class AsyncModelServiceClient:
         folder ``path``, each verified; the folder appears complete or not at all, and a pull interrupted and
         run again keeps every file it verified. An existing non-empty folder is replaced only with
         ``overwrite`` (FileExistsError)."""
+        from . import snapshot  # here, not at the top: a plain push or pull never loads it
+
         return await snapshot.pull_folder(self.transport, id_or_name, path, version, include=include,
                                           exclude=exclude, overwrite=overwrite, parallel=parallel,
                                           limit_rate=limit_rate, progress=progress)
@@ -309,6 +318,8 @@ class AsyncModelServiceClient:
                            limit_rate: float | None = None, progress: dl.Progress | None = None,
                            allow_stale: bool = False) -> dl.DownloadResult:
         """``fetch``, with the details: whether it was cached, bytes transferred, ..."""
+        from . import cache  # here, not at the top: a plain push or pull never loads it
+
         return await cache.fetch(self.transport, name, version, cache_dir, parallel=parallel, limit_rate=limit_rate,
                                  progress=progress, allow_stale=allow_stale)
 

@@ -588,7 +588,9 @@ class _Job:
         hashed = 0
         while not self.abandoned:
             prefix = self._prefix()
-            if hashed < prefix:
+            # Whole blocks only until the last byte is in: a thread hop per piece received (1158 hops of
+            # 0.9 MB for 1 GB in one stream) cost more in wake-ups of both threads than the hop moved.
+            if prefix - hashed >= HASH_BLOCK or (self.complete and hashed < prefix):
                 # One bounded block per hop, so that abandoning never waits long.
                 end = min(prefix, hashed + HASH_BLOCK)
                 await asyncio.to_thread(self._hash_block, h, hashed, end)
