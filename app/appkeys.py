@@ -3,12 +3,14 @@
 from aiohttp import web
 
 from .config import Settings
+from .counts import DownloadCounts
 from .leases import FileLeases
 from .storage.base import Storage
 
 SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
 LEASES = web.AppKey("leases", FileLeases)
+COUNTS = web.AppKey("counts", DownloadCounts)
 DRAIN = web.AppKey("drain", object)  # drain.Drain
 DOWNLOAD_SLOTS = web.AppKey("download_slots", object)  # limits.DownloadSlots
 UPLOAD_SLOTS = web.AppKey("upload_slots", object)  # upload_slots.UploadSlots
