@@ -197,6 +197,9 @@ def test_concurrent_downloads_through_every_process_are_counted_exactly(services
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             model_id = await _register(session, urls[0], "counted")
             await _upload(session, urls[0], model_id, data)
+            # Each process writes its pending counts (earlier tests' downloads) as it answers.
+            for url in urls:
+                await _counts(session, url, model_id)
             before = await _counts(session, urls[0], model_id)
             await _download_everywhere(urls, model_id, data, per_url=60)
             return before, [await _counts_seen(session, url, model_id, 180) for url in urls]
