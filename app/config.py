@@ -149,6 +149,9 @@ class Settings:
     # Seconds a reader's lease on stored content outlives its last renewal
     # (app/leases.py): how long content a crashed process was streaming stays.
     lease_ttl: float = 60.0
+    # Seconds between writes of this process's download counts (app/counts.py);
+    # 0 writes each count before its download's body, as before batching.
+    count_flush_interval: float = 1.0
 
     @property
     def storage_kind(self) -> str:
@@ -202,6 +205,7 @@ class Settings:
             upload_session_ttl=_duration(env, "UPLOAD_SESSION_TTL", cls.upload_session_ttl, timedelta(seconds=1),
                                          timedelta(days=365)),
             lease_ttl=_int(env, "LEASE_TTL", int(cls.lease_ttl), 2, 86_400),
+            count_flush_interval=_seconds(env, "COUNT_FLUSH_INTERVAL", cls.count_flush_interval, 0, 3600),
         )
 
     def describe(self) -> str:
@@ -234,6 +238,20 @@ def _int(env, name, default, lo, hi):
         raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
     if not lo <= n <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def _seconds(env, name, default, lo, hi):
+    value = _raw(env, name)
+    if value is None or value == "":
+        return default
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    # NaN and infinity fail the comparison too.
+    if not lo <= n <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi} seconds, got {value!r}")
     return n
 
 

@@ -28,11 +28,11 @@ from urllib.parse import quote
 from aiohttp import web
 
 from . import clock, errors, metrics, render, snapshots, urls
-from .appkeys import DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
+from .appkeys import COUNTS, DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
 from .snapshot_tar import TarLayout
-from .storage.base import ContentGone, FileMissing, ModelDocument, Storage, StorageError, StorageUnavailable, StoredFile
+from .storage.base import ContentGone, FileMissing, ModelDocument, Storage, StorageUnavailable, StoredFile
 from .streaming import prefetch
 
 log = logging.getLogger("app.downloads")
@@ -287,14 +287,10 @@ async def _send(request: web.Request, doc: ModelDocument, representation: filere
 
 
 async def count_download(request: web.Request, doc: ModelDocument) -> None:
-    """One download of the version: its download_count, the hourly tally and the metric."""
+    """One download of the version: the metric now; its download_count and the hourly tally
+    within COUNT_FLUSH_INTERVAL (app/counts.py)."""
     metrics.downloads(doc["algorithm"]).inc()
-    try:
-        await request.app[STORAGE].record_download(doc["id"], clock.now())
-    except StorageError as e:
-        # A lost count is not worth a failed download.
-        metrics.STORAGE_ERRORS.labels("count_download").inc()
-        log.warning("download of model %s not counted: %s", doc["id"], e)
+    await request.app[COUNTS].add(doc["id"], clock.now())
 
 
 @asynccontextmanager

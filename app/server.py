@@ -10,8 +10,9 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import auth, connections, limits, logs, upload_slots
-from .appkeys import DOWNLOAD_SLOTS, DRAIN, LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
+from .appkeys import COUNTS, DOWNLOAD_SLOTS, DRAIN, LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .config import ConfigError, Settings
+from .counts import DownloadCounts
 from .drain import Drain
 from .leases import FileLeases
 from .middleware import request_middleware
@@ -48,6 +49,7 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app[STORAGE] = storage if storage is not None else make_storage(settings)
     app[LEASES] = FileLeases(app[STORAGE], settings.lease_ttl)
     app[READ_CACHE] = ReadCache(app[STORAGE])
+    app[COUNTS] = DownloadCounts(app[STORAGE], settings.count_flush_interval)
     app.cleanup_ctx.append(_storage_lifecycle)
     setup_routes(app)
     _setup_cors(app, settings.cors_origins)
@@ -59,7 +61,10 @@ async def _storage_lifecycle(app: web.Application):
     await storage.open()
     log.info("storage ready: %s", app[SETTINGS].describe())
     await app[LEASES].start()
+    await app[COUNTS].start()
     yield
+    # Cleanup runs after the drain: no download counts any more.
+    await app[COUNTS].stop()
     await app[LEASES].stop()
     await storage.close()
 

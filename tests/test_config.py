@@ -192,3 +192,14 @@ def test_lease_ttl():
     for bad in ("0", "1", "-5", "1.5", "60s", "soon", "86401"):
         with pytest.raises(ConfigError, match="^LEASE_TTL "):
             Settings.from_env({"LEASE_TTL": bad})
+
+
+def test_count_flush_interval():
+    """COUNT_FLUSH_INTERVAL: seconds between writes of a process's download counts (app/counts.py)."""
+    assert Settings.from_env({}).count_flush_interval == 1.0
+    assert Settings.from_env({"COUNT_FLUSH_INTERVAL": "0"}).count_flush_interval == 0
+    assert Settings.from_env({"COUNT_FLUSH_INTERVAL": " 0.25 "}).count_flush_interval == 0.25
+    assert Settings.from_env({"COUNT_FLUSH_INTERVAL": "30"}).count_flush_interval == 30
+    for bad in ("-1", "soon", "1s", "nan", "inf", "3601"):
+        with pytest.raises(ConfigError, match="^COUNT_FLUSH_INTERVAL "):
+            Settings.from_env({"COUNT_FLUSH_INTERVAL": bad})

@@ -113,6 +113,19 @@ async def test_downloads_of_several_models_sum_per_hour(stores):
     assert (stats.total_downloads, stats.downloads_since, stats.downloads_by_hour) == (30, 30, {hour(0): 30})
 
 
+@bounded
+async def test_batches_on_many_replicas_are_counted_exactly(stores):
+    """A batch (app/counts.py) is an event per (model, hour) carrying n: each fold adds n."""
+    a, b = await new_model(stores[0]), await new_model(stores[1])
+    batches = [{(a, hour(0)): i + 1, (b, hour(1)): 2} for i in range(8)]
+    await asyncio.gather(*(stores[i % REPLICAS].record_downloads(batch) for i, batch in enumerate(batches)))
+    await settled(stores[0])
+    assert (await stores[1].get_model(a))["download_count"] == 36
+    assert (await stores[2].get_model(b))["download_count"] == 16
+    stats = await stores[3].statistics(clock.now(), hour(2))
+    assert (stats.total_downloads, stats.downloads_by_hour) == (52, {hour(0): 36, hour(1): 16})
+
+
 # The steps of a fold, each a method of a collection: a failure there leaves the
 # fold's events marked, and what came before it done.
 FOLD_STEPS = {
@@ -163,6 +176,33 @@ async def test_a_fold_interrupted_midway_is_finished_by_the_next_never_doubled(s
     expected = 3 + 2 + (2 if died else 1)
     assert await counted(second, model_id, hour(2)) == (expected, {hour(1): 3, hour(0): expected - 3})
     assert await second.db["model_locks"].count_documents({}) == 0
+
+
+@bounded
+@pytest.mark.parametrize("step", FOLD_STEPS)
+async def test_a_batch_whose_folds_failed_midway_counts_each_n_once(stores, monkeypatch, step):
+    first, second = stores[0], stores[1]
+    a, b = await new_model(first), await new_model(first)
+    collection, method = FOLD_STEPS[step]
+    target = getattr(first, collection)
+    real = getattr(target, method)
+    failures = []
+
+    async def fails(*args, **kwargs):
+        failures.append(args)
+        raise AutoReconnect(f"connection lost while {step} (test)")
+
+    monkeypatch.setattr(target, method, fails)
+    await first.record_downloads({(a, hour(0)): 5, (a, hour(1)): 2, (b, hour(0)): 3})  # stored: counted
+    assert failures, f"no fold reached {step}"
+    monkeypatch.setattr(target, method, real)
+    assert await first.db["download_events"].count_documents({}) == 3
+    await second.record_downloads({(a, hour(0)): 1, (b, hour(0)): 1})
+    await settled(second)
+    assert (await second.get_model(a))["download_count"] == 8
+    assert (await second.get_model(b))["download_count"] == 4
+    stats = await second.statistics(clock.now(), hour(2))
+    assert (stats.total_downloads, stats.downloads_by_hour) == (12, {hour(0): 10, hour(1): 2})
 
 
 @bounded

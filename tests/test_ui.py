@@ -145,8 +145,9 @@ async def test_statistics_page_counts_downloads_per_hour(client):
     for _ in range(2):
         assert (await client.get(f"{MODELS}/{model_id}/download")).status == 200
     from app import registry
-    from app.appkeys import STORAGE
+    from app.appkeys import COUNTS, STORAGE
 
+    await client.app[COUNTS].settle()  # read beside the service: its counts written first (app/counts.py)
     stats = await registry.statistics(client.app[STORAGE])
     this_hour = clock.now().replace(minute=0, second=0, microsecond=0)
     assert stats.downloads_by_hour == {this_hour: 2}

@@ -5,13 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import clock, registry, render, validation
-from ..appkeys import SETTINGS, STORAGE
+from ..appkeys import COUNTS, SETTINGS, STORAGE
 from ..http.json import json_response
 from ..schemas import ModelTop, RecentActivity, Statistics, StatusDistribution, StorageUsage
 from ..storage.base import ModelQuery
 
 
 async def statistics(request: web.Request) -> web.Response:
+    await request.app[COUNTS].settle()
     s = await registry.statistics(request.app[STORAGE])
     total = sum(s.by_status.values())
     return json_response(Statistics(
@@ -35,6 +36,7 @@ async def statistics(request: web.Request) -> web.Response:
 
 async def _top(request: web.Request, sort_field: str) -> web.Response:
     limit = validation.limit_param(request.query, request.app[SETTINGS].max_page_size)
+    await request.app[COUNTS].settle()
     docs, _ = await request.app[STORAGE].find_models(ModelQuery(sort_field=sort_field, sort_desc=True, limit=limit))
     return json_response(ModelTop(models=[render.summary(d) for d in docs]))
 

@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 
 from .. import errors, registry, render, snapshots, uploads, validation
-from ..appkeys import LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
+from ..appkeys import COUNTS, LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from ..errors import ApiError
 from ..http.expect import invite_body
 from ..http.json import conditional_json, encoded, json_body_response, json_response, parse_json_object, tagged
@@ -74,6 +74,8 @@ def _single_file(fields: dict) -> dict:
 
 async def list_models(request: web.Request) -> web.Response:
     query, page, limit = validation.listing(request.query, request.app[SETTINGS].max_page_size)
+    # This process's own downloads first: the answer shows counts (a write moves the cache's stamp).
+    await request.app[COUNTS].settle()
 
     async def page_body() -> bytes:
         docs, total = await request.app[STORAGE].find_models(query)
@@ -88,6 +90,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request_model_id(request)
+    await request.app[COUNTS].settle()
 
     async def answer():
         return tagged(render.full(await model_or_404(request)))
@@ -98,6 +101,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def update_model(request: web.Request) -> web.Response:
     model_id = request_model_id(request)
     fields = validation.update(await read_json_object(request))
+    await request.app[COUNTS].settle()  # the answer shows the model
     doc = await registry.update(request.app[STORAGE], model_id, fields)
     if doc is None:
         raise not_found(model_id)
@@ -120,12 +124,15 @@ async def create_version(request: web.Request) -> web.Response:
 
 
 async def list_versions(request: web.Request) -> web.Response:
+    await request.app[COUNTS].settle()
     source = await model_or_404(request)
     docs = await registry.versions_of(request.app[STORAGE], source["name"])
     return json_response(VersionList(name=source["name"], versions=[render.summary(d) for d in docs]))
 
 
 async def by_name(request: web.Request) -> web.Response:
+    await request.app[COUNTS].settle()
+
     async def answer():
         return tagged(render.full(await named_model_or_404(request)))
 

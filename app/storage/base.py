@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import AsyncIterator, Callable, Hashable, TypedDict
@@ -114,6 +115,11 @@ SESSION_LOCK_TTL = timedelta(seconds=60)
 
 # How long hourly download tallies are kept (analytics look back a day).
 DOWNLOAD_HISTORY = timedelta(days=30)
+
+
+def download_hour(at: datetime) -> datetime:
+    """The hour a download at ``at`` is tallied under: its start."""
+    return at.replace(minute=0, second=0, microsecond=0)
 
 
 class StorageError(Exception):
@@ -517,8 +523,16 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def record_downloads(self, tallies: Mapping[tuple[str, datetime], int]) -> None:
+        """Count downloads: ``tallies`` maps (model id, start of the hour, UTC) to how many
+        downloads of that model that hour saw; each adds to the model's download_count and to
+        the hour's tally. All or nothing, and exact across processes: a StorageError means
+        none of it was counted (on MongoDB, see mongo.py, unless the answer alone was lost).
+        A model that is gone still counts in the hourly tallies."""
+
     async def record_download(self, model_id: str, at: datetime) -> None:
-        """Count one download: the model's download_count, and an hourly tally."""
+        """Count one download at ``at`` (``record_downloads`` of one)."""
+        await self.record_downloads({(model_id, download_hour(at)): 1})
 
     @abc.abstractmethod
     async def delete_model(self, model_id: str) -> ModelDocument | None:

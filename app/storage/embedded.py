@@ -21,6 +21,8 @@ import secrets
 import shutil
 import sqlite3
 import time
+from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
@@ -458,38 +460,47 @@ class EmbeddedStorage(Storage):
     ) -> ModelDocument | None:
         return await self._run(self._update, model_id, fields, return_previous, amend)
 
-    def _record_download(self, model_id: str, at: datetime, db: sqlite3.Connection | None = None) -> None:
-        # Every download waits for its count before its first byte, so the
-        # count commits without its own fsync (the lease connection): a power
-        # cut may lose the latest counts, never consistency, and TTFB is not an
-        # fsync. One transaction: exact across worker processes.
+    def _record_downloads(self, tallies: Mapping[tuple[str, datetime], int],
+                          db: sqlite3.Connection | None = None) -> None:
+        # Counts are written in batches off the downloads' path (app/counts.py),
+        # without their own fsync (the lease connection): a power cut may lose
+        # the latest counts, never consistency. One transaction: exact across
+        # worker processes.
         db = db or self._fast
-        hour = iso(at.replace(minute=0, second=0, microsecond=0))
+        per_model: Counter[str] = Counter()
+        per_hour: Counter[datetime] = Counter()
+        for (model_id, hour), n in tallies.items():
+            per_model[model_id] += n
+            per_hour[hour] += n
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("UPDATE models SET download_count = download_count + 1 WHERE id = ?", (model_id,))
-            bumped = db.execute("UPDATE download_hours SET count = count + 1 WHERE hour = ?", (hour,)).rowcount
-            if not bumped:
-                db.execute("INSERT INTO download_hours (hour, count) VALUES (?, 1)", (hour,))
+            db.executemany("UPDATE models SET download_count = download_count + ? WHERE id = ?",
+                           [(n, model_id) for model_id, n in per_model.items()])
+            for hour, n in sorted(per_hour.items()):
+                if db.execute("UPDATE download_hours SET count = count + ? WHERE hour = ?", (n, iso(hour))).rowcount:
+                    continue
+                db.execute("INSERT INTO download_hours (hour, count) VALUES (?, ?)", (iso(hour), n))
                 # A new hour: prune the old ones, so the tally stays bounded.
-                db.execute("DELETE FROM download_hours WHERE hour < ?", (iso(at - DOWNLOAD_HISTORY),))
+                db.execute("DELETE FROM download_hours WHERE hour < ?", (iso(hour - DOWNLOAD_HISTORY),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def record_download(self, model_id: str, at: datetime) -> None:
-        # On the loop's own connection, as a download's lease: the hop to the
-        # SQLite thread and back cost more than the commit (bench/, py-spy of
-        # 16 KB downloads: a third of the process's time was that thread).
-        if self._loop_may_write():
+    async def record_downloads(self, tallies: Mapping[tuple[str, datetime], int]) -> None:
+        if not tallies:
+            return
+        # A small batch on the loop's own connection, as a download's lease: the
+        # hop to the SQLite thread and back cost more than the commit (with
+        # COUNT_FLUSH_INTERVAL=0 every download writes its count before its body).
+        if self._loop_may_write() and len(tallies) <= _COUNTS_ON_LOOP:
             try:
-                self._record_download(model_id, at, self._on_loop)
+                self._record_downloads(tallies, self._on_loop)
             except sqlite3.OperationalError:
                 pass  # busy (rolled back): queue like any other call
             else:
                 return self._loop_committed()
-        await self._run(self._record_download, model_id, at)
+        await self._run(self._record_downloads, tallies)
 
     def _delete(self, model_id: str) -> ModelDocument | None:
         db = self._db
@@ -1101,6 +1112,9 @@ _SESSION_ID_RE = re.compile(r"[0-9a-f]{24}")
 _ASIDE = ".released-"
 # Files leased by one statement (two bound parameters each, within SQLite's limit).
 _LEASE_PART = 250
+# Download tallies (model, hour) one batch writes on the loop's connection: a few
+# rows commit in tens of microseconds; a longer backlog goes to the SQLite thread.
+_COUNTS_ON_LOOP = 32
 # Commits on the loop's connection between two checkpoints: a lease or a drop
 # writes about two pages, so about SQLite's own 1,000-page autocheckpoint.
 _CHECKPOINT_EVERY = 500

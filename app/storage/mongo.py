@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Iterator
@@ -123,7 +124,7 @@ def _to_mongo(doc: ModelDocument) -> dict[str, Any]:
 def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
     doc = dict(raw)
     doc["id"] = str(doc.pop("_id"))
-    doc.pop("last_fold", None)  # record_download's bookkeeping, not the model's
+    doc.pop("last_fold", None)  # record_downloads' bookkeeping, not the model's
     if isinstance(doc.get("parent_model_id"), ObjectId):
         doc["parent_model_id"] = str(doc["parent_model_id"])
     fm = doc.get("file_metadata")
@@ -135,12 +136,17 @@ def _from_mongo(raw: dict[str, Any]) -> ModelDocument:
 
 
 def _busy(e: OperationFailure) -> bool:
+    return _busy_text(str(e))
+
+
+def _busy_text(message: str) -> bool:
     # FerretDB on SQLite answers a write that meets another with SQLITE_BUSY:
     # a momentary condition, to be retried, not a server error.
-    return "database is locked" in str(e) or "SQLITE_BUSY" in str(e)
+    return "database is locked" in message or "SQLITE_BUSY" in message
 
 
 _BUSY_RETRIES = 6
+_DUPLICATE_KEY = 11000  # the server's error code for a unique key taken
 
 
 async def _retry_busy(call):
@@ -243,7 +249,7 @@ class MongoStorage(Storage):
         self.models = self.db["models"]
         self.files = self.db[f"{bucket}.files"]
         self.chunks = self.client.get_database(db_name, read_preference=ReadPreference.PRIMARY)[f"{bucket}.chunks"]
-        # Download counting (record_download): events, folded under the model's lock into the
+        # Download counting (record_downloads): events, folded under the model's lock into the
         # model's download_count and per (model, hour) tallies. download_hours holds the global
         # hourly tallies of earlier versions: read until they age out.
         self.download_events = self.db["download_events"]
@@ -394,20 +400,45 @@ class MongoStorage(Storage):
             yield
         finally:
             await self.model_locks.release(oid, token)
-            # Downloads that found the lock busy left their events to its holder (record_download),
+            # Downloads that found the lock busy left their events to its holder (record_downloads),
             # whether the update went through or not.
             await self._fold(oid)
 
-    async def record_download(self, model_id: str, at: datetime) -> None:
-        """Exact across processes, and durable once this returns: a download is an event
-        document (an insert, atomic on every server, where FerretDB loses concurrent $inc),
-        which the holder of the model's lock folds into the model's download_count and its
-        (model, hour) tally; see _fold."""
-        oid = ObjectId(model_id)
-        event = {"_id": ObjectId(), "model": oid, "hour": at.replace(minute=0, second=0, microsecond=0)}
+    async def record_downloads(self, tallies: Mapping[tuple[str, datetime], int]) -> None:
+        """Exact across processes, and durable once this returns: each (model, hour) is an event
+        document carrying its count ``n`` (inserts, atomic on every server, where FerretDB loses
+        concurrent $inc), which the holder of the model's lock folds into the model's
+        download_count and its (model, hour) tally; see _fold.
+
+        The events of a batch are one insert, not one transaction: should it fail after some
+        landed (or its answer be lost), the caller's retry counts those again. A busy server
+        is retried here with the same event ids, which never double."""
+        events = [{"_id": ObjectId(), "model": ObjectId(model_id), "hour": hour, "n": n}
+                  for (model_id, hour), n in tallies.items() if n]
+        if not events:
+            return
         with _storage_errors():
-            await _retry_busy(lambda: self.download_events.insert_one(event))
-        await self._fold(oid)
+            await self._insert_events(events)
+        await asyncio.gather(*(self._fold(oid) for oid in {e["model"] for e in events}))
+
+    async def _insert_events(self, events: list[dict[str, Any]]) -> None:
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                await self.download_events.insert_many(events, ordered=False)
+                return
+            except BulkWriteError as e:
+                failed = e.details.get("writeErrors") or []
+                # A duplicate _id is an event an earlier attempt inserted.
+                left = [f for f in failed if f.get("code") != _DUPLICATE_KEY]
+                if not left:
+                    return
+                if attempt == _BUSY_RETRIES - 1 or not all(_busy_text(f.get("errmsg", "")) for f in left):
+                    raise
+                events = [events[f["index"]] for f in left]
+            except OperationFailure as e:
+                if not _busy(e) or attempt == _BUSY_RETRIES - 1:
+                    raise
+            await asyncio.sleep(0.01 * 2**attempt)
 
     async def _fold(self, oid: ObjectId) -> None:
         """Fold the model's download events now; never raises (an event left is folded by the
@@ -512,10 +543,15 @@ class MongoStorage(Storage):
                 await _retry_busy(lambda: self.download_tallies.delete_many({"_id.h": {"$lt": cutoff}}))
                 await _retry_busy(lambda: self.downloads.delete_many({"_id": {"$lt": cutoff}}))
 
+        # An event is n downloads; events from before batching carry no n: one each.
+        per_hour: Counter[datetime] = Counter()
+        for e in events:
+            per_hour[e["hour"]] += e.get("n", 1)
         # The model may be gone: its events still count in the hourly tallies.
         await _all(_retry_busy(lambda: self.models.update_one(
-            {"_id": oid, **not_yet}, {"$inc": {"download_count": len(events)}, "$set": {"last_fold": fold_id}})),
-            *(tally(hour, n) for hour, n in Counter(e["hour"] for e in events).items()))
+            {"_id": oid, **not_yet}, {"$inc": {"download_count": sum(per_hour.values())},
+                                      "$set": {"last_fold": fold_id}})),
+            *(tally(hour, n) for hour, n in per_hour.items()))
 
     async def fold_leftover_downloads(self) -> int:
         """Fold the download events of models whose fold failed and that no download

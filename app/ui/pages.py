@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from .. import auth, clock, errors, registry, snapshots, validation
-from ..appkeys import LEASES, SETTINGS, STORAGE
+from ..appkeys import COUNTS, LEASES, SETTINGS, STORAGE
 from ..config import format_size
 from ..errors import ApiError
 from ..handlers import files
@@ -201,6 +201,7 @@ async def models(request: web.Request, visit: Visit) -> web.Response:
     every_version = request.query.get("versions") == "all"
     params["latest"] = "false" if every_version else "true"
     query, page_no, limit = validation.listing(params, request.app[SETTINGS].max_page_size)
+    await request.app[COUNTS].settle()
     docs, total = await request.app[STORAGE].find_models(query)
     pages = max(1, math.ceil(total / limit))
     shown = {k: request.query.get(k, "") for k in ("q", "algorithm", "status", "tags", "min_accuracy", "sort")}
@@ -221,6 +222,7 @@ def _base_url(request: web.Request) -> str:
 
 @page()
 async def model(request: web.Request, visit: Visit) -> web.Response:
+    await request.app[COUNTS].settle()
     doc = await model_or_404(request)
     history = await registry.versions_of(request.app[STORAGE], doc["name"])
     labels = {d["id"]: d["version"] for d in history}
@@ -290,6 +292,7 @@ async def delete(request: web.Request, visit: Visit) -> web.StreamResponse:
 @page()
 async def statistics(request: web.Request, visit: Visit) -> web.Response:
     storage = request.app[STORAGE]
+    await request.app[COUNTS].settle()
     stats = await registry.statistics(storage)
     popular, _ = await storage.find_models(ModelQuery(sort_field="download_count", sort_desc=True, limit=10))
     this_hour = clock.now().replace(minute=0, second=0, microsecond=0)
