@@ -118,8 +118,11 @@ class DownloadSlots:
             return
         self.waiting += 1
         try:
-            async with asyncio.timeout(self.queue_seconds):
-                await self._sem.acquire()
+            if self._sem.locked():
+                async with asyncio.timeout(self.queue_seconds):
+                    await self._sem.acquire()
+            else:
+                await self._sem.acquire()  # free: taken at once, no timer to set up
         except TimeoutError:
             raise ApiError(errors.TOO_MANY_DOWNLOADS,
                            f"{self.limit} downloads are already running here; retry shortly",

@@ -101,6 +101,16 @@ def scopes() -> dict[tuple[str, str], str]:
     return {(method, route.template): route.scope for route in API for method, _ in route.methods()}
 
 
+# aiohttp tries the templates that share a fixed prefix (/api/v1/models/{id}/...) one after another, in
+# the order they were added, each a coroutine and a regex: the ones most requests take are added first
+# (a 16 KB download spent an eighth of its time in routing behind five others).
+_RESOLVED_FIRST = (MODEL_DOWNLOAD, MODEL_FILES + FILE_PATH, MODEL)
+
+
+def _router_order(route: Route) -> int:
+    return _RESOLVED_FIRST.index(route.path) if route.path in _RESOLVED_FIRST else len(_RESOLVED_FIRST)
+
+
 def setup_routes(app: web.Application) -> None:
     """The API's routes from ``API``, then the web UI's own."""
     unknown = {route.scope for route in API} - set(auth.SCOPES)
@@ -108,7 +118,8 @@ def setup_routes(app: web.Application) -> None:
         raise ValueError(f"routes.API names scopes auth does not know: {sorted(unknown)}")
     docs.setup(app, openapi.build(app[SETTINGS]))
     app[ROUTE_SCOPES] = scopes()
-    for route in API:
+    # Stable: the methods of one path stay together, so they share one resource.
+    for route in sorted(API, key=_router_order):
         extra = {"expect_handler": defer_expect} if route.body else {}
         if route.method == "GET":
             app.router.add_get(route.path, route.handler, **extra)

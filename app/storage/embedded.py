@@ -630,7 +630,8 @@ class EmbeddedStorage(Storage):
         return _EmbeddedWriter(self, chunk_size)
 
     def local_path(self, file: StoredFile) -> str | None:
-        return str(self.blob_path(file.sha256))
+        # blob_path's string, without building a Path (every download asks).
+        return f"{self.blob_dir}{os.sep}{file.sha256[:2]}{os.sep}{file.sha256}"
 
     def _file_row(self, file_id: str) -> StoredFile | None:
         row = self._db.execute("SELECT * FROM files WHERE file_id = ?", (file_id,)).fetchone()
