@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 
@@ -21,6 +22,9 @@ from .routes import setup_routes
 from .storage import Storage, make_storage
 
 log = logging.getLogger("app")
+
+# Allocations between young-generation collections (Python's default: 700).
+GC_GEN0 = 50_000
 
 
 def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
@@ -116,6 +120,20 @@ def serve_one(settings: Settings) -> None:
         runner.run(_serve(settings))
 
 
+def _settle_garbage_collector() -> None:
+    """Keep the cycle collector off the hot path once start-up is done.
+
+    Everything loaded so far (modules, the app, its routes) lives as long as the
+    process: frozen, collections stop walking it. And a young-generation pass
+    every 700 allocations ran several times per request; every GC_GEN0 keeps
+    what cyclic garbage waits for collection bounded, at a small fraction of
+    the CPU (README, Performance: 16 KB downloads, service CPU per request).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+
+
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     handler_args = dict(
@@ -134,6 +152,7 @@ async def _serve(settings: Settings) -> None:
         site = connections.GuardedSite(app_runner, settings.host, settings.port, reuse_port=settings.workers > 1,
                                        guard=guard, handler_args=handler_args)
         await site.start()
+        _settle_garbage_collector()
         if guard.limit < settings.max_connections:
             log.warning("serving at most %d connections, not MAX_CONNECTIONS=%d: the file descriptor limit is %d",
                         guard.limit, settings.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
