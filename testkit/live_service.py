@@ -92,3 +92,19 @@ def service_on(request, backend: str, work_dir: Path, db_prefix: str, **env: str
         if mongo is not None and (mongo.server is None or mongo.server.running):
             with mongo.sync_client() as c:
                 c.drop_database(db_name)
+
+
+@contextmanager
+def processes_on_one_data_dir(work: Path, n: int, **env: str):
+    """``n`` separate service processes (not WORKERS) on one embedded DATA_DIR, ``work/data``; stopped after."""
+    env = {"DATA_DIR": str(work / "data"), "MONGODB_URL": "", **env}
+    started: list[LiveService] = []
+    try:
+        for i in range(n):
+            service = LiveService(env, work / f"service{i}.log")
+            service.start()
+            started.append(service)
+        yield started
+    finally:
+        for service in started:
+            service.stop()

@@ -136,6 +136,21 @@ FOLD_STEPS = {
 }
 
 
+def _fold_step_fails(store, step: str, monkeypatch):
+    """From now on the fold's ``step`` (FOLD_STEPS) fails in ``store``: the calls it got, and what undoes it."""
+    collection, method = FOLD_STEPS[step]
+    target = getattr(store, collection)
+    real = getattr(target, method)
+    failures = []
+
+    async def fails(*args, **kwargs):
+        failures.append(args)
+        raise AutoReconnect(f"connection lost while {step} (test)")
+
+    monkeypatch.setattr(target, method, fails)
+    return failures, lambda: monkeypatch.setattr(target, method, real)
+
+
 @bounded
 @pytest.mark.parametrize("died", [False, True], ids=["failed", "died"])
 @pytest.mark.parametrize("step", FOLD_STEPS)
@@ -145,16 +160,7 @@ async def test_a_fold_interrupted_midway_is_finished_by_the_next_never_doubled(s
     model_id = await new_model(first)
     for _ in range(3):
         await first.record_download(model_id, hour(1))
-    collection, method = FOLD_STEPS[step]
-    target = getattr(first, collection)
-    real = getattr(target, method)
-    failures = []
-
-    async def fails(*args, **kwargs):
-        failures.append(args)
-        raise AutoReconnect(f"connection lost while {step} (test)")
-
-    monkeypatch.setattr(target, method, fails)
+    failures, restore = _fold_step_fails(first, step, monkeypatch)
     if died:
         async def stays(key, token):  # a dead process releases nothing
             pass
@@ -163,7 +169,7 @@ async def test_a_fold_interrupted_midway_is_finished_by_the_next_never_doubled(s
     await first.record_download(model_id, hour(0))  # counted all the same: its event is stored
     await first.record_download(model_id, hour(0))
     assert failures, f"no fold reached {step}"
-    monkeypatch.setattr(target, method, real)
+    restore()
     assert await first.db["download_events"].count_documents({}) == 2
     if died:
         # The lock is the dead process's until it lapses; then the next fold takes it over.
@@ -183,19 +189,10 @@ async def test_a_fold_interrupted_midway_is_finished_by_the_next_never_doubled(s
 async def test_a_batch_whose_folds_failed_midway_counts_each_n_once(stores, monkeypatch, step):
     first, second = stores[0], stores[1]
     a, b = await new_model(first), await new_model(first)
-    collection, method = FOLD_STEPS[step]
-    target = getattr(first, collection)
-    real = getattr(target, method)
-    failures = []
-
-    async def fails(*args, **kwargs):
-        failures.append(args)
-        raise AutoReconnect(f"connection lost while {step} (test)")
-
-    monkeypatch.setattr(target, method, fails)
+    failures, restore = _fold_step_fails(first, step, monkeypatch)
     await first.record_downloads({(a, hour(0)): 5, (a, hour(1)): 2, (b, hour(0)): 3})  # stored: counted
     assert failures, f"no fold reached {step}"
-    monkeypatch.setattr(target, method, real)
+    restore()
     assert await first.db["download_events"].count_documents({}) == 3
     await second.record_downloads({(a, hour(0)): 1, (b, hour(0)): 1})
     await settled(second)

@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from testkit.live_service import LiveService
+from testkit.live_service import processes_on_one_data_dir
 from testkit.mongo_server import REPO, free_port
 from tests.snapshot_helpers import file_list, tar_of
 from tests.support import deadlines
@@ -38,17 +38,8 @@ TIMEOUT = aiohttp.ClientTimeout(total=120)
 def services(tmp_path_factory):
     """Three service processes on one DATA_DIR. BLOB_GRACE=0: a deleted snapshot's blobs are not kept."""
     work = tmp_path_factory.mktemp("shared")
-    env = {"DATA_DIR": str(work / "data"), "MONGODB_URL": "", "BLOB_GRACE": "0"}
-    started = []
-    try:
-        for i in range(3):
-            service = LiveService(env, work / f"service{i}.log")
-            service.start()
-            started.append(service)
+    with processes_on_one_data_dir(work, 3, BLOB_GRACE="0") as started:
         yield started, work / "data"
-    finally:
-        for service in started:
-            service.stop()
 
 
 async def _json(resp: aiohttp.ClientResponse, status: int):

@@ -24,7 +24,7 @@ from app.read_cache import ReadCache, freeze, weight
 from app.server import create_app
 from app.storage.base import StoredFile
 from app.storage.embedded import EmbeddedStorage
-from testkit.live_service import LiveService
+from testkit.live_service import processes_on_one_data_dir
 from tests.api_helpers import MODELS, get_model, json_of, listing, model_url, register
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -301,18 +301,8 @@ def test_frozen_documents_cannot_be_changed():
 
 @pytest.fixture(scope="module")
 def two_services(tmp_path_factory):
-    work = tmp_path_factory.mktemp("cache-shared")
-    env = {"DATA_DIR": str(work / "data"), "MONGODB_URL": "", "BLOB_GRACE": "0"}
-    started = []
-    try:
-        for i in range(2):
-            service = LiveService(env, work / f"service{i}.log")
-            service.start()
-            started.append(service)
+    with processes_on_one_data_dir(tmp_path_factory.mktemp("cache-shared"), 2, BLOB_GRACE="0") as started:
         yield [s.url for s in started]
-    finally:
-        for service in started:
-            service.stop()
 
 
 async def _get(session, url: str, status: int = 200):
