@@ -93,11 +93,21 @@ def served(tmp_path, monkeypatch) -> Served:
 
 @RUNNERS
 def test_sends_the_range_corked_then_uncorks(served, run):
-    queries = [(0, len(DATA)), (1, 3), (len(DATA) - 10, 10), (2 * 1024 * 1024 - 1, 2 * 1024 * 1024 + 2)]
+    queries = [(0, len(DATA)), (2 * 1024 * 1024 - 1, 2 * 1024 * 1024 + 2), (7, sendfile._CORK_ABOVE + 1)]
     bodies = run(served.get(*queries))
     assert bodies == [DATA[o:o + c] for o, c in queries]
     assert served.during and set(served.during) == {1}
-    assert served.after == [0, 0, 0, 0]
+    assert served.after == [0, 0, 0]
+
+
+@RUNNERS
+def test_a_small_range_goes_uncorked(served, run):
+    """One sendfile call holds it: corking would only cost two setsockopt calls."""
+    queries = [(1, 3), (len(DATA) - 10, 10), (0, sendfile._CORK_ABOVE)]
+    bodies = run(served.get(*queries))
+    assert bodies == [DATA[o:o + c] for o, c in queries]
+    assert served.during and set(served.during) == {0}
+    assert served.after == [0, 0, 0]
 
 
 @RUNNERS

@@ -21,6 +21,8 @@ import socket
 from aiohttp import web
 
 _STEP = 2 * 1024 * 1024
+# Ranges up to this size are sent uncorked (one sendfile call holds them).
+_CORK_ABOVE = 64 * 1024
 
 
 class FileGone(Exception):
@@ -69,7 +71,12 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
     # headers have already left: aiohttp's StreamResponse sends them at
     # prepare(), so unlike nginx's tcp_nopush they are a packet of their own
     # (measured: no cost per request on loopback, and an earlier first byte).
-    _cork(sock, True)
+    # A small range leaves in one sendfile as full segments and one partial,
+    # which uncorking would push at once anyway: not corked, it saves two
+    # setsockopt calls (each a socket object in uvloop's stand-in).
+    corked = count > _CORK_ABOVE
+    if corked:
+        _cork(sock, True)
     try:
         # Headers (and any multipart preamble) first, all the way out of the
         # transport's buffer, so the file's bytes follow them in order (a
@@ -90,8 +97,9 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
             # Let other connections have the loop between steps.
             await asyncio.sleep(0)
     finally:
-        # Uncorking pushes out the last partial segment now, not after 200 ms.
-        _cork(sock, False)
+        if corked:
+            # Uncorking pushes out the last partial segment now, not after 200 ms.
+            _cork(sock, False)
         os.close(out)
         os.close(fd)
     return sent
