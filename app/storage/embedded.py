@@ -256,7 +256,7 @@ class EmbeddedStorage(Storage):
         self.upload_dir.mkdir(exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=10000")
+        db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         # Workers opening one new database set it up one at a time: busy_timeout
         # does not cover switching it to WAL, which then failed with "database is
         # locked" in about one start of four workers in fifteen.
@@ -276,7 +276,7 @@ class EmbeddedStorage(Storage):
         # consistent, not durable across a power cut (the next FULL commit of
         # the main connection syncs them too); used on the SQLite thread as well.
         fast = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-        fast.execute("PRAGMA busy_timeout=10000")
+        fast.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         fast.execute("PRAGMA synchronous=NORMAL")
         self._fast = fast
         # The same, on the event loop itself, for a download's lease and its
@@ -892,7 +892,7 @@ class EmbeddedStorage(Storage):
                 with suppress(sqlite3.OperationalError):
                     db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             finally:
-                db.execute("PRAGMA busy_timeout=10000")
+                db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
     def _release_pending(self) -> list[str]:
         at = now()
@@ -1120,6 +1120,9 @@ _COUNTS_ON_LOOP = 32
 # writes about two pages, so about SQLite's own 1,000-page autocheckpoint.
 _CHECKPOINT_EVERY = 500
 _CHECKPOINT_WAIT_MS = 200
+# How long the SQLite thread's connections wait for another writer's lock (the checkpoint's
+# shorter wait is restored to this).
+_BUSY_TIMEOUT_MS = 10_000
 
 
 @contextmanager
