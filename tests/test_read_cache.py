@@ -173,36 +173,63 @@ async def test_stamp_moves_with_every_change_by_any_connection(storage, settings
     try:
         seen = [storage.read_stamp()]
 
-        def moved() -> bool:
+        async def moved() -> bool:
+            # As a later request reads it: in a later pass of the loop.
+            await asyncio.sleep(0)
             seen.append(storage.read_stamp())
             return seen[-1] != seen[-2]
 
         await storage.insert_model(_doc("a" * 24, "stamp-a"))
-        assert moved()
-        assert not moved()
+        assert await moved()
+        assert not await moved()
         await other.insert_model(_doc("b" * 24, "stamp-b"))
-        assert moved()
+        assert await moved()
         await other.update_model("b" * 24, {"description": "changed"})
-        assert moved()
+        assert await moved()
         quiet = storage.read_stamp(counts=False)
         await other.record_download("b" * 24, datetime.now(timezone.utc))
-        assert moved()
+        assert await moved()
         # A count moves only the stamp of reads that show counts.
         assert storage.read_stamp(counts=False) == quiet
         async with other.file_writer() as writer:
             await writer.write(b"leased")
             stored = await writer.commit()
-        assert not moved()  # content, not a model
+        assert not await moved()  # content, not a model
         leased = await other.lease_files([stored.file_id], "owner", datetime.now(timezone.utc))
-        assert leased and not moved()  # a download's lease leaves every entry valid
+        assert leased and not await moved()  # a download's lease leaves every entry valid
         with sqlite3.connect(storage.db_path) as raw:  # anything else writing to the database
             raw.execute("UPDATE models SET doc = json_set(doc, '$.description', 'raw') WHERE id = ?", ("a" * 24,))
-        assert moved()
+        assert await moved()
         assert storage.read_stamp(counts=False) != quiet
         await other.delete_model("a" * 24)
-        assert moved()
+        assert await moved()
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_stamp_is_read_once_a_pass_and_again_after_this_stores_own_change(storage, settings, monkeypatch):
+    """The stamp's SQLite read costs more than a cached answer: one a loop pass. Within the pass, a change
+    through this store is seen at once (the request that made it reads its own write); another
+    connection's is seen from the next pass on, the first that can hold a request sent after it."""
+    reads = []
+    real = storage._read_stamp
+    monkeypatch.setattr(storage, "_read_stamp", lambda: reads.append(1) or real())
+    before = storage.read_stamp()
+    assert storage.read_stamp() == before and storage.read_stamp(counts=False) == before[0]
+    assert len(reads) == 1
+    await storage.insert_model(_doc("c" * 24, "stamp-c"))  # through the SQLite thread
+    assert storage.read_stamp() != before
+    counted = storage.read_stamp()
+    # On the loop's own connection, with no pass in between.
+    await storage.record_downloads({("c" * 24, datetime.now(timezone.utc)): 1})
+    assert storage.read_stamp() != counted
+    same_pass = storage.read_stamp()
+    with sqlite3.connect(storage.db_path) as raw:
+        raw.execute("UPDATE models SET doc = json_set(doc, '$.description', 'raw') WHERE id = ?", ("c" * 24,))
+    assert storage.read_stamp() == same_pass
+    await asyncio.sleep(0)
+    assert storage.read_stamp() != same_pass
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
