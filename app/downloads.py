@@ -21,7 +21,7 @@ import base64
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from datetime import datetime
 from urllib.parse import quote
 
@@ -282,7 +282,7 @@ async def _send_tar(request: web.Request, doc: ModelDocument, others: Iterable[M
 async def _send(request: web.Request, doc: ModelDocument, representation: fileresponse.Representation,
                 file_ids: list[str], *, counts: bool) -> web.StreamResponse:
     return await fileresponse.send(request, representation, timeout=request.app[SETTINGS].download_timeout,
-                                   sending=lambda transfer: _downloading(request, doc, file_ids, transfer, counts),
+                                   sending=lambda transfer: _Downloading(request, doc, file_ids, transfer, counts),
                                    aborts=(StorageUnavailable, FileMissing, sendfile.FileGone))
 
 
@@ -293,24 +293,47 @@ async def count_download(request: web.Request, doc: ModelDocument) -> None:
     await request.app[COUNTS].add(doc["id"], clock.now())
 
 
-@asynccontextmanager
-async def _downloading(request: web.Request, doc: ModelDocument, file_ids: list[str],
-                       transfer: fileresponse.Transfer, counts: bool) -> AsyncIterator[None]:
+class _Downloading:
     """Around a download's body: its leases, its slot, its count and its metrics (ContentGone
-    before anything is sent if the content went since the lookup)."""
-    # The leases first: a model deleted or replaced while this waits for a
-    # slot keeps its files until this download has sent them.
-    async with request.app[LEASES].reading(*file_ids), request.app[DOWNLOAD_SLOTS].slot():
-        # A response that carries byte 0 is a download; later ranges resume one.
-        if counts and transfer.whole:
-            await count_download(request, doc)
-        metrics.ACTIVE_DOWNLOADS.inc()
+    before anything is sent if the content went since the lookup). A class, not a generator:
+    one is entered per download (see leases._Reading)."""
+
+    __slots__ = ("_request", "_doc", "_transfer", "_counts", "_reading", "_slot")
+
+    def __init__(self, request: web.Request, doc: ModelDocument, file_ids: list[str],
+                 transfer: fileresponse.Transfer, counts: bool) -> None:
+        self._request, self._doc, self._transfer, self._counts = request, doc, transfer, counts
+        self._reading = request.app[LEASES].reading(*file_ids)
+        self._slot = request.app[DOWNLOAD_SLOTS].slot()
+
+    async def __aenter__(self) -> None:
+        # The leases first: a model deleted or replaced while this waits for a
+        # slot keeps its files until this download has sent them.
+        await self._reading.__aenter__()
         try:
-            yield
-        except (StorageUnavailable, FileMissing, sendfile.FileGone) as e:
+            await self._slot.__aenter__()
+            try:
+                # A response that carries byte 0 is a download; later ranges resume one.
+                if self._counts and self._transfer.whole:
+                    await count_download(self._request, self._doc)
+            except BaseException:
+                await self._slot.__aexit__(None, None, None)
+                raise
+        except BaseException:
+            await self._reading.__aexit__(None, None, None)
+            raise
+        metrics.ACTIVE_DOWNLOADS.inc()
+
+    async def __aexit__(self, kind, error, trace) -> bool:
+        try:
+            metrics.ACTIVE_DOWNLOADS.dec()
+            metrics.DOWNLOAD_BYTES.inc(self._transfer.sent)
+        finally:
+            await self._slot.__aexit__(None, None, None)
+            await self._reading.__aexit__(None, None, None)
+        if isinstance(error, (StorageUnavailable, FileMissing, sendfile.FileGone)):
             # The response has already aborted the connection.
             metrics.STORAGE_ERRORS.labels("download").inc()
-            log.error("download of model %s aborted mid-body: %s", doc["id"], e)
-        finally:
-            metrics.ACTIVE_DOWNLOADS.dec()
-            metrics.DOWNLOAD_BYTES.inc(transfer.sent)
+            log.error("download of model %s aborted mid-body: %s", self._doc["id"], error)
+            return True
+        return False

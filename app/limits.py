@@ -19,7 +19,6 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from contextlib import asynccontextmanager
 
 from aiohttp import web
 
@@ -111,25 +110,30 @@ class DownloadSlots:
         # Downloads queued for a slot right now.
         self.waiting = 0
 
-    @asynccontextmanager
-    async def slot(self):
-        if self._sem is None:
-            yield
+    def slot(self) -> DownloadSlots:
+        """``async with slots.slot():`` around a body: a slot, or after queueing up to
+        ``queue_seconds`` for one, TOO_MANY_DOWNLOADS. The slots are their own context
+        manager: no generator to set up per download (see leases._Reading)."""
+        return self
+
+    async def __aenter__(self) -> None:
+        sem = self._sem
+        if sem is None:
+            return
+        if not sem.locked():
+            await sem.acquire()  # free: taken at once, no timer to set up
             return
         self.waiting += 1
         try:
-            if self._sem.locked():
-                async with asyncio.timeout(self.queue_seconds):
-                    await self._sem.acquire()
-            else:
-                await self._sem.acquire()  # free: taken at once, no timer to set up
+            async with asyncio.timeout(self.queue_seconds):
+                await sem.acquire()
         except TimeoutError:
             raise ApiError(errors.TOO_MANY_DOWNLOADS,
                            f"{self.limit} downloads are already running here; retry shortly",
                            {"Retry-After": str(max(1, math.ceil(self.queue_seconds)))}) from None
         finally:
             self.waiting -= 1
-        try:
-            yield
-        finally:
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._sem is not None:
             self._sem.release()

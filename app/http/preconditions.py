@@ -44,14 +44,14 @@ def evaluate(headers, etag: str, last_modified: datetime) -> int | None:
 
     Follows the order of RFC 9110 section 13.2.2 for GET and HEAD.
     """
-    modified = last_modified.replace(microsecond=0)
+    # Dates compare in whole seconds, the HTTP-date's precision.
     if_match = headers.get("If-Match")
     if if_match is not None:
         if not _strong_match(if_match, etag):
             return PRECONDITION_FAILED
     else:
         since = parse_http_date(headers.get("If-Unmodified-Since"))
-        if since is not None and modified > since:
+        if since is not None and last_modified.replace(microsecond=0) > since:
             return PRECONDITION_FAILED
     if_none_match = headers.get("If-None-Match")
     if if_none_match is not None:
@@ -59,7 +59,7 @@ def evaluate(headers, etag: str, last_modified: datetime) -> int | None:
             return NOT_MODIFIED
     else:
         since = parse_http_date(headers.get("If-Modified-Since"))
-        if since is not None and modified <= since:
+        if since is not None and last_modified.replace(microsecond=0) <= since:
             return NOT_MODIFIED
     return None
 
