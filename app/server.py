@@ -142,6 +142,10 @@ async def _serve(settings: Settings) -> None:
         max_line_size=settings.max_url_length,
         max_field_size=settings.max_header_size,
         keepalive_timeout=settings.keepalive_timeout,
+        # No SO_KEEPALIVE, as nginx by default: an idle connection closes after
+        # KEEPALIVE_TIMEOUT and a stalled body after DOWNLOAD_TIMEOUT anyway, and
+        # setting it cost a socket object per connection (first byte, README).
+        tcp_keepalive=False,
     )
     # The drain below already waited for requests in flight.
     app_runner = web.AppRunner(app, shutdown_timeout=1.0, **handler_args)
