@@ -24,6 +24,7 @@ from app.read_cache import ReadCache, freeze, weight
 from app.server import create_app
 from app.storage.base import StoredFile
 from app.storage.embedded import EmbeddedStorage
+from app.storage.wal_index import open_header
 from testkit.live_service import processes_on_one_data_dir
 from tests.api_helpers import MODELS, get_model, json_of, listing, model_url, register
 
@@ -230,6 +231,46 @@ async def test_stamp_is_read_once_a_pass_and_again_after_this_stores_own_change(
     assert storage.read_stamp() == same_pass
     await asyncio.sleep(0)
     assert storage.read_stamp() != same_pass
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_stamp_row_is_read_again_only_after_a_commit(storage, monkeypatch):
+    """Between commits the WAL-index header stays the same, and the stamp's row is not read again;
+    any connection's commit changes the header, and the row is read."""
+    reads = []
+    real = storage._read_stamp
+    monkeypatch.setattr(storage, "_read_stamp", lambda: reads.append(1) or real())
+    first = storage.read_stamp()
+    for _ in range(3):
+        await asyncio.sleep(0)
+        assert storage.read_stamp() == first
+    assert len(reads) == 1
+    with sqlite3.connect(storage.db_path) as raw:
+        raw.execute("INSERT INTO download_hours (hour, count) VALUES ('2026-01-01T00:00:00.000Z', 1)")
+    await asyncio.sleep(0)
+    assert storage.read_stamp() == first  # a commit that changed no model: read, and the same
+    assert len(reads) == 2
+    with sqlite3.connect(storage.db_path) as raw:
+        raw.execute("UPDATE read_generation SET models = models + 1")
+    await asyncio.sleep(0)
+    assert storage.read_stamp() != first
+    assert len(reads) == 3
+
+
+def test_wal_index_header_is_read_only_whole(tmp_path):
+    db = tmp_path / "x.sqlite3"
+    assert open_header(str(db)) is None  # no index to map
+    shm = tmp_path / "x.sqlite3-shm"
+    header = bytes(12) + b"\x01" + bytes(35)
+    shm.write_bytes(header + header + bytes(100))
+    watch = open_header(str(db))
+    assert watch.current() == header
+    shm.write_bytes(header + b"\x02" + header[1:] + bytes(100))  # a commit half written
+    assert watch.current() is None
+    shm.write_bytes(bytes(96 + 100))  # not built yet
+    assert watch.current() is None
+    watch.close()
+    assert watch.current() is None
 
 
 @pytest.mark.parametrize("backend", ["embedded"])

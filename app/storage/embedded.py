@@ -56,6 +56,7 @@ from .base import (
     StoredFile,
     UploadSession,
 )
+from .wal_index import WalIndexHeader, open_header
 
 # A session's stored prefix is re-read (to re-hash it) in pieces this large.
 _READ_SIZE = 1024 * 1024
@@ -237,6 +238,10 @@ class EmbeddedStorage(Storage):
         self._reader: sqlite3.Connection | None = None
         # read_stamp's answer for the rest of this event-loop pass (see base.Storage.read_stamp).
         self._pass_stamp: tuple[int, int] | None = None
+        # The WAL-index header, and the stamp row read just after it was seen (see _latest_stamp).
+        self._wal_header: WalIndexHeader | None = None
+        self._stamp_header: bytes | None = None
+        self._stamp_row: tuple[int, int] | None = None
         # One thread owns the connection: SQLite calls never block the loop
         # and never need their own locking.
         self._executor: ThreadPoolExecutor | None = None
@@ -299,6 +304,7 @@ class EmbeddedStorage(Storage):
         reader.row_factory = sqlite3.Row
         reader.execute("PRAGMA busy_timeout=0")  # busy means "take the queue", never "wait here"
         self._reader = reader
+        self._wal_header = open_header(str(self.db_path))
 
     @staticmethod
     def _migrate(db: sqlite3.Connection, had_references: bool, files_columns: set[str]) -> None:
@@ -327,6 +333,10 @@ class EmbeddedStorage(Storage):
     async def close(self) -> None:
         if self._executor is None:
             return
+        if self._wal_header is not None:
+            # Before the connections: the file is mapped only while one is open.
+            self._wal_header.close()
+            self._wal_header = self._stamp_header = self._stamp_row = None
         for name in ("_reader", "_on_loop"):
             db = getattr(self, name)
             if db is not None:
@@ -418,7 +428,7 @@ class EmbeddedStorage(Storage):
     def read_stamp(self, counts: bool = True) -> tuple[int, int] | int | None:
         stamp = self._pass_stamp
         if stamp is None:
-            stamp = self._read_stamp()
+            stamp = self._latest_stamp()
             if stamp is None:
                 return None
             try:
@@ -429,12 +439,23 @@ class EmbeddedStorage(Storage):
                 self._pass_stamp = stamp
         return stamp if counts else stamp[0]
 
+    def _latest_stamp(self) -> tuple[int, int] | None:
+        # The header first, then the row: a row read after a header is at least
+        # as new as it, so while the header stays the same the row is current.
+        header = self._wal_header.current() if self._wal_header is not None else None
+        if header is not None and header == self._stamp_header:
+            return self._stamp_row  # no commit since it was read
+        row = self._read_stamp()
+        self._stamp_header, self._stamp_row = (header, row) if row is not None else (None, None)
+        return row
+
     def _read_stamp(self) -> tuple[int, int] | None:
         # One row on the loop's read-only connection: each statement there
         # reads the latest commit of any connection, and the triggers in
         # _SCHEMA bump these in the transaction of every change. About 8 us in
         # the service (a read transaction's shm locks, the GIL released and
-        # taken back), a fifth of a cached get-by-id: hence once per loop pass.
+        # taken back), a fifth of a cached get-by-id: hence once per loop pass,
+        # and only after a commit (_latest_stamp).
         # Busy (a checkpoint, a recovery): no stamp, so nothing is cached.
         if self._reader is None:
             return None
