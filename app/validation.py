@@ -151,8 +151,11 @@ def update(body: Mapping[str, Any]) -> ModelDocument:
     return fields(_convert(body, ModelUpdate))
 
 
+_MODEL_ID = re.compile(r"[0-9a-fA-F]{24}")
+
+
 def model_id(value: str) -> str:
-    if not re.fullmatch(r"[0-9a-fA-F]{24}", value):
+    if not _MODEL_ID.fullmatch(value):
         raise ApiError(errors.INVALID_ID, f"model id must be 24 hexadecimal characters, got {value[:40]!r}")
     return value.lower()
 
