@@ -94,6 +94,19 @@ async def test_listing_sees_new_and_deleted_models(client, backend):
     assert await listing(client, limit=20) == before
 
 
+async def test_listing_is_kept_per_query_string_and_a_refused_one_never(client, backend):
+    for name in ("cached-q-a", "cached-q-b"):
+        await register(client, name)
+    one, two = await listing(client, limit=1), await listing(client, limit=2)
+    assert len(one["models"]) == 1 and len(two["models"]) == 2
+    assert await listing(client, limit=1) == one and await listing(client, limit=2) == two
+    # Another spelling of the same query: its own entry, the same answer.
+    assert await json_of(await client.get(f"{MODELS}?limit=%31"), 200) == one
+    for _ in range(2):
+        resp = await client.get(f"{MODELS}?limit=1&sort=bogus")
+        assert (await json_of(resp, 400))["error"]["code"] == "invalid_parameter"
+
+
 async def test_download_lookups_follow_replacements_and_deletes(client, backend):
     model_id = (await register(client, "cached-dl"))["model_id"]
     await _upload(client, model_id, b"first content")
