@@ -137,7 +137,7 @@ def _settle_garbage_collector() -> None:
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     handler_args = dict(
-        access_log=logging.getLogger("app.access"),
+        access_log=logging.getLogger(logs.ACCESS_LOGGER),
         access_log_class=logs.AccessLogger,
         max_line_size=settings.max_url_length,
         max_field_size=settings.max_header_size,

@@ -72,3 +72,44 @@ def test_unparseable_requests_are_one_quiet_line(tmp_path):
     log = service.log()
     assert "Traceback" not in log and " ERROR " not in log, log
     assert "bad request: 400" in log
+
+
+@pytest.mark.parametrize("formatter", [logs.TextFormatter(), logs.JsonFormatter()], ids=["text", "json"])
+def test_access_lines_written_directly_are_what_logging_would_write(formatter):
+    fields = {"request_id": "r1", "method": "GET", "route": "/api/v1/models/{id}", "path": "/api/v1/models/x",
+              "status": 200, "bytes": 10, "duration_ms": 1.5, "remote": None}
+    args = ("127.0.0.1", "GET", "/api/v1/models/x?a=1", 200, 10, 1.5, "r1")
+    record = logging.LogRecord(logs.ACCESS_LOGGER, logging.INFO, __file__, 1, logs._ACCESS_MESSAGE, args, None)
+    record.__dict__.update(fields)
+    for created in (record.created, 1_700_000_000.9996, 1_700_000_001.0):
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert formatter.access_line(created, logs._ACCESS_MESSAGE % args, fields) == formatter.format(record)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_live_service_writes_one_access_line_per_request(tmp_path, fmt):
+    import urllib.request
+
+    from testkit.live_service import LiveService
+
+    service = LiveService({"DATA_DIR": str(tmp_path / "d"), "MONGODB_URL": "", "LOG_FORMAT": fmt,
+                           "LOG_LEVEL": "INFO"}, tmp_path / "log")
+    service.start()
+    try:
+        for n in range(3):
+            req = urllib.request.Request(f"http://127.0.0.1:{service.port}/api/v1/models?limit={n + 1}",
+                                         headers={"X-Request-ID": f"line-{n}"})
+            with urllib.request.urlopen(req) as resp:
+                assert resp.status == 200
+    finally:
+        service.stop()
+    lines = [line for line in service.log().splitlines() if "line-" in line]
+    assert len(lines) == 3, service.log()
+    for n, line in enumerate(lines):
+        if fmt == "json":
+            entry = orjson.loads(line)
+            assert entry["logger"] == "app.access" and entry["request_id"] == f"line-{n}"
+            assert entry["route"] == "/api/v1/models" and entry["status"] == 200 and entry["time"].endswith("Z")
+        else:
+            assert f" INFO app.access: 127.0.0.1 GET /api/v1/models?limit={n + 1} 200 " in line
+            assert line.endswith(f"id=line-{n}")
