@@ -12,10 +12,10 @@ import logging
 import random
 import re
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
+from time import strftime
 from time import time as wall_time
 
 import orjson
@@ -79,8 +79,7 @@ class TextFormatter(logging.Formatter):
         # asctime as formatTime writes it, its seconds formatted once a second.
         second = int(created)
         if second != self._second:
-            self._second, self._second_text = second, time.strftime(self.default_time_format,
-                                                                     self.converter(second))
+            self._second, self._second_text = second, strftime(self.default_time_format, self.converter(second))
         asctime = self.default_msec_format % (self._second_text, int((created - second) * 1000))
         return f"{asctime} INFO {ACCESS_LOGGER}: {message}"
 
