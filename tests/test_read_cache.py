@@ -187,87 +187,63 @@ async def test_stamp_moves_with_every_change_by_any_connection(storage, settings
     try:
         seen = [storage.read_stamp()]
 
-        async def moved() -> bool:
-            # As a later request reads it: in a later pass of the loop.
-            await asyncio.sleep(0)
+        def moved() -> bool:
             seen.append(storage.read_stamp())
             return seen[-1] != seen[-2]
 
         await storage.insert_model(_doc("a" * 24, "stamp-a"))
-        assert await moved()
-        assert not await moved()
+        assert moved()
+        assert not moved()
         await other.insert_model(_doc("b" * 24, "stamp-b"))
-        assert await moved()
+        assert moved()
         await other.update_model("b" * 24, {"description": "changed"})
-        assert await moved()
+        assert moved()
         quiet = storage.read_stamp(counts=False)
         await other.record_download("b" * 24, datetime.now(timezone.utc))
-        assert await moved()
+        assert moved()
         # A count moves only the stamp of reads that show counts.
         assert storage.read_stamp(counts=False) == quiet
         async with other.file_writer() as writer:
             await writer.write(b"leased")
             stored = await writer.commit()
-        assert not await moved()  # content, not a model
+        assert not moved()  # content, not a model
         leased = await other.lease_files([stored.file_id], "owner", datetime.now(timezone.utc))
-        assert leased and not await moved()  # a download's lease leaves every entry valid
+        assert leased and not moved()  # a download's lease leaves every entry valid
         with sqlite3.connect(storage.db_path) as raw:  # anything else writing to the database
             raw.execute("UPDATE models SET doc = json_set(doc, '$.description', 'raw') WHERE id = ?", ("a" * 24,))
-        assert await moved()
+        assert moved()
         assert storage.read_stamp(counts=False) != quiet
         await other.delete_model("a" * 24)
-        assert await moved()
+        assert moved()
     finally:
         await other.close()
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
-async def test_stamp_is_read_once_a_pass_and_again_after_this_stores_own_change(storage, settings, monkeypatch):
-    """The stamp's SQLite read costs more than a cached answer: one a loop pass. Within the pass, a change
-    through this store is seen at once (the request that made it reads its own write); another
-    connection's is seen from the next pass on, the first that can hold a request sent after it."""
-    reads = []
-    real = storage._read_stamp
-    monkeypatch.setattr(storage, "_read_stamp", lambda: reads.append(1) or real())
-    before = storage.read_stamp()
-    assert storage.read_stamp() == before and storage.read_stamp(counts=False) == before[0]
-    assert len(reads) == 1
-    await storage.insert_model(_doc("c" * 24, "stamp-c"))  # through the SQLite thread
-    assert storage.read_stamp() != before
-    counted = storage.read_stamp()
-    # On the loop's own connection, with no pass in between.
-    await storage.record_downloads({("c" * 24, datetime.now(timezone.utc)): 1})
-    assert storage.read_stamp() != counted
-    same_pass = storage.read_stamp()
-    with sqlite3.connect(storage.db_path) as raw:
-        raw.execute("UPDATE models SET doc = json_set(doc, '$.description', 'raw') WHERE id = ?", ("c" * 24,))
-    assert storage.read_stamp() == same_pass
-    await asyncio.sleep(0)
-    assert storage.read_stamp() != same_pass
-
-
-@pytest.mark.parametrize("backend", ["embedded"])
 async def test_stamp_row_is_read_again_only_after_a_commit(storage, monkeypatch):
     """Between commits the WAL-index header stays the same, and the stamp's row is not read again;
-    any connection's commit changes the header, and the row is read."""
+    any connection's commit changes the header, and the row is read at once."""
     reads = []
     real = storage._read_stamp
     monkeypatch.setattr(storage, "_read_stamp", lambda: reads.append(1) or real())
     first = storage.read_stamp()
     for _ in range(3):
-        await asyncio.sleep(0)
-        assert storage.read_stamp() == first
+        assert storage.read_stamp() == first and storage.read_stamp(counts=False) == first[0]
     assert len(reads) == 1
     with sqlite3.connect(storage.db_path) as raw:
         raw.execute("INSERT INTO download_hours (hour, count) VALUES ('2026-01-01T00:00:00.000Z', 1)")
-    await asyncio.sleep(0)
     assert storage.read_stamp() == first  # a commit that changed no model: read, and the same
     assert len(reads) == 2
     with sqlite3.connect(storage.db_path) as raw:
         raw.execute("UPDATE read_generation SET models = models + 1")
-    await asyncio.sleep(0)
-    assert storage.read_stamp() != first
-    assert len(reads) == 3
+    second = storage.read_stamp()
+    assert second != first and len(reads) == 3
+    # This store's own commits, through the SQLite thread and on the loop's own connection.
+    await storage.insert_model(_doc("c" * 24, "stamp-c"))
+    third = storage.read_stamp()
+    assert third != second and len(reads) == 4
+    await storage.record_downloads({("c" * 24, datetime.now(timezone.utc)): 1})
+    assert storage.read_stamp() != third and storage.read_stamp(counts=False) == third[0]
 
 
 def test_wal_index_header_is_read_only_whole(tmp_path):

@@ -503,10 +503,6 @@ class Storage(abc.ABC):
         store, or anything else writing to it. Read it BEFORE the read it validates (app/read_cache.py).
         With ``counts=False`` it may stay put when only download counts changed, for reads that never
         show them. None where no cheap stamp exists: nothing read is then kept.
-
-        A store may answer the same stamp for the rest of one event-loop pass, and only after a change through
-        itself in that pass answer anew: a request's callbacks run in a pass that began after its bytes arrived,
-        so after every change that could have come before it (a client told by another replica, say).
         """
         return None
 

@@ -236,9 +236,7 @@ class EmbeddedStorage(Storage):
         # A second, read-only connection used on the event loop itself, for
         # lookups by primary key (see get_model).
         self._reader: sqlite3.Connection | None = None
-        # read_stamp's answer for the rest of this event-loop pass (see base.Storage.read_stamp).
-        self._pass_stamp: tuple[int, int] | None = None
-        # The WAL-index header, and the stamp row read just after it was seen (see _latest_stamp).
+        # The WAL-index header, and the stamp row read just after it was seen (see read_stamp).
         self._wal_header: WalIndexHeader | None = None
         self._stamp_header: bytes | None = None
         self._stamp_row: tuple[int, int] | None = None
@@ -255,9 +253,6 @@ class EmbeddedStorage(Storage):
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.OperationalError as e:
             raise StorageUnavailable(f"SQLite: {e}") from e
-        finally:
-            # It may have changed a model: what this request reads next must see it.
-            self._pass_stamp = None
 
     def _connect(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -426,36 +421,25 @@ class EmbeddedStorage(Storage):
         return await self._run(self._get, model_id)
 
     def read_stamp(self, counts: bool = True) -> tuple[int, int] | int | None:
-        stamp = self._pass_stamp
-        if stamp is None:
-            stamp = self._latest_stamp()
-            if stamp is None:
-                return None
-            try:
-                asyncio.get_running_loop().call_soon(self._end_stamp_pass)
-            except RuntimeError:
-                pass  # no loop: nothing marks the pass's end, so keep nothing
-            else:
-                self._pass_stamp = stamp
-        return stamp if counts else stamp[0]
-
-    def _latest_stamp(self) -> tuple[int, int] | None:
         # The header first, then the row: a row read after a header is at least
         # as new as it, so while the header stays the same the row is current.
         header = self._wal_header.current() if self._wal_header is not None else None
         if header is not None and header == self._stamp_header:
-            return self._stamp_row  # no commit since it was read
-        row = self._read_stamp()
-        self._stamp_header, self._stamp_row = (header, row) if row is not None else (None, None)
-        return row
+            row = self._stamp_row  # no commit since it was read
+        else:
+            row = self._read_stamp()
+            self._stamp_header, self._stamp_row = (header, row) if row is not None else (None, None)
+            if row is None:
+                return None
+        return row if counts else row[0]
 
     def _read_stamp(self) -> tuple[int, int] | None:
         # One row on the loop's read-only connection: each statement there
         # reads the latest commit of any connection, and the triggers in
         # _SCHEMA bump these in the transaction of every change. About 8 us in
         # the service (a read transaction's shm locks, the GIL released and
-        # taken back), a fifth of a cached get-by-id: hence once per loop pass,
-        # and only after a commit (_latest_stamp).
+        # taken back), a fifth of a cached get-by-id: hence only after a
+        # commit (read_stamp).
         # Busy (a checkpoint, a recovery): no stamp, so nothing is cached.
         if self._reader is None:
             return None
@@ -464,9 +448,6 @@ class EmbeddedStorage(Storage):
             return models, counted
         except (sqlite3.OperationalError, TypeError):
             return None
-
-    def _end_stamp_pass(self) -> None:
-        self._pass_stamp = None
 
     def _update(self, model_id: str, fields: ModelDocument, return_previous: bool,
                 amend: Amend | None) -> ModelDocument | None:
@@ -544,7 +525,6 @@ class EmbeddedStorage(Storage):
             except sqlite3.OperationalError:
                 pass  # busy (rolled back): queue like any other call
             else:
-                self._pass_stamp = None  # the counts moved: the reads that show them must see it
                 return self._loop_committed()
         await self._run(self._record_downloads, tallies)
 
