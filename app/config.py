@@ -229,30 +229,33 @@ def _str(env, name, default):
 
 
 def _int(env, name, default, lo, hi):
-    value = _raw(env, name)
-    if value is None or value == "":
+    n = _parsed(env, name, int, "a whole number")
+    if n is None:
         return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
     if not lo <= n <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi}, got {n}")
     return n
 
 
 def _seconds(env, name, default, lo, hi):
-    value = _raw(env, name)
-    if value is None or value == "":
+    n = _parsed(env, name, float, "a number of seconds")
+    if n is None:
         return default
-    try:
-        n = float(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
     # NaN and infinity fail the comparison too.
     if not lo <= n <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi} seconds, got {value!r}")
+        raise ConfigError(f"{name} must be between {lo} and {hi} seconds, got {_raw(env, name)!r}")
     return n
+
+
+def _parsed(env, name, parse, expected):
+    """``parse`` of the variable's value, or None when it is unset or empty."""
+    value = _raw(env, name)
+    if value is None or value == "":
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be {expected}, got {value!r}") from None
 
 
 def _bool(env, name, default):
