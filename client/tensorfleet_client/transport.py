@@ -107,6 +107,11 @@ class Transport:
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def read_timeout(self) -> float:
+        """Seconds a response may go without a byte before the request fails."""
+        return self._timeout.sock_read
+
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # Not a session header: aiohttp would carry it along a redirect to any host.
