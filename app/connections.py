@@ -217,14 +217,18 @@ class GuardedRequestHandler(RequestHandler):
         body.set_exception(BodyTimeout(
             f"no part of the request body arrived for {self._guard.body_timeout:g} s (BODY_TIMEOUT)"))
 
-    async def finish_response(self, request, resp: web.StreamResponse, start_time):
+    def finish_response(self, request, resp: web.StreamResponse, start_time):
         # An answer the service itself marked "Connection: close" to a body it did not read
         # (an upload refused or stalled) closes at once: aiohttp would read and discard up to
         # 10 s more of that body first, which for a hundred refused uploads is a hundred bodies.
-        unread = resp.headers.get("Connection", "").lower() == "close" and not request.content.is_eof()
+        # Any other answer gets aiohttp's own coroutine, without a layer of ours around it.
+        if not request.content.is_eof() and resp.headers.get("Connection", "").lower() == "close":
+            return self._finish_and_close(request, resp, start_time)
+        return super().finish_response(request, resp, start_time)
+
+    async def _finish_and_close(self, request, resp: web.StreamResponse, start_time):
         result = await super().finish_response(request, resp, start_time)
-        if unread:
-            self.force_close()
+        self.force_close()
         return result
 
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
