@@ -290,7 +290,7 @@ async def count_download(request: web.Request, doc: ModelDocument) -> None:
     """One download of the version: the metric now; its download_count and the hourly tally
     within COUNT_FLUSH_INTERVAL (app/counts.py)."""
     metrics.downloads(doc["algorithm"]).inc()
-    await request.app[COUNTS].add(doc["id"], clock.now())
+    await request.app[COUNTS].add(doc["id"], clock.this_hour())
 
 
 class _Downloading:

@@ -153,3 +153,14 @@ def test_sigterm_writes_the_pending_counts(request, backend, tmp_path):
         assert _stored_count(backend, data_dir, mongo, db_name, model_id) == n
         service.start()
         assert orjson.loads(call("GET", f"/api/v1/models/{model_id}"))["download_count"] == n
+
+
+def test_this_hour_is_the_start_of_the_current_utc_hour_and_moves_on_at_its_end(monkeypatch):
+    at = clock.now()
+    assert clock.this_hour() == download_hour(at)  # the hour did not turn in between: run again if it did
+    start = 1_796_000_400.0  # a whole UTC hour (2026-11-30 01:00)
+    for t, hour in ((start + 3599.999, start), (start + 3600, start + 3600), (start - 0.5, start - 3600),
+                    (start + 7200.25, start + 7200)):
+        monkeypatch.setattr(clock, "time", lambda t=t: t)
+        got = clock.this_hour()
+        assert got.timestamp() == hour and got.tzinfo is not None and download_hour(got) is got

@@ -119,6 +119,8 @@ DOWNLOAD_HISTORY = timedelta(days=30)
 
 def download_hour(at: datetime) -> datetime:
     """The hour a download at ``at`` is tallied under: its start."""
+    if not (at.minute or at.second or at.microsecond):
+        return at  # clock.this_hour() already
     return at.replace(minute=0, second=0, microsecond=0)
 
 
