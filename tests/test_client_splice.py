@@ -61,6 +61,18 @@ class Spliced:
         return bool(self.opened) and all(fd in self.closed for fd in self.opened)
 
 
+async def pull_from(aiohttp_server, tmp_path, download, *names: str, **client_options) -> list[bytes]:
+    """Serve ``download`` at the download route; pull the model into each of ``names`` (one connection
+    each, in turn); the files' bytes."""
+    app = web.Application()
+    app.router.add_get("/api/v1/models/{id}/download", download)
+    url = await serve(aiohttp_server, app)
+    async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST, **client_options) as client:
+        for name in names or ("model.bin",):
+            await client.download(ID, tmp_path / name, parallel=1)
+    return [(tmp_path / name).read_bytes() for name in names or ("model.bin",)]
+
+
 @pytest.mark.parametrize("parallel", [1, 3])
 async def test_a_plain_tcp_body_goes_to_the_file_through_the_kernel(aiohttp_server, tmp_path, monkeypatch, parallel):
     spliced = Spliced(monkeypatch)
@@ -94,16 +106,10 @@ async def test_a_body_that_stalls_is_dropped_after_the_read_timeout_and_goes_on_
         await stall.wait()  # until the test ends: the client must give up on its own
         return resp
 
-    app = web.Application()
-    app.router.add_get("/api/v1/models/{id}/download", download)
-    url = await serve(aiohttp_server, app)
-    target = tmp_path / "model.bin"
     try:
-        async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST, read_timeout=0.5) as client:
-            result = await client.download(ID, target, parallel=1)
+        assert await pull_from(aiohttp_server, tmp_path, download, read_timeout=0.5) == [data]
     finally:
         stall.set()
-    assert target.read_bytes() == data and result.size == len(data)
     ranges = [r for m, _, r, _ in liar.seen if m == "GET"]
     assert ranges[0] == f"bytes=0-{len(data) - 1}" and len(ranges) == 2
     # Asked again from the first byte that had not arrived, not from the start.
@@ -125,13 +131,7 @@ async def test_bytes_after_the_body_are_never_read_into_the_file(aiohttp_server,
             request.transport.write(b"\xff" * dl.MiB)
         return resp
 
-    app = web.Application()
-    app.router.add_get("/api/v1/models/{id}/download", download)
-    url = await serve(aiohttp_server, app)
-    target = tmp_path / "model.bin"
-    async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST) as client:
-        await client.download(ID, target, parallel=1)
-    assert target.read_bytes() == data
+    assert await pull_from(aiohttp_server, tmp_path, download) == [data]
     assert spliced.bytes > 0 and spliced.all_closed()
 
 
@@ -154,13 +154,7 @@ async def test_a_chunked_body_is_not_spliced(aiohttp_server, tmp_path, monkeypat
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/api/v1/models/{id}/download", download)
-    url = await serve(aiohttp_server, app)
-    target = tmp_path / "model.bin"
-    async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST) as client:
-        await client.download(ID, target, parallel=1)
-    assert target.read_bytes() == data
+    assert await pull_from(aiohttp_server, tmp_path, download) == [data]
     assert spliced.bytes == 0 and spliced.opened == []
 
 
@@ -174,13 +168,7 @@ async def test_a_small_body_goes_through_aiohttp_which_keeps_the_connection(aioh
         peers.append((request.method, request.transport.get_extra_info("peername")))
         return await liar.download(request)
 
-    app = web.Application()
-    app.router.add_get("/api/v1/models/{id}/download", download)
-    url = await serve(aiohttp_server, app)
-    async with asyncio.timeout(BOUND), AsyncModelServiceClient(url, retry=FAST) as client:
-        for name in ("one.bin", "two.bin"):
-            await client.download(ID, tmp_path / name, parallel=1)
-    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes() == data
+    assert await pull_from(aiohttp_server, tmp_path, download, "one.bin", "two.bin") == [data, data]
     # Each download's HEAD and GET, all on one connection.
     assert [m for m, _ in peers] == ["HEAD", "GET"] * 2 and len({p for _, p in peers}) == 1
     assert spliced.bytes == 0 and spliced.opened == []
