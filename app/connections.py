@@ -42,8 +42,8 @@ from .http.json import status_error_response
 
 log = logging.getLogger("app.connections")
 
-# While sendfile runs, a download holds three descriptors: the socket, the
-# file and a duplicate of the socket (app/http/sendfile.py).
+# While sendfile runs, a download holds up to three descriptors: the socket,
+# the file and, while it waits for the socket, a duplicate of it (app/http/sendfile.py).
 FDS_PER_CONNECTION = 3
 # Descriptors for everything else: the store (SQLite files, the MongoDB
 # connection pool), logs, the listening socket.

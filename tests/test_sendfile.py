@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 
 import aiohttp
 import pytest
@@ -46,6 +47,7 @@ class Served:
         self.during: list[int] = []
         self.after: list[int] = []
         self.missing: list[tuple[str, int]] = []
+        self.send_buffer: int | None = None  # SO_SNDBUF for the response's socket, to make it fill up
         real_sendfile = os.sendfile
 
         def spying_sendfile(out, fd, offset, count):
@@ -60,6 +62,9 @@ class Served:
         response.content_length = count
         writer = await response.prepare(request)
         fd = request.transport.get_extra_info("socket").fileno()
+        if self.send_buffer is not None:
+            request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                                   self.send_buffer)
         try:
             await sendfile.send_range(request, writer, str(self.path), offset, count, 10)
         except sendfile.FileGone as e:
@@ -123,3 +128,33 @@ def test_a_missing_file_is_reported(served, run):
     [body] = run(served.get((0, 10)))
     assert isinstance(body, aiohttp.ClientPayloadError)
     assert [m.endswith("is missing") for m, _ in served.missing] == [True]
+
+
+@RUNNERS
+def test_the_socket_is_duplicated_only_to_wait_for_it_and_closed_after(served, run, monkeypatch):
+    """uvloop keeps the transport's descriptor to itself for waiting: a body that fills the socket
+    waits on a duplicate; one that leaves in one call needs none."""
+    made, closed = [], []
+    real_dup, real_close = os.dup, os.close
+
+    def by_send_range() -> bool:
+        return sys._getframe(2).f_globals["__name__"] == sendfile.__name__
+
+    def dup(fd: int) -> int:
+        new = real_dup(fd)
+        if by_send_range():
+            made.append(new)
+        return new
+
+    def close(fd: int) -> None:
+        if by_send_range():
+            closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(sendfile.os, "dup", dup)
+    monkeypatch.setattr(sendfile.os, "close", close)
+    assert run(served.get((0, 100), (5, sendfile._CORK_ABOVE))) == [DATA[:100], DATA[5:5 + sendfile._CORK_ABOVE]]
+    assert made == []
+    served.send_buffer = 16 * 1024
+    assert run(served.get((0, len(DATA)))) == [DATA]
+    assert made and all(fd in closed for fd in made)

@@ -5,7 +5,8 @@ does: no copy through Python, a fraction of the CPU per GB. uvloop's
 ``loop.sendfile`` falls back to a read/write copy, so this drives
 ``os.sendfile`` itself, non-blocking on the event loop thread, waiting for
 writability on a duplicate of the socket's descriptor (uvloop keeps the
-transport's own descriptor to itself).
+transport's own descriptor to itself, and one that is not waited on needs no
+duplicate).
 
 While the file is sent the socket is corked (TCP_CORK, nginx's
 ``tcp_nopush``), so the kernel sends only full segments: on loopback nginx
@@ -58,14 +59,14 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
         raise FileGone(f"content at {path} is missing") from e
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    try:
-        if sock is None:
-            raise OSError("no socket")
-        out = os.dup(sock.fileno())
-    except OSError as e:
+    if sock is None:
         # The transport closed its socket: the client left.
         os.close(fd)
-        raise ConnectionResetError("the client closed the connection") from e
+        raise ConnectionResetError("the client closed the connection")
+    # A duplicate of the socket's descriptor, made only once the socket is full and the loop must
+    # wait for it: most bodies leave in one sendfile on the transport's own descriptor, which
+    # stays open until the transport is closing (checked before each call, with no await between).
+    out: int | None = None
     sent = 0
     # Corked while the file goes, so that the kernel sends full segments. The
     # headers have already left: aiohttp's StreamResponse sends them at
@@ -86,9 +87,13 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
             send_headers()
         await _flushed(request, writer, timeout)
         while sent < count:
+            if out is None and transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
             try:
-                n = os.sendfile(out, fd, offset + sent, min(_STEP, count - sent))
+                n = os.sendfile(sock.fileno() if out is None else out, fd, offset + sent, min(_STEP, count - sent))
             except BlockingIOError:
+                if out is None:
+                    out = os.dup(sock.fileno())
                 await _writable(loop, out, timeout)
                 continue
             if n == 0:
@@ -100,7 +105,8 @@ async def send_range(request: web.Request, writer, path: str, offset: int, count
         if corked:
             # Uncorking pushes out the last partial segment now, not after 200 ms.
             _cork(sock, False)
-        os.close(out)
+        if out is not None:
+            os.close(out)
         os.close(fd)
     return sent
 
