@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import aiohttp
 import pytest
 
+from app import downloads
 from app.appkeys import READ_CACHE, STORAGE
 from app.downloads import file_headers
 from app.read_cache import ReadCache, freeze, weight
@@ -140,6 +141,40 @@ async def test_download_headers_follow_the_model(client, backend):
     resp = await client.get(model_url(model_id, "/download"))
     assert resp.status == 200 and resp.headers["X-Model-Algorithm"] == "second-algo"
     assert resp.headers["X-Model-Id"] == model_id and resp.headers["Content-Disposition"].endswith('"m.bin"')
+
+
+def _file_doc(model_id: str, algorithm: str = "x") -> dict:
+    at = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    return {**_doc(model_id, "kept-repr"), "algorithm": algorithm, "file_metadata": {
+        "file_id": "f" * 24, "size_bytes": 7, "checksum": "sha256:" + "ab" * 32, "chunk_size": 1024,
+        "uploaded_at": at, "filename": "m.bin"}}
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+async def test_a_download_representation_is_kept_with_its_own_document_object_only(storage, monkeypatch):
+    monkeypatch.setattr(downloads, "_built", {})
+    doc = freeze(_file_doc("a" * 24))
+    first, f = downloads._file_representation(storage, doc, ())
+    assert f.file_id == "f" * 24 and first.path == storage.local_path(f)
+    assert downloads._file_representation(storage, doc, ())[0] is first
+    # The model read again after a change is another object, even where nothing shown changed.
+    changed = freeze(_file_doc("a" * 24, algorithm="y"))
+    assert downloads._file_representation(storage, changed, ())[0].headers["X-Model-Algorithm"] == "y"
+    assert downloads._file_representation(storage, freeze(_file_doc("a" * 24)), ())[0] is not first
+    # Beside other versions (by name, the latest) its date's strength depends on them: built each time.
+    named = freeze(_file_doc("b" * 24))
+    assert (downloads._file_representation(storage, named, (doc,))[0]
+            is not downloads._file_representation(storage, named, (doc,))[0])
+    # Bounded, oldest first out.
+    monkeypatch.setattr(downloads, "_MAX_BUILT", 2)
+    docs = [freeze(_file_doc(c * 24)) for c in "cde"]
+    for d in docs:
+        downloads._file_representation(storage, d, ())
+    assert [entry[0] for entry in downloads._built.values()] == docs[1:]
+    # A store without read stamps hands out a new object per read: nothing is kept for it.
+    monkeypatch.setattr(storage, "read_stamp", lambda counts=True: None)
+    downloads._file_representation(storage, freeze(_file_doc("9" * 24)), ())
+    assert [entry[0] for entry in downloads._built.values()] == docs[1:]
 
 
 def test_file_headers_are_each_callers_own():
