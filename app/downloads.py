@@ -185,31 +185,36 @@ async def send_file(request: web.Request, lookup: Lookup, path: str) -> web.Stre
     return await _with_current(lookup, lambda doc, others: _send_one_file(request, doc, path, others))
 
 
-# A single-file version's /download representation, kept with the document it was built from. The
-# read cache hands out one frozen document object for as long as its model is unchanged
-# (app/read_cache.py), and the representation depends on nothing else (by id: no other versions), so
-# finding that same object here means it still holds. A changed model is a new object and builds anew.
-# About 4 us of a download otherwise. Bounded in entries: single-file documents are a few KB.
-_built: dict[int, tuple[ModelDocument, fileresponse.Representation, StoredFile]] = {}
+# The representation of a version's file (a single-file version's /download, any version's
+# /files/{path}), kept with the document it was built from. The read cache hands out one frozen
+# document object for as long as its model is unchanged (app/read_cache.py), and the representation
+# depends on nothing else when no other versions are involved (by id, or a pinned ?version=), so
+# finding that same object here means it still holds. A changed model is a new object and builds
+# anew. About 8 us of a 16 KB download otherwise. Bounded in entries, and a version of more than
+# _MAX_BUILT_FILES files keeps nothing: its document (up to MBs) would outlive the read cache's own
+# bound on bytes here.
+_built: dict[tuple[int, str | None], tuple[ModelDocument, fileresponse.Representation, StoredFile]] = {}
 _MAX_BUILT = 1024
+_MAX_BUILT_FILES = 64
+
+Build = Callable[[Storage, ModelDocument, Iterable[ModelDocument], str | None],
+                 tuple[fileresponse.Representation, StoredFile]]
 
 
-def _file_representation(storage: Storage, doc: ModelDocument,
-                         others: Iterable[ModelDocument]) -> tuple[fileresponse.Representation, StoredFile]:
-    hit = _built.get(id(doc))
+def _representation(storage: Storage, doc: ModelDocument, others: Iterable[ModelDocument], path: str | None,
+                    build: Build) -> tuple[fileresponse.Representation, StoredFile]:
+    """``build``'s representation of ``path`` of ``doc`` (None: /download), from _built when kept."""
+    key = (id(doc), path)
+    hit = _built.get(key)
     if hit is not None and hit[0] is doc and not others:
         return hit[1], hit[2]
-    f = stored_file(doc)
-    representation = fileresponse.Representation(
-        headers=file_headers(doc, f, doc["file_metadata"]["filename"]), size=f.size, last_modified=f.uploaded_at,
-        date_is_strong=date_is_strong(doc, others), not_modified_headers=NOT_MODIFIED_HEADERS,
-        read=_file_reader(storage, f), path=storage.local_path(f), name=f"model {doc['id']}")
+    representation, f = build(storage, doc, others, path)
     # A store without read stamps keeps no documents: each read is a new object, never found again.
-    if not others and storage.read_stamp(False) is not None:
+    if not others and len(doc.get("files") or ()) <= _MAX_BUILT_FILES and storage.read_stamp(False) is not None:
         while len(_built) >= _MAX_BUILT:
             del _built[next(iter(_built))]
         # The document itself is kept, so its id cannot be reused by another object meanwhile.
-        _built[id(doc)] = (doc, representation, f)
+        _built[key] = (doc, representation, f)
     return representation, f
 
 
@@ -217,12 +222,28 @@ async def _send_download(request: web.Request, doc: ModelDocument,
                          others: Iterable[ModelDocument]) -> web.StreamResponse:
     if snapshots.is_snapshot(doc):
         return await _send_tar(request, doc, others)
-    representation, f = _file_representation(request.app[STORAGE], doc, others)
+    representation, f = _representation(request.app[STORAGE], doc, others, None, _whole_file)
     return await _send(request, doc, representation, [f.file_id], counts=True)
+
+
+def _whole_file(storage: Storage, doc: ModelDocument, others: Iterable[ModelDocument],
+                _path: None) -> tuple[fileresponse.Representation, StoredFile]:
+    f = stored_file(doc)
+    representation = fileresponse.Representation(
+        headers=file_headers(doc, f, doc["file_metadata"]["filename"]), size=f.size, last_modified=f.uploaded_at,
+        date_is_strong=date_is_strong(doc, others), not_modified_headers=NOT_MODIFIED_HEADERS,
+        read=_file_reader(storage, f), path=storage.local_path(f), name=f"model {doc['id']}")
+    return representation, f
 
 
 async def _send_one_file(request: web.Request, doc: ModelDocument, path: str,
                          others: Iterable[ModelDocument]) -> web.StreamResponse:
+    representation, f = _representation(request.app[STORAGE], doc, others, path, _one_file)
+    return await _send(request, doc, representation, [f.file_id], counts=False)
+
+
+def _one_file(storage: Storage, doc: ModelDocument, others: Iterable[ModelDocument],
+              path: str) -> tuple[fileresponse.Representation, StoredFile]:
     entry = snapshots.find(doc, path)
     if entry is None:
         # The rules after the lookup: a single-file version's path is its
@@ -233,14 +254,13 @@ async def _send_one_file(request: web.Request, doc: ModelDocument, path: str,
             raise ApiError(errors.NO_FILE, f"model {doc['id']} has no file uploaded yet")
         raise ApiError(errors.NOT_FOUND, f"model {doc['id']} has no file {_shown(path)}")
     f = snapshots.stored_file(doc, entry)
-    storage = request.app[STORAGE]
     headers = {**file_headers(doc, f, path.rpartition("/")[2], entry["content_type"]), **_UNTRUSTED_TYPE}
     representation = fileresponse.Representation(
         headers=headers, size=f.size,
         last_modified=f.uploaded_at, date_is_strong=date_is_strong(doc, others, path),
         not_modified_headers=NOT_MODIFIED_HEADERS, read=_file_reader(storage, f), path=storage.local_path(f),
         name=f"file {_shown(path)} of model {doc['id']}")
-    return await _send(request, doc, representation, [f.file_id], counts=False)
+    return representation, f
 
 
 # A file's Content-Type is whatever its committer declared, and this origin

@@ -21,6 +21,7 @@ import pytest
 from app import downloads
 from app.appkeys import READ_CACHE, STORAGE
 from app.downloads import file_headers
+from app.errors import ApiError
 from app.read_cache import ReadCache, freeze, weight
 from app.server import create_app
 from app.storage.base import StoredFile
@@ -147,33 +148,51 @@ def _file_doc(model_id: str, algorithm: str = "x") -> dict:
     at = datetime(2026, 1, 2, tzinfo=timezone.utc)
     return {**_doc(model_id, "kept-repr"), "algorithm": algorithm, "file_metadata": {
         "file_id": "f" * 24, "size_bytes": 7, "checksum": "sha256:" + "ab" * 32, "chunk_size": 1024,
-        "uploaded_at": at, "filename": "m.bin"}}
+        "uploaded_at": at, "filename": "m.bin", "content_type": "application/octet-stream"}}
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
 async def test_a_download_representation_is_kept_with_its_own_document_object_only(storage, monkeypatch):
     monkeypatch.setattr(downloads, "_built", {})
+
+    def whole(doc, others=()):
+        return downloads._representation(storage, doc, others, None, downloads._whole_file)[0]
+
+    def one(doc, path):
+        return downloads._representation(storage, doc, (), path, downloads._one_file)[0]
+
     doc = freeze(_file_doc("a" * 24))
-    first, f = downloads._file_representation(storage, doc, ())
-    assert f.file_id == "f" * 24 and first.path == storage.local_path(f)
-    assert downloads._file_representation(storage, doc, ())[0] is first
+    first = whole(doc)
+    assert first.path == storage.local_path(downloads.stored_file(doc))
+    assert whole(doc) is first
+    # /files/{path} of the same document is another representation (its own headers), kept beside it.
+    as_file = one(doc, "m.bin")
+    assert as_file is not first and as_file.headers["X-Content-Type-Options"] == "nosniff"
+    assert one(doc, "m.bin") is as_file and whole(doc) is first
     # The model read again after a change is another object, even where nothing shown changed.
-    changed = freeze(_file_doc("a" * 24, algorithm="y"))
-    assert downloads._file_representation(storage, changed, ())[0].headers["X-Model-Algorithm"] == "y"
-    assert downloads._file_representation(storage, freeze(_file_doc("a" * 24)), ())[0] is not first
+    assert whole(freeze(_file_doc("a" * 24, algorithm="y"))).headers["X-Model-Algorithm"] == "y"
+    assert whole(freeze(_file_doc("a" * 24))) is not first
     # Beside other versions (by name, the latest) its date's strength depends on them: built each time.
     named = freeze(_file_doc("b" * 24))
-    assert (downloads._file_representation(storage, named, (doc,))[0]
-            is not downloads._file_representation(storage, named, (doc,))[0])
+    assert whole(named, (doc,)) is not whole(named, (doc,))
+    # A path it does not have is refused each time, and nothing is kept for it.
+    kept = len(downloads._built)
+    with pytest.raises(ApiError):
+        one(doc, "other.bin")
+    assert len(downloads._built) == kept
+    # A version of many files keeps nothing: its document may be megabytes.
+    many = freeze({**_file_doc("c" * 24), "files": [{"path": f"f{i}"} for i in range(downloads._MAX_BUILT_FILES + 1)]})
+    monkeypatch.setattr(downloads, "_one_file", lambda storage, doc, others, path: (object(), None))
+    assert one(many, "f1") is not one(many, "f1")
     # Bounded, oldest first out.
     monkeypatch.setattr(downloads, "_MAX_BUILT", 2)
-    docs = [freeze(_file_doc(c * 24)) for c in "cde"]
+    docs = [freeze(_file_doc(c * 24)) for c in "def"]
     for d in docs:
-        downloads._file_representation(storage, d, ())
+        whole(d)
     assert [entry[0] for entry in downloads._built.values()] == docs[1:]
     # A store without read stamps hands out a new object per read: nothing is kept for it.
     monkeypatch.setattr(storage, "read_stamp", lambda counts=True: None)
-    downloads._file_representation(storage, freeze(_file_doc("9" * 24)), ())
+    whole(freeze(_file_doc("9" * 24)))
     assert [entry[0] for entry in downloads._built.values()] == docs[1:]
 
 
