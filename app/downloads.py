@@ -210,7 +210,7 @@ def _representation(storage: Storage, doc: ModelDocument, others: Iterable[Model
         return hit[1], hit[2]
     representation, f = build(storage, doc, others, path)
     # A store without read stamps keeps no documents: each read is a new object, never found again.
-    if not others and len(doc.get("files") or ()) <= _MAX_BUILT_FILES and storage.read_stamp(False) is not None:
+    if not others and snapshots.file_count(doc) <= _MAX_BUILT_FILES and storage.read_stamp(False) is not None:
         while len(_built) >= _MAX_BUILT:
             del _built[next(iter(_built))]
         # The document itself is kept, so its id cannot be reused by another object meanwhile.

@@ -68,7 +68,7 @@ def files(found: list[snapshots.Entry]) -> list[FileEntry]:
 
 def summary(doc: ModelDocument) -> ModelSummary:
     answer = _summary(doc)
-    count = len(doc["files"]) if doc.get("files") else (1 if doc.get("file_metadata") else 0)
+    count = snapshots.file_count(doc)
     if count:
         answer.file_count = count
         answer.snapshot_digest = snapshots.digest_of(doc)

@@ -155,6 +155,13 @@ def entries(doc: ModelDocument) -> list[Entry]:
                   content_type=fm["content_type"], file_id=fm["file_id"], chunk_size=fm["chunk_size"])]
 
 
+def file_count(doc: ModelDocument) -> int:
+    """How many files the version has (``entries`` without building them): 0 with no content yet."""
+    if doc.get("files"):
+        return len(doc["files"])
+    return 1 if doc.get("file_metadata") else 0
+
+
 def is_snapshot(doc: ModelDocument) -> bool:
     """Made by a commit (stored ``files``), as opposed to an /upload or no content yet."""
     return bool(doc.get("files"))
