@@ -332,7 +332,7 @@ async def _send(request: web.Request, doc: ModelDocument, representation: filere
 async def count_download(request: web.Request, doc: ModelDocument) -> None:
     """One download of the version: the metric now; its download_count and the hourly tally
     within COUNT_FLUSH_INTERVAL (app/counts.py)."""
-    metrics.downloads(doc["algorithm"]).inc()
+    metrics.TALLY.add(metrics.downloads(doc["algorithm"]))
     await request.app[COUNTS].add(doc["id"], clock.this_hour())
 
 
@@ -365,12 +365,12 @@ class _Downloading:
         except BaseException:
             await self._reading.__aexit__(None, None, None)
             raise
-        metrics.ACTIVE_DOWNLOADS.inc()
+        metrics.TALLY.active_downloads += 1
 
     async def __aexit__(self, kind, error, trace) -> bool:
         try:
-            metrics.ACTIVE_DOWNLOADS.dec()
-            metrics.DOWNLOAD_BYTES.inc(self._transfer.sent)
+            metrics.TALLY.active_downloads -= 1
+            metrics.TALLY.add(metrics.DOWNLOAD_BYTES, self._transfer.sent)
         finally:
             await self._slot.__aexit__(None, None, None)
             await self._reading.__aexit__(None, None, None)

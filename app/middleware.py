@@ -32,13 +32,12 @@ log = logging.getLogger("app.http")
 
 def request_middleware(drain: Drain):
     """The middleware every request passes first; ``drain`` counts it and, once draining, refuses it."""
-    in_flight = metrics.IN_FLIGHT
+    tally = metrics.TALLY
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
         logs.assign_request_id(request)
         started = perf_counter()
-        in_flight.inc()
         # Metrics see the status the error answer chose; 500 if something escapes.
         status = 500
         try:
@@ -72,10 +71,9 @@ def request_middleware(drain: Drain):
             status = e.status
             raise
         finally:
-            in_flight.dec()
             route = request.match_info.route
             resource = route.resource if route is not None else None
-            metrics.request_duration(resource, request.method, status).observe(perf_counter() - started)
+            tally.request(resource, request.method, status, perf_counter() - started)
 
     return middleware
 

@@ -10,7 +10,7 @@ import resource
 import aiohttp_cors
 from aiohttp import web
 
-from . import auth, connections, limits, logs, upload_slots
+from . import auth, connections, limits, logs, metrics, upload_slots
 from .appkeys import COUNTS, DOWNLOAD_SLOTS, DRAIN, LEASES, READ_CACHE, SETTINGS, STORAGE, UPLOAD_SLOTS
 from .config import ConfigError, Settings
 from .counts import DownloadCounts
@@ -55,6 +55,7 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app[READ_CACHE] = ReadCache(app[STORAGE])
     app[COUNTS] = DownloadCounts(app[STORAGE], settings.count_flush_interval)
     app.cleanup_ctx.append(_storage_lifecycle)
+    app.cleanup_ctx.append(_metrics_flushing)
     setup_routes(app)
     _setup_cors(app, settings.cors_origins)
     return app
@@ -71,6 +72,21 @@ async def _storage_lifecycle(app: web.Application):
     await app[COUNTS].stop()
     await app[LEASES].stop()
     await storage.close()
+
+
+async def _metrics_flushing(app: web.Application):
+    drain = app[DRAIN]
+
+    async def flush_every_interval() -> None:
+        while True:
+            await asyncio.sleep(metrics.FLUSH_SECONDS)
+            metrics.TALLY.flush(drain.in_flight)
+
+    task = asyncio.create_task(flush_every_interval())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    metrics.TALLY.flush(drain.in_flight)
 
 
 def _setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:

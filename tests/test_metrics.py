@@ -1,9 +1,12 @@
 """GET /metrics after real requests: values move as they should, labels stay bounded."""
 
+import asyncio
 import os
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import deadlines
 
 
 async def scrape(client) -> dict:
@@ -90,3 +93,75 @@ def test_cached_children_are_prometheus_own_and_stay_bounded():
     for i in range(metrics._MAX_CACHED + 50):
         metrics.downloads(f"algo-{i}")
     assert len(metrics._downloads) <= metrics._MAX_CACHED
+
+
+def _count(endpoint: str, method: str, status: int) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("api_request_duration_seconds_count",
+                                     {"endpoint": endpoint, "method": method, "status": str(status)}) or 0.0
+
+
+@deadlines.bounded(10)
+async def test_the_tally_reaches_prometheus_every_interval_without_a_scrape(aiohttp_client, settings, monkeypatch):
+    """With --workers, the worker answering /metrics reads the others' values from their files:
+    each process applies its tally every FLUSH_SECONDS, not only when it is scraped itself."""
+    from app import metrics
+    from app.server import create_app
+
+    monkeypatch.setattr(metrics, "FLUSH_SECONDS", 0.05)
+    client = await aiohttp_client(create_app(settings))
+    before = _count("/health", "GET", 200)
+    for _ in range(3):
+        assert (await client.get("/health")).status == 200
+    while _count("/health", "GET", 200) < before + 3:
+        await asyncio.sleep(0.02)
+    assert _count("/health", "GET", 200) == before + 3
+
+
+def test_flush_applies_exactly_what_was_tallied():
+    from prometheus_client import REGISTRY
+
+    from app import metrics
+
+    tally = metrics.Tally()
+    labels = {"endpoint": "unmatched", "method": "PATCH", "status": "418"}
+
+    def sample(suffix, **extra):
+        return REGISTRY.get_sample_value("api_request_duration_seconds" + suffix, {**labels, **extra}) or 0.0
+
+    before = {s: sample(s) for s in ("_count", "_sum")}
+    le_001 = sample("_bucket", le="0.01")
+    tally.request(None, "PATCH", 418, 0.003)
+    tally.request(None, "PATCH", 418, 0.02)
+    tally.add(metrics.DOWNLOAD_BYTES, 5)
+    tally.active_downloads = 2
+    downloaded = REGISTRY.get_sample_value("model_download_bytes_total")
+    assert sample("_count") == before["_count"]  # nothing applied yet
+    tally.flush(in_flight=7)
+    assert sample("_count") == before["_count"] + 2
+    assert sample("_sum") == pytest.approx(before["_sum"] + 0.023)
+    assert sample("_bucket", le="0.01") == le_001 + 1
+    assert REGISTRY.get_sample_value("model_download_bytes_total") == downloaded + 5
+    assert REGISTRY.get_sample_value("api_requests_in_flight") == 7
+    assert REGISTRY.get_sample_value("active_downloads") == 2
+    tally.active_downloads = 0
+    tally.flush(in_flight=0)
+    assert sample("_count") == before["_count"] + 2  # applied once
+
+
+def test_the_tally_stays_bounded_between_flushes():
+    """Hostile method tokens share one key, and a key applies its durations itself once it holds
+    _MAX_PENDING of them, so no number of requests between two flushes grows memory without bound."""
+    from app import metrics
+
+    tally = metrics.Tally()
+    for i in range(100):
+        tally.request(None, f"X-{i}", 404, 0.001)
+    assert len(tally._durations) == 1
+    before = _count("unmatched", "other", 404)
+    for _ in range(metrics._MAX_PENDING):
+        tally.request(None, "NOPE", 404, 0.001)
+    # 100 + _MAX_PENDING durations of the one key: the first _MAX_PENDING were applied without a flush.
+    assert _count("unmatched", "other", 404) == before + metrics._MAX_PENDING
+    assert sum(len(d) for d in tally._durations.values()) == 100

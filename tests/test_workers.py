@@ -44,6 +44,14 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
                 text = r.read().decode()
             assert 'model_registrations_total{algorithm="xgb"} 6.0' in text
+        # Request durations are tallied in each worker and reach the shared files within FLUSH_SECONDS.
+        durations = 'api_request_duration_seconds_count{endpoint="/api/v1/models",method="POST",status="201"} 6.0'
+        deadline = time.monotonic() + 10
+        while durations not in text:
+            assert time.monotonic() < deadline, "the workers' request durations never added up to 6"
+            time.sleep(0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in listening)

@@ -1,11 +1,11 @@
-"""GET /metrics: Prometheus text exposition (requests are measured in app/middleware.py)."""
+"""GET /metrics: Prometheus text exposition (requests are measured in app/middleware.py, tallied in app/metrics.py)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from .. import metrics, registry
-from ..appkeys import STORAGE
+from ..appkeys import DRAIN, STORAGE
 from ..storage.base import StorageError
 
 
@@ -18,6 +18,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
         metrics.STORAGE_USAGE.set(stats.stored_bytes)
     except StorageError:
         metrics.STORAGE_ERRORS.labels("metrics").inc()
+    metrics.TALLY.flush(request.app[DRAIN].in_flight)
     body, content_type = metrics.exposition()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
