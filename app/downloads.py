@@ -31,6 +31,7 @@ from . import clock, errors, metrics, render, snapshots, urls
 from .appkeys import COUNTS, DOWNLOAD_SLOTS, LEASES, SETTINGS, STORAGE
 from .errors import ApiError
 from .http import fileresponse, preconditions, sendfile
+from .logs import REQUEST_ID_HEADER, request_id
 from .snapshot_tar import TarLayout
 from .storage.base import ContentGone, FileMissing, ModelDocument, Storage, StorageUnavailable, StoredFile
 from .streaming import prefetch
@@ -324,9 +325,11 @@ async def _send_tar(request: web.Request, doc: ModelDocument, others: Iterable[M
 
 async def _send(request: web.Request, doc: ModelDocument, representation: fileresponse.Representation,
                 file_ids: list[str], *, counts: bool) -> web.StreamResponse:
+    # The request id goes with the answers fileresponse starts itself; the middleware adds it to the rest.
     return await fileresponse.send(request, representation, timeout=request.app[SETTINGS].download_timeout,
                                    sending=lambda transfer: _Downloading(request, doc, file_ids, transfer, counts),
-                                   aborts=(StorageUnavailable, FileMissing, sendfile.FileGone))
+                                   aborts=(StorageUnavailable, FileMissing, sendfile.FileGone),
+                                   started_headers={REQUEST_ID_HEADER: request_id(request)})
 
 
 async def count_download(request: web.Request, doc: ModelDocument) -> None:

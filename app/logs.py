@@ -141,20 +141,14 @@ def request_id(request: web.BaseRequest) -> str | None:
     return request.get(REQUEST_ID)
 
 
-def assign_request_id(request: web.Request) -> None:
+def assign_request_id(request: web.Request) -> str:
     """The client's X-Request-ID when it is sane, else a new one (app/middleware.py, first thing)."""
     incoming = request.headers.get(REQUEST_ID_HEADER)
     # An id only has to be unique, not secret: the Mersenne Twister, not a
     # getrandom() system call per request.
-    request[REQUEST_ID] = (incoming if incoming is not None and _SANE_ID.fullmatch(incoming)
-                           else f"{random.getrandbits(64):016x}")
-
-
-async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    # on_response_prepare: also reaches streamed downloads, whose headers are
-    # sent before the handler returns.
-    if REQUEST_ID in request:
-        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    assigned = request[REQUEST_ID] = (incoming if incoming is not None and _SANE_ID.fullmatch(incoming)
+                                      else f"{random.getrandbits(64):016x}")
+    return assigned
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -48,7 +48,6 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app[DOWNLOAD_SLOTS] = limits.DownloadSlots(settings.max_concurrent_downloads, settings.download_queue_seconds)
     app[UPLOAD_SLOTS] = upload_slots.UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client,
                                                    settings.upload_queue_seconds)
-    app.on_response_prepare.append(logs.echo_request_id)
     app[SETTINGS] = settings
     app[STORAGE] = storage if storage is not None else make_storage(settings)
     app[LEASES] = FileLeases(app[STORAGE], settings.lease_ttl)

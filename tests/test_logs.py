@@ -27,6 +27,39 @@ async def test_request_id_is_echoed_or_generated(client):
     await resp.read()
 
 
+async def test_every_kind_of_answer_echoes_the_request_id(client):
+    """The middleware echoes the id on the answers it gets unsent, and a download's answer, which
+    its handler starts itself, was given the id with its headers: between them every answer has it."""
+    resp = await client.post("/api/v1/models", json={"name": "m", "algorithm": "a"})
+    model_id = (await resp.json())["model_id"]
+    await client.put(f"/api/v1/models/{model_id}/upload", data=b"x" * 1000)
+    download = f"/api/v1/models/{model_id}/download"
+    etag = (await client.head(download)).headers["ETag"]
+    answers = [
+        ("GET", "/health", {}, 200),
+        ("GET", "/api/v1/models", {}, 200),
+        ("GET", "/api/v1/models?limit=nope", {}, 400),
+        ("GET", f"/api/v1/models/{model_id}", {}, 200),
+        ("GET", "/api/v1/models/0123456789abcdef01234567", {}, 404),
+        ("GET", "/no/such/route", {}, 404),
+        ("DELETE", "/health", {}, 405),
+        ("GET", "/", {}, 302),
+        ("GET", download, {}, 200),
+        ("HEAD", download, {}, 200),
+        ("GET", download, {"Range": "bytes=0-9"}, 206),
+        ("GET", download, {"Range": "bytes=0-9,20-29"}, 206),
+        ("GET", download, {"Range": "bytes=5000-"}, 416),
+        ("GET", download, {"If-None-Match": etag}, 304),
+        ("GET", download, {"If-Match": '"other"'}, 412),
+        ("GET", f"/api/v1/models/{model_id}/files", {}, 200),
+    ]
+    for n, (method, path, headers, status) in enumerate(answers):
+        resp = await client.request(method, path, headers={**headers, "X-Request-ID": f"kind-{n}"},
+                                    allow_redirects=False)
+        await resp.read()
+        assert (resp.status, resp.headers.get("X-Request-ID")) == (status, f"kind-{n}"), (method, path, headers)
+
+
 def test_json_formatter_carries_request_fields():
     record = logging.LogRecord("app.access", logging.INFO, __file__, 1, "GET %s", ("/x",), None)
     for k, v in {"request_id": "r1", "method": "GET", "route": "/api/v1/models/{id}", "status": 200,

@@ -72,14 +72,17 @@ class Representation:
 
 async def send(request: web.Request, file: Representation, *, timeout: float,
                sending: Callable[[Transfer], AbstractAsyncContextManager[object]],
-               aborts: tuple[type[BaseException], ...] = ()) -> web.StreamResponse:
+               aborts: tuple[type[BaseException], ...] = (),
+               started_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """The answer to a GET or HEAD of ``file``.
 
     ``sending(transfer)`` is entered before the response starts and left after
     its body ends (not for HEAD or answers without a file body); ``aborts`` are
     the reader's exceptions that abort the connection mid-body: they are
     raised into the hook, which may swallow them. ``timeout``: seconds a client
-    may make no progress before the connection is reset.
+    may make no progress before the connection is reset. ``started_headers``
+    go with the answers this function starts itself (200, 206, HEAD's), which
+    are sent before it returns; the others are returned unsent.
     """
     headers = dict(file.headers)
     etag = headers["ETag"]
@@ -119,6 +122,8 @@ async def send(request: web.Request, file: Representation, *, timeout: float,
         trailer = f"\r\n--{boundary}--\r\n".encode()
     length = sum(len(pre) + count for pre, _, count in parts) + len(trailer)
 
+    if started_headers:
+        headers.update(started_headers)
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
     if request.method == "HEAD":
