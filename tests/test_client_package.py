@@ -25,8 +25,8 @@ CLIENT = REPO / "client"
 PACKAGE = CLIENT / "tensorfleet_client"
 
 # Each module may import only the modules before it.
-LAYERS = ["errors", "rules", "manifest", "transport", "splice", "download", "sessions", "snapshot", "cache", "core",
-          "sync", "cli", "__init__", "__main__"]
+LAYERS = ["errors", "rules", "fileio", "manifest", "transport", "splice", "download", "sessions", "snapshot", "cache",
+          "core", "sync", "cli", "__init__", "__main__"]
 
 SERVER_ONLY = {"pymongo", "prometheus-client", "uvloop", "aiohttp-cors", "tensorfleet-model-service"}
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 from aiohttp import web
-from tensorfleet_client import AsyncModelServiceClient, RetryPolicy, splice
+from tensorfleet_client import AsyncModelServiceClient, RetryPolicy, fileio, splice
 from tensorfleet_client import download as dl
 
 from tests.test_client_hostile import ID, Liar, serve
@@ -172,6 +172,22 @@ async def test_a_small_body_goes_through_aiohttp_which_keeps_the_connection(aioh
     # Each download's HEAD and GET, all on one connection.
     assert [m for m, _ in peers] == ["HEAD", "GET"] * 2 and len({p for _, p in peers}) == 1
     assert spliced.bytes == 0 and spliced.opened == []
+
+
+async def test_short_writes_to_the_part_file_are_finished(aiohttp_server, tmp_path, monkeypatch):
+    """``pwrite`` may write less than it is given; the body that aiohttp hands over piece by piece
+    still lands whole (write_at goes on with the rest), and the pull's sha256 check passes."""
+    data = os.urandom(splice.MIN_BODY - 1)
+    real_pwrite = os.pwrite
+    calls = []
+
+    def short_pwrite(fd: int, buf, pos: int) -> int:
+        calls.append(len(buf))
+        return real_pwrite(fd, memoryview(buf)[:1000], pos)
+
+    monkeypatch.setattr(fileio.os, "pwrite", short_pwrite)
+    assert await pull_from(aiohttp_server, tmp_path, Liar(data).download) == [data]
+    assert len(calls) >= len(data) // 1000
 
 
 def test_a_file_without_splice_support_is_written_through_memory(tmp_path):

@@ -56,6 +56,7 @@ from .errors import (
     ProtocolError,
     error_for,
 )
+from .fileio import write_at
 from .transport import API, TRANSIENT_ERRORS, Transport
 
 log = logging.getLogger("tensorfleet_client.download")
@@ -711,7 +712,7 @@ class _Job:
                 if not data:
                     # A complete-looking end before the promised length: treat as cut off.
                     raise aiohttp.ClientPayloadError(f"response ended at byte {seg.pos} of {seg.end}")
-                os.pwrite(self.fd, data, seg.pos)
+                write_at(self.fd, data, seg.pos)
                 self._received(seg, len(data))
                 if self.limiter:
                     await self.limiter.take(len(data))

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from .fileio import write_at
+
 MiB = 1024 * 1024
 # A pipe of 1 MiB (its default is 64 KiB) moves a socket's whole receive buffer in one call.
 _PIPE_SIZE = 1 * MiB
@@ -58,7 +60,7 @@ async def receive(resp: aiohttp.ClientResponse, fd: int, pos: int, count: int, *
     # What aiohttp read along with the headers; nothing more arrives once reading is paused, and
     # pausing follows the last read with no await between (the read may resume reading).
     while done < count and (data := resp.content.read_nowait(count - done)):
-        _write_all(fd, data, pos + done)
+        write_at(fd, data, pos + done)
         done += len(data)
         received(len(data))
     if done == count:
@@ -120,18 +122,10 @@ def _pipe_to_file(pipe_out: int, fd: int, pos: int, n: int) -> None:
                 raise
             # A file system without splice_write: through memory, as a plain download would.
             data = os.read(pipe_out, n)
-            _write_all(fd, data, pos)
+            write_at(fd, data, pos)
             k = len(data)
         pos += k
         n -= k
-
-
-def _write_all(fd: int, data, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        k = os.pwrite(fd, view, pos)
-        view = view[k:]
-        pos += k
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
