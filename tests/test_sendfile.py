@@ -1,16 +1,20 @@
 """app.http.sendfile: the zero-copy path behind embedded downloads, on uvloop and asyncio.
 
 Downloads through the API cover the bytes end to end; these pin down what
-those tests cannot see from the client: the socket is corked only while the
-file is being sent, so nothing after it waits on a half-full segment.
+those tests cannot see from the client: a large body's socket is corked from
+before its headers (which then leave with its first segment, as nginx's
+tcp_nopush does) to its last byte, and uncorked however the body ends, so
+nothing after it waits on a half-full segment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
+from datetime import datetime, timezone
 
 import aiohttp
 import pytest
@@ -18,7 +22,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from app.http import sendfile
+from app.http import fileresponse, sendfile
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux-only")
 
@@ -38,53 +42,66 @@ def _cork_state(fd: int) -> int:
         s.close()
 
 
+async def _no_reads(offset: int, count: int):
+    raise AssertionError("a local file is sent with sendfile, not read")
+    yield b""
+
+
 class Served:
-    """An app whose handler sends ?offset=&count= of a file with send_range, and what it saw."""
+    """An app answering Range requests for a file through fileresponse.send, and what the socket saw."""
 
     def __init__(self, path, monkeypatch) -> None:
         self.path = path
         path.write_bytes(DATA)
-        self.during: list[int] = []
-        self.after: list[int] = []
-        self.missing: list[tuple[str, int]] = []
+        self.size = len(DATA)  # the size the representation declares
+        self.at_headers: list[int] = []  # TCP_CORK as each response's headers were about to be sent
+        self.during: list[int] = []  # TCP_CORK at each sendfile call
+        self.corks: list[bool] = []  # every change of TCP_CORK, in order
+        self.missing: list[str] = []
         self.send_buffer: int | None = None  # SO_SNDBUF for the response's socket, to make it fill up
-        real_sendfile = os.sendfile
+        real_sendfile, real_cork = os.sendfile, sendfile._cork
 
         def spying_sendfile(out, fd, offset, count):
             self.during.append(_cork_state(out))
             return real_sendfile(out, fd, offset, count)
 
+        def spying_cork(sock, on: bool) -> None:
+            self.corks.append(on)
+            real_cork(sock, on)
+
         monkeypatch.setattr(sendfile.os, "sendfile", spying_sendfile)
+        monkeypatch.setattr(sendfile, "_cork", spying_cork)
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
-        offset, count = int(request.query["offset"]), int(request.query["count"])
-        response = web.StreamResponse()
-        response.content_length = count
-        writer = await response.prepare(request)
-        fd = request.transport.get_extra_info("socket").fileno()
         if self.send_buffer is not None:
             request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                                                    self.send_buffer)
+        file = fileresponse.Representation(
+            headers={"ETag": '"blob"', "Content-Type": "application/octet-stream"}, size=self.size,
+            last_modified=datetime.now(timezone.utc), date_is_strong=False, not_modified_headers=("ETag",),
+            read=_no_reads, path=str(self.path))
         try:
-            await sendfile.send_range(request, writer, str(self.path), offset, count, 10)
+            return await fileresponse.send(request, file, timeout=10, sending=lambda _: contextlib.nullcontext(),
+                                           aborts=(sendfile.FileGone,))
         except sendfile.FileGone as e:
-            self.missing.append((str(e), _cork_state(fd)))
-            request.transport.abort()
-            return response
-        self.after.append(_cork_state(fd))
-        await response.write_eof()
-        return response
+            # fileresponse has aborted the connection: the client sees a cut body.
+            self.missing.append(str(e))
+            return web.Response()
+
+    async def headers_going(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.at_headers.append(_cork_state(request.transport.get_extra_info("socket").fileno()))
 
     async def get(self, *queries: tuple[int, int]) -> list[bytes | Exception]:
-        """Each (offset, count) on one keep-alive connection: the body, or the error."""
+        """Each (offset, count) as a Range on one keep-alive connection: the body, or the error."""
         app = web.Application()
         app.router.add_get("/", self.handler)
+        app.on_response_prepare.append(self.headers_going)
         bodies: list[bytes | Exception] = []
         async with TestClient(TestServer(app)) as client:
             for offset, count in queries:
                 try:
-                    async with client.get("/", params={"offset": offset, "count": count}) as resp:
-                        assert resp.status == 200
+                    async with client.get("/", headers={"Range": f"bytes={offset}-{offset + count - 1}"}) as resp:
+                        assert resp.status == 206
                         bodies.append(await resp.read())
                 except aiohttp.ClientPayloadError as e:
                     bodies.append(e)
@@ -97,29 +114,33 @@ def served(tmp_path, monkeypatch) -> Served:
 
 
 @RUNNERS
-def test_sends_the_range_corked_then_uncorks(served, run):
+def test_a_large_body_is_corked_from_before_its_headers_to_its_end(served, run):
     queries = [(0, len(DATA)), (2 * 1024 * 1024 - 1, 2 * 1024 * 1024 + 2), (7, sendfile._CORK_ABOVE + 1)]
     bodies = run(served.get(*queries))
     assert bodies == [DATA[o:o + c] for o, c in queries]
+    assert served.at_headers == [1, 1, 1]
     assert served.during and set(served.during) == {1}
-    assert served.after == [0, 0, 0]
+    assert served.corks == [True, False] * 3
 
 
 @RUNNERS
-def test_a_small_range_goes_uncorked(served, run):
+def test_a_small_body_goes_uncorked(served, run):
     """One sendfile call holds it: corking would only cost two setsockopt calls."""
     queries = [(1, 3), (len(DATA) - 10, 10), (0, sendfile._CORK_ABOVE)]
     bodies = run(served.get(*queries))
     assert bodies == [DATA[o:o + c] for o, c in queries]
+    assert served.at_headers == [0, 0, 0]
     assert served.during and set(served.during) == {0}
-    assert served.after == [0, 0, 0]
+    assert served.corks == []
 
 
 @RUNNERS
 def test_a_file_shorter_than_recorded_is_reported_and_uncorked(served, run):
-    [body] = run(served.get((len(DATA) - 5, 50)))
+    served.size = len(DATA) + 1024 * 1024
+    [body] = run(served.get((len(DATA) - 5, 200_000)))
     assert isinstance(body, aiohttp.ClientPayloadError)
-    assert [(m.endswith("is shorter than recorded"), cork) for m, cork in served.missing] == [(True, 0)]
+    assert [m.endswith("is shorter than recorded") for m in served.missing] == [True]
+    assert served.corks == [True, False]
 
 
 @RUNNERS
@@ -127,7 +148,7 @@ def test_a_missing_file_is_reported(served, run):
     served.path.unlink()
     [body] = run(served.get((0, 10)))
     assert isinstance(body, aiohttp.ClientPayloadError)
-    assert [m.endswith("is missing") for m, _ in served.missing] == [True]
+    assert [m.endswith("is missing") for m in served.missing] == [True]
 
 
 @RUNNERS

@@ -132,57 +132,64 @@ async def send(request: web.Request, file: Representation, *, timeout: float,
 
     transfer = Transfer(whole=wanted is None or any(r.start == 0 for r in wanted))
     async with sending(transfer):
-        await _body(request, file, response, parts, trailer, transfer, timeout, aborts)
+        await _body(request, file, response, parts, trailer, length, transfer, timeout, aborts)
     return response
 
 
 async def _body(request: web.Request, file: Representation, response: web.StreamResponse, parts, trailer: bytes,
-                transfer: Transfer, timeout: float, aborts: tuple[type[BaseException], ...]) -> None:
-    writer = await response.prepare(request)
-    sent = 0
+                length: int, transfer: Transfer, timeout: float, aborts: tuple[type[BaseException], ...]) -> None:
     spans = _local_spans(file) if sendfile.usable(request) else None
+    # Corked from before the headers, as nginx's tcp_nopush: they leave in the body's first segment.
+    corked = sendfile.cork(request, length) if spans is not None else None
     try:
-        for preamble, offset, count in parts:
-            if preamble:
-                await response.write(preamble)
-            if not count:
-                continue
-            if spans is not None:
-                for span in spans(offset, count):
-                    if isinstance(span, LocalRange):
-                        sent += await sendfile.send_range(request, writer, span.path, span.offset, span.count,
-                                                          timeout)
-                        continue
-                    async with asyncio.timeout(timeout):
-                        await response.write(span)
-                    sent += len(span)
-                continue
-            pieces = file.read(offset, count)
-            # aclosing: whichever way the loop ends, the reader (and its
-            # database cursor) is closed now, not when collected.
-            async with aclosing(pieces):
-                async for piece in pieces:
-                    # A client that stops reading holds a cursor: give up
-                    # on it after ``timeout`` without progress.
-                    async with asyncio.timeout(timeout):
-                        await response.write(piece)
-                    sent += len(piece)
-        if trailer:
-            await response.write(trailer)
-        await response.write_eof()
-    except (ConnectionResetError, ConnectionError) as e:
-        # The client went away; the reader is already closed.
-        log.debug("client left the body of %s: %s", file.name, e)
-    except TimeoutError:
-        log.info("body of %s dropped: client made no progress for %g s", file.name, timeout)
-        _reset(request)
-    except aborts:
-        # Abort, not close: the client must see a truncated body, not a complete one.
-        if request.transport is not None:
-            request.transport.abort()
-        raise
+        writer = await response.prepare(request)
+        sent = 0
+        try:
+            for preamble, offset, count in parts:
+                if preamble:
+                    await response.write(preamble)
+                if not count:
+                    continue
+                if spans is not None:
+                    for span in spans(offset, count):
+                        if isinstance(span, LocalRange):
+                            sent += await sendfile.send_range(request, writer, span.path, span.offset, span.count,
+                                                              timeout)
+                            continue
+                        async with asyncio.timeout(timeout):
+                            await response.write(span)
+                        sent += len(span)
+                    continue
+                pieces = file.read(offset, count)
+                # aclosing: whichever way the loop ends, the reader (and its
+                # database cursor) is closed now, not when collected.
+                async with aclosing(pieces):
+                    async for piece in pieces:
+                        # A client that stops reading holds a cursor: give up
+                        # on it after ``timeout`` without progress.
+                        async with asyncio.timeout(timeout):
+                            await response.write(piece)
+                        sent += len(piece)
+            if trailer:
+                await response.write(trailer)
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError) as e:
+            # The client went away; the reader is already closed.
+            log.debug("client left the body of %s: %s", file.name, e)
+        except TimeoutError:
+            log.info("body of %s dropped: client made no progress for %g s", file.name, timeout)
+            _reset(request)
+        except aborts:
+            # Abort, not close: the client must see a truncated body, not a complete one.
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+        finally:
+            transfer.sent = sent
     finally:
-        transfer.sent = sent
+        if corked is not None:
+            # Pushes out the last partial segment now, not after 200 ms.
+            sendfile.uncork(corked)
 
 
 def _local_spans(file: Representation) -> Callable[[int, int], Iterable[bytes | LocalRange]] | None:
