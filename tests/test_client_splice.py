@@ -206,3 +206,13 @@ def test_a_file_without_splice_support_is_written_through_memory(tmp_path):
         for d in (fd, pipe_out, pipe_in):
             os.close(d)
     assert path.read_bytes() == b"head:the pipe's bytes"
+
+
+def test_a_write_that_makes_no_progress_raises_instead_of_spinning(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio.os, "pwrite", lambda fd, buf, pos: 0)
+    fd = os.open(tmp_path / "part", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="wrote nothing of 5 bytes at offset 7"):
+            fileio.write_at(fd, b"bytes", 7)
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -16,5 +17,8 @@ def write_at(fd: int, data, pos: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, pos)
+        if not written:
+            # Not a regular file's answer to a non-empty write; going round again would never end.
+            raise OSError(errno.EIO, f"pwrite wrote nothing of {len(view)} bytes at offset {pos}")
         view = view[written:]
         pos += written
