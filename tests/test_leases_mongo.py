@@ -277,6 +277,57 @@ async def test_an_upload_of_the_same_content_and_a_release_racing(settings, orde
             assert await bookkeeping(a) == NOTHING
 
 
+class _SecondReadHeld:
+    """Stands for a collection of one replica's lease protocol: the release's first read of
+    leases or references goes through at once; the second waits until ``go`` is set."""
+
+    def __init__(self, real, reads: dict) -> None:
+        self._real, self._reads = real, reads
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    async def find_one(self, *args, **kwargs):
+        self._reads["n"] += 1
+        if self._reads["n"] == 2:
+            await self._reads["go"].wait()
+        found = await self._real.find_one(*args, **kwargs)
+        if self._reads["n"] == 1:
+            self._reads["first"].set()
+        return found
+
+
+@bounded
+async def test_a_claim_dropped_between_a_releases_two_reads_never_loses_content_a_model_took(settings):
+    """A commit claims a blob, inserts its model, then drops the claim. A release on another
+    replica reads the live leases and the models referring to the content, one after the
+    other. Whichever it reads first, the commit's two steps landing between its two reads must
+    not let it delete what the new model refers to. (Reading references first, then leases,
+    it saw neither: the model was not in yet, and the claim was gone.)"""
+    async with replicas(settings, 2) as (a, c):
+        _, stored = await stored_content(a)
+        claimed = await a.claim_blobs([stored.sha256])
+        assert stored.sha256 in claimed
+        reads = {"n": 0, "first": asyncio.Event(), "go": asyncio.Event()}
+        c.content.leases = _SecondReadHeld(c.content.leases, reads)
+        c.content._models = _SecondReadHeld(c.content._models, reads)
+        release = asyncio.ensure_future(c.release_file(stored.file_id))
+        await reads["first"].wait()
+        at = clock.now()
+        await a.insert_model({"id": str(ObjectId()), "name": "m", "version": "1", "algorithm": "x",
+                              "status": "active", "created_at": at, "updated_at": at,
+                              "file_metadata": {"file_id": stored.file_id}})
+        settle = asyncio.ensure_future(a.settle_files([stored.file_id]))
+        while await a.content.leases.count_documents({"file_id": ObjectId(stored.file_id)}):
+            await asyncio.sleep(0.01)
+        reads["go"].set()
+        assert await release is False
+        await settle
+        assert not await gone(a, stored)
+        assert reads["n"] == 2
+        assert await bookkeeping(a) == NOTHING
+
+
 @bounded
 async def test_claims_are_settled_by_the_process_that_took_them(settings):
     async with replicas(settings, 2) as (a, b):

@@ -17,7 +17,10 @@ tombstone and the files document; a deleter inserts its tombstone, then looks
 for leases: whichever inserted second sees the other's document. Likewise a
 deleter inserts the pending mark before it looks for leases, and a reader drops
 its lease before it looks for a pending mark: one of them always sees the other,
-so the last reader completes a release that waited for it.
+so the last reader completes a release that waited for it. A commit hands its
+content from its claim to its model (model inserted, then claim dropped), so a
+deleter looks at leases before models: whichever moment it reads, one of the
+two holds the content.
 """
 
 from __future__ import annotations
@@ -216,10 +219,14 @@ class ContentLeases:
             await self._retry(lambda: self.pending.insert_one({"_id": file_id, "at": now()}))
         except DuplicateKeyError:
             pass  # a release already waits for this content
+        # Leases read before references: a commit holds its claim until its model is in, so a
+        # claim gone by the first read means that model is there for the second. Read the other
+        # way round, the claim could be dropped between the two, after the model was looked for.
+        held = await self.leases.find_one({"file_id": file_id, "until": {"$gt": now()}}, {"_id": 1}) is not None
         if await self._models.find_one(referring(file_id), {"_id": 1}) is not None:
             await self._retry(lambda: self.pending.delete_one({"_id": file_id}))
             return None
-        if await self.leases.find_one({"file_id": file_id, "until": {"$gt": now()}}, {"_id": 1}) is not None:
+        if held:
             return None  # the pending mark stays for the last holder
         # The files document first: from then on no lease can be taken.
         return (await self._retry(lambda: self._files.delete_one({"_id": file_id}))).deleted_count == 1
