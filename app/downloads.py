@@ -333,8 +333,8 @@ async def _send(request: web.Request, doc: ModelDocument, representation: filere
 
 
 async def count_download(request: web.Request, doc: ModelDocument) -> None:
-    """One download of the version: the metric now; its download_count and the hourly tally
-    within COUNT_FLUSH_INTERVAL (app/counts.py)."""
+    """One download of the version: the metric in the tally (applied within FLUSH_SECONDS,
+    app/metrics.py); its download_count and the hourly tally within COUNT_FLUSH_INTERVAL (app/counts.py)."""
     metrics.TALLY.add(metrics.downloads(doc["algorithm"]))
     await request.app[COUNTS].add(doc["id"], clock.this_hour())
 
